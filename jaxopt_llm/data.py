@@ -1,0 +1,31 @@
+"""The embedded evaluation text (REFERENCES.md protocol) and text-file loading."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def pydoc_text() -> str:
+    """CPython's pydoc_data.topics values joined by blank lines, in sorted-key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file, with errors that name the file and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--text: file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--text: file {str(path)!r} is not UTF-8 text ({err})") from None
+    if not text.strip():
+        raise ValueError(f"--text: file {str(path)!r} is empty; give a file with text to score")
+    return text

@@ -1,0 +1,181 @@
+"""Load a GGUF file (llama.cpp's format): metadata → config, tensors → float32 params.
+
+Quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants) are
+dequantized with the `gguf` package. llama.cpp stores Llama's q/k projection
+rows in a rope-permuted order (interleaved pairs); we undo it so weights
+match HF's rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from jaxopt_llm.io.params import assemble_params
+from jaxopt_llm.models.config import ModelConfig
+
+SUPPORTED_QUANT_TYPES = (
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2")
+
+_LLAMA_NAMES = {
+    "attn_norm.weight": ("input_norm/scale", False),
+    "ffn_norm.weight": ("post_attention_norm/scale", False),
+    "attn_q.weight": ("attn/q_proj/kernel", True), "attn_q.bias": ("attn/q_proj/bias", False),
+    "attn_k.weight": ("attn/k_proj/kernel", True), "attn_k.bias": ("attn/k_proj/bias", False),
+    "attn_v.weight": ("attn/v_proj/kernel", True), "attn_v.bias": ("attn/v_proj/bias", False),
+    "attn_output.weight": ("attn/o_proj/kernel", True),
+    "attn_output.bias": ("attn/o_proj/bias", False),
+    "ffn_gate.weight": ("mlp/gate_proj/kernel", True),
+    "ffn_up.weight": ("mlp/up_proj/kernel", True),
+    "ffn_down.weight": ("mlp/down_proj/kernel", True),
+}
+_GPT2_NAMES = {
+    "attn_norm.weight": ("ln_1/scale", False), "attn_norm.bias": ("ln_1/bias", False),
+    "attn_qkv.weight": ("attn/c_attn/kernel", True), "attn_qkv.bias": ("attn/c_attn/bias", False),
+    "attn_output.weight": ("attn/c_proj/kernel", True),
+    "attn_output.bias": ("attn/c_proj/bias", False),
+    "ffn_norm.weight": ("ln_2/scale", False), "ffn_norm.bias": ("ln_2/bias", False),
+    "ffn_up.weight": ("mlp/c_fc/kernel", True), "ffn_up.bias": ("mlp/c_fc/bias", False),
+    "ffn_down.weight": ("mlp/c_proj/kernel", True), "ffn_down.bias": ("mlp/c_proj/bias", False),
+}
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    path = Path(path)
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises many types on damaged files
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupted ({err})") \
+            from None
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; "
+                         f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ValueError(f"{source}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else None
+    if vocab is None:
+        raise ValueError(f"{source}: GGUF has neither {arch}.vocab_size nor a token list")
+    width, heads = need("embedding_length"), need("attention.head_count")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    common = dict(
+        model_type=arch, vocab_size=int(vocab), hidden_size=width,
+        intermediate_size=need("feed_forward_length"), num_layers=need("block_count"),
+        num_heads=heads, max_position_embeddings=need("context_length"),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+    if arch == "gpt2":
+        return ModelConfig(family="gpt2", num_kv_heads=heads, head_dim=width // heads,
+                           norm_eps=need("attention.layer_norm_epsilon"),
+                           tie_word_embeddings=True, **common)
+    rope_scaling = None
+    if "rope_freqs.weight" in names:
+        factors = _tensor(reader, "rope_freqs.weight", source)
+        rope_scaling = (("factors", tuple(float(f) for f in factors)),
+                        ("rope_type", "freq_factors"))
+    elif _field(reader, f"{arch}.rope.scaling.type") == "linear":
+        rope_scaling = (("factor", float(need("rope.scaling.factor"))), ("rope_type", "linear"))
+    head_dim = _field(reader, f"{arch}.attention.key_length") or width // heads
+    return ModelConfig(
+        family="llama", num_kv_heads=_field(reader, f"{arch}.attention.head_count_kv") or heads,
+        head_dim=head_dim, norm_eps=need("attention.layer_norm_rms_epsilon"),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling, tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
+        sliding_window=_field(reader, f"{arch}.attention.sliding_window"), **common,
+    )
+
+
+def _tensor(reader: gguf.GGUFReader, name: str, source: str) -> np.ndarray:
+    tensor = next(t for t in reader.tensors if t.name == name)
+    return _dequantize(tensor, source)
+
+
+def _dequantize(tensor: Any, source: str) -> np.ndarray:
+    qtype = tensor.tensor_type
+    if qtype not in SUPPORTED_QUANT_TYPES:
+        raise ValueError(
+            f"{source}: tensor {tensor.name!r} uses GGUF type {qtype.name}, which is not "
+            f"supported; supported: {[q.name for q in SUPPORTED_QUANT_TYPES]}"
+        )
+    # GGUF lists dims fastest-first; numpy wants them slowest-first.
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if qtype == Q.F32:
+        array = np.asarray(tensor.data, dtype=np.float32)
+    else:
+        array = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{source}: tensor {tensor.name!r} holds {array.size} values, its "
+                         f"header says shape {shape}: the file is corrupted")
+    return array.reshape(shape).astype(np.float32, copy=False)
+
+
+def _unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order (pairs interleaved per head) -> HF rotate-half order."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
+    """(config, float32 params, reader) from a GGUF file."""
+    source = str(path)
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, source)
+    per_block = _GPT2_NAMES if config.family == "gpt2" else _LLAMA_NAMES
+    prefix = "h" if config.family == "gpt2" else "layers"
+    top = ({"token_embd.weight": "wte/embedding", "position_embd.weight": "wpe/embedding",
+            "output_norm.weight": "ln_f/scale", "output_norm.bias": "ln_f/bias"}
+           if config.family == "gpt2" else
+           {"token_embd.weight": "embed_tokens/embedding", "output_norm.weight": "norm/scale",
+            "output.weight": "lm_head/kernel"})
+    flat: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for tensor in reader.tensors:
+        name = tensor.name
+        if name == "rope_freqs.weight" or (config.family == "gpt2" and name == "output.weight"):
+            continue  # folded into the config / GPT-2's head is the tied token table
+        if name in top:
+            path, transpose = top[name], name == "output.weight"
+        elif (m := re.fullmatch(r"blk\.(\d+)\.(.+)", name)) and m[2] in per_block:
+            sub, transpose = per_block[m[2]]
+            path = f"{prefix}_{m[1]}/{sub}"
+        else:
+            raise ValueError(f"{source}: unexpected tensor {name!r} for a "
+                             f"{config.model_type} GGUF")
+        array = _dequantize(tensor, source)
+        if config.model_type == "llama" and re.search(r"attn_[qk]\.(weight|bias)$", name):
+            heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
+            if array.shape[0] % (2 * heads):
+                raise ValueError(f"{source}: tensor {name!r} has {array.shape[0]} rows, not a "
+                                 f"multiple of 2 x {heads} heads")
+            array = _unpermute_rope_rows(array, heads)
+        flat[path] = array.T if transpose else array
+        origin[path] = name
+    return config, assemble_params(config, flat, source, origin), reader

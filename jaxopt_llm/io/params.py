@@ -1,0 +1,80 @@
+"""Turn a flat {"a/b/c": array} mapping into the model's parameter tree, checking it.
+
+Every loader ends here, so missing tensors, unexpected tensors and shapes that
+disagree with the config all fail the same way, naming the source file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_llm.models import ModelConfig, build_model
+from jaxopt_llm.models.layers import attention_mask
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """"/"-joined parameter path -> shape, as the model defines them (no compute)."""
+    model = build_model(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = attention_mask(jnp.ones((1, 1), bool), 0, 1)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, mask))
+    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def assemble_params(
+    config: ModelConfig, flat: dict[str, np.ndarray], source: str, origin: dict[str, str]
+) -> dict[str, Any]:
+    """Check `flat` against the config and build the nested tree of float32 jax arrays.
+
+    origin maps each of our paths to the tensor name in the source file, for messages.
+    """
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        names = [origin.get(m, m) for m in missing[:5]]
+        raise ValueError(
+            f"{source}: {len(missing)} tensors the config needs are missing, e.g. {names} "
+            f"(config: {config.num_layers} layers, "
+            f"tie_word_embeddings={config.tie_word_embeddings})"
+        )
+    unexpected = sorted(set(flat) - set(expected))
+    if unexpected:
+        names = [origin.get(u, u) for u in unexpected[:5]]
+        raise ValueError(
+            f"{source}: {len(unexpected)} tensors are not used by the config, e.g. {names}; "
+            "does config.json match the weights?"
+        )
+    for path, shape in expected.items():
+        if tuple(flat[path].shape) != shape:
+            raise ValueError(
+                f"{source}: tensor {origin.get(path, path)!r} has shape "
+                f"{tuple(flat[path].shape)} but the config expects {shape} for {path}"
+            )
+    return unflatten({p: jnp.asarray(np.asarray(a, dtype=np.float32)) for p, a in flat.items()})

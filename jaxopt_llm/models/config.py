@@ -1,0 +1,90 @@
+"""Model configuration shared by every architecture family.
+
+One frozen, hashable dataclass so it can be a static argument of `jax.jit`.
+Loaders (HF config.json, GGUF metadata) translate their formats into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_FAMILIES = ("llama", "gpt2")
+# HF `model_type` values and the family that implements them.
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "smollm2": "llama",
+    "gpt2": "gpt2",
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    family: str  # "llama" (Llama 2/3, Mistral, Qwen2, SmolLM2) or "gpt2"
+    model_type: str  # the original HF model_type (or GGUF architecture), kept for artifacts
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Hashable form of HF's rope_scaling / rope_parameters (minus rope_theta); None = plain RoPE.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias): q/k/v carry a bias
+    o_bias: bool = False  # Llama's attention_bias also puts a bias on o_proj; Qwen2's does not
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: keys further back than this are masked
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"model family {self.family!r} is not supported; supported: {SUPPORTED_FAMILIES}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config {name} must be positive, got {getattr(self, name)}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"config num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = self.rope_scaling_dict
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = freeze_mapping(data["rope_scaling"])
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"unknown model config keys {sorted(unknown)}; expected {sorted(known)}"
+            )
+        return cls(**data)
+
+
+def freeze_mapping(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Dict → sorted tuple of items (lists become tuples) so the config stays hashable."""
+    return tuple(
+        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in mapping.items())
+    )

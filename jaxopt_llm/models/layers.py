@@ -1,0 +1,177 @@
+"""Building blocks shared by the model families: projections, norms, RoPE, attention.
+
+Every projection goes through `jaxopt_llm.weights.linear`, so a model never
+knows whether its weights are dense, quantized, low-rank or sparse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxopt_llm.weights import attend, embed, linear
+
+KVCache = tuple[jax.Array, jax.Array]  # one layer: keys, values, each (B, S, Hkv, D)
+
+
+class Linear(nn.Module):
+    """y = linear(x, kernel) + bias, kernel stored (d_in, d_out) like flax.linen.Dense."""
+
+    features: int
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
+        )
+        y = linear(x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return y
+
+
+class Embed(nn.Module):
+    """Token table (vocab, d); `attend` reuses it as a tied output head."""
+
+    num_embeddings: int
+    features: int
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
+            jnp.float32,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return embed(self.embedding, ids)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return attend(x, self.embedding)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(x.dtype)
+
+
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: dict | None
+) -> jax.Array:
+    """RoPE inverse frequencies (head_dim // 2,), with Llama-3 or linear scaling.
+
+    Llama-3 scaling ("The Llama 3 Herd of Models", 2024): long wavelengths are
+    divided by `factor`, short ones kept, and the band between is interpolated.
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return jnp.where(medium, smoothed, scaled)
+    if kind == "freq_factors":  # GGUF rope_freqs tensor: per-frequency divisors
+        return inv_freq / jnp.asarray(scaling["factors"], jnp.float32)
+    raise ValueError(
+        f"rope scaling type {kind!r} is not supported; "
+        "supported: default, linear, llama3, freq_factors"
+    )
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions (B, T) -> cos, sin (B, T, head_dim) in the rotate-half layout of HF Llama."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, D/2)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, H, D) rotated by position; cos/sin (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def attention_mask(
+    key_valid: jax.Array, cache_index: jax.Array | int, num_queries: int,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Which keys each query may see: (B, T, S) bool.
+
+    key_valid (B, S): slot holds a real token (False for padding / unwritten).
+    Query t sits in slot cache_index + t; it sees slots at or before its own,
+    and, with a sliding window, fewer than `sliding_window` slots back.
+    """
+    num_keys = key_valid.shape[1]
+    query_slot = cache_index + jnp.arange(num_queries)[:, None]  # (T, 1)
+    key_slot = jnp.arange(num_keys)[None, :]  # (1, S)
+    allowed = key_slot <= query_slot
+    if sliding_window is not None:
+        allowed &= query_slot - key_slot < sliding_window
+    return allowed[None] & key_valid[:, None, :]
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Grouped-query attention.
+
+    q (B, T, H, D); k, v (B, S, Hkv, D) with H a multiple of Hkv (query head h
+    uses kv head h // (H // Hkv)); mask (B, T, S). Returns (B, T, H, D).
+    """
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    group = num_heads // num_kv
+    q = q.reshape(batch, num_queries, num_kv, group, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, num_queries, num_heads, head_dim)
+
+
+def update_cache(
+    cache: KVCache, k: jax.Array, v: jax.Array, cache_index: jax.Array | int
+) -> KVCache:
+    """Write the new keys/values (B, T, Hkv, D) into the preallocated cache at cache_index."""
+    k_cache, v_cache = cache
+    start = (0, cache_index, 0, 0)
+    return (
+        jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),
+        jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start),
+    )
