@@ -1,0 +1,226 @@
+"""The `jaxopt-llm` command: demo, eval, generate.
+
+Progress goes to stderr (rich); `--json` prints exactly one JSON object on
+stdout. Bad input exits with status 2 and one line naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+DEMO_PROMPT = "The three most important Python data structures are"
+stderr = Console(stderr=True)
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
+        return value
+    return parse
+
+
+def _non_negative_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        return value
+    return parse
+
+
+@contextlib.contextmanager
+def _spinner(message: str, quiet: bool = False) -> Iterator[None]:
+    if quiet:
+        yield
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=stderr, transient=True) as progress:
+        progress.add_task(message, total=None)
+        yield
+
+
+def _load(model: str, quiet: bool = False):
+    from jaxopt_llm.io.loader import load_model
+
+    with _spinner(f"loading {model}", quiet):
+        return load_model(model)
+
+
+def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> dict[str, Any]:
+    from jaxopt_llm.data import text_sha256
+    from jaxopt_llm.evaluate import check_eval_args, perplexity
+    from jaxopt_llm.weights import param_bytes
+
+    check_eval_args(num_tokens, window)
+    with _spinner("tokenizing", quiet):
+        ids = loaded.tokenizer.encode(text)
+    windows = min(num_tokens, len(ids)) // window
+    start = time.perf_counter()
+    if quiet or windows == 0:
+        result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
+                            window=window)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} windows"), TimeElapsedColumn(),
+                      console=stderr, transient=True) as progress:
+            task = progress.add_task("perplexity", total=windows)
+            result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
+                                window=window,
+                                on_window=lambda n: progress.advance(task, n))
+    seconds = time.perf_counter() - start
+    return {
+        "model": loaded.source,
+        **result.to_dict(),
+        "param_bytes": param_bytes(loaded.params),
+        "text_sha256": text_sha256(text),
+        "text_tokens": len(ids),
+        "seconds": seconds,
+        "eval_tok_s": result.tokens_used / seconds,
+    }
+
+
+def _run_generate(loaded, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+                  top_p: float, seed: int, quiet: bool) -> dict[str, Any]:
+    from jaxopt_llm.generate import Sampling, generate
+
+    if not prompt:
+        raise ValueError("--prompt must not be empty")
+    ids = loaded.tokenizer.encode(prompt)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    with _spinner("generating (the first call compiles)", quiet):
+        result = generate(loaded.config, loaded.params, [ids], max_new_tokens=max_new_tokens,
+                          sampling=sampling, seed=seed,
+                          eos_token_ids=loaded.tokenizer.eos_token_ids or None)
+    new_ids = result.new_ids[0]
+    return {
+        "model": loaded.source,
+        "prompt": prompt,
+        "prompt_ids": ids,
+        "new_ids": new_ids,
+        "text": loaded.tokenizer.decode(new_ids),
+        "prefill_tok_s": result.prefill_tok_s,
+        "decode_tok_s": result.decode_tok_s,
+        "prefill_seconds": result.prefill_seconds,
+        "decode_seconds": result.decode_seconds,
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxopt_llm.data import pydoc_text, read_text_file
+
+    text = pydoc_text() if args.text is None else read_text_file(args.text)
+    loaded = _load(args.model, args.json)
+    out = _run_eval(loaded, text, args.tokens, args.window, args.json)
+    if not args.json:
+        stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
+                     f"scored tokens ({out['windows']} windows of {out['window']}), "
+                     f"{out['eval_tok_s']:.0f} tok/s, params {out['param_bytes'] / 2**20:.1f} MiB")
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = _load(args.model, args.json)
+    out = _run_generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                        args.top_p, args.seed, args.json)
+    if not args.json:
+        print(args.prompt + out["text"])
+        stderr.print(f"prefill {out['prefill_tok_s']:.1f} tok/s, "
+                     f"decode {out['decode_tok_s']:.1f} tok/s")
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxopt_llm.data import pydoc_text
+
+    loaded = _load(args.model)
+    evaluation = _run_eval(loaded, pydoc_text(), args.tokens, 512, False)
+    generation = _run_generate(loaded, args.prompt, args.max_new_tokens, 0.0, 0, 1.0, 0, False)
+    table = Table(title=f"jaxopt-llm demo: {args.model}", show_header=False)
+    config = loaded.config
+    table.add_row("model", f"{config.model_type}, {config.num_layers} layers, "
+                  f"d={config.hidden_size}, heads {config.num_heads}/{config.num_kv_heads} kv")
+    table.add_row("parameters", f"{evaluation['param_bytes'] / 2**20:.1f} MiB (float32)")
+    table.add_row("perplexity", f"{evaluation['ppl']:.4f} on the first {evaluation['tokens_used']}"
+                  f" pydoc tokens (window 512, {evaluation['tokens_scored']} scored)")
+    table.add_row("eval speed", f"{evaluation['eval_tok_s']:.0f} tok/s")
+    table.add_row("prompt", generation["prompt"])
+    table.add_row("greedy output", generation["text"])
+    table.add_row("generation speed", f"prefill {generation['prefill_tok_s']:.0f} tok/s, "
+                  f"decode {generation['decode_tok_s']:.1f} tok/s (includes first-call compile: "
+                  "run `generate` twice in one process to see steady state)")
+    Console().print(table)
+    return {"eval": evaluation, "generate": generation}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
+        p.add_argument("--model", required=default is None, default=default,
+                       help="registry name (smollm2-135m), HF checkpoint directory or .gguf file")
+
+    demo = sub.add_parser("demo", help="evaluate and generate with the embedded SmolLM2")
+    add_model(demo, "smollm2-135m")
+    demo.add_argument("--tokens", type=_positive_int("--tokens"), default=4096)
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=48)
+    demo.set_defaults(func=cmd_demo, json=False)
+
+    ev = sub.add_parser("eval", help="perplexity (REFERENCES.md protocol)")
+    add_model(ev)
+    ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
+    ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
+    ev.add_argument("--window", type=_positive_int("--window"), default=512)
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    add_model(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
+    gen.add_argument("--temperature", type=_non_negative_float("--temperature"), default=0.0,
+                     help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = args.func(args)
+    except ValueError as err:
+        print(f"jaxopt-llm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

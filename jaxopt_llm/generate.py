@@ -1,0 +1,210 @@
+"""Batched text generation: one jit-compiled prefill, one jit-compiled decode loop.
+
+Prompts of different lengths are left-padded to a bucket length, so every row
+decodes into the same cache slot at each step; per-row RoPE positions and a
+key-validity mask keep padding invisible. The KV cache is preallocated
+(layers × (B, S, Hkv, D)), updated in place with `dynamic_update_slice` and
+donated to both programs. Shapes depend only on (batch, prompt bucket, new
+token bucket), so prompts within a bucket and every decode step reuse the
+same compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_llm.models import ModelConfig, build_model
+from jaxopt_llm.models.layers import attention_mask
+
+MIN_BUCKET = 16
+NEW_TOKEN_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    new_ids: list[list[int]]  # per prompt, generated ids (including a final EOS if one came)
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_tokens: int  # real (unpadded) prompt tokens, all rows
+    decode_steps: int  # loop iterations after the first token (all rows advance together)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second per sequence, over the decode loop."""
+        return self.decode_steps / max(self.decode_seconds, 1e-9)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def prompt_bucket(length: int) -> int:
+    """Smallest power of two >= length (at least MIN_BUCKET)."""
+    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> tuple:
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(config.num_layers))
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits (B, V) -> token ids (B,), greedy or temperature / top-k / top-p sampling."""
+    logits = logits.astype(jnp.float32)
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        keep = before < sampling.top_p  # always keeps the best token
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg_inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("cache",))
+def _prefill(params, tokens, positions, key_valid, cache, key, *, config, sampling):
+    model = build_model(config)
+    length = tokens.shape[1]
+    mask = attention_mask(key_valid, 0, length, config.sliding_window)
+    logits, cache = model.apply({"params": params}, tokens, positions, mask, cache, 0)
+    first = sample_logits(logits[:, -1], key, sampling)
+    return first, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("cache",))
+def _decode(params, first, positions, key_valid, cache, key, start_slot, max_new, eos_ids, *,
+            config, sampling):
+    """Decode until max_new tokens per row or every row has emitted an EOS.
+
+    first (B,): the token sampled after prefill; positions (B,): its RoPE position;
+    key_valid (B, S) with the prompt slots set; start_slot: the first free cache
+    slot (the prompt bucket); max_new: traced int32 scalar. Returns (B, S) ids.
+    """
+    model = build_model(config)
+    batch, capacity = key_valid.shape
+    out = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos_ids)
+
+    def cond(state):
+        step, _, _, _, _, done, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, out, cache, key_valid, positions, done, key = state
+        slot = start_slot + step - 1  # the previous token goes here
+        key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((batch, 1), bool),
+                                                 (0, slot))
+        mask = attention_mask(key_valid, slot, 1, config.sliding_window)
+        token = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # (B, 1)
+        logits, cache = model.apply({"params": params}, token, positions[:, None], mask,
+                                    cache, slot)
+        key, subkey = jax.random.split(key)
+        nxt = jnp.where(done, eos_ids[0], sample_logits(logits[:, 0], subkey, sampling))
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        return step + 1, out, cache, key_valid, positions + 1, done | jnp.isin(nxt, eos_ids), key
+
+    state = (jnp.int32(1), out, cache, key_valid, positions, done, key)
+    step, out, cache, _, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return out, step, cache
+
+
+def generate(
+    config: ModelConfig,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    eos_token_ids: Sequence[int] | None = None,
+) -> GenerationResult:
+    """Generate up to max_new_tokens for each prompt (lists of token ids)."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must contain at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"context of {config.max_position_embeddings} tokens; shorten the prompt or "
+            "lower max_new_tokens"
+        )
+    eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids) or (-1,)
+    batch = len(prompts)
+    bucket = prompt_bucket(longest)
+    capacity = bucket + _round_up(max_new_tokens, NEW_TOKEN_BUCKET)
+    tokens = np.zeros((batch, bucket), np.int32)
+    key_valid = np.zeros((batch, capacity), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, bucket - len(prompt):] = prompt
+        key_valid[row, bucket - len(prompt):bucket] = True
+    positions = np.maximum(np.cumsum(key_valid[:, :bucket], axis=1) - 1, 0).astype(np.int32)
+
+    key = jax.random.PRNGKey(seed)
+    key, prefill_key = jax.random.split(key)
+    cache = init_cache(config, batch, capacity)
+    start = time.perf_counter()
+    first, cache = _prefill(params, tokens, positions, key_valid, cache, prefill_key,
+                            config=config, sampling=sampling)
+    first.block_until_ready()
+    prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    out, steps, cache = _decode(params, first, jnp.asarray(positions[:, -1] + 1),
+                                jnp.asarray(key_valid), cache, key, jnp.int32(bucket),
+                                jnp.int32(max_new_tokens),
+                                jnp.asarray(eos, jnp.int32), config=config, sampling=sampling)
+    out = np.asarray(out)
+    decode_seconds = time.perf_counter() - start
+    steps = int(steps)
+
+    new_ids = []
+    for row in range(batch):
+        ids = []
+        for token in out[row, :steps]:
+            ids.append(int(token))
+            if token in eos:
+                break
+        new_ids.append(ids)
+    return GenerationResult(
+        new_ids=new_ids, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+        prompt_tokens=sum(len(p) for p in prompts), decode_steps=steps - 1,
+    )

@@ -1,0 +1,37 @@
+"""Test settings: strict dtype promotion (silent upcasts fail loudly), fake CPU devices.
+
+The XLA flag must be set before JAX initialises its backends, so it lives here.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded real model, loaded once per test session."""
+    from jaxopt_llm.io.loader import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """HF transformers' own GGUF load of the same file: the independent reference."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from jaxopt_llm.io.loader import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    return model.eval()
