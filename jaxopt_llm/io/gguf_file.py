@@ -157,6 +157,7 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFR
             "output.weight": "lm_head/kernel"})
     flat: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
+    transposed: set[str] = set()
     for tensor in reader.tensors:
         name = tensor.name
         if name == "rope_freqs.weight" or (config.family == "gpt2" and name == "output.weight"):
@@ -178,4 +179,6 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFR
             array = _unpermute_rope_rows(array, heads)
         flat[path] = array.T if transpose else array
         origin[path] = name
-    return config, assemble_params(config, flat, source, origin), reader
+        if transpose:
+            transposed.add(path)
+    return config, assemble_params(config, flat, source, origin, frozenset(transposed)), reader

@@ -175,6 +175,7 @@ def load_hf_directory(directory: str | Path) -> tuple[ModelConfig, dict[str, Any
     config = config_from_hf(_read_json(config_path), str(config_path))
     flat: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
+    transposed: set[str] = set()
     for file in _safetensors_files(directory):
         for name, array in read_safetensors(file).items():
             if _IGNORED.fullmatch(name):
@@ -186,6 +187,9 @@ def load_hf_directory(directory: str | Path) -> tuple[ModelConfig, dict[str, Any
             path, transpose = target
             flat[path] = array.T if transpose else array
             origin[path] = f"{file.name}:{name}"
+            if transpose:
+                transposed.add(path)
     if config.tie_word_embeddings and config.family == "llama":
         flat.pop("lm_head/kernel", None)  # some tied checkpoints store the shared head too
-    return config, assemble_params(config, flat, str(directory), origin)
+    return config, assemble_params(config, flat, str(directory), origin,
+                                   frozenset(transposed))

@@ -49,11 +49,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def assemble_params(
-    config: ModelConfig, flat: dict[str, np.ndarray], source: str, origin: dict[str, str]
+    config: ModelConfig, flat: dict[str, np.ndarray], source: str, origin: dict[str, str],
+    transposed: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Check `flat` against the config and build the nested tree of float32 jax arrays.
 
-    origin maps each of our paths to the tensor name in the source file, for messages.
+    origin maps each of our paths to the tensor name in the source file, and
+    `transposed` names the paths the file stores (d_out, d_in): messages quote
+    shapes as the file has them.
     """
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(flat))
@@ -72,9 +75,12 @@ def assemble_params(
             "does config.json match the weights?"
         )
     for path, shape in expected.items():
-        if tuple(flat[path].shape) != shape:
+        actual = tuple(flat[path].shape)
+        if actual != shape:
+            if path in transposed:
+                actual, shape = actual[::-1], shape[::-1]
             raise ValueError(
-                f"{source}: tensor {origin.get(path, path)!r} has shape "
-                f"{tuple(flat[path].shape)} but the config expects {shape} for {path}"
+                f"{source}: tensor {origin.get(path, path)!r} has shape {actual} but the "
+                f"config expects {shape}"
             )
     return unflatten({p: jnp.asarray(np.asarray(a, dtype=np.float32)) for p, a in flat.items()})

@@ -1,0 +1,66 @@
+"""Perplexity protocol vs a hand computation from HF torch logits."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxopt_llm.evaluate import perplexity  # noqa: E402
+from jaxopt_llm.io.hf import load_hf_directory  # noqa: E402
+from jaxopt_llm.weights import param_bytes  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    directory = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(directory)
+    config, params = load_hf_directory(directory)
+    return model, config, params
+
+
+@pytest.mark.parametrize(("num_tokens", "window", "batch_size"),
+                         [(100, 16, 1), (64, 32, 2), (1000, 20, 3)])
+def test_perplexity_matches_hand_computation(tiny, num_tokens, window, batch_size):
+    model, config, params = tiny
+    ids = np.random.default_rng(1).integers(0, 50, 300)
+    result = perplexity(config, params, ids, num_tokens=num_tokens, window=window,
+                        batch_size=batch_size)
+    windows = min(num_tokens, len(ids)) // window  # floored to whole windows
+    nll, scored = 0.0, 0
+    for w in range(windows):
+        chunk = torch.tensor(ids[w * window:(w + 1) * window])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(chunk).logits[0, :-1].double(), dim=-1)
+        nll -= logp[torch.arange(window - 1), chunk[0, 1:]].sum().item()
+        scored += window - 1
+    assert result.windows == windows and result.tokens_scored == scored
+    assert result.tokens_used == windows * window
+    assert result.ppl == pytest.approx(math.exp(nll / scored), rel=1e-5)
+
+
+def test_param_bytes_counts_float32(tiny):
+    model, _, params = tiny
+    expected = sum(p.numel() * 4 for p in model.parameters())  # tied head counted once
+    assert param_bytes(params) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"num_tokens": 0}, "--tokens must be positive"),
+     ({"num_tokens": -5}, "--tokens must be positive"),
+     ({"window": 0}, "--window must be at least 2"),
+     ({"window": 1000}, "exceeds the model's context of 64"),
+     ({"window": 40}, "the text has 30 tokens, fewer than one window of 40")],
+)
+def test_bad_eval_arguments(tiny, kwargs, message):
+    _, config, params = tiny
+    ids = np.arange(30) % 50
+    with pytest.raises(ValueError, match=message):
+        perplexity(config, params, ids, **kwargs)
