@@ -45,10 +45,10 @@ def window_nll(params: Any, windows: jax.Array, *, config: ModelConfig) -> jax.A
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     mask = attention_mask(jnp.ones((batch, length), bool), 0, length, config.sliding_window)
     logits, _ = build_model(config).apply({"params": params}, windows, positions, mask)
-    logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    targets = windows[:, 1:]
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    return -jnp.sum(picked, axis=-1)
+    logits = logits[:, :-1].astype(jnp.float32)  # (B, W-1, V): predicts tokens 1..W-1
+    target_logits = jnp.take_along_axis(logits, windows[:, 1:, None], axis=-1)[..., 0]
+    # NLL = logsumexp - target logit; cheaper than materialising log_softmax over the vocab
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - target_logits, axis=-1)
 
 
 def check_eval_args(num_tokens: int, window: int) -> None:

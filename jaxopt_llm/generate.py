@@ -103,7 +103,8 @@ def _prefill(params, tokens, positions, key_valid, cache, key, *, config, sampli
     model = build_model(config)
     length = tokens.shape[1]
     mask = attention_mask(key_valid, 0, length, config.sliding_window)
-    logits, cache = model.apply({"params": params}, tokens, positions, mask, cache, 0)
+    logits, cache = model.apply({"params": params}, tokens, positions, mask, cache, 0,
+                                last_only=True)
     first = sample_logits(logits[:, -1], key, sampling)
     return first, cache
 

@@ -75,7 +75,7 @@ class GPT2Model(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=0, last_only=False):
         cfg = self.config
         wte = Embed(cfg.vocab_size, cfg.hidden_size, name="wte")
         wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")
@@ -86,5 +86,7 @@ class GPT2Model(nn.Module):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache = Block(cfg, name=f"h_{i}")(x, mask, layer_cache, cache_index)
             new_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
         logits = wte.attend(LayerNorm(cfg.norm_eps, name="ln_f")(x))
         return logits, (None if cache is None else tuple(new_cache))

@@ -95,6 +95,7 @@ class LlamaModel(nn.Module):
         mask: jax.Array,  # (B, T, S) bool, from layers.attention_mask
         cache: tuple[KVCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
+        last_only: bool = False,  # logits of the last position only (prefill needs no more)
     ):
         cfg = self.config
         embedding = Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
@@ -107,6 +108,8 @@ class LlamaModel(nn.Module):
             x, layer_cache = Block(cfg, name=f"layers_{i}")(x, cos, sin, mask, layer_cache,
                                                              cache_index)
             new_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
         x = RMSNorm(cfg.norm_eps, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = embedding.attend(x)

@@ -1,0 +1,56 @@
+"""The real embedded SmolLM2-135M against HF transformers' own GGUF load of the same file."""
+
+import numpy as np
+import pytest
+
+from jaxopt_llm.data import pydoc_text, text_sha256
+from jaxopt_llm.evaluate import perplexity
+from jaxopt_llm.generate import generate
+from jaxopt_llm.models import build_model
+from jaxopt_llm.models.layers import attention_mask
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow
+
+PYDOC_SHA256_311 = "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee"
+
+
+@pytest.fixture(scope="module")
+def eval_ids(smollm2):
+    return smollm2.tokenizer.encode(pydoc_text())
+
+
+def test_logits_of_a_512_window_match_hf(smollm2, smollm2_hf, eval_ids):
+    import jax
+    import jax.numpy as jnp
+
+    ids = np.asarray(eval_ids[1000:1512])[None]
+    mask = attention_mask(jnp.ones((1, 512), bool), 0, 512)
+    apply = jax.jit(build_model(smollm2.config).apply)
+    ours, _ = apply({"params": smollm2.params}, ids, jnp.arange(512)[None], mask)
+    with torch.no_grad():
+        expected = smollm2_hf(torch.tensor(ids)).logits.numpy()
+    # fp32 with 30 layers and |logits| up to ~35: agreement to ~1e-5 relative
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=2e-3, rtol=1e-4)
+    assert (np.asarray(ours).argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_greedy_generation_matches_hf(smollm2, smollm2_hf):
+    prompts = ["The Python statement for handling exceptions is",
+               "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+    ids = [smollm2.tokenizer.encode(p) for p in prompts]
+    ours = generate(smollm2.config, smollm2.params, ids, max_new_tokens=64, eos_token_ids=[-1])
+    for prompt_ids, new_ids in zip(ids, ours.new_ids, strict=True):
+        with torch.no_grad():
+            out = smollm2_hf.generate(torch.tensor([prompt_ids]), max_new_tokens=64,
+                                      min_new_tokens=64, do_sample=False, pad_token_id=2)
+        assert new_ids == out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.skipif(text_sha256(pydoc_text()) != PYDOC_SHA256_311,
+                    reason="the published figure is for the CPython 3.11.7 pydoc text")
+def test_perplexity_matches_hf_figure(smollm2, eval_ids):
+    assert len(eval_ids) == 113_108
+    result = perplexity(smollm2.config, smollm2.params, eval_ids, num_tokens=65_536, window=512)
+    assert result.tokens_scored == 65_408
+    assert result.ppl == pytest.approx(14.286, rel=1e-3)
