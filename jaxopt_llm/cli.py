@@ -99,7 +99,7 @@ def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> d
 
 def _run_generate(loaded, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                   top_p: float, seed: int, quiet: bool) -> dict[str, Any]:
-    from jaxopt_llm.generate import Sampling, generate
+    from jaxopt_llm.generation import Sampling, generate
 
     if not prompt:
         raise ValueError("--prompt must not be empty")

@@ -22,8 +22,7 @@ from jaxopt_llm.models.layers import (
     KVCache,
     LayerNorm,
     Linear,
-    dot_product_attention,
-    update_cache,
+    attend_with_cache,
 )
 
 
@@ -37,10 +36,8 @@ class Attention(nn.Module):
         qkv = Linear(3 * width, True, name="c_attn")(x)
         q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
                    for t in jnp.split(qkv, 3, axis=-1))
-        if cache is not None:
-            cache = update_cache(cache, k, v, cache_index)
-            k, v = cache
-        out = dot_product_attention(q, k, v, mask).reshape(batch, length, width)
+        out, cache = attend_with_cache(q, k, v, mask, cache, cache_index)
+        out = out.reshape(batch, length, width)
         return Linear(width, True, name="c_proj")(out), cache
 
 

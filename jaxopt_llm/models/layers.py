@@ -14,7 +14,9 @@ import jax.numpy as jnp
 
 from jaxopt_llm.weights import attend, embed, linear
 
-KVCache = tuple[jax.Array, jax.Array]  # one layer: keys, values, each (B, S, Hkv, D)
+KVCache = tuple[jax.Array, jax.Array]  # one layer: keys, values, each (B, Hkv, S, D)
+# Head-major cache: a decode step reads each head's keys contiguously, with no transpose copy.
+PREFILL_QUERY_BLOCKS = 8  # at most this many query blocks in a causal prefill
 
 
 class Linear(nn.Module):
@@ -151,27 +153,60 @@ def dot_product_attention(
 ) -> jax.Array:
     """Grouped-query attention.
 
-    q (B, T, H, D); k, v (B, S, Hkv, D) with H a multiple of Hkv (query head h
+    q (B, T, H, D); k, v (B, Hkv, S, D) with H a multiple of Hkv (query head h
     uses kv head h // (H // Hkv)); mask (B, T, S). Returns (B, T, H, D).
     """
     batch, num_queries, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
+    num_kv = k.shape[1]
     group = num_heads // num_kv
     q = q.reshape(batch, num_queries, num_kv, group, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(batch, num_queries, num_heads, head_dim)
 
 
-def update_cache(
-    cache: KVCache, k: jax.Array, v: jax.Array, cache_index: jax.Array | int
-) -> KVCache:
-    """Write the new keys/values (B, T, Hkv, D) into the preallocated cache at cache_index."""
-    k_cache, v_cache = cache
-    start = (0, cache_index, 0, 0)
-    return (
-        jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),
-        jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start),
-    )
+def causal_prefix_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, min_block: int = 128
+) -> jax.Array:
+    """Attention for queries in slots 0..T-1 (prefill, evaluation) over keys 0..T-1.
+
+    Same result as `dot_product_attention`, but queries are cut into blocks and
+    a block scores only the keys up to its own end: causal masking makes the
+    rest zero anyway, so this skips about half the score FLOPs and keeps the
+    score tensor small for long prompts. Shapes as dot_product_attention with
+    S = T.
+    """
+    length = q.shape[1]
+    block = max(min_block, -(-length // PREFILL_QUERY_BLOCKS))
+    if length <= block:
+        return dot_product_attention(q, k, v, mask)
+    outputs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        outputs.append(dot_product_attention(q[:, start:end], k[:, :, :end], v[:, :, :end],
+                                             mask[:, start:end, :end]))
+    return jnp.concatenate(outputs, axis=1)
+
+
+def attend_with_cache(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+    cache: KVCache | None, cache_index: jax.Array | int,
+) -> tuple[jax.Array, KVCache | None]:
+    """Write k, v (B, T, Hkv, D) into the cache (if any) and attend; returns (out, cache).
+
+    A static cache_index of 0 means the queries are a prefix (prefill or no
+    cache): keys past T are invisible, so the blocked causal path applies.
+    """
+    k = k.transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
+    v = v.transpose(0, 2, 1, 3)
+    prefix = isinstance(cache_index, int) and cache_index == 0
+    if cache is not None:
+        start = (0, 0, cache_index, 0)
+        cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
+                 jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+    if prefix:
+        length = q.shape[1]
+        return causal_prefix_attention(q, k, v, mask[:, :, :length]), cache
+    return dot_product_attention(q, cache[0], cache[1], mask), cache

@@ -27,10 +27,9 @@ from jaxopt_llm.models.layers import (
     Linear,
     RMSNorm,
     apply_rope,
-    dot_product_attention,
+    attend_with_cache,
     rope_cos_sin,
     rope_inverse_frequencies,
-    update_cache,
 )
 
 
@@ -48,10 +47,8 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(batch, length, heads, head_dim), cos, sin)  # (B, T, H, D)
         k = apply_rope(k.reshape(batch, length, kv_heads, head_dim), cos, sin)  # (B, T, Hkv, D)
         v = v.reshape(batch, length, kv_heads, head_dim)
-        if cache is not None:
-            cache = update_cache(cache, k, v, cache_index)
-            k, v = cache  # (B, S, Hkv, D): every slot, masked by `mask`
-        out = dot_product_attention(q, k, v, mask).reshape(batch, length, heads * head_dim)
+        out, cache = attend_with_cache(q, k, v, mask, cache, cache_index)
+        out = out.reshape(batch, length, heads * head_dim)
         return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj")(out), cache
 
 

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxopt_llm.generate import generate  # noqa: E402
+from jaxopt_llm.generation import generate  # noqa: E402
 from jaxopt_llm.io.hf import load_hf_directory  # noqa: E402
 from jaxopt_llm.models import build_model  # noqa: E402
 from jaxopt_llm.models.layers import attention_mask  # noqa: E402
@@ -99,3 +99,24 @@ def test_batched_greedy_generation_matches_hf(case, tmp_path):
             out = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                      eos_token_id=None, pad_token_id=0)
         assert ours == out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("length", [129, 300, 1100])
+def test_long_sequences_use_blocked_causal_attention(length, tmp_path):
+    """Past 128 tokens prefill/eval attention runs in query blocks: still exactly HF."""
+    make = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # noqa: E731
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048))
+    reference = _save_random(make, tmp_path)
+    config, params = load_hf_directory(tmp_path)
+    ids = np.random.default_rng(length).integers(0, VOCAB, (1, length))
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(_forward(config, params, ids), expected, atol=1e-4, rtol=1e-4)
+    prompt = ids[0, :length - 5].tolist()
+    ours = generate(config, params, [prompt, prompt[-7:]], max_new_tokens=5,
+                    eos_token_ids=[-1])
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    assert ours.new_ids[0] == out[0, len(prompt):].tolist()

@@ -5,7 +5,7 @@ import pytest
 
 from jaxopt_llm.data import pydoc_text, text_sha256
 from jaxopt_llm.evaluate import perplexity
-from jaxopt_llm.generate import generate
+from jaxopt_llm.generation import generate
 from jaxopt_llm.models import build_model
 from jaxopt_llm.models.layers import attention_mask
 

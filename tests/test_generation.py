@@ -1,18 +1,15 @@
 """Generation: sampling filters vs numpy, KV-cache decoding vs full forward, no recompiles."""
 
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxopt_llm.generate  # noqa: F401  (the package re-exports a function of that name)
+import jaxopt_llm.generation as gen
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
-
-gen = sys.modules["jaxopt_llm.generate"]
 
 CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=32,
                      intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
