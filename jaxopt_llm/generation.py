@@ -3,7 +3,7 @@
 Prompts of different lengths are left-padded to a bucket length, so every row
 decodes into the same cache slot at each step; per-row RoPE positions and a
 key-validity mask keep padding invisible. The KV cache is preallocated
-(layers × (B, Hkv, S, D)), updated in place with `dynamic_update_slice` and
+(layers × (B, S, Hkv, D)), updated in place with `dynamic_update_slice` and
 donated to both programs. Shapes depend only on (batch, prompt bucket, new
 token bucket), so prompts within a bucket and every decode step reuse the
 same compiled programs.
@@ -73,7 +73,7 @@ def prompt_bucket(length: int) -> int:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> tuple:
-    shape = (batch, config.num_kv_heads, length, config.head_dim)
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                  for _ in range(config.num_layers))
 

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 from jaxopt_llm.weights import attend, embed, linear
 
-KVCache = tuple[jax.Array, jax.Array]  # one layer: keys, values, each (B, Hkv, S, D)
-# Head-major cache: a decode step reads each head's keys contiguously, with no transpose copy.
+# One layer: keys, values, each (B, S, Hkv, D). A head-major (B, Hkv, S, D) layout was
+# measured 10% slower for decode on CPU (benchmarks/bench_foundation.py), so slots lead.
+KVCache = tuple[jax.Array, jax.Array]
 PREFILL_QUERY_BLOCKS = 8  # at most this many query blocks in a causal prefill
 
 
@@ -153,17 +154,17 @@ def dot_product_attention(
 ) -> jax.Array:
     """Grouped-query attention.
 
-    q (B, T, H, D); k, v (B, Hkv, S, D) with H a multiple of Hkv (query head h
+    q (B, T, H, D); k, v (B, S, Hkv, D) with H a multiple of Hkv (query head h
     uses kv head h // (H // Hkv)); mask (B, T, S). Returns (B, T, H, D).
     """
     batch, num_queries, num_heads, head_dim = q.shape
-    num_kv = k.shape[1]
+    num_kv = k.shape[2]
     group = num_heads // num_kv
     q = q.reshape(batch, num_queries, num_kv, group, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, num_queries, num_heads, head_dim)
 
 
@@ -185,7 +186,7 @@ def causal_prefix_attention(
     outputs = []
     for start in range(0, length, block):
         end = min(start + block, length)
-        outputs.append(dot_product_attention(q[:, start:end], k[:, :, :end], v[:, :, :end],
+        outputs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
                                              mask[:, start:end, :end]))
     return jnp.concatenate(outputs, axis=1)
 
@@ -199,11 +200,9 @@ def attend_with_cache(
     A static cache_index of 0 means the queries are a prefix (prefill or no
     cache): keys past T are invisible, so the blocked causal path applies.
     """
-    k = k.transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-    v = v.transpose(0, 2, 1, 3)
     prefix = isinstance(cache_index, int) and cache_index == 0
     if cache is not None:
-        start = (0, 0, cache_index, 0)
+        start = (0, cache_index, 0, 0)
         cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
                  jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
     if prefix:
