@@ -22,28 +22,24 @@ DEMO_PROMPT = "The three most important Python data structures are"
 stderr = Console(stderr=True)
 
 
+def _number(name: str, cast: type, *, allow_zero: bool):
+    """argparse type: a number of `cast` type, > 0 (or >= 0 with allow_zero), named in errors."""
+    kind = "an integer" if cast is int else "a number"
+    bound = ">= 0" if allow_zero else "positive"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {value}")
+        return value
+    return parse
+
+
 def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
-        return value
-    return parse
-
-
-def _non_negative_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
-        return value
-    return parse
+    return _number(name, int, allow_zero=False)
 
 
 @contextlib.contextmanager
@@ -97,14 +93,11 @@ def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> d
     }
 
 
-def _run_generate(loaded, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-                  top_p: float, seed: int, quiet: bool) -> dict[str, Any]:
-    from jaxopt_llm.generation import Sampling, generate
+def _run_generate(loaded, prompt: str, max_new_tokens: int, sampling, seed: int,
+                  quiet: bool) -> dict[str, Any]:
+    from jaxopt_llm.generation import generate
 
-    if not prompt:
-        raise ValueError("--prompt must not be empty")
     ids = loaded.tokenizer.encode(prompt)
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     with _spinner("compiling and generating", quiet):
         result = generate(loaded.config, loaded.params, [ids], max_new_tokens=max_new_tokens,
                           sampling=sampling, seed=seed,
@@ -138,9 +131,14 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    loaded = _load(args.model, args.json)
-    out = _run_generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                        args.top_p, args.seed, args.json)
+    from jaxopt_llm.generation import Sampling
+
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    loaded = _load(args.model, args.json)  # after the cheap checks: bad input fails fast
+    out = _run_generate(loaded, args.prompt, args.max_new_tokens, sampling, args.seed,
+                        args.json)
     if not args.json:
         print(args.prompt + out["text"])
         stderr.print(f"prefill {out['prefill_tok_s']:.1f} tok/s, "
@@ -151,10 +149,11 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.data import pydoc_text
+    from jaxopt_llm.generation import Sampling
 
     loaded = _load(args.model)
     evaluation = _run_eval(loaded, pydoc_text(), args.tokens, 512, False)
-    generation = _run_generate(loaded, args.prompt, args.max_new_tokens, 0.0, 0, 1.0, 0, False)
+    generation = _run_generate(loaded, args.prompt, args.max_new_tokens, Sampling(), 0, False)
     table = Table(title=f"jaxopt-llm demo: {args.model}", show_header=False)
     config = loaded.config
     table.add_row("model", f"{config.model_type}, {config.num_layers} layers, "
@@ -199,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
-    gen.add_argument("--temperature", type=_non_negative_float("--temperature"), default=0.0,
-                     help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    gen.add_argument("--temperature", type=_number("--temperature", float, allow_zero=True),
+                     default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=_number("--top-k", int, allow_zero=True), default=0,
+                     help="0 disables top-k")
     gen.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")

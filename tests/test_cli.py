@@ -31,13 +31,25 @@ def _run(capsys, *argv):
      (["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "0"],
       "--max-new-tokens must be positive, got 0"),
      (["generate", "--model", "m", "--prompt", "x", "--temperature", "-1"],
-      "--temperature must be >= 0")],
+      "--temperature must be >= 0"),
+     (["generate", "--model", "m", "--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0")],
 )
 def test_non_positive_arguments(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_top_p(capsys):
+    code, _, err = _run(capsys, "generate", "--model", "nowhere", "--prompt", "x", "--top-p",
+                        "1.5")
+    assert code == 2 and "top_p must be in (0, 1]" in err
+
+
+def test_empty_prompt(capsys):
+    code, _, err = _run(capsys, "generate", "--model", "nowhere", "--prompt", "")
+    assert code == 2 and "--prompt must not be empty" in err
 
 
 def test_unknown_model_lists_registry(capsys):
