@@ -19,7 +19,6 @@ import numpy as np
 
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
-from jaxopt_llm.weights import param_bytes
 
 DEFAULT_TOKENS = 65_536
 DEFAULT_WINDOW = 512
@@ -85,12 +84,9 @@ def perplexity(
     nll = 0.0
     for start in range(0, num_windows, batch_size):
         chunk = windows[start:start + batch_size]
-        if len(chunk) < batch_size:  # pad with copies so the compiled shape never changes
-            pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)
-            sums = np.asarray(window_nll(params, np.concatenate([chunk, pad]), config=config))
-            sums = sums[: len(chunk)]
-        else:
-            sums = np.asarray(window_nll(params, chunk, config=config))
+        pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)  # fixed compiled shape
+        sums = np.asarray(window_nll(params, np.concatenate([chunk, pad]), config=config))
+        sums = sums[: len(chunk)]
         nll += float(np.sum(sums, dtype=np.float64))
         if on_window is not None:
             on_window(len(chunk))
@@ -101,4 +97,4 @@ def perplexity(
     )
 
 
-__all__ = ["PerplexityResult", "param_bytes", "perplexity", "window_nll"]
+__all__ = ["PerplexityResult", "perplexity", "window_nll"]

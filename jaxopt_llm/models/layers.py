@@ -181,8 +181,6 @@ def causal_prefix_attention(
     """
     length = q.shape[1]
     block = max(min_block, -(-length // PREFILL_QUERY_BLOCKS))
-    if length <= block:
-        return dot_product_attention(q, k, v, mask)
     outputs = []
     for start in range(0, length, block):
         end = min(start + block, length)
