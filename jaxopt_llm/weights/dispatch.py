@@ -79,6 +79,25 @@ def attend(x: jax.Array, table: Any) -> jax.Array:
     return fn(x, table)
 
 
+def materialize(tree: Any) -> Any:
+    """Dense float arrays in place of every typed leaf (plain arrays pass through)."""
+
+    def dense(node: Any) -> Any:
+        return node.materialize() if is_weight_leaf(node) else node
+
+    return jax.tree_util.tree_map(dense, tree, is_leaf=is_weight_leaf)
+
+
+def registered_leaf_types() -> dict[str, type]:
+    """Every registered weight representation by class name (artifacts serialize by this name)."""
+    return {klass.__name__: klass for klass in _LINEAR}
+
+
+def is_weight_leaf(node: Any) -> bool:
+    """True for an instance of a registered representation (treated as one weight)."""
+    return any(klass in _LINEAR for klass in type(node).__mro__)
+
+
 def param_bytes(tree: Any) -> int:
     """Bytes the parameter tree really stores (registered leaves report their own size)."""
     total = 0
@@ -93,5 +112,5 @@ def param_bytes(tree: Any) -> int:
             total += int(node.nbytes)
         return None
 
-    jax.tree_util.tree_map(visit, tree, is_leaf=lambda n: type(n) in _NBYTES)
+    jax.tree_util.tree_map(visit, tree, is_leaf=is_weight_leaf)
     return total

@@ -1,0 +1,45 @@
+"""Weight representations and the dispatch every model calls (`linear`, `embed`, `attend`).
+
+A plain weight is an array; a transformed one is a typed pytree leaf (below) whose
+arrays are children and whose recipe (bits, group size, pattern, …) is static.
+`param_bytes` (alias `nbytes`) counts what is really stored.
+"""
+
+from jaxopt_llm.weights.dispatch import (
+    attend,
+    embed,
+    is_weight_leaf,
+    linear,
+    materialize,
+    param_bytes,
+    register_linear,
+    registered_leaf_types,
+)
+from jaxopt_llm.weights.fake_quant import FakeQuantWeight
+from jaxopt_llm.weights.lowrank import LowRankWeight
+from jaxopt_llm.weights.quant_math import QuantSpec
+from jaxopt_llm.weights.quantized import QuantizedWeight, quantize_weight
+from jaxopt_llm.weights.sparse import MaskedWeight, NMSparseWeight, masked_weight, nm_sparse_weight
+
+nbytes = param_bytes
+
+__all__ = [
+    "FakeQuantWeight",
+    "LowRankWeight",
+    "MaskedWeight",
+    "NMSparseWeight",
+    "QuantSpec",
+    "QuantizedWeight",
+    "attend",
+    "embed",
+    "is_weight_leaf",
+    "linear",
+    "masked_weight",
+    "materialize",
+    "nbytes",
+    "nm_sparse_weight",
+    "param_bytes",
+    "quantize_weight",
+    "register_linear",
+    "registered_leaf_types",
+]

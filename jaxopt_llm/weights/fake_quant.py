@@ -1,0 +1,100 @@
+"""`FakeQuantWeight`: quantization-aware training's float master weight.
+
+The forward pass uses dequantize(quantize(w)) (ranges recomputed from the current
+weight, absmax or min-max, treated as constants); the backward pass is the
+straight-through estimator (Bengio et al., 2013, "Estimating or Propagating
+Gradients Through Stochastic Neurons"): identity, or with `ste="clipped"` zero
+for weights the integer grid cannot represent (outside the range shrunk by
+`clip_ratio`, as in PACT/LSQ-style training).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxopt_llm.weights.dispatch import register_linear
+from jaxopt_llm.weights.quant_math import (
+    QuantSpec,
+    group_range,
+    grouped,
+    quantize_dequantize_grouped,
+)
+
+STE_MODES = ("identity", "clipped")
+
+
+@struct.dataclass
+class FakeQuantWeight:
+    """Float weight `w` (kernel (K, ...) for axis 0, table (V, D) for axis 1) seen quantized."""
+
+    w: jax.Array
+    bits: int = struct.field(pytree_node=False)
+    symmetric: bool = struct.field(pytree_node=False, default=True)
+    granularity: str = struct.field(pytree_node=False, default="channel")
+    group_size: int | None = struct.field(pytree_node=False, default=None)
+    axis: int = struct.field(pytree_node=False, default=0)
+    method: str = struct.field(pytree_node=False, default="absmax")  # or "minmax"
+    ste: str = struct.field(pytree_node=False, default="identity")
+    clip_ratio: float = struct.field(pytree_node=False, default=1.0)  # range shrink, in (0, 1]
+
+    def __post_init__(self) -> None:
+        self.spec  # noqa: B018  (validates bits/granularity/group size)
+        if self.ste not in STE_MODES:
+            raise ValueError(f"ste must be one of {STE_MODES}, got {self.ste!r}")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.method not in ("absmax", "minmax"):
+            raise ValueError(f"fake quantization ranges are 'absmax' or 'minmax', "
+                             f"got {self.method!r}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, symmetric=self.symmetric,
+                         granularity=self.granularity, group_size=self.group_size)
+
+    def materialize(self) -> jax.Array:
+        w = self.w
+        shape = w.shape
+        canonical = w.reshape(shape[0], -1) if self.axis == 0 else w.T  # (K, N)
+        wg = grouped(canonical.astype(jnp.float32), self.spec)
+        lo, hi = group_range(jax.lax.stop_gradient(wg), self.spec, self.method)
+        lo, hi = lo * self.clip_ratio, hi * self.clip_ratio
+        qdq = quantize_dequantize_grouped(jax.lax.stop_gradient(wg), lo, hi, self.spec)
+        if self.ste == "identity":
+            out = wg + jax.lax.stop_gradient(qdq - wg)
+        else:
+            # The representable interval: codes qmin..qmax, plus half a step of rounding.
+            if self.symmetric:
+                scale = hi / self.spec.qmax
+                low, high = scale * (self.spec.qmin - 0.5), scale * (self.spec.qmax + 0.5)
+            else:
+                scale = (hi - lo) / self.spec.qmax
+                low, high = lo - scale / 2, hi + scale / 2
+            inside = ((wg >= low) & (wg <= high)).astype(wg.dtype)
+            out = jax.lax.stop_gradient(qdq) + (wg - jax.lax.stop_gradient(wg)) * inside
+        out = out.reshape(canonical.shape)
+        if self.axis == 1:
+            out = out.T
+        return out.reshape(shape).astype(w.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.w.size * self.w.dtype.itemsize)
+
+
+def _linear(x: jax.Array, w: FakeQuantWeight) -> jax.Array:
+    dense = w.materialize()
+    out = jnp.matmul(x, dense.reshape(dense.shape[0], -1).astype(x.dtype))
+    return out.reshape(*x.shape[:-1], *dense.shape[1:])
+
+
+register_linear(
+    FakeQuantWeight,
+    linear_fn=_linear,
+    embed_fn=lambda table, ids: jnp.take(table.materialize(), ids, axis=0),
+    attend_fn=lambda x, table: jnp.einsum("...d,vd->...v", x,
+                                          table.materialize().astype(x.dtype)),
+    nbytes_fn=lambda w: w.nbytes,
+)

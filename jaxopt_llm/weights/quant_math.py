@@ -1,0 +1,196 @@
+"""Uniform integer quantization math shared by real and fake quantization.
+
+Round-to-nearest with a calibrated range (REFERENCES.md "RTN"):
+  symmetric   scale = m / (2^(b-1) - 1), q = clamp(round(w/scale), -2^(b-1), 2^(b-1) - 1)
+  asymmetric  scale = (hi - lo) / (2^b - 1), zero = clamp(round(-lo/scale), 0, 2^b - 1),
+              u = clamp(round(w/scale) + zero, 0, 2^b - 1),  w ≈ (u - zero)·scale
+where (lo, hi) or m come from the weights of one quantization group: absmax, min-max,
+a percentile, or the clip ratio minimising the group's quantization error (MSE search,
+as in GPTQ's reference quantizer). Ranges always include 0 so 0 stays exact.
+
+Everything works on a canonical grouped view (G, g, N): the contraction axis (K, the one
+groups run along) is split into G groups of g, N counts output channels. Per-tensor is
+G=1 reduced over (g, N); per-channel is G=1 reduced over g; per-group is G = K/g.
+Scales and zero points come back as (G, 1, N) (per-tensor (1, 1, 1)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+GRANULARITIES = ("tensor", "channel", "group")
+RANGE_METHODS = ("absmax", "minmax", "percentile", "mse")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How a weight is quantized: width, symmetry and the groups that share a scale."""
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "channel"  # "tensor" | "channel" (per output) | "group" (along input)
+    group_size: int | None = None  # only for granularity="group"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
+            2 <= self.bits <= 8
+        ):
+            raise ValueError(f"quantization bits must be an integer in 2..8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"quantization granularity must be one of {GRANULARITIES}, "
+                f"got {self.granularity!r}"
+            )
+        if self.granularity == "group":
+            if (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                    or self.group_size <= 0):
+                raise ValueError(
+                    f"granularity 'group' needs a positive integer group_size, "
+                    f"got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} is only valid with granularity 'group' "
+                f"(got granularity {self.granularity!r})"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    def num_groups(self, length: int, where: str = "weight") -> int:
+        """Groups along a contraction axis of `length`; a group size must divide it."""
+        if self.granularity != "group":
+            return 1
+        if length % self.group_size:
+            raise ValueError(
+                f"{where}: group_size={self.group_size} does not divide the input "
+                f"dimension {length}; use a divisor of {length}"
+            )
+        return length // self.group_size
+
+
+def grouped(w2: jax.Array, spec: QuantSpec) -> jax.Array:
+    """(K, N) → (G, g, N) canonical view."""
+    k, n = w2.shape
+    groups = spec.num_groups(k)
+    return w2.reshape(groups, k // groups, n)
+
+
+def _reduce_axes(spec: QuantSpec) -> tuple[int, ...]:
+    return (1, 2) if spec.granularity == "tensor" else (1,)
+
+
+def group_range(
+    wg: jax.Array,
+    spec: QuantSpec,
+    method: str = "absmax",
+    *,
+    percentile: float = 99.9,
+    mse_grid: int = 100,
+    mse_max_shrink: float = 0.8,
+    mse_norm: float = 2.0,
+) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi) per group, shapes (G, 1, N) or (1, 1, 1); lo ≤ 0 ≤ hi, lo = -hi if symmetric."""
+    axes = _reduce_axes(spec)
+    wg = wg.astype(jnp.float32)
+    if method in ("absmax", "minmax", "mse"):
+        if spec.symmetric or method == "absmax":  # absmax: [-max|w|, max|w|] in any scheme
+            hi = jnp.max(jnp.abs(wg), axis=axes, keepdims=True)
+            lo = -hi
+        else:
+            lo = jnp.minimum(jnp.min(wg, axis=axes, keepdims=True), 0.0)
+            hi = jnp.maximum(jnp.max(wg, axis=axes, keepdims=True), 0.0)
+        if method == "mse":
+            lo, hi = _mse_search(wg, lo, hi, spec, mse_grid, mse_max_shrink, mse_norm)
+        return lo, hi
+    if method == "percentile":
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        if spec.symmetric:
+            hi = jnp.percentile(jnp.abs(wg), percentile, axis=axes, keepdims=True)
+            return -hi, hi
+        lo = jnp.percentile(wg, 100.0 - percentile, axis=axes, keepdims=True)
+        hi = jnp.percentile(wg, percentile, axis=axes, keepdims=True)
+        return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
+
+
+def scale_and_zero(
+    lo: jax.Array, hi: jax.Array, spec: QuantSpec, scale_dtype: jnp.dtype = jnp.float32
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scale (in `scale_dtype`, never 0) and integer zero point (uint8; None if symmetric)."""
+    tiny = jnp.float32(jnp.finfo(scale_dtype).tiny)
+    if spec.symmetric:
+        scale = hi / spec.qmax
+    else:
+        scale = (hi - lo) / spec.qmax
+    scale = jnp.maximum(scale, tiny).astype(scale_dtype)
+    if spec.symmetric:
+        return scale, None
+    zero = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), 0, spec.qmax)
+    return scale, zero.astype(jnp.uint8)
+
+
+def quantize_codes(
+    wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec
+) -> jax.Array:
+    """Integer codes in [qmin, qmax] as int32 (symmetric: signed q; asymmetric: unsigned u)."""
+    q = jnp.round(wg.astype(jnp.float32) / scale.astype(jnp.float32))
+    if zero is not None:
+        q = q + zero.astype(jnp.float32)
+    return jnp.clip(q, spec.qmin, spec.qmax).astype(jnp.int32)
+
+
+def dequantize_codes(
+    codes: jax.Array, scale: jax.Array, zero: jax.Array | None
+) -> jax.Array:
+    """Codes (G, g, N) → float32 values."""
+    centered = codes.astype(jnp.int32)
+    if zero is not None:
+        centered = centered - zero.astype(jnp.int32)
+    return centered.astype(jnp.float32) * scale.astype(jnp.float32)
+
+
+def quantize_dequantize_grouped(
+    wg: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec
+) -> jax.Array:
+    """Float32 round trip of a grouped view through the integer grid given by (lo, hi)."""
+    scale, zero = scale_and_zero(lo, hi, spec)
+    return dequantize_codes(quantize_codes(wg, scale, zero, spec), scale, zero)
+
+
+def _mse_search(wg, lo, hi, spec, grid, max_shrink, norm):
+    """Per group, the clip ratio in [1 - max_shrink, 1] with the smallest Σ|w - q(w)|^norm."""
+    if not (isinstance(grid, int) and grid >= 1):
+        raise ValueError(f"mse_grid must be a positive integer, got {grid!r}")
+    if not 0.0 <= max_shrink < 1.0:
+        raise ValueError(f"mse_max_shrink must be in [0, 1), got {max_shrink}")
+    axes = _reduce_axes(spec)
+    ratios = 1.0 - max_shrink * jnp.arange(grid, dtype=jnp.float32) / grid
+
+    def step(carry, ratio):
+        best_err, best_lo, best_hi = carry
+        lo_r, hi_r = lo * ratio, hi * ratio
+        err = jnp.sum(
+            jnp.abs(quantize_dequantize_grouped(wg, lo_r, hi_r, spec) - wg) ** norm,
+            axis=axes,
+            keepdims=True,
+        )
+        better = err < best_err
+        return (
+            jnp.where(better, err, best_err),
+            jnp.where(better, lo_r, best_lo),
+            jnp.where(better, hi_r, best_hi),
+        ), None
+
+    init = (jnp.full(lo.shape, jnp.inf, jnp.float32), lo, hi)
+    (_, best_lo, best_hi), _ = jax.lax.scan(step, init, ratios)
+    return best_lo, best_hi

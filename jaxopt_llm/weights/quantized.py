@@ -1,0 +1,237 @@
+"""Real integer weights: `QuantizedWeight`, weight-only and W8A8 execution.
+
+Storage: codes packed along the contraction axis (jaxopt_llm.weights.packing), except
+symmetric 8-bit codes which are plain int8 (the W8A8 path contracts them directly).
+Symmetric narrower codes are stored offset by 2^(b-1) so they are unsigned.
+Scales keep the weight's rank so one PartitionSpec shards codes and scales alike:
+a kernel (K, N) has scales (G, N); an embedding table (V, D), quantized along D, has
+scales (V, G); per-tensor scales are (1, 1).
+
+Execution:
+- weight-only: dequantize, then one float matmul;
+- `act_bits=8` (W8A8, "SmoothQuant", Xiao et al., 2023, and LLM.int8()'s per-token
+  activation scales): activations are quantized per token (dynamic absmax) to int8,
+  `lax.dot_general` contracts int8 × int8 into int32 (per group when grouped), and
+  the product is rescaled by activation and weight scales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxopt_llm.weights import packing
+from jaxopt_llm.weights.dispatch import register_linear
+from jaxopt_llm.weights.quant_math import (
+    QuantSpec,
+    dequantize_codes,
+    group_range,
+    grouped,
+    quantize_codes,
+    scale_and_zero,
+)
+
+
+@struct.dataclass
+class QuantizedWeight:
+    """Integer codes + scales (+ zero points) of a weight of logical shape `shape`.
+
+    axis 0: a kernel (K, ...) contracted along K (trailing dims flattened to N);
+    axis 1: an embedding table (V, D) contracted along D (a tied head).
+    """
+
+    qvalue: jax.Array  # packed uint8 codes, or int8 codes for symmetric 8-bit
+    scale: jax.Array  # (G, N) for axis 0, (V, G) for axis 1; (1, 1) per tensor
+    zero_point: jax.Array | None  # uint8, same shape as scale; None when symmetric
+    bits: int = struct.field(pytree_node=False)
+    symmetric: bool = struct.field(pytree_node=False)
+    granularity: str = struct.field(pytree_node=False)
+    group_size: int | None = struct.field(pytree_node=False)
+    axis: int = struct.field(pytree_node=False)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    dtype: str = struct.field(pytree_node=False, default="float32")
+    act_bits: int | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, symmetric=self.symmetric,
+                         granularity=self.granularity, group_size=self.group_size)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        if self.axis == 0:
+            return self.shape[0], math.prod(self.shape[1:])
+        return self.shape[0], self.shape[1]
+
+    @property
+    def stored_as_int8(self) -> bool:
+        return self.bits == 8 and self.symmetric
+
+    def codes(self) -> jax.Array:
+        """Signed integer codes (K, N) canonical layout (axis 0 is the contraction axis), int32."""
+        k_axis_len = self.shape2d[self.axis]
+        codes = packing.unpack(self.qvalue, self.bits, k_axis_len, axis=self.axis)
+        codes = codes.astype(jnp.int32)
+        if self.symmetric and not self.stored_as_int8:
+            codes = codes - (1 << (self.bits - 1))
+        return codes if self.axis == 0 else codes.T
+
+    def _canonical_scale_zero(self) -> tuple[jax.Array, jax.Array | None]:
+        scale, zero = self.scale, self.zero_point
+        if self.axis == 1:
+            scale = scale.T
+            zero = None if zero is None else zero.T
+        return scale[:, None, :], (None if zero is None else zero[:, None, :])  # (G, 1, N)
+
+    def materialize(self) -> jax.Array:
+        """Dequantized float weight of shape `shape`."""
+        scale, zero = self._canonical_scale_zero()
+        codes = grouped(self.codes(), self.spec)
+        values = dequantize_codes(codes, scale, zero).reshape(self.codes_shape_canonical)
+        if self.axis == 1:
+            values = values.T
+        return values.reshape(self.shape).astype(self.dtype)
+
+    @property
+    def codes_shape_canonical(self) -> tuple[int, int]:
+        k, n = self.shape2d
+        return (k, n) if self.axis == 0 else (n, k)
+
+    @property
+    def nbytes(self) -> int:
+        total = self.qvalue.size * self.qvalue.dtype.itemsize
+        total += self.scale.size * self.scale.dtype.itemsize
+        if self.zero_point is not None:
+            total += self.zero_point.size * self.zero_point.dtype.itemsize
+        return int(total)
+
+
+def quantize_weight(
+    w: jax.Array,
+    spec: QuantSpec,
+    *,
+    axis: int = 0,
+    method: str | None = None,
+    act_bits: int | None = None,
+    scale_dtype: str | None = None,
+    percentile: float = 99.9,
+    mse_grid: int = 100,
+    mse_max_shrink: float = 0.8,
+    mse_norm: float = 2.0,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of a kernel (axis=0) or an embedding table (axis=1).
+
+    `method` (range calibration) defaults to absmax when symmetric, min-max otherwise.
+    `scale_dtype` defaults to float16 for group scales (as GPTQ/llama.cpp store them) and
+    float32 otherwise; codes are computed against the stored (rounded) scale.
+    """
+    w = jnp.asarray(w)
+    if w.ndim < 2 or (axis == 1 and w.ndim != 2):
+        raise ValueError(f"{name}: expected a 2-D (or higher, for kernels) weight, got {w.shape}")
+    if axis not in (0, 1):
+        raise ValueError(f"{name}: axis must be 0 (kernel) or 1 (embedding table), got {axis}")
+    if act_bits not in (None, 8):
+        raise ValueError(f"{name}: act_bits must be 8 (W8A8) or None (weight-only), got {act_bits}")
+    if act_bits and spec.bits == 8 and not spec.symmetric:
+        raise ValueError(
+            f"{name}: asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric: true"
+        )
+    if method is None:
+        method = "absmax" if spec.symmetric else "minmax"
+    if scale_dtype is None:
+        scale_dtype = "float16" if spec.granularity == "group" else "float32"
+    if scale_dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"{name}: scale_dtype must be float32, float16 or bfloat16")
+    shape = tuple(int(d) for d in w.shape)
+    w2 = w.reshape(shape[0], -1) if axis == 0 else w
+    canonical = w2 if axis == 0 else w2.T  # (K, N)
+    spec.num_groups(canonical.shape[0], where=f"{name} {shape}")
+    wg = grouped(canonical.astype(jnp.float32), spec)
+    lo, hi = group_range(wg, spec, method, percentile=percentile, mse_grid=mse_grid,
+                         mse_max_shrink=mse_max_shrink, mse_norm=mse_norm)
+    scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
+    codes = quantize_codes(wg, scale, zero, spec).reshape(canonical.shape)
+    scale2, zero2 = scale[:, 0, :], (None if zero is None else zero[:, 0, :])
+    if axis == 1:
+        codes, scale2 = codes.T, scale2.T
+        zero2 = None if zero2 is None else zero2.T
+    if spec.bits == 8 and spec.symmetric:
+        qvalue = codes.astype(jnp.int8)
+    else:
+        unsigned = codes + (1 << (spec.bits - 1)) if spec.symmetric else codes
+        qvalue = packing.pack(unsigned, spec.bits, axis=axis)
+    return QuantizedWeight(
+        qvalue=qvalue, scale=scale2, zero_point=zero2, bits=spec.bits,
+        symmetric=spec.symmetric, granularity=spec.granularity, group_size=spec.group_size,
+        axis=axis, shape=shape, dtype=jnp.dtype(w.dtype).name, act_bits=act_bits,
+    )
+
+
+def quantize_activations_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dynamic symmetric int8 per token: x (..., K) → (int8 codes, float32 scales (..., 1))."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    scale = jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x (..., K) against int8 codes with int32 accumulation; per group when grouped."""
+    codes = w.codes()  # (K, N) int32 signed (symmetric) or unsigned (asymmetric)
+    scale, zero = w._canonical_scale_zero()  # (G, 1, N)
+    codes = grouped(codes, w.spec)
+    if zero is not None:
+        codes = codes - zero.astype(jnp.int32)  # |u - z| ≤ 2^b - 1 ≤ 127 for b ≤ 7
+    codes = codes.astype(jnp.int8)  # (G, g, N)
+    xq, x_scale = quantize_activations_per_token(x)
+    lead = x.shape[:-1]
+    groups, size, n = codes.shape
+    xq = xq.reshape(-1, groups, size)  # (M, G, g)
+    acc = jax.lax.dot_general(
+        xq, codes, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32
+    )  # (G, M, N)
+    y = jnp.sum(acc.astype(jnp.float32) * scale.astype(jnp.float32), axis=0)  # (M, N)
+    return (y.reshape(*lead, n) * x_scale).astype(x.dtype)
+
+
+def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    if w.axis != 0:
+        raise ValueError("a QuantizedWeight of an embedding table (axis=1) is not a kernel")
+    out_shape = (*x.shape[:-1], *w.shape[1:])
+    if w.act_bits == 8:
+        return _int8_matmul(x, w).reshape(out_shape)
+    w2 = w.materialize().reshape(w.shape2d).astype(x.dtype)
+    return jnp.matmul(x, w2).reshape(out_shape)
+
+
+def _embed(table: QuantizedWeight, ids: jax.Array) -> jax.Array:
+    if table.axis != 1:
+        raise ValueError("embedding lookup needs a table quantized along its rows (axis=1)")
+    flat = ids.reshape(-1)
+
+    def take(rows_or_one: jax.Array) -> jax.Array:  # per-tensor scales (1, 1) are shared
+        if rows_or_one.shape[0] == 1:
+            return rows_or_one
+        return jnp.take(rows_or_one, flat, axis=0)
+
+    rows = table.replace(
+        qvalue=jnp.take(table.qvalue, flat, axis=0),
+        scale=take(table.scale),
+        zero_point=None if table.zero_point is None else take(table.zero_point),
+        shape=(flat.shape[0], table.shape[1]),
+    )
+    return rows.materialize().reshape(*ids.shape, table.shape[1])
+
+
+def _attend(x: jax.Array, table: QuantizedWeight) -> jax.Array:
+    if table.axis != 1:
+        raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
+    return jnp.einsum("...d,vd->...v", x, table.materialize().astype(x.dtype))
+
+
+register_linear(QuantizedWeight, linear_fn=_linear, embed_fn=_embed, attend_fn=_attend,
+                nbytes_fn=lambda w: w.nbytes)
