@@ -1,4 +1,4 @@
-"""Resolve `--model` (registry name, HF directory or .gguf path) to a loaded model."""
+"""Resolve `--model` (registry name, artifact or HF directory, .gguf path) to a loaded model."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class LoadedModel:
     params: dict[str, Any]
     tokenizer: Any  # jaxopt_llm.io.tokenizer.Tokenizer
     source: str
+    recipe: dict[str, Any] | None = None  # set when loaded from an artifact
 
 
 def _smollm2_path() -> Path:
@@ -51,12 +52,21 @@ def resolve_model_path(spec: str) -> Path:
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load config, float32 params and tokenizer from a registry name, .gguf or HF directory."""
+    """Load config, params and tokenizer from a registry name, .gguf, artifact or HF directory.
+
+    A directory with an `artifact.json` is an artifact (params may hold typed weight
+    leaves, and the recipe comes back too); any other directory is read as Hugging Face's.
+    """
+    from jaxopt_llm.io.artifact import ARTIFACT_FILE, load_artifact
     from jaxopt_llm.io.gguf_file import load_gguf
     from jaxopt_llm.io.hf import load_hf_directory
     from jaxopt_llm.io.tokenizer import load_tokenizer_dir, tokenizer_from_gguf
 
     path = resolve_model_path(spec)
+    if path.is_dir() and (path / ARTIFACT_FILE).exists():
+        config, params, tokenizer, recipe, _ = load_artifact(path)
+        return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path),
+                           recipe=recipe)
     if path.is_dir():
         config, params = load_hf_directory(path)
         tokenizer = load_tokenizer_dir(path)

@@ -13,10 +13,10 @@ from jaxopt_llm.weights import (
     attend,
     embed,
     linear,
+    packing,
     param_bytes,
     quantize_weight,
 )
-from jaxopt_llm.weights import packing
 
 
 def numpy_rtn(w, bits, symmetric, granularity, group_size, scale_dtype=np.float32):
