@@ -20,6 +20,14 @@ KVCache = tuple[jax.Array, jax.Array]
 PREFILL_QUERY_BLOCKS = 8  # at most this many query blocks in a causal prefill
 
 
+def _weight(module: nn.Module, name: str, init, shape: tuple[int, ...]):
+    """The stored weight as is (a typed leaf's arrays have other shapes than the dense
+    weight, which `self.param`'s shape check would reject); initialised when absent."""
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init, shape, jnp.float32)
+
+
 class Linear(nn.Module):
     """y = linear(x, kernel) + bias, kernel stored (d_in, d_out) like flax.linen.Dense."""
 
@@ -28,9 +36,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
-        )
+        kernel = _weight(self, "kernel", nn.initializers.normal(0.02),
+                         (x.shape[-1], self.features))
         y = linear(x, kernel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
@@ -44,10 +51,8 @@ class Embed(nn.Module):
     features: int
 
     def setup(self) -> None:
-        self.embedding = self.param(
-            "embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
-            jnp.float32,
-        )
+        self.embedding = _weight(self, "embedding", nn.initializers.normal(0.02),
+                                 (self.num_embeddings, self.features))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return embed(self.embedding, ids)

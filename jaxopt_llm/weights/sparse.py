@@ -2,8 +2,8 @@
 
 MaskedWeight keeps the dense float kernel plus a 1-bit mask (packed 8 per byte); the
 forward multiplies by the mask, so pruned entries stay exactly zero even while the
-weight trains. NMSparseWeight stores only the N kept values of every M consecutive
-inputs plus their positions in ⌈log2 M⌉ bits — the layout of 2:4 sparse tensor cores
+weight trains. NMSparseWeight stores only the values kept in every group of M
+consecutive inputs plus their positions in ⌈log2 M⌉ bits — the layout of 2:4 sparse tensor cores
 ("Accelerating Sparse Deep Neural Networks", Mishra et al., 2021); on CPU it is
 expanded to dense before the matmul.
 """
@@ -52,7 +52,7 @@ def masked_weight(w: jax.Array, keep: jax.Array) -> MaskedWeight:
 class NMSparseWeight:
     values: jax.Array  # (K·n/m, N) kept values, in input order within each group of m
     index: jax.Array  # packed positions (0..m-1) of the kept values, ⌈log2 m⌉ bits each
-    n: int = struct.field(pytree_node=False)
+    kept: int = struct.field(pytree_node=False)  # values kept per group of m
     m: int = struct.field(pytree_node=False)
     shape: tuple[int, int] = struct.field(pytree_node=False)
 
@@ -65,11 +65,11 @@ class NMSparseWeight:
 
     def materialize(self) -> jax.Array:
         k, cols = self.shape
-        values = self.values.reshape(k // self.m, self.n, cols)
-        where = self.positions().reshape(k // self.m, self.n, cols).astype(jnp.int32)
+        values = self.values.reshape(k // self.m, self.kept, cols)
+        where = self.positions().reshape(k // self.m, self.kept, cols).astype(jnp.int32)
         slots = jnp.arange(self.m, dtype=jnp.int32)[None, :, None]  # (1, m, 1)
         dense = jnp.zeros((k // self.m, self.m, cols), self.values.dtype)
-        for j in range(self.n):
+        for j in range(self.kept):
             dense = dense + jnp.where(slots == where[:, j][:, None, :], values[:, j][:, None, :],
                                       jnp.zeros((), self.values.dtype))
         return dense.reshape(k, cols)
@@ -79,17 +79,17 @@ class NMSparseWeight:
         return int(self.values.size * self.values.dtype.itemsize + self.index.size)
 
 
-def nm_sparse_weight(w: jax.Array, keep: jax.Array, n: int, m: int) -> NMSparseWeight:
-    """Compress a kernel (K, N) whose keep-mask has exactly n of every m along K."""
+def nm_sparse_weight(w: jax.Array, keep: jax.Array, kept: int, m: int) -> NMSparseWeight:
+    """Compress a kernel (K, N) whose keep-mask keeps exactly `kept` of every m along K."""
     k, cols = w.shape
     keep_g = keep.reshape(k // m, m, cols)
     # Stable order of kept slots: sort slot ids with dropped ones pushed to the end.
     order = jnp.argsort(jnp.where(keep_g, 0, 1) * m + jnp.arange(m)[None, :, None], axis=1)
-    kept = order[:, :n]  # (K/m, n, N) slot ids, ascending
-    values = jnp.take_along_axis(w.reshape(k // m, m, cols), kept, axis=1)
+    slots = order[:, :kept]  # (K/m, kept, N) slot ids, ascending
+    values = jnp.take_along_axis(w.reshape(k // m, m, cols), slots, axis=1)
     index_bits = max(1, math.ceil(math.log2(m)))
-    index = packing.pack(kept.reshape(-1, cols).astype(jnp.uint8), index_bits, axis=0)
-    return NMSparseWeight(values=values.reshape(-1, cols), index=index, n=n, m=m,
+    index = packing.pack(slots.reshape(-1, cols).astype(jnp.uint8), index_bits, axis=0)
+    return NMSparseWeight(values=values.reshape(-1, cols), index=index, kept=kept, m=m,
                           shape=(int(k), int(cols)))
 
 

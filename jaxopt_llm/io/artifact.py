@@ -1,0 +1,405 @@
+"""Artifacts: a transformed model saved as one directory that reloads exactly.
+
+Layout of an artifact directory::
+
+    artifact.json        format_version, jaxopt_llm version, config, recipe, extra,
+                         `tensors` (name -> dtype, shape) and `leaves` (typed weight leaves)
+    model.safetensors    every array, in its own dtype (packed uint8 stays uint8)
+    tokenizer.json       \
+    tokenizer_meta.json  / written by Tokenizer.save
+
+Tensor names are the "/"-joined parameter path; a typed leaf's children add their
+field name (`layers_0/attn/q_proj/kernel/qvalue`, and for a nested leaf
+`.../kernel/u/qvalue`). `leaves` maps each typed leaf's path to
+`{"class", "static", "children"}` where a child is `{"tensor": name}`, `null`, or a
+nested leaf description; plain parameters are the tensors no leaf refers to.
+Dtypes safetensors cannot name (uint32, float8, ...) are stored as their raw bytes,
+uint8 with a trailing itemsize axis, and marked `"stored_as": "bytes"`.
+
+Writing is atomic: everything goes to a hidden sibling directory that is fsynced
+and then renamed into place, so a crash leaves either the old artifact or the new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_llm.io.params import unflatten
+from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
+from jaxopt_llm.models import ModelConfig
+from jaxopt_llm.weights import is_weight_leaf, registered_leaf_types
+
+FORMAT_VERSION = 1
+ARTIFACT_FILE = "artifact.json"
+WEIGHTS_FILE = "model.safetensors"
+# Dtypes model.safetensors stores natively (safetensors_file's table); others go as bytes.
+_NATIVE = frozenset(
+    {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+     "bool"}
+)
+
+
+def is_artifact_dir(path: str | Path) -> bool:
+    """True when `path` is a directory holding an `artifact.json`."""
+    path = Path(path)
+    return path.is_dir() and (path / ARTIFACT_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("jaxopt-llm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _static_value(value: Any, where: str) -> Any:
+    """A static field as JSON (tuples become lists; load turns lists back into tuples)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return [_static_value(v, where) for v in value]
+    raise ValueError(
+        f"{where}: static value {value!r} of type {type(value).__name__} cannot be saved; "
+        "static fields must be int, float, str, bool, None or tuples of those"
+    )
+
+
+def _describe(node: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Record `node`'s arrays in `arrays` and return its JSON description."""
+    if node is None:
+        return None
+    if is_weight_leaf(node):
+        name = type(node).__name__
+        if registered_leaf_types().get(name) is not type(node):
+            raise ValueError(
+                f"{path}: weight class {type(node).__qualname__} shares the name {name!r} with "
+                "another registered class; artifacts identify classes by name, so rename one"
+            )
+        if not dataclasses.is_dataclass(node):
+            raise ValueError(f"{path}: weight class {name} is not a (flax.struct) dataclass")
+        static: dict[str, Any] = {}
+        children: dict[str, Any] = {}
+        for field in dataclasses.fields(node):
+            if not field.init:
+                continue
+            value = getattr(node, field.name)
+            where = f"{path}/{field.name}"
+            if field.metadata.get("pytree_node", True):
+                children[field.name] = _describe(value, where, arrays)
+            else:
+                static[field.name] = _static_value(value, f"{where} ({name})")
+        return {"class": name, "static": static, "children": children}
+    if isinstance(node, (jax.Array, np.ndarray, np.generic)):
+        arrays[path] = np.asarray(node)
+        return {"tensor": path}
+    raise ValueError(
+        f"{path}: cannot save a {type(node).__name__}; parameters must be arrays or "
+        "registered weight leaves (jaxopt_llm.weights.register_linear)"
+    )
+
+
+def _walk_params(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a/b/c": leaf}; typed weight leaves are not descended into."""
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"params must be a nested dict, got {type(tree).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if not isinstance(key, str) or "/" in key or not key:
+            raise ValueError(f"parameter key {key!r} under {prefix or 'the root'!r} must be a "
+                             "non-empty string without '/'")
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, Mapping):
+            out.update(_walk_params(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _encode(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    info: dict[str, Any] = {"dtype": array.dtype.name, "shape": list(array.shape)}
+    if array.dtype.name in _NATIVE:
+        return array, info
+    info["stored_as"] = "bytes"
+    raw = np.ascontiguousarray(array).reshape(array.shape + (1,))
+    return raw.view(np.uint8).reshape(array.shape + (array.dtype.itemsize,)), info
+
+
+def _json_data(value: Any, what: str) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON data (dicts, lists, str, numbers): {err}") from None
+    return value
+
+
+def _fsync_tree(directory: Path) -> None:
+    for file in directory.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_target(out_dir: Path) -> bool:
+    """Whether out_dir holds a previous artifact to replace; refuses anything else non-empty."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return False
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory; choose a directory path "
+                         "for the artifact")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return False
+    previous = None
+    if (out_dir / ARTIFACT_FILE).is_file():
+        try:
+            previous = json.loads((out_dir / ARTIFACT_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            previous = None
+    if not isinstance(previous, dict) or "format_version" not in previous:
+        raise ValueError(
+            f"{out_dir} is a non-empty directory that is not a jaxopt-llm artifact "
+            f"(contains {entries[:5]}); refusing to overwrite it. Choose a new or empty "
+            "directory"
+        )
+    ours = {ARTIFACT_FILE, WEIGHTS_FILE, *previous.get("files", ())}
+    foreign = [name for name in entries if name not in ours]
+    if foreign:
+        raise ValueError(
+            f"{out_dir} holds a previous artifact plus files it did not write ({foreign[:5]}); "
+            "refusing to delete them. Move them away or choose another directory"
+        )
+    return True
+
+
+def save_artifact(
+    out_dir: str | Path,
+    *,
+    config: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    recipe: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write config, params (typed leaves included), tokenizer and recipe to `out_dir`.
+
+    Atomic: a previous artifact at `out_dir` is replaced only once the new one is
+    complete; a non-empty directory that is not an artifact is never touched. `tokenizer`
+    may be None (then none is saved). Returns `out_dir` as a Path.
+    """
+    out_dir = Path(out_dir)
+    replace = _check_target(out_dir)
+    arrays: dict[str, np.ndarray] = {}
+    leaves: dict[str, Any] = {}
+    for path, leaf in _walk_params(params).items():
+        description = _describe(leaf, path, arrays)
+        if description is None:
+            raise ValueError(f"{path}: a parameter is None; drop it from the tree instead")
+        if "class" in description:
+            leaves[path] = description
+    stored, tensors = {}, {}
+    for name, array in arrays.items():
+        stored[name], tensors[name] = _encode(array)
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "jaxopt_llm_version": _version(),
+        "config": config.to_dict(),
+        "recipe": _json_data(recipe, "recipe"),
+        "extra": _json_data(extra, "extra"),
+        "tensors": tensors,
+        "leaves": leaves,
+    }
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{token}"
+    old = out_dir.parent / f".{out_dir.name}.old-{token}"
+    try:
+        tmp.mkdir()
+        write_safetensors(tmp / WEIGHTS_FILE, stored,
+                          metadata={"format": "jaxopt-llm", "format_version": str(FORMAT_VERSION)})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        meta["files"] = sorted(p.name for p in tmp.iterdir()) + [ARTIFACT_FILE]
+        (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        if replace:
+            os.rename(out_dir, old)
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
+        else:
+            os.replace(tmp, out_dir)  # also replaces an empty directory
+        _fsync_dir(out_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _thaw_static(value: Any) -> Any:
+    return tuple(_thaw_static(v) for v in value) if isinstance(value, list) else value
+
+
+def _rebuild(desc: Any, where: str, arrays: dict[str, jax.Array], used: set[str],
+             source: Path) -> Any:
+    if desc is None:
+        return None
+    if not isinstance(desc, dict):
+        raise ValueError(f"{source}: leaf {where!r} has a malformed description {desc!r}")
+    if "tensor" in desc:
+        name = desc["tensor"]
+        if name not in arrays:
+            raise ValueError(f"{source}: leaf {where!r} refers to tensor {name!r}, which is not "
+                             "described under 'tensors'")
+        used.add(name)
+        return arrays[name]
+    known = registered_leaf_types()
+    name = desc.get("class")
+    if name not in known:
+        raise ValueError(
+            f"{source}: leaf {where!r} has unknown weight class {name!r}; known classes: "
+            f"{sorted(known)} (import the module that registers it before loading)"
+        )
+    klass = known[name]
+    static = desc.get("static", {})
+    children = desc.get("children", {})
+    fields = {f.name: f for f in dataclasses.fields(klass) if f.init}
+    stored = {**{k: "static" for k in static}, **{k: "child" for k in children}}
+    for field_name, kind in stored.items():
+        field = fields.get(field_name)
+        if field is None:
+            raise ValueError(f"{source}: leaf {where!r}: class {name} has no field "
+                             f"{field_name!r} (fields: {sorted(fields)})")
+        if field.metadata.get("pytree_node", True) != (kind == "child"):
+            raise ValueError(f"{source}: leaf {where!r}: field {field_name!r} of {name} is "
+                             f"stored as {kind} but the class declares it otherwise")
+    required = [f for f, v in fields.items()
+                if v.default is dataclasses.MISSING and v.default_factory is dataclasses.MISSING]
+    missing = [f for f in required if f not in stored]
+    if missing:
+        raise ValueError(f"{source}: leaf {where!r} ({name}) lacks fields {missing}")
+    kwargs = {k: _thaw_static(v) for k, v in static.items()}
+    for field_name, child in children.items():
+        kwargs[field_name] = _rebuild(child, f"{where}/{field_name}", arrays, used, source)
+    return klass(**kwargs)
+
+
+def _read_tensors(directory: Path, described: dict[str, Any], source: Path) -> dict[str, Any]:
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{weights}: missing; an artifact stores its arrays there")
+    raw = read_safetensors(weights)
+    missing = sorted(set(described) - set(raw))
+    if missing:
+        raise ValueError(f"{weights}: {len(missing)} tensors described in {source.name} are "
+                         f"missing, e.g. {missing[:5]}")
+    unexpected = sorted(set(raw) - set(described))
+    if unexpected:
+        raise ValueError(f"{weights}: {len(unexpected)} tensors are not described in "
+                         f"{source.name}, e.g. {unexpected[:5]}")
+    arrays = {}
+    for name, info in described.items():
+        try:
+            dtype = jnp.dtype(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError):
+            raise ValueError(f"{source}: tensor {name!r} has a malformed entry {info!r}; "
+                             "expected dtype and shape") from None
+        array = raw[name]
+        as_bytes = info.get("stored_as") == "bytes"
+        want_dtype = np.dtype(np.uint8) if as_bytes else dtype
+        want_shape = shape + (dtype.itemsize,) if as_bytes else shape
+        if want_shape == () and array.shape == (1,):
+            array = array.reshape(())  # write_safetensors' ascontiguousarray stores 0-d as (1,)
+        if array.dtype != want_dtype or array.shape != want_shape:
+            raise ValueError(
+                f"{weights}: tensor {name!r} is {array.dtype}{list(array.shape)} but "
+                f"{source.name} expects {want_dtype}{list(want_shape)}"
+            )
+        if as_bytes:
+            array = np.ascontiguousarray(array).view(dtype).reshape(shape)
+        arrays[name] = jnp.asarray(array)
+    return arrays
+
+
+def load_artifact(
+    directory: str | Path,
+) -> tuple[ModelConfig, dict[str, Any], Any, dict[str, Any] | None, dict[str, Any]]:
+    """Read an artifact: (config, params, tokenizer, recipe, meta).
+
+    Typed leaves are rebuilt through `registered_leaf_types()`; arrays come back as
+    jax arrays in their stored dtype. `tokenizer` is None if none was saved. `meta`
+    holds format_version, jaxopt_llm_version, extra and path.
+    """
+    from jaxopt_llm.io.tokenizer import TOKENIZER_FILE, load_tokenizer_dir
+
+    directory = Path(directory)
+    source = directory / ARTIFACT_FILE
+    if not source.is_file():
+        raise ValueError(f"{source}: missing; expected a directory written by save_artifact")
+    try:
+        meta = json.loads(source.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    version = meta.get("format_version")
+    if version is None:
+        raise ValueError(f"{source}: no format_version; expected an integer (this jaxopt-llm "
+                         f"writes {FORMAT_VERSION})")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{source}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{source}: format_version {version} was written by a newer jaxopt-llm "
+            f"({meta.get('jaxopt_llm_version')}); this one reads up to {FORMAT_VERSION}; upgrade"
+        )
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}: bad or missing model config ({err})") from None
+    described = meta.get("tensors")
+    leaves = meta.get("leaves")
+    if not isinstance(described, dict) or not isinstance(leaves, dict):
+        raise ValueError(f"{source}: expected 'tensors' and 'leaves' objects")
+    arrays = _read_tensors(directory, described, source)
+    used: set[str] = set()
+    flat = {path: _rebuild(desc, path, arrays, used, source) for path, desc in leaves.items()}
+    for name, array in arrays.items():
+        if name not in used:
+            flat[name] = array
+    tokenizer = load_tokenizer_dir(directory) if (directory / TOKENIZER_FILE).is_file() else None
+    info = {"format_version": version, "jaxopt_llm_version": meta.get("jaxopt_llm_version"),
+            "extra": meta.get("extra"), "path": str(directory)}
+    return config, unflatten(flat), tokenizer, meta.get("recipe"), info

@@ -1,0 +1,427 @@
+"""Artifacts: save -> load is exact (tree, dtypes, static fields, logits), writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import struct as pystruct
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import tokenizers
+from flax import struct
+
+from jaxopt_llm.io import artifact
+from jaxopt_llm.io.artifact import FORMAT_VERSION, is_artifact_dir, load_artifact, save_artifact
+from jaxopt_llm.io.loader import load_model
+from jaxopt_llm.io.params import flatten, unflatten
+from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
+from jaxopt_llm.io.tokenizer import Tokenizer
+from jaxopt_llm.models import ModelConfig, build_model
+from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.weights import linear, param_bytes, register_linear
+
+RECIPE = {"rules": [{"pattern": ".*q_proj/kernel", "pass": "quantize", "bits": 8}], "seed": 0}
+
+
+# ----------------------------------------------------------------- test-local weight leaves
+
+
+@struct.dataclass
+class ArtifactTestInt8Weight:
+    """int8 codes (K, N) times float16 scales (1, N), plus an optional float32 offset."""
+
+    q: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None
+    bits: int = struct.field(pytree_node=False)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    tag: str = struct.field(pytree_node=False, default="test")
+
+    def materialize(self) -> jax.Array:
+        w = self.q.astype(jnp.float32) * self.scale.astype(jnp.float32)
+        return w if self.offset is None else w + self.offset
+
+
+@struct.dataclass
+class ArtifactTestFactored:
+    """u (K, r) -- itself a typed leaf -- times a bfloat16 v (r, N)."""
+
+    u: Any
+    v: jax.Array
+    rank: int = struct.field(pytree_node=False)
+    notes: tuple[Any, ...] = struct.field(pytree_node=False, default=((1, "a"), 2.5, None, True))
+
+
+def _children_bytes(w: Any) -> int:
+    return sum(param_bytes(c) for c in jax.tree_util.tree_leaves(w))
+
+
+register_linear(ArtifactTestInt8Weight,
+                linear_fn=lambda x, w: jnp.matmul(x, w.materialize().astype(x.dtype)),
+                nbytes_fn=_children_bytes)
+register_linear(ArtifactTestFactored, linear_fn=lambda x, w: linear(linear(x, w.u), w.v),
+                nbytes_fn=_children_bytes)
+
+
+def _int8(w: jax.Array, with_offset: bool) -> ArtifactTestInt8Weight:
+    scale = (jnp.max(jnp.abs(w), axis=0, keepdims=True) / 127).astype(jnp.float16)
+    q = jnp.round(w / scale.astype(jnp.float32)).astype(jnp.int8)
+    offset = jnp.full(scale.shape, 0.01, jnp.float32) if with_offset else None
+    return ArtifactTestInt8Weight(q=q, scale=scale, offset=offset, bits=8,
+                                  shape=tuple(w.shape), tag=f"rank{w.ndim}")
+
+
+# ----------------------------------------------------------------- fixtures
+
+
+CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=32,
+                     intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     max_position_embeddings=64, bos_token_id=1, eos_token_ids=(2,))
+
+
+def _mask(length: int) -> jax.Array:
+    return attention_mask(jnp.ones((1, length), bool), 0, length)
+
+
+@pytest.fixture(scope="module")
+def dense_params() -> dict[str, Any]:
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    return build_model(CONFIG).init(jax.random.PRNGKey(0), tokens, tokens, _mask(4))["params"]
+
+
+@pytest.fixture(scope="module")
+def typed_params(dense_params) -> dict[str, Any]:
+    flat = dict(flatten(dense_params))
+    flat["layers_0/attn/q_proj/kernel"] = _int8(flat["layers_0/attn/q_proj/kernel"], False)
+    flat["layers_0/mlp/up_proj/kernel"] = _int8(flat["layers_0/mlp/up_proj/kernel"], True)
+    # Full rank 32: flax's Linear checks the first leaf of a param against (d_in, d_out).
+    down = flat["layers_1/mlp/down_proj/kernel"]  # (48, 32)
+    u, s, vt = np.linalg.svd(np.asarray(down), full_matrices=False)
+    flat["layers_1/mlp/down_proj/kernel"] = ArtifactTestFactored(
+        u=_int8(jnp.asarray(u * s), False), v=jnp.asarray(vt).astype(jnp.bfloat16), rank=32)
+    return unflatten(flat)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    words = ["<unk>", "<s>", "</s>", "hello", "world", "jax", "weights", "."]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return Tokenizer(backend=backend, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+def _save(directory: Path, params: Any, tokenizer: Tokenizer, **kwargs) -> Path:
+    return save_artifact(directory, config=CONFIG, params=params, tokenizer=tokenizer,
+                         recipe=kwargs.pop("recipe", RECIPE), **kwargs)
+
+
+def _logits(params: Any, tokens: jax.Array) -> np.ndarray:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    apply = jax.jit(build_model(CONFIG).apply)
+    return np.asarray(apply({"params": params}, tokens, positions, _mask(tokens.shape[1]))[0])
+
+
+def _assert_same_tree(a: Any, b: Any) -> None:
+    # The treedef carries static fields, so this also compares bits, shape, tag, notes.
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert isinstance(y, jax.Array)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# ----------------------------------------------------------------- round trip
+
+
+def test_round_trip_is_exact(typed_params, tokenizer, tmp_path):
+    out = _save(tmp_path / "art", typed_params, tokenizer, extra={"note": "tiny"})
+    assert is_artifact_dir(out) and not is_artifact_dir(tmp_path)
+    config, params, tok, recipe, meta = load_artifact(out)
+    assert config == CONFIG and recipe == RECIPE
+    assert meta["format_version"] == FORMAT_VERSION and meta["extra"] == {"note": "tiny"}
+    _assert_same_tree(typed_params, params)
+    q = params["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert isinstance(q, ArtifactTestInt8Weight) and q.offset is None
+    assert q.q.dtype == jnp.int8 and q.scale.dtype == jnp.float16
+    assert type(q.shape) is tuple and q.shape == (32, 32) and q.tag == "rank2"
+    down = params["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(down.u, ArtifactTestInt8Weight) and down.v.dtype == jnp.bfloat16
+    assert down.notes == ((1, "a"), 2.5, None, True) and type(down.notes[0]) is tuple
+    text = "hello jax weights ."
+    assert tok.encode(text) == tokenizer.encode(text)
+    assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == (1, (2,), 0)
+    assert _leftovers(tmp_path) == []
+
+
+def test_loaded_logits_are_bit_identical(typed_params, dense_params, tokenizer, tmp_path):
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 12)), jnp.int32)
+    _, params, *_ = load_artifact(_save(tmp_path / "art", typed_params, tokenizer))
+    expected = _logits(typed_params, tokens)
+    assert not np.array_equal(expected, _logits(dense_params, tokens))  # the leaves are used
+    np.testing.assert_array_equal(_logits(params, tokens), expected)
+
+
+def test_load_model_recognises_artifact(typed_params, tokenizer, tmp_path):
+    out = _save(tmp_path / "art", typed_params, tokenizer)
+    loaded = load_model(str(out))
+    assert loaded.config == CONFIG and loaded.recipe == RECIPE and loaded.source == str(out)
+    _assert_same_tree(typed_params, loaded.params)
+    assert loaded.tokenizer.encode("hello world") == [3, 4]
+
+
+def test_every_dtype_round_trips(tokenizer, tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f32": rng.normal(size=(3, 4)).astype(np.float32),
+        "f16": rng.normal(size=(5,)).astype(np.float16),
+        "bf16": rng.normal(size=(2, 3)).astype(ml_dtypes.bfloat16),
+        "i8": rng.integers(-128, 128, (4, 4)).astype(np.int8),
+        "u8": rng.integers(0, 256, (7,)).astype(np.uint8),
+        "i32": rng.integers(-1000, 1000, (2, 2)).astype(np.int32),
+        "bool": rng.integers(0, 2, (3, 3)).astype(bool),
+        "u32": rng.integers(0, 2**32, (2, 3), dtype=np.uint64).astype(np.uint32),  # as bytes
+        "f8": rng.normal(size=(4,)).astype(ml_dtypes.float8_e4m3fn),  # as bytes
+        "scalar": np.float32(3.5),
+        "empty": np.zeros((0, 3), np.float16),
+    }
+    params = {"group": {k: jnp.asarray(v) for k, v in arrays.items()}}
+    _, loaded, *_ = load_artifact(_save(tmp_path / "art", params, tokenizer))
+    _assert_same_tree(params, loaded)
+    assert loaded["group"]["u32"].dtype == jnp.uint32
+
+
+def test_file_size_matches_param_bytes(typed_params, dense_params, tokenizer, tmp_path):
+    out = _save(tmp_path / "art", typed_params, tokenizer)
+    data = (out / "model.safetensors").read_bytes()
+    (header_len,) = pystruct.unpack("<Q", data[:8])
+    assert len(data) - 8 - header_len == param_bytes(typed_params)
+    assert param_bytes(typed_params) < param_bytes(dense_params)
+    stored = read_safetensors(out / "model.safetensors")
+    assert stored["layers_0/attn/q_proj/kernel/q"].dtype == np.int8
+    assert stored["layers_1/mlp/down_proj/kernel/u/scale"].dtype == np.float16
+
+
+# ----------------------------------------------------------------- atomic writes
+
+
+def test_failed_write_leaves_nothing(typed_params, tokenizer, tmp_path, monkeypatch):
+    def half_write(path, tensors, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "write_safetensors", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        _save(tmp_path / "art", typed_params, tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_failed_overwrite_keeps_previous(typed_params, dense_params, tokenizer, tmp_path,
+                                         monkeypatch):
+    out = _save(tmp_path / "art", dense_params, tokenizer)
+    before = _snapshot(out)
+
+    def failing_save(self, directory):
+        Path(directory, "tokenizer.json").write_text("{")
+        raise RuntimeError("tokenizer exploded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tokenizer, "save", failing_save)
+        with pytest.raises(RuntimeError, match="tokenizer exploded"):
+            _save(out, typed_params, tokenizer)
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+    real_rename = artifact.os.rename
+
+    def rename(src, dst):  # moving the old artifact aside works, moving the new one in fails
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(artifact.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        _save(out, typed_params, tokenizer)
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+
+def test_overwrite_previous_artifact(typed_params, dense_params, tokenizer, tmp_path):
+    out = _save(tmp_path / "art", dense_params, tokenizer, recipe=None)
+    _save(out, typed_params, tokenizer)
+    _, params, _, recipe, _ = load_artifact(out)
+    _assert_same_tree(typed_params, params)
+    assert recipe == RECIPE and _leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_empty_directory_is_used(dense_params, tokenizer, tmp_path):
+    (tmp_path / "art").mkdir()
+    _save(tmp_path / "art", dense_params, tokenizer)
+    assert is_artifact_dir(tmp_path / "art")
+
+
+def test_refuses_user_directory(dense_params, tokenizer, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a jaxopt-llm artifact.*refusing to overwrite"):
+        _save(user, dense_params, tokenizer)
+    assert (user / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+
+
+def test_refuses_artifact_with_foreign_files(dense_params, tokenizer, tmp_path):
+    out = _save(tmp_path / "art", dense_params, tokenizer)
+    (out / "results.csv").write_text("1,2")
+    with pytest.raises(ValueError, match=r"files it did not write \(\['results.csv'\]\)"):
+        _save(out, dense_params, tokenizer)
+    assert (out / "results.csv").read_text() == "1,2"
+
+
+def test_refuses_file_target(dense_params, tokenizer, tmp_path):
+    target = tmp_path / "art"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        _save(target, dense_params, tokenizer)
+    assert target.read_text() == "x"
+
+
+def test_unsaveable_values(dense_params, tokenizer, tmp_path):
+    bad = ArtifactTestInt8Weight(q=jnp.zeros((2, 2), jnp.int8), scale=jnp.ones((1, 2), jnp.float16),
+                                 offset=None, bits=8, shape=[2, 2])  # a list, not a tuple
+    with pytest.raises(ValueError, match="shape.*static value \\[2, 2\\].*tuples"):
+        _save(tmp_path / "a", {"w": bad}, tokenizer)
+    with pytest.raises(ValueError, match="w: cannot save a list"):
+        _save(tmp_path / "b", {"w": [1, 2]}, tokenizer)
+    with pytest.raises(ValueError, match="recipe must be JSON data"):
+        _save(tmp_path / "c", dense_params, tokenizer, recipe={"x": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------- load errors
+
+
+def _edit_json(directory: Path, edit) -> None:
+    path = directory / "artifact.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("format_version"), "artifact.json: no format_version"),
+        (lambda m: m.update(format_version=FORMAT_VERSION + 1),
+         "written by a newer jaxopt-llm.*upgrade"),
+        (lambda m: m.update(format_version="1"), "format_version must be a positive integer"),
+        (lambda m: m.update(format_version=1.5), "format_version must be a positive integer"),
+        (lambda m: m["leaves"]["layers_0/attn/q_proj/kernel"].update({"class": "Nope"}),
+         r"unknown weight class 'Nope'; known classes: \[.*'ArtifactTestInt8Weight'"),
+        (lambda m: m["tensors"]["norm/scale"].update(shape=[31]),
+         r"tensor 'norm/scale' is float32\[32\] but artifact.json expects float32\[31\]"),
+        (lambda m: m["tensors"]["norm/scale"].update(dtype="float16"),
+         "tensor 'norm/scale' is float32.*expects float16"),
+        (lambda m: m["leaves"]["layers_0/attn/q_proj/kernel"]["static"].pop("bits"),
+         r"lacks fields \['bits'\]"),
+        (lambda m: m["config"].update(hidden_sizes=3), "bad or missing model config"),
+    ],
+)
+def test_bad_artifact_json(edit, message, typed_params, tokenizer, tmp_path):
+    out = _save(tmp_path / "art", typed_params, tokenizer)
+    _edit_json(out, edit)
+    with pytest.raises(ValueError, match=message):
+        load_artifact(out)
+
+
+def test_missing_files_and_tensors(dense_params, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="artifact.json: missing"):
+        load_artifact(tmp_path)
+    out = _save(tmp_path / "art", dense_params, tokenizer)
+    weights = out / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in read_safetensors(weights).items()}
+    del tensors["norm/scale"]
+    write_safetensors(weights, tensors)
+    with pytest.raises(ValueError, match=r"tensors described in artifact.json are missing, "
+                                         r"e.g. \['norm/scale'\]"):
+        load_artifact(out)
+    weights.unlink()
+    with pytest.raises(ValueError, match="model.safetensors: missing"):
+        load_artifact(out)
+
+
+# ----------------------------------------------------------------- the library's own leaves
+
+
+def _real_classes():
+    weights = pytest.importorskip("jaxopt_llm.weights")
+    if not hasattr(weights, "QuantizedWeight") or not hasattr(weights, "LowRankWeight"):
+        pytest.skip("QuantizedWeight / LowRankWeight not available yet")
+    from jaxopt_llm.weights import LowRankWeight, QuantSpec, quantize_weight
+
+    return LowRankWeight, QuantSpec, quantize_weight
+
+
+def test_real_weight_classes_logits(dense_params, tokenizer, tmp_path):
+    LowRankWeight, QuantSpec, quantize_weight = _real_classes()
+    q8 = QuantSpec(bits=8, symmetric=True, granularity="channel")
+    q8g = QuantSpec(bits=8, symmetric=True, granularity="group", group_size=16)
+    flat = dict(flatten(dense_params))
+    # int8 codes keep the kernel's shape; packed codes would trip flax's param shape check.
+    flat["layers_0/attn/q_proj/kernel"] = quantize_weight(flat["layers_0/attn/q_proj/kernel"], q8g)
+    flat["layers_0/attn/k_proj/kernel"] = quantize_weight(
+        flat["layers_0/attn/k_proj/kernel"], q8, act_bits=8)
+    flat["embed_tokens/embedding"] = quantize_weight(flat["embed_tokens/embedding"], q8, axis=1)
+    u, s, vt = np.linalg.svd(np.asarray(flat["layers_1/mlp/down_proj/kernel"]),
+                             full_matrices=False)
+    flat["layers_1/mlp/down_proj/kernel"] = LowRankWeight(
+        u=quantize_weight(jnp.asarray(u * s), q8), v=quantize_weight(jnp.asarray(vt), q8))
+    params = unflatten(flat)
+
+    out = _save(tmp_path / "art", params, tokenizer)
+    _, loaded, *_ = load_artifact(out)
+    _assert_same_tree(params, loaded)
+    assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].zero_point is None
+    assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].act_bits == 8
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (1, 10)), jnp.int32)
+    expected = _logits(params, tokens)
+    assert not np.array_equal(expected, _logits(dense_params, tokens))
+    np.testing.assert_array_equal(_logits(loaded, tokens), expected)
+
+
+def test_real_packed_weights_round_trip(tokenizer, tmp_path):
+    LowRankWeight, QuantSpec, quantize_weight = _real_classes()
+    rng = np.random.default_rng(2)
+    q4 = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16)
+    q3 = QuantSpec(bits=3, symmetric=True, granularity="channel")
+    w = jnp.asarray(rng.normal(size=(64, 24)).astype(np.float32))
+    params = {
+        "packed": quantize_weight(w, q4),
+        "lowrank": LowRankWeight(u=quantize_weight(w[:, :16], q3),
+                                 v=quantize_weight(w[:16], q4)),
+        "bf16": w.astype(jnp.bfloat16),
+    }
+    out = _save(tmp_path / "art", params, tokenizer)
+    _, loaded, *_ = load_artifact(out)
+    _assert_same_tree(params, loaded)
+    packed = loaded["packed"]
+    assert packed.qvalue.dtype == jnp.uint8 and packed.qvalue.shape == (32, 24)
+    assert packed.zero_point is not None and type(packed.shape) is tuple
+    np.testing.assert_array_equal(packed.materialize(), params["packed"].materialize())
+    np.testing.assert_array_equal(loaded["lowrank"].materialize(),
+                                  params["lowrank"].materialize())
+    data = (out / "model.safetensors").read_bytes()
+    (header_len,) = pystruct.unpack("<Q", data[:8])
+    assert len(data) - 8 - header_len == param_bytes(params)
