@@ -1,4 +1,4 @@
-"""The `jaxopt-llm` command: demo, eval, generate.
+"""The `jaxopt-llm` command: demo, eval, generate, optimize, plan, recipes.
 
 Progress goes to stderr (rich); `--json` prints exactly one JSON object on
 stdout. Bad input exits with status 2 and one line naming what was wrong.
@@ -60,6 +60,49 @@ def _load(model: str, quiet: bool = False):
         return load_model(model)
 
 
+def _recipe(spec: str | None):
+    """Resolve --recipe before loading anything, so a bad name or file fails fast."""
+    if spec is None:
+        return None
+    from jaxopt_llm.recipes import load_recipe
+
+    return load_recipe(spec)
+
+
+def _dense_bytes(params: Any) -> int:
+    """Bytes of the same weights stored densely in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxopt_llm.weights import materialize, param_bytes
+
+    shapes = jax.eval_shape(materialize, params)
+    return param_bytes(jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), shapes))
+
+
+def _apply_recipe(loaded, recipe, quiet: bool):
+    """The loaded model with `recipe` applied; remembers the dense size and the recipes."""
+    import dataclasses
+
+    from jaxopt_llm.pipeline import Recipe
+
+    dense = (loaded.extra or {}).get("dense_param_bytes") or _dense_bytes(loaded.params)
+    if recipe is None:
+        return dataclasses.replace(loaded, extra={**(loaded.extra or {}),
+                                                  "dense_param_bytes": dense})
+    with _spinner(f"applying recipe {recipe.name}", quiet):
+        config, params = recipe(loaded.config, loaded.params)
+    applied = recipe
+    if loaded.recipe:  # an artifact: the new recipe continues the one it was made with
+        before = Recipe.from_dict(loaded.recipe)
+        applied = Recipe(name=f"{before.name}+{recipe.name}",
+                         description=f"{before.description}; then {recipe.description}",
+                         stages=before.stages + recipe.stages)
+    return dataclasses.replace(loaded, config=config, params=params, recipe=applied.to_dict(),
+                               extra={**(loaded.extra or {}), "dense_param_bytes": dense})
+
+
 def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> dict[str, Any]:
     from jaxopt_llm.data import text_sha256
     from jaxopt_llm.evaluate import check_eval_args, perplexity
@@ -86,6 +129,8 @@ def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> d
         "model": loaded.source,
         **result.to_dict(),
         "param_bytes": param_bytes(loaded.params),
+        "dense_param_bytes": (loaded.extra or {}).get("dense_param_bytes"),
+        "recipe": (loaded.recipe or {}).get("name", "fp32"),
         "text_sha256": text_sha256(text),
         "text_tokens": len(ids),
         "seconds": seconds,
@@ -105,6 +150,7 @@ def _run_generate(loaded, prompt: str, max_new_tokens: int, sampling, seed: int,
     new_ids = result.new_ids[0]
     return {
         "model": loaded.source,
+        "recipe": (loaded.recipe or {}).get("name", "fp32"),
         "prompt": prompt,
         "prompt_ids": ids,
         "new_ids": new_ids,
@@ -121,12 +167,15 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.data import pydoc_text, read_text_file
 
     text = pydoc_text() if args.text is None else read_text_file(args.text)
-    loaded = _load(args.model, args.json)
+    recipe = _recipe(args.recipe)
+    loaded = _apply_recipe(_load(args.model, args.json), recipe, args.json)
     out = _run_eval(loaded, text, args.tokens, args.window, args.json)
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
                      f"scored tokens ({out['windows']} windows of {out['window']}), "
-                     f"{out['eval_tok_s']:.0f} tok/s, params {out['param_bytes'] / 2**20:.1f} MiB")
+                     f"{out['eval_tok_s']:.0f} tok/s, recipe {out['recipe']}, params "
+                     f"{out['param_bytes'] / 2**20:.1f} MiB "
+                     f"(float32: {out['dense_param_bytes'] / 2**20:.1f} MiB)")
     return out
 
 
@@ -136,7 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    loaded = _load(args.model, args.json)  # after the cheap checks: bad input fails fast
+    recipe = _recipe(args.recipe)
+    # after the cheap checks: bad input fails fast
+    loaded = _apply_recipe(_load(args.model, args.json), recipe, args.json)
     out = _run_generate(loaded, args.prompt, args.max_new_tokens, sampling, args.seed,
                         args.json)
     if not args.json:
@@ -145,6 +196,68 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
                      f"decode {out['decode_tok_s']:.1f} tok/s, "
                      f"compile {out['compile_seconds']:.1f} s")
     return out
+
+
+def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from jaxopt_llm.io.artifact import WEIGHTS_FILE, save_artifact
+    from jaxopt_llm.weights import param_bytes
+
+    recipe = _recipe(args.recipe)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a directory")
+    loaded = _load(args.model, args.json)
+    start = time.perf_counter()
+    optimized = _apply_recipe(loaded, recipe, args.json)
+    seconds = time.perf_counter() - start
+    extra = {**(optimized.extra or {}),
+             "source": (loaded.extra or {}).get("source", loaded.source)}
+    with _spinner(f"writing {out_dir}", args.json):
+        path = save_artifact(out_dir, config=optimized.config, params=optimized.params,
+                             tokenizer=optimized.tokenizer, recipe=optimized.recipe, extra=extra)
+    out = {
+        "model": loaded.source,
+        "recipe": optimized.recipe["name"],
+        "out": str(path),
+        "param_bytes": param_bytes(optimized.params),
+        "dense_param_bytes": extra["dense_param_bytes"],
+        "weights_file_bytes": (path / WEIGHTS_FILE).stat().st_size,
+        "transform_seconds": seconds,
+    }
+    if not args.json:
+        stderr.print(f"wrote {path}: recipe {out['recipe']}, params "
+                     f"{out['param_bytes'] / 2**20:.1f} MiB (float32 "
+                     f"{out['dense_param_bytes'] / 2**20:.1f} MiB), transform {seconds:.1f} s")
+    return out
+
+
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxopt_llm.plan import plan
+
+    recipe = _recipe(args.recipe)
+    loaded = _load(args.model, args.json)
+    result = plan(recipe, loaded.config, loaded.params)
+    if not args.json:
+        print(result)
+    return {
+        "recipe": result.recipe,
+        "bytes_before": result.bytes_before,
+        "bytes_after": result.bytes_after,
+        "parameters": [dict(path=r.path, stage=r.stage, op=r.op, shape=list(r.shape),
+                            bytes_before=r.bytes_before, bytes_after=r.bytes_after,
+                            representation=r.representation) for r in result.rows],
+    }
+
+
+def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxopt_llm.recipes import BUILTIN_RECIPES
+
+    if not args.json:
+        for name, recipe in BUILTIN_RECIPES.items():
+            print(f"{name:<14} {recipe.description}")
+    return {"recipes": {name: r.to_dict() for name, r in BUILTIN_RECIPES.items()}}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
         p.add_argument("--model", required=default is None, default=default,
-                       help="registry name (smollm2-135m), HF checkpoint directory or .gguf file")
+                       help="registry name (smollm2-135m), .gguf file, HF checkpoint or "
+                            "artifact directory")
+
+    def add_recipe(p: argparse.ArgumentParser, required: bool = False) -> None:
+        p.add_argument("--recipe", required=required,
+                       help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
+                            "recipe file")
 
     demo = sub.add_parser("demo", help="evaluate and generate with the embedded SmolLM2")
     add_model(demo, "smollm2-135m")
@@ -188,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity (REFERENCES.md protocol)")
     add_model(ev)
+    add_recipe(ev)
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
     ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
     ev.add_argument("--window", type=_positive_int("--window"), default=512)
@@ -196,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
     add_model(gen)
+    add_recipe(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     gen.add_argument("--temperature", type=_number("--temperature", float, allow_zero=True),
@@ -206,6 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(func=cmd_generate)
+
+    opt = sub.add_parser("optimize", help="apply a recipe and save an artifact directory")
+    add_model(opt)
+    add_recipe(opt, required=True)
+    opt.add_argument("--out", required=True, help="artifact directory to write (atomically)")
+    opt.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    opt.set_defaults(func=cmd_optimize)
+
+    pl = sub.add_parser("plan", help="dry run: per parameter, the op and bytes before/after")
+    add_model(pl)
+    add_recipe(pl, required=True)
+    pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    pl.set_defaults(func=cmd_plan)
+
+    rec = sub.add_parser("recipes", help="list the built-in recipes")
+    rec.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    rec.set_defaults(func=cmd_recipes)
     return parser
 
 

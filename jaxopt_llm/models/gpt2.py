@@ -33,11 +33,12 @@ class Attention(nn.Module):
     def __call__(self, x, mask, cache: KVCache | None, cache_index):
         cfg = self.config
         batch, length, width = x.shape
-        qkv = Linear(3 * width, True, name="c_attn")(x)
+        inner = cfg.num_heads * cfg.head_dim  # = width unless heads were pruned
+        qkv = Linear(3 * inner, True, name="c_attn")(x)
         q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
                    for t in jnp.split(qkv, 3, axis=-1))
         out, cache = attend_with_cache(q, k, v, mask, cache, cache_index)
-        out = out.reshape(batch, length, width)
+        out = out.reshape(batch, length, inner)
         return Linear(width, True, name="c_proj")(out), cache
 
 

@@ -108,8 +108,8 @@ def param_bytes(tree: Any) -> int:
             if klass in _NBYTES:
                 total += _NBYTES[klass](node)
                 return None
-        if hasattr(node, "nbytes") and hasattr(node, "dtype"):
-            total += int(node.nbytes)
+        if hasattr(node, "shape") and hasattr(node, "dtype"):  # arrays and ShapeDtypeStructs
+            total += int(np.prod(node.shape, dtype=np.int64)) * np.dtype(node.dtype).itemsize
         return None
 
     jax.tree_util.tree_map(visit, tree, is_leaf=is_weight_leaf)

@@ -1,0 +1,257 @@
+"""Passes, stages, recipes: composing parameter transforms like compiler passes.
+
+A pass is a pure function `(config, params) -> (config, params)` (config may be None
+for a user's own model; only structural passes need it). A `Stage` is a pass built
+from ordered rules (jaxopt_llm.rules): each rule sends the parameters it selects to
+one registered op with its options. A `Recipe` is a named chain of stages and is
+data: it loads from and saves to YAML or JSON, exactly round-tripping, and travels
+with every artifact so a result can be rebuilt from the artifact alone.
+
+Ops are registered by the transform modules (jaxopt_llm/transforms/*):
+  op.apply(flat_params, selected_paths, config, options) -> (config, flat_params)
+Options are validated for every rule of a recipe before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxopt_llm.rules import KEEP, Rule, assign, flat_params, nested_params, thaw
+
+Pass = Callable[[Any, Any], tuple[Any, Any]]
+ApplyFn = Callable[[dict[str, Any], list[str], Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """A registered transform a rule can name."""
+
+    name: str
+    apply: ApplyFn
+    defaults: Mapping[str, Any]  # every accepted option with its default
+    check: Callable[[dict[str, Any]], None]  # raises ValueError on bad options (no work done)
+    doc: str = ""
+    traceable: bool = True  # plan() may run it under jax.eval_shape
+    plan: ApplyFn | None = None  # shape-only version for ops that are not traceable
+
+
+_OPS: dict[str, Op] = {}
+
+
+def register_op(op: Op) -> Op:
+    _OPS[op.name] = op
+    return op
+
+
+def available_ops() -> dict[str, Op]:
+    import jaxopt_llm.transforms  # noqa: F401  (registers the built-in ops)
+
+    return dict(_OPS)
+
+
+def get_op(name: str) -> Op:
+    ops = available_ops()
+    if name not in ops:
+        raise ValueError(f"unknown op {name!r}; available ops: {sorted([KEEP, *ops])}")
+    return ops[name]
+
+
+def resolved_options(candidate: Rule, where: str) -> dict[str, Any]:
+    """The rule's options merged over the op's defaults, validated."""
+    op = get_op(candidate.op)
+    given = candidate.option_dict
+    unknown = sorted(set(given) - set(op.defaults))
+    if unknown:
+        raise ValueError(
+            f"{where}: op {candidate.op!r} has no option(s) {unknown}; "
+            f"options: {sorted(op.defaults)}"
+        )
+    options = {**op.defaults, **{k: thaw(v) for k, v in given.items()}}
+    try:
+        op.check(options)
+    except ValueError as err:
+        raise ValueError(f"{where}: op {candidate.op!r}: {err}") from None
+    return options
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One pass: ordered rules (first match wins), each applying its op to what it selects."""
+
+    name: str
+    rules: tuple[Rule, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not self.rules:
+            raise ValueError(f"stage {self.name!r} has no rules")
+
+    def check(self) -> list[dict[str, Any] | None]:
+        """Validate every rule's op and options up front; returns the resolved options."""
+        return [
+            None if r.op == KEEP else resolved_options(r, f"stage {self.name!r} rule {i}")
+            for i, r in enumerate(self.rules)
+        ]
+
+    def __call__(self, config: Any, params: Any) -> tuple[Any, Any]:
+        options = self.check()
+        flat = flat_params(params)
+        selection = assign(self.rules, list(flat), where=f"stage {self.name!r}")
+        for candidate, paths, opts in zip(self.rules, selection, options, strict=True):
+            if candidate.op == KEEP:
+                continue
+            config, flat = get_op(candidate.op).apply(dict(flat), paths, config, opts)
+        return config, nested_params(flat)
+
+
+def chain(*passes: Pass) -> Pass:
+    """Apply passes in order; the result is again a pass."""
+
+    def chained(config: Any, params: Any) -> tuple[Any, Any]:
+        for p in passes:
+            config, params = p(config, params)
+        return config, params
+
+    return chained
+
+
+def named_chain(*named: tuple[str, Pass]) -> Pass:
+    """`chain` whose errors say which named pass failed."""
+
+    def chained(config: Any, params: Any) -> tuple[Any, Any]:
+        for name, p in named:
+            try:
+                config, params = p(config, params)
+            except ValueError as err:
+                raise ValueError(f"pass {name!r}: {err}") from None
+        return config, params
+
+    return chained
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A named, serializable chain of stages."""
+
+    name: str
+    stages: tuple[Stage, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+
+    def check(self) -> None:
+        for stage in self.stages:
+            stage.check()
+
+    def __call__(self, config: Any, params: Any) -> tuple[Any, Any]:
+        self.check()
+        return named_chain(*((s.name, s) for s in self.stages))(config, params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "stages": [
+                {"name": s.name,
+                 "rules": [{"match": r.match, "op": r.op, "options": thaw(r.options) or {}}
+                           for r in s.rules]}
+                for s in self.stages
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
+        return _recipe_from_dict(data, source)
+
+
+def _expect_keys(data: Any, where: str, required: Sequence[str], optional: Sequence[str]) -> None:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    unknown = sorted(set(data) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected "
+                         f"{sorted([*required, *optional])}")
+
+
+def _recipe_from_dict(data: Any, source: str) -> Recipe:
+    _expect_keys(data, source, ["name", "stages"], ["description"])
+    if not isinstance(data["name"], str) or not data["name"]:
+        raise ValueError(f"{source}: name must be a non-empty string")
+    if not isinstance(data.get("description", ""), str):
+        raise ValueError(f"{source}: description must be a string")
+    if not isinstance(data["stages"], list):
+        raise ValueError(f"{source}: stages must be a list")
+    stages = []
+    for i, stage in enumerate(data["stages"]):
+        where = f"{source}: stages[{i}]"
+        _expect_keys(stage, where, ["name", "rules"], [])
+        if not isinstance(stage["rules"], list) or not stage["rules"]:
+            raise ValueError(f"{where}.rules: expected a non-empty list of rules")
+        rules = []
+        for j, item in enumerate(stage["rules"]):
+            at = f"{where}.rules[{j}]"
+            _expect_keys(item, at, ["match", "op"], ["options"])
+            options = item.get("options") or {}
+            if not isinstance(options, Mapping):
+                raise ValueError(f"{at}.options: expected a mapping of option names to values")
+            try:
+                rules.append(Rule(match=item["match"], op=item["op"],
+                                  options=tuple(options.items())))
+            except ValueError as err:
+                raise ValueError(f"{at}: {err}") from None
+        stages.append(Stage(name=str(stage["name"]), rules=tuple(rules)))
+    return Recipe(name=data["name"], description=data.get("description", ""),
+                  stages=tuple(stages))
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write a recipe as YAML (.yaml/.yml) or JSON (.json)."""
+    import yaml
+
+    path = Path(path)
+    data = recipe.to_dict()
+    if path.suffix in (".yaml", ".yml"):
+        text = yaml.safe_dump(data, sort_keys=False)
+    elif path.suffix == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        raise ValueError(f"recipe file {path}: expected a .yaml, .yml or .json name")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def read_recipe_file(path: str | Path) -> Recipe:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe file {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ValueError(f"recipe file {path}: expected a .yaml, .yml or .json file")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"recipe file {path}: invalid JSON at line {err.lineno} column "
+                         f"{err.colno}: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"recipe file {path}: invalid YAML{at}: "
+                         f"{getattr(err, 'problem', err)}") from None
+    recipe = Recipe.from_dict(data, source=f"recipe file {path}")
+    recipe.check()
+    return recipe

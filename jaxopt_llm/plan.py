@@ -1,0 +1,102 @@
+"""Dry run of a recipe: per parameter, the op it gets and its bytes before → after.
+
+Nothing heavy runs: traceable ops are evaluated with `jax.eval_shape` on shape-only
+parameters, other ops (SVD, structured pruning) supply a shape-only `plan` function.
+Every check a real run makes (rules that select nothing, bad options, shapes that
+do not divide) fails here the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from jaxopt_llm.pipeline import Recipe, get_op
+from jaxopt_llm.rules import KEEP, assign, flat_params, nested_params
+from jaxopt_llm.weights import is_weight_leaf, param_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    stage: str
+    path: str
+    op: str  # "keep" for parameters no rule transforms
+    shape: tuple[int, ...]
+    bytes_before: int
+    bytes_after: int
+    representation: str  # type of the leaf afterwards
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    recipe: str
+    rows: tuple[PlanRow, ...]
+    bytes_before: int
+    bytes_after: int
+    config_after: Any
+
+    def __str__(self) -> str:
+        width = max([len(r.path) for r in self.rows] + [9])
+        op_width = max([len(r.stage) + len(r.op) + 1 for r in self.rows] + [8])
+        lines = [f"recipe {self.recipe}",
+                 f"{'parameter':<{width}}  {'stage:op':<{op_width}} {'before':>12} "
+                 f"{'after':>12}  as"]
+        for r in self.rows:
+            lines.append(f"{r.path:<{width}}  {r.stage + ':' + r.op:<{op_width}} "
+                         f"{r.bytes_before:>12,} {r.bytes_after:>12,}  {r.representation}")
+        ratio = self.bytes_after / max(self.bytes_before, 1)
+        lines.append(f"total {self.bytes_before:,} → {self.bytes_after:,} bytes ({ratio:.3f}×)")
+        return "\n".join(lines)
+
+
+def _shapes(params: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+
+
+def _shape_of(leaf: Any) -> tuple[int, ...]:
+    shape = getattr(leaf, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else ()
+
+
+def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
+    """Per-parameter plan of `recipe` on (config, params), computed from shapes only."""
+    recipe.check()
+    current = _shapes(params)
+    before_total = param_bytes(current)
+    origin = {path: param_bytes(leaf) for path, leaf in flat_params(current).items()}
+    shape0 = {path: _shape_of(leaf) for path, leaf in flat_params(current).items()}
+    touched: dict[str, tuple[str, str]] = {}
+    for stage in recipe.stages:
+        options = stage.check()
+        flat = flat_params(current)
+        selection = assign(stage.rules, list(flat), where=f"stage {stage.name!r}")
+        for candidate, paths, opts in zip(stage.rules, selection, options, strict=True):
+            if candidate.op == KEEP:
+                continue
+            op = get_op(candidate.op)
+            if op.traceable:
+                box: dict[str, Any] = {}
+
+                def run(leaves, op=op, paths=paths, opts=opts, box=box, config=config):
+                    cfg, out = op.apply(dict(leaves), paths, config, opts)
+                    box["config"] = cfg
+                    return out
+
+                flat = jax.eval_shape(run, flat)
+                config = box["config"]
+            else:
+                config, flat = op.plan(dict(flat), paths, config, opts)
+            for path in paths:
+                touched[path] = (stage.name, candidate.describe())
+        current = nested_params(flat)
+    rows = []
+    for path, leaf in flat_params(current).items():
+        stage, op = touched.get(path, ("-", KEEP))
+        rows.append(PlanRow(stage=stage, path=path, op=op, shape=shape0.get(path, ()),
+                            bytes_before=origin.get(path, 0), bytes_after=param_bytes(leaf),
+                            representation=type(leaf).__name__ if is_weight_leaf(leaf)
+                            else str(leaf.dtype)))
+    return Plan(recipe=recipe.name, rows=tuple(rows), bytes_before=before_total,
+                bytes_after=param_bytes(current), config_after=config)

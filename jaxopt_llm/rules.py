@@ -1,0 +1,151 @@
+"""Selecting parameters: ordered rules, regex on `/`-joined paths, first match wins.
+
+A rule names an operation (`op`) and its options; `assign` maps every parameter of a
+tree to the first rule whose pattern `re.fullmatch`es its path (as in Qwix's rule
+lists). A rule that selects nothing — its pattern matches no path, or every path it
+matches was taken by an earlier rule — is an error, so a typo never silently
+leaves a model uncompressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+
+from jaxopt_llm.weights import is_weight_leaf
+
+KEEP = "keep"  # the op that leaves a parameter as it is (an exclusion rule)
+
+# Every kernel except an untied output head: the linears of every block, in our models and
+# in users' models built from nn.Dense / nnx.Linear (their weights are all named "kernel").
+BLOCK_LINEARS = r"(?!lm_head/)(.*/)?kernel"
+EMBEDDINGS = r"(.*/)?embedding"
+HEAD = r"lm_head/kernel"
+
+
+def freeze(value: Any) -> Any:
+    """Hashable form of option values: dicts → sorted item tuples, lists → tuples."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Inverse of `freeze` for recipe files: item tuples → dicts, tuples → lists."""
+    if isinstance(value, tuple):
+        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                         for v in value):
+            return {k: thaw(v) for k, v in value}
+        return [thaw(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """`op` (with `options`) for every parameter whose path fully matches `match`."""
+
+    match: str
+    op: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match:
+            raise ValueError(f"rule match must be a non-empty regex string, got {self.match!r}")
+        try:
+            re.compile(self.match)
+        except re.error as err:
+            raise ValueError(f"rule match {self.match!r} is not a valid regex: {err}") from None
+        if not isinstance(self.op, str) or not self.op:
+            raise ValueError(f"rule op must be a non-empty string, got {self.op!r}")
+        object.__setattr__(self, "options", freeze(dict(self.options)))
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.match, path) is not None
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.op}({opts})" if opts else self.op
+
+
+def rule(match: str, op: str, **options: Any) -> Rule:
+    return Rule(match=match, op=op, options=tuple(options.items()))
+
+
+def flat_params(params: Any) -> dict[str, Any]:
+    """Nested dict → {"a/b/kernel": leaf}, typed weight leaves kept whole, in tree order."""
+    out: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping) and not is_weight_leaf(node):
+            for key, child in node.items():
+                visit(child, f"{prefix}/{key}" if prefix else str(key))
+        else:
+            out[prefix] = node
+
+    visit(params, "")
+    return out
+
+
+def nested_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `flat_params`."""
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return out
+
+
+def _is_array_like(leaf: Any) -> bool:
+    return is_weight_leaf(leaf) or isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) or (
+        hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+
+
+def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") -> list[list[str]]:
+    """For each rule, the paths it takes (first match wins); error on a rule that takes none."""
+    taken: list[list[str]] = [[] for _ in rules]
+    for path in paths:
+        for index, candidate in enumerate(rules):
+            if candidate.matches(path):
+                taken[index].append(path)
+                break
+    for index, candidate in enumerate(rules):
+        if taken[index]:
+            continue
+        shadowed = [p for p in paths if candidate.matches(p)]
+        if shadowed:
+            raise ValueError(
+                f"{where}: rule {index} (match {candidate.match!r}, op {candidate.op!r}) selects "
+                f"nothing: every parameter it matches ({_preview(shadowed)}) is taken by an "
+                f"earlier rule"
+            )
+        raise ValueError(
+            f"{where}: rule {index} (match {candidate.match!r}, op {candidate.op!r}) matches no "
+            f"parameter; paths look like {_preview(paths)}"
+        )
+    return taken
+
+
+def _preview(paths: list[str], limit: int = 4) -> str:
+    head = ", ".join(paths[:limit])
+    return head + (f", … ({len(paths)} in all)" if len(paths) > limit else "")
+
+
+def iter_selected(params: Any, rules: tuple[Rule, ...]) -> Iterator[tuple[Rule, str, Any]]:
+    """(rule, path, leaf) for every parameter a rule takes, in rule order."""
+    flat = flat_params(params)
+    for candidate, paths in zip(rules, assign(rules, list(flat)), strict=True):
+        for path in paths:
+            yield candidate, path, flat[path]

@@ -1,0 +1,139 @@
+"""Unstructured magnitude pruning and N:M semi-structured pruning.
+
+Magnitude pruning ("Learning both Weights and Connections for Efficient Neural
+Networks", Han et al., 2015): score |w| and zero the lowest-scoring fraction —
+exactly round(sparsity·count) entries — per layer, per output row (each output
+channel loses the same number of inputs, as Wanda compares), or globally over every
+selected parameter at once. N:M ("Accelerating Sparse Deep Neural Networks",
+Mishra et al., 2021; the SparseGPT/Wanda convention): in every group of M consecutive
+inputs of each output, the N smallest |w| are zeroed (2:4 keeps 2 of 4).
+
+Kernels are (d_in, d_out): "rows" (outputs) are columns of the stored kernel, and
+N:M groups run along d_in. Results are `MaskedWeight` (dense + 1-bit mask, so the
+zeros survive training) or, for N:M, the compressed `NMSparseWeight`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxopt_llm.pipeline import Op, register_op
+from jaxopt_llm.transforms.quantize import per_parameter
+from jaxopt_llm.weights import MaskedWeight, masked_weight, nm_sparse_weight
+
+SCOPES = ("layer", "row", "global")
+FORMATS = ("masked", "dense")
+
+
+def _check_sparsity(sparsity: Any) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
+        0.0 <= sparsity < 1.0
+    ):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+
+
+def _dense_kernel(leaf: Any, path: str) -> jax.Array:
+    if isinstance(leaf, MaskedWeight):
+        return leaf.materialize()  # re-pruning (gradual schedules) starts from the masked weight
+    if not isinstance(leaf, jax.Array) and not hasattr(leaf, "__array__"):
+        raise ValueError(f"{path}: pruning needs a float kernel, got {type(leaf).__name__} "
+                         f"(prune before quantizing or factorizing)")
+    if leaf.ndim != 2:
+        raise ValueError(f"{path} has shape {leaf.shape}: pruning selects 2-D kernels only "
+                         f"(narrow the rule's match)")
+    return jnp.asarray(leaf)
+
+
+def lowest_mask(scores: jax.Array, count: int, axis: int | None = None) -> jax.Array:
+    """Keep-mask that drops exactly `count` lowest scores (over all, or along `axis`)."""
+    if axis is None:
+        order = jnp.argsort(scores.reshape(-1), stable=True)
+        keep = jnp.ones(scores.size, jnp.bool_).at[order[:count]].set(False)
+        return keep.reshape(scores.shape)
+    ranks = jnp.argsort(jnp.argsort(scores, axis=axis, stable=True), axis=axis, stable=True)
+    return ranks >= count
+
+
+def _finish(w: jax.Array, keep: jax.Array, fmt: str) -> Any:
+    if fmt == "dense":
+        return jnp.where(keep, w, jnp.zeros((), w.dtype))
+    return masked_weight(w, keep)
+
+
+def magnitude_prune(flat: dict[str, Any], paths: list[str], config: Any,
+                    options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    sparsity, scope, fmt = options["sparsity"], options["scope"], options["format"]
+    kernels = {p: _dense_kernel(flat[p], p) for p in paths}
+    if scope == "global":
+        scores = jnp.concatenate([jnp.abs(w).reshape(-1) for w in kernels.values()])
+        keep_all = lowest_mask(scores, round(sparsity * scores.size))
+        offset = 0
+        for path, w in kernels.items():
+            keep = keep_all[offset:offset + w.size].reshape(w.shape)
+            offset += w.size
+            flat[path] = _finish(w, keep, fmt)
+        return config, flat
+    for path, w in kernels.items():
+        if scope == "layer":
+            keep = lowest_mask(jnp.abs(w), round(sparsity * w.size))
+        else:
+            keep = lowest_mask(jnp.abs(w), round(sparsity * w.shape[0]), axis=0)
+        flat[path] = _finish(w, keep, fmt)
+    return config, flat
+
+
+def nm_keep_mask(w: jax.Array, n: int, m: int) -> jax.Array:
+    """Keep-mask zeroing the n smallest |w| of every m consecutive inputs (along axis 0)."""
+    k, cols = w.shape
+    groups = jnp.abs(w).reshape(k // m, m, cols)
+    return lowest_mask(groups, n, axis=1).reshape(k, cols)
+
+
+def _nm_leaf(leaf: Any, path: str, options: dict[str, Any]) -> Any:
+    n, m = options["n"], options["m"]
+    w = _dense_kernel(leaf, path)
+    if w.shape[0] % m:
+        raise ValueError(f"{path} {w.shape}: m={m} does not divide the input dimension "
+                         f"{w.shape[0]}")
+    keep = nm_keep_mask(w, n, m)
+    if options["format"] == "masked":
+        return masked_weight(w, keep)
+    return nm_sparse_weight(w, keep, m - n, m)
+
+
+def _check_magnitude(options: dict[str, Any]) -> None:
+    _check_sparsity(options["sparsity"])
+    if options["scope"] not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {options['scope']!r}")
+    if options["format"] not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {options['format']!r}")
+
+
+def _check_nm(options: dict[str, Any]) -> None:
+    n, m = options["n"], options["m"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)):
+        raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}")
+    if not 0 < n < m:
+        raise ValueError(f"n:m needs 0 < n < m (n of every m inputs are zeroed), got {n}:{m}")
+    if m > 256:
+        raise ValueError(f"m must be at most 256, got {m}")
+    if options["format"] not in ("compressed", "masked"):
+        raise ValueError(f"format must be 'compressed' or 'masked', got {options['format']!r}")
+
+
+def _magnitude_apply(flat, paths, config, options):
+    for path in paths:  # shapes first: no work on a bad selection
+        if not isinstance(flat[path], MaskedWeight):
+            _dense_kernel(flat[path], path)
+    return magnitude_prune(flat, paths, config, options)
+
+
+register_op(Op(name="prune", apply=_magnitude_apply,
+               defaults={"sparsity": 0.5, "scope": "layer", "format": "masked"},
+               check=_check_magnitude, doc="magnitude pruning (per layer, per row or global)"))
+register_op(Op(name="nm", apply=per_parameter(_nm_leaf),
+               defaults={"n": 2, "m": 4, "format": "compressed"}, check=_check_nm,
+               doc="N:M pruning: zero the n smallest |w| of every m consecutive inputs"))

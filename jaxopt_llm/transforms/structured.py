@@ -1,0 +1,317 @@
+"""Structured pruning: remove whole attention heads or MLP neurons, physically.
+
+Magnitude-based structured pruning in the spirit of "Are Sixteen Heads Really
+Better than One?" (Michel et al., 2019) and "Pruning Filters for Efficient
+ConvNets" (Li et al., 2017): each head / neuron is scored by the norm of the
+weights that belong only to it, the lowest-scoring ones are cut out of the
+matrices, and the model config shrinks to match (fewer heads, smaller
+intermediate size). Unlike unstructured masks, the result is a smaller dense
+model that runs faster with no special kernels.
+
+What belongs to one unit (kernels are stored (d_in, d_out)):
+  query head h   q columns h*hd:(h+1)*hd (+ q bias), o rows h*hd:(h+1)*hd
+  whole head h   the above plus k and v columns of kv head h (MHA, GPT-2)
+  MLP neuron j   gate/up columns j (+ biases), down row j;  GPT-2: c_fc column j, c_proj row j
+
+Grouped-query attention: query head h reads kv head h // (H / Hkv). With
+Hkv < H every kv head is kept and the same number r of query heads is removed
+from every kv group, so groups stay uniform (H' = H - r * Hkv). With Hkv == H
+whole heads (q, k, v columns and o rows) go. Scores use the kernels only.
+
+Every layer removes the same count (a config holds one num_heads and one
+intermediate_size) but picks its own lowest-scoring units. Per-layer
+selection (a `layers` regex) is therefore not offered: it would need a
+non-uniform config. Prune before quantizing or factorizing: typed weight
+leaves are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_llm.models.config import ModelConfig
+from jaxopt_llm.pipeline import Op, register_op
+
+SCORES = ("l2", "l1")
+KINDS = ("heads", "neurons")
+FAMILIES = ("llama", "gpt2")
+
+
+def _removed_count(fraction: float, total: int, unit: str) -> int:
+    """round(fraction * total), halves up, checked to remove something and keep something."""
+    if not isinstance(fraction, int | float) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1) (the share of {unit} removed), "
+                         f"got {fraction!r}")
+    if total < 2:
+        raise ValueError(f"cannot prune {unit}: there is only {total}")
+    removed = math.floor(fraction * total + 0.5)
+    if removed == 0:
+        lowest = math.ceil(0.5 / total * 1e4) / 1e4
+        raise ValueError(f"fraction {fraction} removes 0 of {total} {unit}; "
+                         f"use fraction >= {lowest:g}")
+    if removed >= total:
+        highest = math.floor((total - 0.5) / total * 1e4) / 1e4
+        raise ValueError(f"fraction {fraction} removes all {total} {unit}; "
+                         f"use a fraction below {highest:g}")
+    return removed
+
+
+def _validate(config: ModelConfig, kind: str, fraction: float, score: str) -> int:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if config.family not in FAMILIES:
+        raise ValueError(f"structured pruning supports families {FAMILIES}, "
+                         f"not {config.family!r}")
+    if kind == "neurons":
+        return _removed_count(fraction, config.intermediate_size, "MLP neurons")
+    group = config.num_heads // config.num_kv_heads
+    if group == 1:
+        return _removed_count(fraction, config.num_heads, "attention heads")
+    return _removed_count(fraction, group, "query heads per kv group")
+
+
+def structured_config(
+    config: ModelConfig, kind: str, fraction: float, *, score: str = "l2"
+) -> ModelConfig:
+    """The config after pruning `fraction` of heads ("heads") or MLP neurons ("neurons").
+
+    Cheap (no weights touched), for dry-run plans; raises the same ValueErrors
+    as the pruning functions.
+    """
+    return _shrunk_config(config, kind, _validate(config, kind, fraction, score))
+
+
+def _shrunk_config(config: ModelConfig, kind: str, removed: int) -> ModelConfig:
+    if kind == "neurons":
+        return dataclasses.replace(config, intermediate_size=config.intermediate_size - removed)
+    if config.num_heads == config.num_kv_heads:
+        heads = config.num_heads - removed
+        return dataclasses.replace(config, num_heads=heads, num_kv_heads=heads)
+    return dataclasses.replace(config, num_heads=config.num_heads - removed * config.num_kv_heads)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _copy_tree(tree: Any) -> Any:
+    """Fresh nested dicts (so the input is never mutated); numpy leaves become jax arrays."""
+    if isinstance(tree, Mapping):
+        return {key: _copy_tree(value) for key, value in tree.items()}
+    if isinstance(tree, np.ndarray):
+        return jnp.asarray(tree)
+    return tree
+
+
+def _array(module: Mapping[str, Any], name: str, path: str) -> np.ndarray:
+    if name not in module:
+        raise ValueError(f"parameter {path}/{name} is missing; params do not match the config")
+    leaf = module[name]
+    if not isinstance(leaf, np.ndarray | jax.Array):
+        raise ValueError(f"structured pruning needs plain array weights, but {path}/{name} is a "
+                         f"{type(leaf).__name__}; prune before quantizing or factorizing")
+    return np.asarray(leaf)
+
+
+def _unit_mass(blocks: list[np.ndarray], score: str) -> np.ndarray:
+    """Blocks of shape (units, ...) -> per-unit L2 or L1 norm of all their entries together."""
+    total = 0.0
+    for block in blocks:
+        flat = block.reshape(block.shape[0], -1).astype(np.float64)
+        total = total + (np.sum(flat * flat, axis=1) if score == "l2"
+                         else np.sum(np.abs(flat), axis=1))
+    return np.sqrt(total) if score == "l2" else total
+
+
+def _heads_of(columns: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+    """(D, heads*hd) kernel columns -> (heads, D, hd)."""
+    return columns.reshape(columns.shape[0], heads, head_dim).transpose(1, 0, 2)
+
+
+def _lowest(scores: np.ndarray, removed: int) -> np.ndarray:
+    """Sorted indices kept after dropping the `removed` lowest scores (ties: lower index goes)."""
+    order = np.argsort(scores, kind="stable")
+    return np.sort(order[removed:])
+
+
+def _columns(heads: np.ndarray, head_dim: int, offset: int = 0) -> np.ndarray:
+    return (offset + heads[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+
+
+def _take(module: dict[str, Any], name: str, index: np.ndarray, axis: int) -> None:
+    module[name] = jnp.asarray(np.take(np.asarray(module[name]), index, axis=axis))
+
+
+def _kept_heads(config: ModelConfig, q, k, v, o, removed: int, score: str):
+    """Scores and selection for one layer. q/k/v (D, *) columns, o (H*hd, D) rows.
+
+    Returns (kept query heads, kept kv heads), each sorted.
+    """
+    heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    q_h, o_h = _heads_of(q, heads, hd), o.reshape(heads, hd, -1)
+    if heads == kv_heads:
+        mass = _unit_mass([q_h, _heads_of(k, heads, hd), _heads_of(v, heads, hd), o_h], score)
+        kept = _lowest(mass, removed)
+        return kept, kept
+    group = heads // kv_heads
+    mass = _unit_mass([q_h, o_h], score).reshape(kv_heads, group)
+    kept = np.concatenate([g * group + _lowest(mass[g], removed) for g in range(kv_heads)])
+    return kept, np.arange(kv_heads)
+
+
+def _check_width(array: np.ndarray, axis: int, expected: int, path: str) -> None:
+    if array.ndim != 2 or array.shape[axis] != expected:
+        raise ValueError(f"{path} has shape {array.shape}, expected {expected} along axis {axis} "
+                         "from the config; params do not match the config")
+
+
+# ---------------------------------------------------------------------------- passes
+
+
+def prune_attention_heads(
+    config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2"
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Remove the lowest-scoring `fraction` of attention heads in every layer.
+
+    Llama family: q_proj (D, H*hd) columns, k/v_proj (D, Hkv*hd) columns (MHA
+    only), o_proj (H*hd, D) rows and the matching q/k/v biases shrink.
+    GPT-2: the q, k and v blocks of c_attn (D, 3*H*hd) and c_proj (H*hd, D) rows.
+    Returns (new config, new params); the input params are not modified.
+    """
+    removed = _validate(config, "heads", fraction, score)
+    new_config = _shrunk_config(config, "heads", removed)
+    out = _copy_tree(params)
+    hd, width = config.head_dim, config.num_heads * config.head_dim
+    for i in range(config.num_layers):
+        if config.family == "llama":
+            path = f"layers_{i}/attn"
+            attn = out.get(f"layers_{i}", {}).get("attn", {})
+            q, k, v = (_array(attn.get(n, {}), "kernel", f"{path}/{n}")
+                       for n in ("q_proj", "k_proj", "v_proj"))
+            o = _array(attn.get("o_proj", {}), "kernel", f"{path}/o_proj")
+            _check_width(q, 1, width, f"{path}/q_proj/kernel")
+            _check_width(o, 0, width, f"{path}/o_proj/kernel")
+            kept_q, kept_kv = _kept_heads(config, q, k, v, o, removed, score)
+            q_cols = _columns(kept_q, hd)
+            kv_cols = _columns(kept_kv, hd)
+            for name, cols in (("q_proj", q_cols), ("k_proj", kv_cols), ("v_proj", kv_cols)):
+                for leaf in ("kernel", "bias"):
+                    if leaf in attn[name]:
+                        _take(attn[name], leaf, cols, axis=-1)
+            _take(attn["o_proj"], "kernel", q_cols, axis=0)
+        else:
+            path = f"h_{i}/attn"
+            attn = out.get(f"h_{i}", {}).get("attn", {})
+            qkv = _array(attn.get("c_attn", {}), "kernel", f"{path}/c_attn")
+            o = _array(attn.get("c_proj", {}), "kernel", f"{path}/c_proj")
+            _check_width(qkv, 1, 3 * width, f"{path}/c_attn/kernel")
+            _check_width(o, 0, width, f"{path}/c_proj/kernel")
+            q, k, v = np.split(qkv, 3, axis=1)
+            kept, _ = _kept_heads(config, q, k, v, o, removed, score)
+            cols = _columns(kept, hd)
+            qkv_cols = np.concatenate([cols, cols + width, cols + 2 * width])
+            for leaf in ("kernel", "bias"):
+                if leaf in attn["c_attn"]:
+                    _take(attn["c_attn"], leaf, qkv_cols, axis=-1)
+            _take(attn["c_proj"], "kernel", cols, axis=0)
+    return new_config, out
+
+
+def prune_mlp_neurons(
+    config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2"
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Remove the lowest-scoring `fraction` of MLP neurons in every layer.
+
+    Llama family: gate/up_proj (D, F) columns (+ biases) and down_proj (F, D)
+    rows. GPT-2: c_fc (D, F) columns and bias, c_proj (F, D) rows. The output
+    bias is untouched. Returns (new config, new params); input not modified.
+    """
+    removed = _validate(config, "neurons", fraction, score)
+    new_config = _shrunk_config(config, "neurons", removed)
+    if config.family == "llama":
+        prefix, inputs, output = "layers", ("gate_proj", "up_proj"), "down_proj"
+    else:
+        prefix, inputs, output = "h", ("c_fc",), "c_proj"
+    out = _copy_tree(params)
+    size = config.intermediate_size
+    for i in range(config.num_layers):
+        path = f"{prefix}_{i}/mlp"
+        mlp = out.get(f"{prefix}_{i}", {}).get("mlp", {})
+        ins = [_array(mlp.get(n, {}), "kernel", f"{path}/{n}") for n in inputs]
+        down = _array(mlp.get(output, {}), "kernel", f"{path}/{output}")
+        for name, kernel in zip(inputs, ins, strict=True):
+            _check_width(kernel, 1, size, f"{path}/{name}/kernel")
+        _check_width(down, 0, size, f"{path}/{output}/kernel")
+        kept = _lowest(_unit_mass([w.T for w in ins] + [down], score), removed)
+        for name in inputs:
+            for leaf in ("kernel", "bias"):
+                if leaf in mlp[name]:
+                    _take(mlp[name], leaf, kept, axis=-1)
+        _take(mlp[output], "kernel", kept, axis=0)
+    return new_config, out
+
+
+__all__ = ["prune_attention_heads", "prune_mlp_neurons", "structured_config"]
+
+
+# ---------------------------------------------------------------------------- pipeline ops
+
+
+def _structured_op(kind: str):
+    prune = prune_attention_heads if kind == "heads" else prune_mlp_neurons
+
+    def changed(flat, paths, config, options):
+        """New config and the parameters whose shapes change; all must be selected."""
+        from jaxopt_llm.io.params import expected_shapes
+
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"pruning {kind} needs a Llama-family or GPT-2 model config "
+                             f"(not available for a user's own model)")
+        new = structured_config(config, kind, options["fraction"], score=options["score"])
+        old_shapes, new_shapes = expected_shapes(config), expected_shapes(new)
+        moving = {p: s for p, s in new_shapes.items() if old_shapes.get(p) != s and p in flat}
+        missing = sorted(set(moving) - set(paths))
+        if missing:
+            more = "…" if len(missing) > 3 else ""
+            raise ValueError(f"pruning {kind} changes {missing[:3]}{more}, which the rule does "
+                             f"not select; widen its match")
+        return new, moving
+
+    def apply(flat, paths, config, options):
+        changed(flat, paths, config, options)
+        from jaxopt_llm.rules import flat_params, nested_params
+
+        config, params = prune(config, nested_params(flat), fraction=options["fraction"],
+                               score=options["score"])
+        return config, flat_params(params)
+
+    def plan(flat, paths, config, options):
+        new, moving = changed(flat, paths, config, options)
+        for path, shape in moving.items():
+            flat[path] = jax.ShapeDtypeStruct(shape, flat[path].dtype)
+        return new, flat
+
+    def check(options):
+        fraction = options["fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+                0.0 < fraction < 1.0):
+            raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
+        if options["score"] not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {options['score']!r}")
+
+    return Op(name=f"prune_{kind}", apply=apply, plan=plan, traceable=False, check=check,
+              defaults={"fraction": 0.25, "score": "l2"},
+              doc=f"structured pruning of {'attention heads' if kind == 'heads' else 'MLP neurons'}"
+                  " (physically smaller matrices, config updated)")
+
+
+register_op(_structured_op("heads"))
+register_op(_structured_op("neurons"))
