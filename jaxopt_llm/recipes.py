@@ -11,8 +11,10 @@ Llama-family and GPT-2 models only.
   w8            int8 symmetric, per output channel, weight-only
   w8a8          w8 + dynamic per-token int8 activations (int8×int8→int32 matmuls)
   w4            int4 asymmetric (min-max), per output channel
-  w4g128        int4 asymmetric, groups of 128 inputs (float16 scales, uint8 zero points)
-  w3g128        int3 asymmetric, groups of 128 inputs
+  w4g128        int4 asymmetric, groups of 128 inputs (float16 scales, uint8 zero points);
+                where 128 does not divide the input (SmolLM2: 576 = 4·128 + 64) the last
+                group is shorter, as GPTQ does
+  w3g128        int3 asymmetric, groups of 128 inputs (same layout)
   magnitude-50  50% unstructured magnitude pruning per layer (MaskedWeight)
   nm-2:4        2:4 semi-structured pruning (compressed NMSparseWeight)
   heads-25      25% of query heads per kv group removed (rounded; physically)
@@ -47,9 +49,9 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
         _one("w4", "int4 asymmetric per-channel weight-only", "quantize", BLOCK_LINEARS,
              "quantize", bits=4, symmetric=False),
         _one("w4g128", "int4 asymmetric, groups of 128 inputs", "quantize", BLOCK_LINEARS,
-             "quantize", bits=4, symmetric=False, group_size=128),
+             "quantize", bits=4, symmetric=False, group_size=128, partial_groups=True),
         _one("w3g128", "int3 asymmetric, groups of 128 inputs", "quantize", BLOCK_LINEARS,
-             "quantize", bits=3, symmetric=False, group_size=128),
+             "quantize", bits=3, symmetric=False, group_size=128, partial_groups=True),
         _one("magnitude-50", "50% unstructured magnitude pruning per layer", "prune",
              BLOCK_LINEARS, "prune", sparsity=0.5, scope="layer"),
         _one("nm-2:4", "2:4 semi-structured magnitude pruning", "prune", BLOCK_LINEARS, "nm",

@@ -19,6 +19,7 @@ class LoadedModel:
     tokenizer: Any  # jaxopt_llm.io.tokenizer.Tokenizer
     source: str
     recipe: dict[str, Any] | None = None  # set when loaded from an artifact
+    extra: dict[str, Any] | None = None  # an artifact's provenance (source, dense bytes)
 
 
 def _smollm2_path() -> Path:
@@ -64,9 +65,9 @@ def load_model(spec: str) -> LoadedModel:
 
     path = resolve_model_path(spec)
     if path.is_dir() and (path / ARTIFACT_FILE).exists():
-        config, params, tokenizer, recipe, _ = load_artifact(path)
+        config, params, tokenizer, recipe, meta = load_artifact(path)
         return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path),
-                           recipe=recipe)
+                           recipe=recipe, extra=meta.get("extra"))
     if path.is_dir():
         config, params = load_hf_directory(path)
         tokenizer = load_tokenizer_dir(path)

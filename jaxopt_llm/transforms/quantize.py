@@ -33,6 +33,7 @@ QUANTIZE_DEFAULTS = {
     "symmetric": True,
     "granularity": None,  # "tensor" | "channel" | "group"; default: group if group_size
     "group_size": None,
+    "partial_groups": False,  # allow a shorter last group where group_size does not divide
     "method": None,  # absmax (symmetric) / minmax (asymmetric) | percentile | mse
     "percentile": 99.9,
     "mse_grid": 100,
@@ -42,7 +43,8 @@ QUANTIZE_DEFAULTS = {
     "scale_dtype": None,  # float16 for group scales, float32 otherwise
 }
 FAKE_QUANT_DEFAULTS = {
-    "bits": 8, "symmetric": True, "granularity": None, "group_size": None, "method": None,
+    "bits": 8, "symmetric": True, "granularity": None, "group_size": None,
+    "partial_groups": False, "method": None,
     "ste": "identity", "clip_ratio": 1.0,
 }
 
@@ -50,7 +52,8 @@ FAKE_QUANT_DEFAULTS = {
 def quant_spec(options: dict[str, Any]) -> QuantSpec:
     granularity = options["granularity"] or ("group" if options["group_size"] else "channel")
     return QuantSpec(bits=options["bits"], symmetric=options["symmetric"],
-                     granularity=granularity, group_size=options["group_size"])
+                     granularity=granularity, group_size=options["group_size"],
+                     partial_groups=bool(options["partial_groups"]))
 
 
 def _check_quantize(options: dict[str, Any]) -> None:
@@ -124,7 +127,7 @@ def fake_quant_leaf(leaf: Any, path: str, options: dict[str, Any]) -> FakeQuantW
     spec.num_groups(leaf.shape[1] if axis == 1 else leaf.shape[0], where=f"{path} {leaf.shape}")
     return FakeQuantWeight(
         w=leaf, bits=spec.bits, symmetric=spec.symmetric, granularity=spec.granularity,
-        group_size=spec.group_size, axis=axis,
+        group_size=spec.group_size, partial_groups=spec.partial_groups, axis=axis,
         method=options["method"] or ("absmax" if spec.symmetric else "minmax"),
         ste=options["ste"], clip_ratio=float(options["clip_ratio"]))
 

@@ -20,6 +20,7 @@ from jaxopt_llm.weights.quant_math import (
     group_range,
     grouped,
     quantize_dequantize_grouped,
+    ungrouped,
 )
 
 STE_MODES = ("identity", "clipped")
@@ -34,6 +35,7 @@ class FakeQuantWeight:
     symmetric: bool = struct.field(pytree_node=False, default=True)
     granularity: str = struct.field(pytree_node=False, default="channel")
     group_size: int | None = struct.field(pytree_node=False, default=None)
+    partial_groups: bool = struct.field(pytree_node=False, default=False)
     axis: int = struct.field(pytree_node=False, default=0)
     method: str = struct.field(pytree_node=False, default="absmax")  # or "minmax"
     ste: str = struct.field(pytree_node=False, default="identity")
@@ -52,7 +54,8 @@ class FakeQuantWeight:
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, symmetric=self.symmetric,
-                         granularity=self.granularity, group_size=self.group_size)
+                         granularity=self.granularity, group_size=self.group_size,
+                         partial_groups=self.partial_groups)
 
     def materialize(self) -> jax.Array:
         w = self.w
@@ -74,7 +77,7 @@ class FakeQuantWeight:
                 low, high = lo - scale / 2, hi + scale / 2
             inside = ((wg >= low) & (wg <= high)).astype(wg.dtype)
             out = jax.lax.stop_gradient(qdq) + (wg - jax.lax.stop_gradient(wg)) * inside
-        out = out.reshape(canonical.shape)
+        out = ungrouped(out, canonical.shape[0])
         if self.axis == 1:
             out = out.T
         return out.reshape(shape).astype(w.dtype)

@@ -33,6 +33,9 @@ class QuantSpec:
     symmetric: bool = True
     granularity: str = "channel"  # "tensor" | "channel" (per output) | "group" (along input)
     group_size: int | None = None  # only for granularity="group"
+    # A shorter last group where group_size does not divide the input (as GPTQ allows);
+    # off by default so a mistyped group size is an error, not a silent ragged layout.
+    partial_groups: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
@@ -70,18 +73,33 @@ class QuantSpec:
         if self.granularity != "group":
             return 1
         if length % self.group_size:
+            if self.partial_groups:
+                return -(-length // self.group_size)
             raise ValueError(
                 f"{where}: group_size={self.group_size} does not divide the input "
-                f"dimension {length}; use a divisor of {length}"
+                f"dimension {length}; use a divisor of {length}, or partial_groups: true "
+                f"for a shorter last group"
             )
         return length // self.group_size
 
 
 def grouped(w2: jax.Array, spec: QuantSpec) -> jax.Array:
-    """(K, N) → (G, g, N) canonical view."""
+    """(K, N) → (G, g, N) canonical view; a partial last group is zero-padded.
+
+    Zero padding never moves a range (every range includes 0) and pads quantize to
+    exactly 0, so the padded entries change nothing; `ungrouped` drops them.
+    """
     k, n = w2.shape
     groups = spec.num_groups(k)
-    return w2.reshape(groups, k // groups, n)
+    size = spec.group_size if spec.granularity == "group" else k
+    if groups * size > k:
+        w2 = jnp.concatenate([w2, jnp.zeros((groups * size - k, n), w2.dtype)], axis=0)
+    return w2.reshape(groups, size, n)
+
+
+def ungrouped(wg: jax.Array, length: int) -> jax.Array:
+    """(G, g, N) → (K, N), dropping the padding of a partial last group."""
+    return wg.reshape(-1, wg.shape[-1])[:length]
 
 
 def _reduce_axes(spec: QuantSpec) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ from jaxopt_llm.weights.quant_math import (
     grouped,
     quantize_codes,
     scale_and_zero,
+    ungrouped,
 )
 
 
@@ -50,6 +51,7 @@ class QuantizedWeight:
     symmetric: bool = struct.field(pytree_node=False)
     granularity: str = struct.field(pytree_node=False)
     group_size: int | None = struct.field(pytree_node=False)
+    partial_groups: bool = struct.field(pytree_node=False)
     axis: int = struct.field(pytree_node=False)
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False, default="float32")
@@ -58,7 +60,8 @@ class QuantizedWeight:
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, symmetric=self.symmetric,
-                         granularity=self.granularity, group_size=self.group_size)
+                         granularity=self.granularity, group_size=self.group_size,
+                         partial_groups=self.partial_groups)
 
     @property
     def shape2d(self) -> tuple[int, int]:
@@ -90,7 +93,7 @@ class QuantizedWeight:
         """Dequantized float weight of shape `shape`."""
         scale, zero = self._canonical_scale_zero()
         codes = grouped(self.codes(), self.spec)
-        values = dequantize_codes(codes, scale, zero).reshape(self.codes_shape_canonical)
+        values = ungrouped(dequantize_codes(codes, scale, zero), self.codes_shape_canonical[0])
         if self.axis == 1:
             values = values.T
         return values.reshape(self.shape).astype(self.dtype)
@@ -154,7 +157,7 @@ def quantize_weight(
     lo, hi = group_range(wg, spec, method, percentile=percentile, mse_grid=mse_grid,
                          mse_max_shrink=mse_max_shrink, mse_norm=mse_norm)
     scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
-    codes = quantize_codes(wg, scale, zero, spec).reshape(canonical.shape)
+    codes = ungrouped(quantize_codes(wg, scale, zero, spec), canonical.shape[0])
     scale2, zero2 = scale[:, 0, :], (None if zero is None else zero[:, 0, :])
     if axis == 1:
         codes, scale2 = codes.T, scale2.T
@@ -167,7 +170,8 @@ def quantize_weight(
     return QuantizedWeight(
         qvalue=qvalue, scale=scale2, zero_point=zero2, bits=spec.bits,
         symmetric=spec.symmetric, granularity=spec.granularity, group_size=spec.group_size,
-        axis=axis, shape=shape, dtype=jnp.dtype(w.dtype).name, act_bits=act_bits,
+        partial_groups=spec.partial_groups, axis=axis, shape=shape,
+        dtype=jnp.dtype(w.dtype).name, act_bits=act_bits,
     )
 
 
@@ -190,6 +194,9 @@ def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     xq, x_scale = quantize_activations_per_token(x)
     lead = x.shape[:-1]
     groups, size, n = codes.shape
+    xq = xq.reshape(-1, x.shape[-1])
+    if groups * size > x.shape[-1]:  # partial last group: pad with zeros like the codes
+        xq = jnp.pad(xq, ((0, 0), (0, groups * size - x.shape[-1])))
     xq = xq.reshape(-1, groups, size)  # (M, G, g)
     acc = jax.lax.dot_general(
         xq, codes, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32

@@ -175,7 +175,10 @@ def _int8_reference(x, q):
     g = q.group_size or k
     out = 0
     for gi, g0 in enumerate(range(0, k, g)):
-        acc = xq[..., g0:g0 + g] @ codes[g0:g0 + g]
+        centered = codes[g0:g0 + g]
+        if q.zero_point is not None:
+            centered = centered - np.asarray(q.zero_point).astype(np.int64)[gi]
+        acc = xq[..., g0:g0 + g] @ centered
         out = out + acc * scale[gi if scale.shape[0] > 1 else 0]
     return out * sx
 
@@ -247,3 +250,25 @@ def test_bad_quantization_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         spec = QuantSpec(**kwargs.pop("spec"))
         quantize_weight(w, spec, **kwargs)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_partial_last_group_matches_numpy(bits, symmetric):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((40, 6)).astype(np.float32)  # groups of 16, 16 and 8
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=16,
+                     partial_groups=True)
+    q = jax.jit(lambda a: quantize_weight(a, spec, scale_dtype="float32"))(w)
+    codes, scale, _, deq = numpy_rtn(w, bits, symmetric, "group", 16)
+    assert q.scale.shape == (3, 6)
+    np.testing.assert_array_equal(np.asarray(q.codes()), codes)
+    np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=2e-7)
+    np.testing.assert_allclose(np.asarray(q.materialize()), deq, rtol=1e-6, atol=1e-7)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    if symmetric or bits < 8:
+        q8 = quantize_weight(w, spec, act_bits=8, scale_dtype="float32")
+        np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, q8)), _int8_reference(x, q8),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="partial_groups: true"):
+        quantize_weight(w, QuantSpec(bits=bits, granularity="group", group_size=16))
