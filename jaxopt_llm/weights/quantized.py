@@ -183,25 +183,37 @@ def quantize_activations_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
 
 
+def _int8_codes(w: QuantizedWeight) -> jax.Array:
+    """Centered int8 codes in the grouped view (G, g, N)."""
+    if w.stored_as_int8 and w.axis == 0:  # already int8 and in place: no conversion pass
+        return grouped(w.qvalue.reshape(w.shape2d), w.spec)
+    codes = grouped(w.codes(), w.spec)  # int32, signed (symmetric) or unsigned (asymmetric)
+    if w.zero_point is not None:
+        _, zero = w._canonical_scale_zero()
+        codes = codes - zero.astype(jnp.int32)  # |u - z| ≤ 2^b - 1 ≤ 127 for b ≤ 7
+    return codes.astype(jnp.int8)
+
+
 def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x (..., K) against int8 codes with int32 accumulation; per group when grouped."""
-    codes = w.codes()  # (K, N) int32 signed (symmetric) or unsigned (asymmetric)
-    scale, zero = w._canonical_scale_zero()  # (G, 1, N)
-    codes = grouped(codes, w.spec)
-    if zero is not None:
-        codes = codes - zero.astype(jnp.int32)  # |u - z| ≤ 2^b - 1 ≤ 127 for b ≤ 7
-    codes = codes.astype(jnp.int8)  # (G, g, N)
+    codes = _int8_codes(w)  # (G, g, N)
+    scale, _ = w._canonical_scale_zero()  # (G, 1, N)
     xq, x_scale = quantize_activations_per_token(x)
     lead = x.shape[:-1]
     groups, size, n = codes.shape
     xq = xq.reshape(-1, x.shape[-1])
-    if groups * size > x.shape[-1]:  # partial last group: pad with zeros like the codes
-        xq = jnp.pad(xq, ((0, 0), (0, groups * size - x.shape[-1])))
-    xq = xq.reshape(-1, groups, size)  # (M, G, g)
-    acc = jax.lax.dot_general(
-        xq, codes, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32
-    )  # (G, M, N)
-    y = jnp.sum(acc.astype(jnp.float32) * scale.astype(jnp.float32), axis=0)  # (M, N)
+    if groups == 1:  # per channel / per tensor: one plain 2-D integer matmul
+        acc = jax.lax.dot_general(xq, codes[0], (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32)  # (M, N)
+        y = acc.astype(jnp.float32) * scale[0].astype(jnp.float32)
+    else:
+        if groups * size > x.shape[-1]:  # partial last group: pad with zeros like the codes
+            xq = jnp.pad(xq, ((0, 0), (0, groups * size - x.shape[-1])))
+        xq = xq.reshape(-1, groups, size)  # (M, G, g)
+        acc = jax.lax.dot_general(
+            xq, codes, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32
+        )  # (G, M, N)
+        y = jnp.sum(acc.astype(jnp.float32) * scale.astype(jnp.float32), axis=0)  # (M, N)
     return (y.reshape(*lead, n) * x_scale).astype(x.dtype)
 
 
