@@ -41,6 +41,7 @@ QUANTIZE_DEFAULTS = {
     "mse_norm": 2.0,
     "act_bits": None,  # 8: W8A8 (dynamic per-token int8 activations)
     "scale_dtype": None,  # float16 for group scales, float32 otherwise
+    "compute": "auto",  # auto: bf16 matmuls (f32 accumulation) for ≥128 rows; or float32
 }
 FAKE_QUANT_DEFAULTS = {
     "bits": 8, "symmetric": True, "granularity": None, "group_size": None,
@@ -64,6 +65,8 @@ def _check_quantize(options: dict[str, Any]) -> None:
         raise ValueError(f"act_bits must be 8 or null, got {options['act_bits']!r}")
     if options["act_bits"] and options["bits"] == 8 and not options["symmetric"]:
         raise ValueError("asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric")
+    if options["compute"] not in ("auto", "float32"):
+        raise ValueError(f"compute must be 'auto' or 'float32', got {options['compute']!r}")
     if options["scale_dtype"] not in (None, "float32", "float16", "bfloat16"):
         raise ValueError("scale_dtype must be float32, float16 or bfloat16")
     if not 0.0 < float(options["percentile"]) <= 100.0:
@@ -87,12 +90,12 @@ def table_axis(path: str) -> int:
 
 @partial(jax.jit, static_argnames=("spec", "axis", "method", "act_bits", "scale_dtype",
                                    "percentile", "mse_grid", "mse_max_shrink", "mse_norm",
-                                   "name"))
+                                   "compute"))
 def _quantize_jit(w, spec, axis, method, act_bits, scale_dtype, percentile, mse_grid,
-                  mse_max_shrink, mse_norm, name):
+                  mse_max_shrink, mse_norm, compute):
     return quantize_weight(w, spec, axis=axis, method=method, act_bits=act_bits,
                            scale_dtype=scale_dtype, percentile=percentile, mse_grid=mse_grid,
-                           mse_max_shrink=mse_max_shrink, mse_norm=mse_norm, name=name)
+                           mse_max_shrink=mse_max_shrink, mse_norm=mse_norm, compute=compute)
 
 
 def quantize_leaf(leaf: Any, path: str, options: dict[str, Any]) -> Any:
@@ -115,7 +118,7 @@ def quantize_leaf(leaf: Any, path: str, options: dict[str, Any]) -> Any:
     return _quantize_jit(
         leaf, spec, axis, options["method"], options["act_bits"], options["scale_dtype"],
         float(options["percentile"]), int(options["mse_grid"]), float(options["mse_max_shrink"]),
-        float(options["mse_norm"]), path)
+        float(options["mse_norm"]), options["compute"])
 
 
 def fake_quant_leaf(leaf: Any, path: str, options: dict[str, Any]) -> FakeQuantWeight:

@@ -8,7 +8,9 @@ a kernel (K, N) has scales (G, N); an embedding table (V, D), quantized along D,
 scales (V, G); per-tensor scales are (1, 1).
 
 Execution:
-- weight-only: dequantize, then one float matmul;
+- weight-only: dequantize, then one float32 matmul; with compute="auto" (default) inputs
+  of ≥ 128 rows (prefill, evaluation) instead run a bfloat16 matmul with float32
+  accumulation, which XLA's CPU backend runs ~1.8× faster than float32;
 - `act_bits=8` (W8A8, "SmoothQuant", Xiao et al., 2023, and LLM.int8()'s per-token
   activation scales): activations are quantized per token (dynamic absmax) to int8,
   `lax.dot_general` contracts int8 × int8 into int32 (per group when grouped), and
@@ -56,6 +58,7 @@ class QuantizedWeight:
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False, default="float32")
     act_bits: int | None = struct.field(pytree_node=False, default=None)
+    compute: str = struct.field(pytree_node=False, default="auto")  # or "float32"
 
     @property
     def spec(self) -> QuantSpec:
@@ -124,6 +127,7 @@ def quantize_weight(
     mse_grid: int = 100,
     mse_max_shrink: float = 0.8,
     mse_norm: float = 2.0,
+    compute: str = "auto",
     name: str = "weight",
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of a kernel (axis=0) or an embedding table (axis=1).
@@ -147,6 +151,8 @@ def quantize_weight(
         method = "absmax" if spec.symmetric else "minmax"
     if scale_dtype is None:
         scale_dtype = "float16" if spec.granularity == "group" else "float32"
+    if compute not in ("auto", "float32"):
+        raise ValueError(f"{name}: compute must be 'auto' or 'float32', got {compute!r}")
     if scale_dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"{name}: scale_dtype must be float32, float16 or bfloat16")
     shape = tuple(int(d) for d in w.shape)
@@ -171,7 +177,7 @@ def quantize_weight(
         qvalue=qvalue, scale=scale2, zero_point=zero2, bits=spec.bits,
         symmetric=spec.symmetric, granularity=spec.granularity, group_size=spec.group_size,
         partial_groups=spec.partial_groups, axis=axis, shape=shape,
-        dtype=jnp.dtype(w.dtype).name, act_bits=act_bits,
+        dtype=jnp.dtype(w.dtype).name, act_bits=act_bits, compute=compute,
     )
 
 
@@ -217,12 +223,41 @@ def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return (y.reshape(*lead, n) * x_scale).astype(x.dtype)
 
 
+# Rows (tokens) from which weight-only matmuls run in bfloat16 with float32 accumulation
+# under compute="auto": XLA's CPU bf16 GEMM is ~1.8× its f32 GEMM at 512 rows, but bf16
+# GEMV is ~10× slower than f32 GEMV, so decode-sized inputs stay float32.
+BF16_MIN_ROWS = 128
+
+
+def _bf16_matmul(x2: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x (M, K) @ weight in bf16 with f32 accumulation.
+
+    Per channel / per tensor the centered codes are exact in bf16 (|code| ≤ 255) and the
+    scale is applied to the f32 product, so only x is rounded; with groups the
+    dequantized weight is rounded to bf16 (relative error ≤ 2^-9).
+    """
+    x16 = x2.astype(jnp.bfloat16)
+    scale, zero = w._canonical_scale_zero()  # (G, 1, N)
+    if scale.shape[0] == 1:
+        codes = w.codes()
+        if zero is not None:
+            codes = codes - zero[0].astype(jnp.int32)
+        y = jnp.dot(x16, codes.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return y * scale[0].astype(jnp.float32)
+    weight = w.materialize().reshape(w.shape2d).astype(jnp.bfloat16)
+    return jnp.dot(x16, weight, preferred_element_type=jnp.float32)
+
+
 def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if w.axis != 0:
         raise ValueError("a QuantizedWeight of an embedding table (axis=1) is not a kernel")
     out_shape = (*x.shape[:-1], *w.shape[1:])
     if w.act_bits == 8:
         return _int8_matmul(x, w).reshape(out_shape)
+    rows = math.prod(x.shape[:-1])
+    if w.compute == "auto" and rows >= BF16_MIN_ROWS and x.dtype == jnp.float32:
+        y = _bf16_matmul(x.reshape(rows, x.shape[-1]), w)
+        return y.astype(x.dtype).reshape(out_shape)
     w2 = w.materialize().reshape(w.shape2d).astype(x.dtype)
     return jnp.matmul(x, w2).reshape(out_shape)
 
