@@ -20,9 +20,9 @@ from jaxopt_llm.weights import is_weight_leaf, param_bytes
 
 @dataclasses.dataclass(frozen=True)
 class PlanRow:
-    stage: str
+    stage: str  # stages that transformed it, " → "-joined ("-" if none)
     path: str
-    op: str  # "keep" for parameters no rule transforms
+    op: str  # ops in order, " → "-joined; "keep" for parameters no rule transforms
     shape: tuple[int, ...]
     bytes_before: int
     bytes_after: int
@@ -67,7 +67,7 @@ def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
     before_total = param_bytes(current)
     origin = {path: param_bytes(leaf) for path, leaf in flat_params(current).items()}
     shape0 = {path: _shape_of(leaf) for path, leaf in flat_params(current).items()}
-    touched: dict[str, tuple[str, str]] = {}
+    touched: dict[str, list[tuple[str, str]]] = {}
     for stage in recipe.stages:
         options = stage.check()
         flat = flat_params(current)
@@ -89,11 +89,13 @@ def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
             else:
                 config, flat = op.plan(dict(flat), paths, config, opts)
             for path in paths:
-                touched[path] = (stage.name, candidate.describe())
+                touched.setdefault(path, []).append((stage.name, candidate.describe()))
         current = nested_params(flat)
     rows = []
     for path, leaf in flat_params(current).items():
-        stage, op = touched.get(path, ("-", KEEP))
+        steps = touched.get(path, [("-", KEEP)])
+        stage = " → ".join(step[0] for step in steps)
+        op = " → ".join(step[1] for step in steps)
         rows.append(PlanRow(stage=stage, path=path, op=op, shape=shape0.get(path, ()),
                             bytes_before=origin.get(path, 0), bytes_after=param_bytes(leaf),
                             representation=type(leaf).__name__ if is_weight_leaf(leaf)

@@ -272,3 +272,33 @@ def test_partial_last_group_matches_numpy(bits, symmetric):
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="partial_groups: true"):
         quantize_weight(w, QuantSpec(bits=bits, granularity="group", group_size=16))
+
+
+@pytest.mark.parametrize("granularity,group_size", [("channel", None), ("group", 32)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_only_prefill_path_rounds_only_activations(granularity, group_size, symmetric):
+    """compute='auto' with >= BF16_MIN_ROWS rows: bf16 inputs, f32 accumulation."""
+    import ml_dtypes
+
+    from jaxopt_llm.weights.quantized import BF16_MIN_ROWS
+
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((64, 24)).astype(np.float32)
+    x = rng.standard_normal((2, BF16_MIN_ROWS // 2, 64)).astype(np.float32)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    auto = quantize_weight(w, spec)
+    exact = quantize_weight(w, spec, compute="float32")
+    dense = np.asarray(exact.materialize()).astype(np.float64)
+    x16 = x.astype(ml_dtypes.bfloat16).astype(np.float64)
+    if granularity == "group":  # the dequantized weight is rounded to bf16 too
+        dense16 = np.asarray(exact.materialize()).astype(ml_dtypes.bfloat16).astype(np.float64)
+        reference = x16 @ dense16
+    else:
+        reference = x16 @ dense
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, auto)), reference, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, exact)), x @ dense, rtol=1e-5,
+                               atol=1e-5)
+    small = x[:, :4]  # decode-sized inputs stay float32 under "auto"
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(small, auto)), small @ dense,
+                               rtol=1e-5, atol=1e-5)
