@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from flax.core import meta
 
-from jaxopt_llm.weights import attend, embed, linear
+from jaxopt_llm.weights import QuantizedWeight, attend, embed, linear
 
 __all__ = [
     "DispatchEmbed",
@@ -154,6 +154,11 @@ def _dense_general(module: nn.DenseGeneral, kernel: Any, args: tuple, kwargs: di
             "plain array (exclude it from the recipe) or use a DenseGeneral over the last axis."
         )
     d_out = math.prod(features)
+    full = (inputs.shape[-1], *features)
+    if isinstance(kernel, QuantizedWeight) and tuple(kernel.shape) == full:
+        # Quantized in Flax's own (d_in, *features) layout: its codes are stored as the
+        # 2-D view (d_in, prod(features)) already, so view it that way.
+        kernel = kernel.replace(shape=(inputs.shape[-1], d_out))
     _check_kernel_shape(kernel, (inputs.shape[-1], d_out), where)
     bias = None
     if module.use_bias:

@@ -295,3 +295,21 @@ def test_nnx_errors():
     del params["layers"][1]
     with pytest.raises(ValueError, match="missing"):
         nnx_with_params(model, params)
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4", "w8a8"])
+def test_linen_builtin_quantization_recipes_in_flax_layout(linen_setup, recipe):
+    """Built-in recipes on a user's linen model; DenseGeneral's (d_in, 2, 6) kernel included."""
+    from jaxopt_llm.recipes import BUILTIN_RECIPES
+    from jaxopt_llm.weights import QuantizedWeight, materialize
+
+    model, params = linen_setup
+    _, quantized = BUILTIN_RECIPES[recipe](None, params)
+    assert isinstance(quantized["heads"]["kernel"], QuantizedWeight)
+    assert quantized["heads"]["kernel"].shape == (D, 2, 6)
+    assert not isinstance(quantized["embed"]["embedding"], QuantizedWeight)  # tables: opt-in
+    ours = jax.jit(lambda p, ids: linen_apply(model, {"params": p}, ids))(quantized, _ids())
+    ref = model.apply({"params": materialize(quantized)}, _ids())
+    tolerance = 0.05 if recipe == "w8a8" else 1e-5  # w8a8 also quantizes activations
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=tolerance,
+                               atol=tolerance)
