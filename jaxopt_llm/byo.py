@@ -362,8 +362,11 @@ def nnx_with_params(model: nnx.Module, params: Mapping[Any, Any]) -> nnx.Module:
         but the kernel of an `nnx.Linear` or the embedding of an `nnx.Embed`.
     """
     new = nnx.clone(model)
-    want = _flatten(params)
     have = set(_flatten(nnx_params(new)))
+    # Recipes see "/"-joined string paths, so list indices may come back as "0": re-key
+    # every path by its string form onto the model's own (int or str) keys.
+    by_name = {_path(p): p for p in have}
+    want = {by_name.get(_path(p), p): leaf for p, leaf in _flatten(params).items()}
     if set(want) != have:
         missing = sorted(map(_path, have - set(want)))
         unexpected = sorted(map(_path, set(want) - have))

@@ -62,7 +62,10 @@ def get_op(name: str) -> Op:
 
 def resolved_options(candidate: Rule, where: str) -> dict[str, Any]:
     """The rule's options merged over the op's defaults, validated."""
-    op = get_op(candidate.op)
+    try:
+        op = get_op(candidate.op)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     given = candidate.option_dict
     unknown = sorted(set(given) - set(op.defaults))
     if unknown:
@@ -253,5 +256,8 @@ def read_recipe_file(path: str | Path) -> Recipe:
         raise ValueError(f"recipe file {path}: invalid YAML{at}: "
                          f"{getattr(err, 'problem', err)}") from None
     recipe = Recipe.from_dict(data, source=f"recipe file {path}")
-    recipe.check()
+    for i, stage in enumerate(recipe.stages):
+        for j, candidate in enumerate(stage.rules):
+            if candidate.op != KEEP:
+                resolved_options(candidate, f"recipe file {path}: stages[{i}].rules[{j}]")
     return recipe

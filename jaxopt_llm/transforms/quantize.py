@@ -51,7 +51,8 @@ FAKE_QUANT_DEFAULTS = {
 
 
 def quant_spec(options: dict[str, Any]) -> QuantSpec:
-    granularity = options["granularity"] or ("group" if options["group_size"] else "channel")
+    granularity = options["granularity"] or (
+        "group" if options["group_size"] is not None else "channel")
     return QuantSpec(bits=options["bits"], symmetric=options["symmetric"],
                      granularity=granularity, group_size=options["group_size"],
                      partial_groups=bool(options["partial_groups"]))
