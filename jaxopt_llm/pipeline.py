@@ -100,14 +100,18 @@ class Stage:
             for i, r in enumerate(self.rules)
         ]
 
-    def __call__(self, config: Any, params: Any) -> tuple[Any, Any]:
+    def selections(self, flat: Mapping[str, Any]) -> list[tuple[Rule, Op, list[str], dict]]:
+        """(rule, op, selected paths, resolved options) for each rule that transforms."""
         options = self.check()
-        flat = flat_params(params)
         selection = assign(self.rules, list(flat), where=f"stage {self.name!r}")
-        for candidate, paths, opts in zip(self.rules, selection, options, strict=True):
-            if candidate.op == KEEP:
-                continue
-            config, flat = get_op(candidate.op).apply(dict(flat), paths, config, opts)
+        return [(candidate, get_op(candidate.op), paths, opts)
+                for candidate, paths, opts in zip(self.rules, selection, options, strict=True)
+                if candidate.op != KEEP]
+
+    def __call__(self, config: Any, params: Any) -> tuple[Any, Any]:
+        flat = flat_params(params)
+        for _, op, paths, opts in self.selections(flat):
+            config, flat = op.apply(dict(flat), paths, config, opts)
         return config, nested_params(flat)
 
 

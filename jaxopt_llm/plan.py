@@ -13,8 +13,8 @@ from typing import Any
 
 import jax
 
-from jaxopt_llm.pipeline import Recipe, get_op
-from jaxopt_llm.rules import KEEP, assign, flat_params, nested_params
+from jaxopt_llm.pipeline import Recipe
+from jaxopt_llm.rules import KEEP, flat_params, nested_params
 from jaxopt_llm.weights import is_weight_leaf, param_bytes
 
 
@@ -69,13 +69,8 @@ def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
     shape0 = {path: _shape_of(leaf) for path, leaf in flat_params(current).items()}
     touched: dict[str, list[tuple[str, str]]] = {}
     for stage in recipe.stages:
-        options = stage.check()
         flat = flat_params(current)
-        selection = assign(stage.rules, list(flat), where=f"stage {stage.name!r}")
-        for candidate, paths, opts in zip(stage.rules, selection, options, strict=True):
-            if candidate.op == KEEP:
-                continue
-            op = get_op(candidate.op)
+        for candidate, op, paths, opts in stage.selections(flat):
             if op.traceable:
                 box: dict[str, Any] = {}
 

@@ -14,8 +14,6 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax
-
 from jaxopt_llm.weights import is_weight_leaf
 
 KEEP = "keep"  # the op that leaves a parameter as it is (an exclusion rule)
@@ -98,19 +96,9 @@ def flat_params(params: Any) -> dict[str, Any]:
 
 def nested_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of `flat_params`."""
-    out: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return out
+    from jaxopt_llm.io.params import unflatten
 
-
-def _is_array_like(leaf: Any) -> bool:
-    return is_weight_leaf(leaf) or isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) or (
-        hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+    return unflatten(dict(flat))
 
 
 def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") -> list[list[str]]:
