@@ -52,7 +52,10 @@ class Plan:
 
 
 def _shapes(params: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    """Shape-only copy in the tree's own key order (tree_map would sort dict keys)."""
+    return nested_params({
+        path: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), leaf)
+        for path, leaf in flat_params(params).items()})
 
 
 def _shape_of(leaf: Any) -> tuple[int, ...]:

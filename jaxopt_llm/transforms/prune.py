@@ -15,6 +15,7 @@ zeros survive training) or, for N:M, the compressed `NMSparseWeight`.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -77,12 +78,15 @@ def magnitude_prune(flat: dict[str, Any], paths: list[str], config: Any,
             flat[path] = _finish(w, keep, fmt)
         return config, flat
     for path, w in kernels.items():
-        if scope == "layer":
-            keep = lowest_mask(jnp.abs(w), round(sparsity * w.size))
-        else:
-            keep = lowest_mask(jnp.abs(w), round(sparsity * w.shape[0]), axis=0)
-        flat[path] = _finish(w, keep, fmt)
+        count = round(sparsity * (w.size if scope == "layer" else w.shape[0]))
+        flat[path] = _prune_one(w, count, scope, fmt)
     return config, flat
+
+
+@partial(jax.jit, static_argnames=("count", "scope", "fmt"))
+def _prune_one(w: jax.Array, count: int, scope: str, fmt: str) -> Any:
+    keep = lowest_mask(jnp.abs(w), count, axis=None if scope == "layer" else 0)
+    return _finish(w, keep, fmt)
 
 
 def nm_keep_mask(w: jax.Array, n: int, m: int) -> jax.Array:
@@ -98,8 +102,13 @@ def _nm_leaf(leaf: Any, path: str, options: dict[str, Any]) -> Any:
     if w.shape[0] % m:
         raise ValueError(f"{path} {w.shape}: m={m} does not divide the input dimension "
                          f"{w.shape[0]}")
+    return _nm_one(w, n, m, options["format"])
+
+
+@partial(jax.jit, static_argnames=("n", "m", "fmt"))
+def _nm_one(w: jax.Array, n: int, m: int, fmt: str) -> Any:
     keep = nm_keep_mask(w, n, m)
-    if options["format"] == "masked":
+    if fmt == "masked":
         return masked_weight(w, keep)
     return nm_sparse_weight(w, keep, m - n, m)
 
