@@ -1,0 +1,190 @@
+"""One jit-compiled training step over any parameter representation.
+
+The parameter tree may hold typed leaves: `FakeQuantWeight` (quantization-aware
+training with a straight-through gradient, "Quantization and Training of Neural
+Networks for Efficient Integer-Arithmetic-Only Inference", Jacob et al., 2018),
+`MaskedWeight` (pruned entries stay exactly zero: the forward multiplies by the mask,
+so their gradient is zero, and AdamW's decay keeps a zero at zero) or `LowRankWeight`.
+What trains is chosen by path rules on the flattened arrays ("…/kernel/w" is a fake-
+quantized master weight, "…/kernel/u" a low-rank factor); integer arrays (codes,
+masks) never train. The step computes the causal-LM loss, optionally mixed with a
+distillation KL against a teacher's logits ("Distilling the Knowledge in a Neural
+Network", Hinton et al., 2015), and applies any optax optimizer (AdamW with warmup +
+cosine decay and global-norm clipping by default; gradient accumulation with
+optax.MultiSteps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_llm.models import ModelConfig, build_model
+from jaxopt_llm.models.layers import attention_mask
+
+# Every floating array of the model trains by default (norms included).
+TRAIN_ALL = r".*"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    steps: int
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    accumulation: int = 1  # micro-batches per optimizer update
+    trainable: str = TRAIN_ALL  # regex (re.fullmatch) on "/"-joined array paths
+    distill_weight: float = 0.0  # 0: LM loss only; 1: KL to the teacher only
+    distill_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "accumulation"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), "
+                             f"got {self.warmup_steps}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be positive, got "
+                             f"{self.distill_temperature}")
+        try:
+            re.compile(self.trainable)
+        except re.error as err:
+            raise ValueError(f"trainable {self.trainable!r} is not a valid regex: {err}") from None
+
+
+def default_optimizer(options: TrainOptions) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay, global-norm clipping, accumulation."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if options.warmup_steps else options.learning_rate,
+        peak_value=options.learning_rate, warmup_steps=options.warmup_steps,
+        decay_steps=options.steps, end_value=options.learning_rate * 0.1)
+    parts = [optax.clip_by_global_norm(options.clip_norm)] if options.clip_norm else []
+    parts.append(optax.adamw(schedule, weight_decay=options.weight_decay))
+    optimizer = optax.chain(*parts)
+    if options.accumulation > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=options.accumulation)
+    return optimizer
+
+
+def _array_path(path: tuple) -> str:
+    parts = []
+    for key in path:
+        name = getattr(key, "key", None) or getattr(key, "name", None)
+        parts.append(str(name if name is not None else getattr(key, "idx", key)))
+    return "/".join(parts)
+
+
+def trainable_mask(params: Any, pattern: str) -> Any:
+    """Bool per array of `params` (typed leaves flattened into their children)."""
+    def decide(path, leaf):
+        return bool(jnp.issubdtype(leaf.dtype, jnp.floating)
+                    and re.fullmatch(pattern, _array_path(path)))
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def split(params: Any, mask: Any) -> tuple[Any, Any]:
+    """(trainable, frozen) trees with None where the other one holds the array."""
+    trainable = jax.tree_util.tree_map(lambda m, a: a if m else None, mask, params)
+    frozen = jax.tree_util.tree_map(lambda m, a: None if m else a, mask, params)
+    return trainable, frozen
+
+
+def merge(trainable: Any, frozen: Any) -> Any:
+    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
+                                  is_leaf=lambda x: x is None)
+
+
+class TrainState(NamedTuple):
+    trainable: Any  # arrays that train (None elsewhere)
+    opt_state: Any
+    step: jax.Array  # int32 scalar: micro-batches seen
+
+
+def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy: logits (B, T, V) predict tokens[:, 1:]."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
+        logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(nll)
+
+
+def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
+    """Mean KL(teacher ‖ student) over positions of temperature-softened distributions, ·T²."""
+    log_p = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(student.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return jnp.mean(kl) * temperature**2
+
+
+class Trainer(NamedTuple):
+    init: Any  # params -> TrainState
+    step: Any  # (TrainState, frozen, tokens[, teacher_params]) -> (TrainState, metrics)
+    params: Any  # (TrainState, frozen) -> full params
+
+
+def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
+                 optimizer: optax.GradientTransformation | None = None) -> tuple[Trainer, Any]:
+    """A jitted train step for `config`; returns (trainer, frozen part of `params`).
+
+    Raises ValueError when the `trainable` rule selects no floating array.
+    """
+    mask = trainable_mask(params, options.trainable)
+    if not any(jax.tree_util.tree_leaves(mask)):
+        raise ValueError(f"trainable {options.trainable!r} selects no floating-point "
+                         f"parameter; nothing would train")
+    optimizer = optimizer or default_optimizer(options)
+    model = build_model(config)
+    _, frozen = split(params, mask)
+
+    def forward(full, tokens):
+        length = tokens.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+        causal = attention_mask(jnp.ones(tokens.shape, bool), 0, length, config.sliding_window)
+        return model.apply({"params": full}, tokens, positions, causal)[0]
+
+    def loss_fn(trainable, frozen, tokens, teacher_logits):
+        logits = forward(merge(trainable, frozen), tokens)
+        loss = lm_loss(logits, tokens)
+        metrics = {"lm_loss": loss}
+        if teacher_logits is not None:
+            kl = distill_kl(logits, teacher_logits, options.distill_temperature)
+            metrics["distill_kl"] = kl
+            loss = (1 - options.distill_weight) * loss + options.distill_weight * kl
+        return loss, metrics
+
+    def init(initial_params):
+        trainable, _ = split(initial_params, mask)
+        return TrainState(trainable=trainable, opt_state=optimizer.init(trainable),
+                          step=jnp.zeros((), jnp.int32))
+
+    @jax.jit
+    def step(state, frozen, tokens, teacher_params=None):
+        teacher_logits = None
+        if teacher_params is not None:  # no gradient flows into the teacher
+            teacher_logits = jax.lax.stop_gradient(forward(teacher_params, tokens))
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.trainable, frozen, tokens, teacher_logits)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts with floats
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(trainable, opt_state, state.step + 1), metrics
+
+    return Trainer(init=init, step=step, params=lambda state, fz: merge(state.trainable, fz)), \
+        frozen
