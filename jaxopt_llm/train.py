@@ -26,6 +26,7 @@ import optax
 
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.weights import MaskedWeight, is_weight_leaf
 
 # Every floating array of the model trains by default (norms included).
 TRAIN_ALL = r".*"
@@ -109,6 +110,21 @@ def merge(trainable: Any, frozen: Any) -> Any:
                                   is_leaf=lambda x: x is None)
 
 
+def _enforce_masks(trainable: Any, frozen: Any) -> Any:
+    """Project pruned entries of every MaskedWeight back to exactly zero after an update
+    (Adam's momentum would otherwise move a weight pruned at a later schedule step)."""
+    def project(leaf: Any) -> Any:
+        if isinstance(leaf, MaskedWeight) and leaf.w is not None:
+            return leaf.replace(w=jnp.where(leaf.dense_mask(), leaf.w,
+                                            jnp.zeros((), leaf.w.dtype)))
+        return leaf
+
+    full = jax.tree_util.tree_map(project, merge(trainable, frozen), is_leaf=is_weight_leaf)
+    mask = jax.tree_util.tree_map(lambda t: t is not None, trainable,
+                                  is_leaf=lambda x: x is None)
+    return split(full, mask)[0]
+
+
 class TrainState(NamedTuple):
     trainable: Any  # arrays that train (None elsewhere)
     opt_state: Any
@@ -182,7 +198,7 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
             state.trainable, frozen, tokens, teacher_logits)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts with floats
             updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
+        trainable = _enforce_masks(optax.apply_updates(state.trainable, updates), frozen)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(trainable, opt_state, state.step + 1), metrics
 

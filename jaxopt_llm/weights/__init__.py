@@ -16,6 +16,7 @@ from jaxopt_llm.weights.dispatch import (
     registered_leaf_types,
 )
 from jaxopt_llm.weights.fake_quant import FakeQuantWeight
+from jaxopt_llm.weights.lora import LoRAWeight, add_lora, merge_lora
 from jaxopt_llm.weights.lowrank import LowRankWeight
 from jaxopt_llm.weights.quant_math import QuantSpec
 from jaxopt_llm.weights.quantized import QuantizedWeight, quantize_weight
@@ -25,17 +26,20 @@ nbytes = param_bytes
 
 __all__ = [
     "FakeQuantWeight",
+    "LoRAWeight",
     "LowRankWeight",
     "MaskedWeight",
     "NMSparseWeight",
     "QuantSpec",
     "QuantizedWeight",
+    "add_lora",
     "attend",
     "embed",
     "is_weight_leaf",
     "linear",
     "masked_weight",
     "materialize",
+    "merge_lora",
     "nbytes",
     "nm_sparse_weight",
     "param_bytes",

@@ -128,6 +128,7 @@ def quantize_weight(
     mse_max_shrink: float = 0.8,
     mse_norm: float = 2.0,
     compute: str = "auto",
+    clip_ratio: float = 1.0,
     name: str = "weight",
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of a kernel (axis=0) or an embedding table (axis=1).
@@ -162,6 +163,10 @@ def quantize_weight(
     wg = grouped(canonical.astype(jnp.float32), spec)
     lo, hi = group_range(wg, spec, method, percentile=percentile, mse_grid=mse_grid,
                          mse_max_shrink=mse_max_shrink, mse_norm=mse_norm)
+    if clip_ratio != 1.0:  # a fixed shrink of the range (what FakeQuantWeight trained with)
+        if not 0.0 < clip_ratio <= 1.0:
+            raise ValueError(f"{name}: clip_ratio must be in (0, 1], got {clip_ratio}")
+        lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
     codes = ungrouped(quantize_codes(wg, scale, zero, spec), canonical.shape[0])
     scale2, zero2 = scale[:, 0, :], (None if zero is None else zero[:, 0, :])
