@@ -121,3 +121,27 @@ def test_lora_merge_into_float_weights_is_exact():
 def test_bad_lora_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         add_lora(_params(), **kwargs)
+
+
+def _loss(config, params, batches):
+    from jaxopt_llm.train import lm_loss
+
+    return float(np.mean([lm_loss(jnp.asarray(_logits(config, params, jnp.asarray(t))),
+                                  jnp.asarray(t)) for t in batches]))
+
+
+def test_qat_closes_most_of_the_ptq_gap():
+    """Float model → RTN int2 per channel (PTQ) loses; QAT from the float weights, converted
+    to integers, wins most of it back, on held-out batches of the synthetic language."""
+    trainer, state, frozen, _ = _train(_params(), TrainOptions(steps=200, learning_rate=3e-3),
+                                       _batches(200, seed=2))
+    float_params = trainer.params(state, frozen)
+    held_out = _batches(4, seed=99)
+    _, ptq = _recipe("quantize", bits=2)(CONFIG, float_params)
+    _, fake = _recipe("fake_quant", bits=2)(CONFIG, float_params)
+    trainer, state, frozen, _ = _train(fake, TrainOptions(steps=100, learning_rate=1e-3),
+                                       _batches(100, seed=3))
+    qat = convert(trainer.params(state, frozen))
+    base, before, after = (_loss(CONFIG, p, held_out) for p in (float_params, ptq, qat))
+    assert before > base + 0.05, (base, before)  # PTQ really hurts
+    assert after - base < 0.5 * (before - base), (base, before, after)  # QAT recovers > half
