@@ -260,6 +260,85 @@ def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
     return {"recipes": {name: r.to_dict() for name, r in BUILTIN_RECIPES.items()}}
 
 
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    import numpy as np
+
+    from jaxopt_llm.data import pydoc_text, read_text_file
+    from jaxopt_llm.io.artifact import save_artifact
+    from jaxopt_llm.qat import convert
+    from jaxopt_llm.train import TrainOptions
+    from jaxopt_llm.train_loop import EVAL_TOKENS, check_data, qat_recipe, run_training
+
+    options = TrainOptions(steps=args.steps, learning_rate=args.lr,
+                           warmup_steps=min(args.steps - 1, args.steps // 10),
+                           distill_weight=0.5 if args.distill else 0.0)
+    recipe = _recipe(args.recipe)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a directory")
+    text = pydoc_text() if args.text is None else read_text_file(args.text)
+    loaded = _load(args.model, args.json)
+    ids = np.asarray(loaded.tokenizer.encode(text), np.int32)
+    if args.text is None:
+        ids = ids[EVAL_TOKENS:]  # never train on the evaluation tokens
+    check_data(ids, args.batch, args.seq, loaded.config.max_position_embeddings)
+    trainable = qat_recipe(recipe) if recipe is not None else None
+    config, params = (loaded.config, loaded.params) if trainable is None else trainable(
+        loaded.config, loaded.params)
+    meta = {"model": loaded.source, "recipe": recipe.to_dict() if recipe else None,
+            "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
+            "distill": bool(args.distill), "text_tokens": int(len(ids))}
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
+    log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
+    resume = (checkpoint_dir / "meta.json").exists()
+    log = log_path.open("a" if resume else "w")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(log)
+        progress = None
+        if not args.json:
+            progress = stack.enter_context(Progress(
+                TextColumn("{task.description}"), BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[loss]}"),
+                TimeElapsedColumn(), console=stderr, transient=True))
+            task = progress.add_task("training", total=args.steps, loss="")
+
+        def on_step(step: int, record: dict[str, float]) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if progress is not None:
+                progress.update(task, completed=step, loss=f"loss {record['loss']:.3f}")
+
+        result = run_training(config, params, options, ids, batch=args.batch, seq=args.seq,
+                              teacher=loaded.params if args.distill else None,
+                              checkpoint_dir=checkpoint_dir,
+                              checkpoint_every=args.checkpoint_every, meta=meta,
+                              resume=resume, stop_after=args.stop_after, on_step=on_step)
+    if result.history and result.history[-1]["step"] < args.steps:
+        return {"stopped_at": result.history[-1]["step"], "checkpoint": str(checkpoint_dir)}
+    final = convert(result.params)
+    path = save_artifact(out_dir, config=config, params=final, tokenizer=loaded.tokenizer,
+                         recipe=(recipe.to_dict() if recipe else None),
+                         extra={"source": loaded.source, "trained": meta})
+    import shutil
+
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete
+    history = result.history
+    out = {
+        "out": str(path), "log": str(log_path), "steps": args.steps,
+        "resumed_from": result.resumed_from,
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last": history[-1]["loss"] if history else None,
+        "step_s": float(np.median([h["step_s"] for h in history[1:]] or [0.0])),
+    }
+    if not args.json:
+        stderr.print(f"trained {args.steps} steps: loss {out['loss_first']:.3f} → "
+                     f"{out['loss_last']:.3f}, {out['step_s']:.3f} s/step; wrote {path}")
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.data import pydoc_text
     from jaxopt_llm.generation import Sampling
@@ -340,6 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe(pl, required=True)
     pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
+
+    tr = sub.add_parser("train", help="QAT / sparse / low-rank training of a recipe")
+    add_model(tr)
+    add_recipe(tr)
+    tr.add_argument("--out", required=True, help="artifact directory written at the end")
+    tr.add_argument("--steps", type=_positive_int("--steps"), default=100)
+    tr.add_argument("--batch", type=_positive_int("--batch"), default=4)
+    tr.add_argument("--seq", type=_positive_int("--seq"), default=256)
+    tr.add_argument("--lr", type=_number("--lr", float, allow_zero=False), default=1e-4)
+    tr.add_argument("--text", help="UTF-8 training text (default: pydoc minus the eval tokens)")
+    tr.add_argument("--distill", action="store_true",
+                    help="mix the LM loss with a KL to the float model's logits (0.5 / 0.5)")
+    tr.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50)
+    tr.add_argument("--stop-after", type=_positive_int("--stop-after"), default=None,
+                    help=argparse.SUPPRESS)  # simulate an interruption (tests)
+    tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    tr.set_defaults(func=cmd_train)
 
     rec = sub.add_parser("recipes", help="list the built-in recipes")
     rec.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -1,0 +1,121 @@
+"""`jaxopt-llm train` and the loop behind it: QAT recipes, resume = uninterrupted, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopt_llm import cli
+from jaxopt_llm.io.artifact import save_artifact
+from jaxopt_llm.io.loader import load_model
+from jaxopt_llm.recipes import BUILTIN_RECIPES
+from jaxopt_llm.train import TrainOptions
+from jaxopt_llm.train_loop import batch_at, qat_recipe, run_training
+from jaxopt_llm.weights import FakeQuantWeight, QuantizedWeight
+from tests.io.test_artifact import CONFIG
+from tests.io.test_artifact import tokenizer as tokenizer_fixture  # noqa: F401
+
+TEXT = " ".join(["hello world jax weights ."] * 400)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_fixture):  # noqa: F811
+    from jaxopt_llm.models import build_model
+    from jaxopt_llm.models.layers import attention_mask
+
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
+    params = build_model(CONFIG).init(jax.random.key(0), tokens, tokens, mask)["params"]
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    save_artifact(directory, config=CONFIG, params=params, tokenizer=tokenizer_fixture,
+                  recipe=None)
+    text = directory.parent / "train.txt"
+    text.write_text(TEXT)
+    return directory, text
+
+
+def test_qat_recipe_swaps_quantize_for_fake_quant_on_the_same_grid():
+    qat = qat_recipe(BUILTIN_RECIPES["w4g128"])
+    rule = qat.stages[0].rules[0]
+    assert rule.op == "fake_quant"
+    assert rule.option_dict == {"bits": 4, "symmetric": False, "group_size": 128,
+                                "partial_groups": True}
+    assert qat_recipe(BUILTIN_RECIPES["nm-2:4"]).stages[0].rules[0].option_dict["format"] == \
+        "masked"
+
+
+def test_batches_depend_only_on_the_step():
+    ids = np.arange(1000)
+    np.testing.assert_array_equal(batch_at(ids, 7, 4, 16), batch_at(ids, 7, 4, 16))
+    assert not np.array_equal(batch_at(ids, 7, 4, 16), batch_at(ids, 8, 4, 16))
+
+
+def test_resume_after_interrupt_equals_uninterrupted(model_dir, tmp_path):
+    loaded = load_model(str(model_dir[0]))
+    config, params = qat_recipe(BUILTIN_RECIPES["w4"])(loaded.config, loaded.params)
+    ids = np.asarray(loaded.tokenizer.encode(TEXT), np.int32)
+    options = TrainOptions(steps=6, learning_rate=1e-2)
+    common = dict(batch=2, seq=16, meta={"recipe": "w4"})
+    straight = run_training(config, params, options, ids, **common)
+    ckpt = tmp_path / "ckpt"
+    first = run_training(config, params, options, ids, checkpoint_dir=ckpt, checkpoint_every=2,
+                         stop_after=3, **common)  # "interrupted" after step 3; saved at 2
+    assert first.history[-1]["step"] == 3
+    second = run_training(config, params, options, ids, checkpoint_dir=ckpt,
+                          checkpoint_every=2, resume=True, **common)
+    assert second.resumed_from == 2
+    for a, b in zip(jax.tree_util.tree_leaves(straight.params),
+                    jax.tree_util.tree_leaves(second.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="was made with another recipe"):
+        run_training(config, params, options, ids, checkpoint_dir=ckpt, resume=True,
+                     batch=2, seq=16, meta={"recipe": "w8"})
+
+
+def test_train_command_writes_an_integer_artifact(model_dir, tmp_path, capsys):
+    directory, text = model_dir
+    out = tmp_path / "qat"
+    code = cli.main(["train", "--model", str(directory), "--recipe", "w4", "--text", str(text),
+                     "--steps", "8", "--batch", "2", "--seq", "16", "--lr", "0.01",
+                     "--distill", "--out", str(out), "--json"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["steps"] == 8 and result["loss_last"] < result["loss_first"]
+    assert result["step_s"] > 0
+    log = [json.loads(line) for line in (tmp_path / "qat.train_log.jsonl").read_text().split("\n")
+           if line]
+    assert [r["step"] for r in log] == list(range(1, 9)) and "distill_kl" in log[0]
+    trained = load_model(str(out))
+    kernel = trained.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel, QuantizedWeight) and not isinstance(kernel, FakeQuantWeight)
+    assert trained.recipe["name"] == "w4"
+    assert not (tmp_path / "qat.checkpoint").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--batch", "-1"], "--batch must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+])
+def test_bad_numbers(model_dir, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", str(model_dir[0]), "--out", str(tmp_path / "o"), *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seq", "100"], "--seq 100 is longer than the model's context of 64 tokens"),
+    (["--seq", "32", "--text", "{short}"], "fewer than one sequence of --seq 32"),
+])
+def test_bad_data(model_dir, tmp_path, capsys, argv, message):
+    short = tmp_path / "short.txt"
+    short.write_text("hello world")
+    argv = [a.format(short=short) for a in argv]
+    if "--text" not in argv:
+        argv += ["--text", str(model_dir[1])]
+    code = cli.main(["train", "--model", str(model_dir[0]), "--out", str(tmp_path / "o"), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
