@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -322,8 +323,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     path = save_artifact(out_dir, config=config, params=final, tokenizer=loaded.tokenizer,
                          recipe=(recipe.to_dict() if recipe else None),
                          extra={"source": loaded.source, "trained": meta})
-    import shutil
-
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete
     history = result.history
     out = {

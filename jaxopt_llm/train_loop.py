@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,7 @@ def save_checkpoint(directory: Path, state: TrainState, meta: dict[str, Any]) ->
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
-    if old.exists():
-        for child in old.iterdir():
-            child.unlink()
-        old.rmdir()
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(directory: Path, template: TrainState, meta: dict[str, Any]) -> TrainState:

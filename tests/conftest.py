@@ -38,3 +38,17 @@ def smollm2_hf():
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A tiny whitespace word-level tokenizer (8 words) for tiny-model tests."""
+    import tokenizers
+
+    from jaxopt_llm.io.tokenizer import Tokenizer
+
+    words = ["<unk>", "<s>", "</s>", "hello", "world", "jax", "weights", "."]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return Tokenizer(backend=backend, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)

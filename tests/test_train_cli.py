@@ -10,7 +10,6 @@ import pytest
 from jaxopt_llm import cli
 from jaxopt_llm.io.artifact import save_artifact
 from jaxopt_llm.io.loader import load_model
-from jaxopt_llm.io.tokenizer import Tokenizer
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.recipes import BUILTIN_RECIPES
 from jaxopt_llm.train import TrainOptions
@@ -23,18 +22,8 @@ CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_s
                      max_position_embeddings=64, bos_token_id=1, eos_token_ids=(2,))
 
 
-def _tokenizer() -> Tokenizer:
-    import tokenizers
-
-    words = ["<unk>", "<s>", "</s>", "hello", "world", "jax", "weights", "."]
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-        {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return Tokenizer(backend=backend, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, word_tokenizer):
     from jaxopt_llm.models import build_model
     from jaxopt_llm.models.layers import attention_mask
 
@@ -42,7 +31,7 @@ def model_dir(tmp_path_factory):
     mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
     params = build_model(CONFIG).init(jax.random.key(0), tokens, tokens, mask)["params"]
     directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_artifact(directory, config=CONFIG, params=params, tokenizer=_tokenizer(),
+    save_artifact(directory, config=CONFIG, params=params, tokenizer=word_tokenizer,
                   recipe=None)
     text = directory.parent / "train.txt"
     text.write_text(TEXT)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import tokenizers
 from flax import struct
 
 from jaxopt_llm.io import artifact
@@ -108,12 +107,8 @@ def typed_params(dense_params) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    words = ["<unk>", "<s>", "</s>", "hello", "world", "jax", "weights", "."]
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-        {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return Tokenizer(backend=backend, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+def tokenizer(word_tokenizer) -> Tokenizer:
+    return word_tokenizer
 
 
 def _save(directory: Path, params: Any, tokenizer: Tokenizer, **kwargs) -> Path:
