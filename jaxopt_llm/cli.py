@@ -43,6 +43,19 @@ def _positive_int(name: str):
     return _number(name, int, allow_zero=False)
 
 
+def _fraction(name: str):
+    """argparse type: a number in [0, 1], named in errors."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
+        return value
+    return parse
+
+
 @contextlib.contextmanager
 def _spinner(message: str, quiet: bool = False) -> Iterator[None]:
     if quiet:
@@ -269,13 +282,30 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.data import pydoc_text, read_text_file
     from jaxopt_llm.io.artifact import save_artifact
     from jaxopt_llm.qat import convert
-    from jaxopt_llm.train import TrainOptions
-    from jaxopt_llm.train_loop import EVAL_TOKENS, check_data, qat_recipe, run_training
+    from jaxopt_llm.rules import BLOCK_LINEARS
+    from jaxopt_llm.train import TRAIN_ALL, TrainOptions
+    from jaxopt_llm.train_loop import (
+        EVAL_TOKENS,
+        LORA_TRAINABLE,
+        check_data,
+        gradual_recipe,
+        prune_schedules,
+        qat_recipe,
+        run_training,
+    )
+    from jaxopt_llm.weights.lora import add_lora, merge_lora
 
     options = TrainOptions(steps=args.steps, learning_rate=args.lr,
                            warmup_steps=min(args.steps - 1, args.steps // 10),
-                           distill_weight=0.5 if args.distill else 0.0)
+                           distill_weight=args.distill_weight if args.distill else 0.0,
+                           compute_dtype=args.compute,
+                           trainable=LORA_TRAINABLE if args.lora else TRAIN_ALL)
     recipe = _recipe(args.recipe)
+    if recipe is None and (args.gradual or args.learn_scale):
+        raise ValueError("--gradual and --learn-scale need a --recipe")
+    if args.lora and (args.gradual or args.learn_scale):
+        raise ValueError("--lora trains adapters on the recipe's real (frozen) weights; it "
+                         "does not combine with --gradual or --learn-scale")
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir}: exists and is not a directory")
@@ -285,12 +315,24 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.text is None:
         ids = ids[EVAL_TOKENS:]  # never train on the evaluation tokens
     check_data(ids, args.batch, args.seq, loaded.config.max_position_embeddings)
-    trainable = qat_recipe(recipe) if recipe is not None else None
-    config, params = (loaded.config, loaded.params) if trainable is None else trainable(
-        loaded.config, loaded.params)
+    config, params, targets = loaded.config, loaded.params, []
+    if recipe is not None:
+        if args.lora:  # QLoRA: the recipe's real weights, frozen, under trainable adapters
+            trainable_form = recipe
+        else:
+            trainable_form = qat_recipe(recipe, learn_scale=args.learn_scale)
+            if args.gradual:
+                trainable_form, targets = gradual_recipe(trainable_form, args.steps)
+        config, params = trainable_form(loaded.config, loaded.params)
+    schedules = prune_schedules(trainable_form, targets, params) if targets else []
+    if args.lora:
+        params = add_lora(params, BLOCK_LINEARS, rank=args.lora)
     meta = {"model": loaded.source, "recipe": recipe.to_dict() if recipe else None,
             "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
-            "distill": bool(args.distill), "text_tokens": int(len(ids))}
+            "distill": args.distill_weight if args.distill else 0.0,
+            "compute": args.compute, "learn_scale": bool(args.learn_scale),
+            "gradual": bool(args.gradual), "lora": args.lora,
+            "text_tokens": int(len(ids))}
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
     resume = (checkpoint_dir / "meta.json").exists()
@@ -316,10 +358,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                               teacher=loaded.params if args.distill else None,
                               checkpoint_dir=checkpoint_dir,
                               checkpoint_every=args.checkpoint_every, meta=meta,
-                              resume=resume, stop_after=args.stop_after, on_step=on_step)
+                              resume=resume, stop_after=args.stop_after,
+                              prune_schedules=schedules, on_step=on_step)
     if result.history and result.history[-1]["step"] < args.steps:
         return {"stopped_at": result.history[-1]["step"], "checkpoint": str(checkpoint_dir)}
     final = convert(result.params)
+    if args.lora and args.merge_lora:
+        final = merge_lora(final)
     path = save_artifact(out_dir, config=config, params=final, tokenizer=loaded.tokenizer,
                          recipe=(recipe.to_dict() if recipe else None),
                          extra={"source": loaded.source, "trained": meta})
@@ -429,7 +474,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=_number("--lr", float, allow_zero=False), default=1e-4)
     tr.add_argument("--text", help="UTF-8 training text (default: pydoc minus the eval tokens)")
     tr.add_argument("--distill", action="store_true",
-                    help="mix the LM loss with a KL to the float model's logits (0.5 / 0.5)")
+                    help="mix the LM loss with a KL to the float model's logits")
+    tr.add_argument("--distill-weight", type=_fraction("--distill-weight"), default=0.5,
+                    help="weight of the KL in the loss with --distill (default 0.5)")
+    tr.add_argument("--compute", choices=("float32", "bfloat16"), default="float32",
+                    help="matmul dtype of the train step (master weights stay float32)")
+    tr.add_argument("--learn-scale", action="store_true",
+                    help="LSQ: learn the quantization step sizes along with the weights")
+    tr.add_argument("--gradual", action="store_true",
+                    help="reach the recipe's pruning sparsity gradually (cubic schedule over "
+                         "the first 3/4 of the steps) instead of pruning at step 0")
+    tr.add_argument("--lora", type=_positive_int("--lora"), default=None, metavar="RANK",
+                    help="QLoRA-style recovery: LoRA adapters of RANK on the recipe's real "
+                         "frozen weights; only the adapters train")
+    tr.add_argument("--merge-lora", action="store_true",
+                    help="with --lora, fold the adapters into the weights of the artifact "
+                         "(re-quantizing quantized ones) instead of keeping them separate")
     tr.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50)
     tr.add_argument("--stop-after", type=_positive_int("--stop-after"), default=None,
                     help=argparse.SUPPRESS)  # simulate an interruption (tests)

@@ -2,8 +2,9 @@
 gradual pruning schedule.
 
 `convert` turns every `FakeQuantWeight` into the `QuantizedWeight` that computes exactly
-what the fake-quantized forward computed (same grid, ranges recomputed from the trained
-master weight, float32 scales), so a QAT model can be saved as a real integer artifact.
+what the fake-quantized forward computed (same grid: ranges recomputed from the trained
+master weight, or the learned LSQ step sizes; float32 scales), so a QAT model can be
+saved as a real integer artifact.
 
 Gradual magnitude pruning ("To prune, or not to prune", Zhu & Gupta, 2017): sparsity
 s_t = s_f·(1 − (1 − (t − t₀)/(T − t₀))³) for t₀ ≤ t ≤ T, masks recomputed every
@@ -18,10 +19,19 @@ import jax
 
 from jaxopt_llm.rules import flat_params, nested_params
 from jaxopt_llm.transforms.prune import magnitude_prune
-from jaxopt_llm.weights import FakeQuantWeight, QuantizedWeight, is_weight_leaf, quantize_weight
+from jaxopt_llm.weights import (
+    FakeQuantWeight,
+    QuantizedWeight,
+    is_weight_leaf,
+    quantize_weight,
+    quantize_with_scale,
+)
 
 
 def convert_leaf(leaf: FakeQuantWeight) -> QuantizedWeight:
+    if leaf.learned:  # the learned step sizes define the grid
+        return quantize_with_scale(leaf.w, leaf.spec, leaf.step_sizes(), leaf.zero,
+                                   axis=leaf.axis)
     return quantize_weight(leaf.w, leaf.spec, axis=leaf.axis, method=leaf.method,
                            clip_ratio=leaf.clip_ratio, scale_dtype="float32")
 

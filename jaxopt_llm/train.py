@@ -30,6 +30,7 @@ from jaxopt_llm.weights import MaskedWeight, is_weight_leaf
 
 # Every floating array of the model trains by default (norms included).
 TRAIN_ALL = r".*"
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,9 @@ class TrainOptions:
     trainable: str = TRAIN_ALL  # regex (re.fullmatch) on "/"-joined array paths
     distill_weight: float = 0.0  # 0: LM loss only; 1: KL to the teacher only
     distill_temperature: float = 1.0
+    # "bfloat16": the forward/backward matmuls run in bf16 on f32 master weights (norm
+    # scales and LSQ step sizes stay f32; the loss is computed in f32).
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "accumulation"):
@@ -61,6 +65,9 @@ class TrainOptions:
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be positive, got "
                              f"{self.distill_temperature}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, "
+                             f"got {self.compute_dtype!r}")
         try:
             re.compile(self.trainable)
         except re.error as err:
@@ -125,6 +132,22 @@ def _enforce_masks(trainable: Any, frozen: Any) -> Any:
     return split(full, mask)[0]
 
 
+def cast_for_compute(params: Any, dtype: str) -> Any:
+    """Floating arrays → `dtype`, except those named `scale` (norm scales, LSQ step
+    sizes), which stay float32. The cast is differentiable: gradients reach the f32
+    master weights."""
+    if dtype == "float32":
+        return params
+
+    def cast(path, leaf):
+        last = _array_path(path).rsplit("/", 1)[-1]
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and last != "scale":
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 class TrainState(NamedTuple):
     trainable: Any  # arrays that train (None elsewhere)
     opt_state: Any
@@ -169,6 +192,7 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
     _, frozen = split(params, mask)
 
     def forward(full, tokens):
+        full = cast_for_compute(full, options.compute_dtype)
         length = tokens.shape[1]
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
         causal = attention_mask(jnp.ones(tokens.shape, bool), 0, length, config.sliding_window)

@@ -28,15 +28,18 @@ import numpy as np
 
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.pipeline import Recipe, Stage
-from jaxopt_llm.rules import Rule
-from jaxopt_llm.train import TrainOptions, TrainState, make_trainer
+from jaxopt_llm.qat import polynomial_sparsity, reprune
+from jaxopt_llm.rules import Rule, flat_params
+from jaxopt_llm.train import TrainOptions, make_trainer, split
 
 EVAL_TOKENS = 65_536
+LORA_TRAINABLE = r".*/kernel/(a|b)"  # only LoRA adapters train (add_lora's leaves)
 _FAKE_QUANT_KEYS = ("bits", "symmetric", "granularity", "group_size", "partial_groups")
 
 
-def qat_recipe(recipe: Recipe) -> Recipe:
-    """The trainable form of a recipe: quantize → fake_quant (same grid), N:M masked."""
+def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:
+    """The trainable form of a recipe: quantize → fake_quant (same grid; with LSQ step
+    sizes if `learn_scale`), N:M masked."""
     stages = []
     for stage in recipe.stages:
         rules = []
@@ -46,6 +49,8 @@ def qat_recipe(recipe: Recipe) -> Recipe:
                 fake = {k: v for k, v in options.items() if k in _FAKE_QUANT_KEYS}
                 if options.get("method") in ("absmax", "minmax"):
                     fake["method"] = options["method"]
+                if learn_scale:
+                    fake["learn_scale"] = True
                 rule = Rule(match=rule.match, op="fake_quant", options=tuple(fake.items()))
             elif rule.op == "nm":
                 rule = Rule(match=rule.match, op="nm",
@@ -54,6 +59,73 @@ def qat_recipe(recipe: Recipe) -> Recipe:
         stages.append(Stage(name=stage.name, rules=tuple(rules)))
     return Recipe(name=f"{recipe.name}-qat", description=recipe.description,
                   stages=tuple(stages))
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSchedule:
+    """Gradual magnitude pruning of `paths` (MaskedWeight leaves) to `final` sparsity:
+    the polynomial schedule of `qat.polynomial_sparsity` from step `start` to `end`,
+    masks recomputed before every `every`-th step."""
+
+    paths: tuple[str, ...]
+    final: float
+    start: int
+    end: int
+    every: int
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        polynomial_sparsity(self.start, self.final, self.start, self.end)  # validates
+        if self.every <= 0:
+            raise ValueError(f"every must be a positive number of steps, got {self.every}")
+
+    def target(self, step: int) -> float | None:
+        """The sparsity to impose before `step` (0-based), or None if not a mask step."""
+        if not self.start <= step <= self.end:
+            return None
+        if (step - self.start) % self.every and step != self.end:
+            return None
+        return polynomial_sparsity(step, self.final, self.start, self.end)
+
+
+def gradual_recipe(recipe: Recipe, steps: int) -> tuple[Recipe, list[dict[str, Any]]]:
+    """Split a recipe's `prune` rules into a start at sparsity 0 (masks of all ones) and
+    the schedules that reach each rule's sparsity by 3/4 of the run (Zhu & Gupta's
+    shape, masks recomputed 20 times)."""
+    stages, targets = [], []
+    for stage in recipe.stages:
+        rules = []
+        for rule in stage.rules:
+            if rule.op == "prune":
+                options = {**rule.option_dict, "format": "masked"}
+                targets.append({"match": rule.match, "stage": stage.name,
+                                "final": float(options.get("sparsity", 0.5)),
+                                "scope": options.get("scope", "layer")})
+                rule = Rule(match=rule.match, op="prune",
+                            options=tuple({**options, "sparsity": 0.0}.items()))
+            rules.append(rule)
+        stages.append(Stage(name=stage.name, rules=tuple(rules)))
+    if not targets:
+        raise ValueError(f"recipe {recipe.name!r} has no `prune` rule to make gradual")
+    end = max(1, (3 * steps) // 4)
+    for target in targets:
+        target.update(start=0, end=end, every=max(1, end // 20))
+    return Recipe(name=f"{recipe.name}-gradual", description=recipe.description,
+                  stages=tuple(stages)), targets
+
+
+def prune_schedules(recipe: Recipe, targets: list[dict[str, Any]], params: Any
+                    ) -> list[PruneSchedule]:
+    """The schedules of `gradual_recipe`'s targets on the parameters their rules select."""
+    flat = flat_params(params)
+    schedules = []
+    for target in targets:
+        stage = next(s for s in recipe.stages if s.name == target["stage"])
+        paths = next(p for r, _, p, _ in stage.selections(flat) if r.match == target["match"])
+        schedules.append(PruneSchedule(paths=tuple(paths), final=target["final"],
+                                       start=target["start"], end=target["end"],
+                                       every=target["every"], scope=target["scope"]))
+    return schedules
 
 
 def batch_at(ids: np.ndarray, step: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
@@ -71,11 +143,11 @@ def check_data(ids: np.ndarray, batch: int, seq: int, context: int) -> None:
                          f"of --seq {seq}; give a longer --text or a shorter --seq")
 
 
-def _state_arrays(state: TrainState) -> list[Any]:
+def _state_arrays(state: Any) -> list[Any]:
     return jax.tree_util.tree_leaves(state)
 
 
-def save_checkpoint(directory: Path, state: TrainState, meta: dict[str, Any]) -> None:
+def save_checkpoint(directory: Path, state: Any, meta: dict[str, Any]) -> None:
     """Atomically replace `directory` with the state's arrays and `meta`."""
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -89,7 +161,7 @@ def save_checkpoint(directory: Path, state: TrainState, meta: dict[str, Any]) ->
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path, template: TrainState, meta: dict[str, Any]) -> TrainState:
+def load_checkpoint(directory: Path, template: Any, meta: dict[str, Any]) -> Any:
     """The saved state, after checking it was made by the same run configuration."""
     saved = json.loads((directory / "meta.json").read_text())
     for key in sorted(set(meta) | set(saved)):
@@ -120,9 +192,13 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
                  checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
                  meta: dict[str, Any] | None = None, resume: bool = False,
                  stop_after: int | None = None,
+                 prune_schedules: list[PruneSchedule] = (),
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train `params` for options.steps micro-batch steps (optionally stopping early after
-    `stop_after`, as an interruption would); resume from `checkpoint_dir` if asked."""
+    `stop_after`, as an interruption would); resume from `checkpoint_dir` if asked.
+
+    The checkpoint holds the train state and the frozen arrays (masks recomputed by a
+    gradual schedule live there), so a resumed run continues exactly."""
     import time
 
     trainer, frozen = make_trainer(config, params, options)
@@ -130,11 +206,22 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
     meta = dict(meta or {})
     start = 0
     if resume and checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists():
-        state = load_checkpoint(checkpoint_dir, state, meta)
+        state, frozen = load_checkpoint(checkpoint_dir, (state, frozen), meta)
         start = int(state.step)
     history = []
     last = options.steps if stop_after is None else min(options.steps, stop_after)
+    mask = None
     for step in range(start, last):
+        for schedule in prune_schedules:
+            target = schedule.target(step)
+            if target is not None:  # new masks; the optimizer state carries over
+                if mask is None:
+                    mask = jax.tree_util.tree_map(lambda a: a is not None, state.trainable,
+                                                  is_leaf=lambda x: x is None)
+                current = reprune(trainer.params(state, frozen), list(schedule.paths),
+                                  target, schedule.scope)
+                trainable, frozen = split(current, mask)
+                state = state._replace(trainable=trainable)
         tokens = jnp.asarray(batch_at(ids, step, batch, seq, seed))
         began = time.perf_counter()
         state, metrics = trainer.step(state, frozen, tokens, teacher)
@@ -145,6 +232,6 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
         if on_step is not None:
             on_step(step + 1, record)
         if checkpoint_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, state, {**meta, "step": step + 1})
+            save_checkpoint(checkpoint_dir, (state, frozen), {**meta, "step": step + 1})
     return TrainResult(params=trainer.params(state, frozen), history=history,
                        resumed_from=start)

@@ -148,3 +148,25 @@ def test_materialized_params_after_training_run():
     dense = materialize(trainer.params(state, frozen))
     assert jax.tree_util.tree_structure(dense) == jax.tree_util.tree_structure(
         materialize(params))
+
+
+def test_bfloat16_compute_trains_float32_master_weights_close_to_float32():
+    _, params = _recipe("fake_quant", bits=4)(CONFIG, _params())
+    tokens = jnp.asarray(_batches(1)[0], jnp.int32)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        options = TrainOptions(steps=3, learning_rate=1e-3, compute_dtype=dtype)
+        trainer, frozen = make_trainer(CONFIG, params, options)
+        state = trainer.init(params)
+        state, metrics = trainer.step(state, frozen, tokens)
+        losses[dtype] = float(metrics["loss"])
+        trained = trainer.params(state, frozen)
+        assert trained["layers_0"]["mlp"]["up_proj"]["kernel"].w.dtype == jnp.float32
+        assert trained["norm"]["scale"].dtype == jnp.float32
+    assert losses["bfloat16"] != losses["float32"]  # really computed in another precision
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.02 * losses["float32"]
+
+
+def test_bad_compute_dtype():
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        TrainOptions(steps=3, compute_dtype="float16")

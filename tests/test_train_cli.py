@@ -1,5 +1,6 @@
 """`jaxopt-llm train` and the loop behind it: QAT recipes, resume = uninterrupted, errors."""
 
+import contextlib
 import json
 
 import jax
@@ -120,4 +121,116 @@ def test_bad_data(model_dir, tmp_path, capsys, argv, message):
         argv += ["--text", str(model_dir[1])]
     code = cli.main(["train", "--model", str(model_dir[0]), "--out", str(tmp_path / "o"), *argv])
     assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prune_schedule_mask_steps_and_targets():
+    from jaxopt_llm.qat import polynomial_sparsity
+    from jaxopt_llm.train_loop import PruneSchedule
+
+    schedule = PruneSchedule(paths=("a",), final=0.5, start=2, end=12, every=4)
+    due = {step: schedule.target(step) for step in range(20)}
+    assert [s for s, t in due.items() if t is not None] == [2, 6, 10, 12]
+    assert due[6] == polynomial_sparsity(6, 0.5, 2, 12) and due[12] == 0.5
+    with pytest.raises(ValueError, match="every must be a positive"):
+        PruneSchedule(paths=("a",), final=0.5, start=0, end=4, every=0)
+    with pytest.raises(ValueError, match="final sparsity"):
+        PruneSchedule(paths=("a",), final=1.0, start=0, end=4, every=1)
+
+
+def _sparsity(leaf):
+    keep = np.asarray(leaf.dense_mask())
+    return 1.0 - keep.mean(), np.asarray(leaf.w)[~keep]
+
+
+def test_gradual_pruning_resume_equals_uninterrupted(model_dir, tmp_path):
+    """Masks recomputed during the run live in the checkpoint: a resumed gradual run ends
+    exactly where the uninterrupted one does, at the recipe's sparsity, zeros exact."""
+    from jaxopt_llm.rules import flat_params
+    from jaxopt_llm.train_loop import gradual_recipe, prune_schedules
+
+    loaded = load_model(str(model_dir[0]))
+    recipe, targets = gradual_recipe(qat_recipe(BUILTIN_RECIPES["magnitude-50"]), 8)
+    config, params = recipe(loaded.config, loaded.params)
+    schedules = prune_schedules(recipe, targets, params)
+    assert schedules[0].final == 0.5 and schedules[0].end == 6 and len(schedules[0].paths) == 14
+    ids = np.asarray(loaded.tokenizer.encode(TEXT), np.int32)
+    options = TrainOptions(steps=8, learning_rate=1e-2)
+    common = dict(batch=2, seq=16, prune_schedules=schedules, meta={"recipe": "m50"})
+    straight = run_training(config, params, options, ids, **common)
+    ckpt = tmp_path / "ckpt"
+    run_training(config, params, options, ids, checkpoint_dir=ckpt, checkpoint_every=4,
+                 stop_after=5, **common)
+    resumed = run_training(config, params, options, ids, checkpoint_dir=ckpt,
+                           checkpoint_every=4, resume=True, **common)
+    assert resumed.resumed_from == 4
+    for a, b in zip(jax.tree_util.tree_leaves(straight.params),
+                    jax.tree_util.tree_leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for path in schedules[0].paths:
+        sparsity, pruned = _sparsity(flat_params(straight.params)[path])
+        assert sparsity == pytest.approx(0.5, abs=1e-3) and np.all(pruned == 0.0)
+
+
+def _train_cli(model_dir, out, *extra):
+    directory, text = model_dir
+    return cli.main(["train", "--model", str(directory), "--text", str(text), "--steps", "8",
+                     "--batch", "2", "--seq", "16", "--lr", "0.01", "--out", str(out),
+                     "--json", *extra])
+
+
+def test_train_command_gradual_pruning(model_dir, tmp_path, capsys):
+    from jaxopt_llm.weights import MaskedWeight
+
+    assert _train_cli(model_dir, tmp_path / "g", "--recipe", "magnitude-50", "--gradual",
+                      "--compute", "bfloat16") == 0, capsys.readouterr().err
+    trained = load_model(str(tmp_path / "g"))
+    kernel = trained.params["layers_1"]["attn"]["o_proj"]["kernel"]
+    assert isinstance(kernel, MaskedWeight)
+    sparsity, pruned = _sparsity(kernel)
+    assert sparsity == pytest.approx(0.5, abs=1e-3) and np.all(pruned == 0.0)
+    assert trained.extra["trained"]["gradual"] and trained.extra["trained"]["compute"] == \
+        "bfloat16"
+
+
+def test_train_command_learned_scales(model_dir, tmp_path, capsys):
+    assert _train_cli(model_dir, tmp_path / "l", "--recipe", "w4g128", "--learn-scale",
+                      "--distill") == 0, capsys.readouterr().err
+    kernel = load_model(str(tmp_path / "l")).params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel, QuantizedWeight) and kernel.bits == 4
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_train_command_lora_recovery(model_dir, tmp_path, capsys, merge):
+    from jaxopt_llm.weights import LoRAWeight
+
+    out = tmp_path / "lora"
+    assert _train_cli(model_dir, out, "--recipe", "w4", "--lora", "4",
+                      *(["--merge-lora"] if merge else [])) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss_last"] < result["loss_first"]
+    trained = load_model(str(out))
+    kernel = trained.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    if merge:
+        assert isinstance(kernel, QuantizedWeight)
+    else:
+        assert isinstance(kernel, LoRAWeight) and isinstance(kernel.base, QuantizedWeight)
+        assert float(jnp.abs(kernel.b).max()) > 0  # the adapter trained
+    assert cli.main(["eval", "--model", str(out), "--text", str(model_dir[1]), "--tokens", "64",
+                     "--window", "32", "--json"]) == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--gradual"], "--gradual and --learn-scale need a --recipe"),
+    (["--recipe", "w4", "--gradual"], "has no `prune` rule to make gradual"),
+    (["--recipe", "w4", "--lora", "4", "--learn-scale"], "does not combine"),
+    (["--recipe", "w4", "--distill-weight", "2"], "--distill-weight must be in [0, 1]"),
+    (["--recipe", "w4", "--compute", "float16"], "invalid choice"),
+])
+def test_bad_training_modes(model_dir, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) if message in ("invalid choice",
+                                                   "--distill-weight must be in [0, 1]") \
+            else contextlib.nullcontext():
+        code = _train_cli(model_dir, tmp_path / "o", *argv)
+        assert code == 2
     assert message in capsys.readouterr().err

@@ -131,8 +131,9 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x (B, T, H, D) rotated by position; cos/sin (B, T, D)."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+    x32 = x.astype(jnp.float32)  # rotate in float32 whatever the compute dtype
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
 def attention_mask(

@@ -47,6 +47,7 @@ FAKE_QUANT_DEFAULTS = {
     "bits": 8, "symmetric": True, "granularity": None, "group_size": None,
     "partial_groups": False, "method": None,
     "ste": "identity", "clip_ratio": 1.0,
+    "learn_scale": False,  # LSQ: trainable step sizes initialised from the range
 }
 
 
@@ -82,6 +83,8 @@ def _check_fake_quant(options: dict[str, Any]) -> None:
         raise ValueError(f"ste must be one of {STE_MODES}, got {options['ste']!r}")
     if not 0.0 < float(options["clip_ratio"]) <= 1.0:
         raise ValueError(f"clip_ratio must be in (0, 1], got {options['clip_ratio']}")
+    if not isinstance(options["learn_scale"], bool):
+        raise ValueError(f"learn_scale must be true or false, got {options['learn_scale']!r}")
 
 
 def table_axis(path: str) -> int:
@@ -129,11 +132,12 @@ def fake_quant_leaf(leaf: Any, path: str, options: dict[str, Any]) -> FakeQuantW
                          f"{type(leaf).__name__} {getattr(leaf, 'shape', '')}")
     axis = table_axis(path)
     spec.num_groups(leaf.shape[1] if axis == 1 else leaf.shape[0], where=f"{path} {leaf.shape}")
-    return FakeQuantWeight(
+    fake = FakeQuantWeight(
         w=leaf, bits=spec.bits, symmetric=spec.symmetric, granularity=spec.granularity,
         group_size=spec.group_size, partial_groups=spec.partial_groups, axis=axis,
         method=options["method"] or ("absmax" if spec.symmetric else "minmax"),
         ste=options["ste"], clip_ratio=float(options["clip_ratio"]))
+    return fake.with_learned_scale() if options["learn_scale"] else fake
 
 
 def per_parameter(fn):

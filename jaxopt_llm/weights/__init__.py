@@ -19,7 +19,7 @@ from jaxopt_llm.weights.fake_quant import FakeQuantWeight
 from jaxopt_llm.weights.lora import LoRAWeight, add_lora, merge_lora
 from jaxopt_llm.weights.lowrank import LowRankWeight
 from jaxopt_llm.weights.quant_math import QuantSpec
-from jaxopt_llm.weights.quantized import QuantizedWeight, quantize_weight
+from jaxopt_llm.weights.quantized import QuantizedWeight, quantize_weight, quantize_with_scale
 from jaxopt_llm.weights.sparse import MaskedWeight, NMSparseWeight, masked_weight, nm_sparse_weight
 
 nbytes = param_bytes
@@ -44,6 +44,7 @@ __all__ = [
     "nm_sparse_weight",
     "param_bytes",
     "quantize_weight",
+    "quantize_with_scale",
     "register_linear",
     "registered_leaf_types",
 ]

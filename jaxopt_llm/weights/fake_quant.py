@@ -6,9 +6,18 @@ straight-through estimator (Bengio et al., 2013, "Estimating or Propagating
 Gradients Through Stochastic Neurons"): identity, or with `ste="clipped"` zero
 for weights the integer grid cannot represent (outside the range shrunk by
 `clip_ratio`, as in PACT/LSQ-style training).
+
+With learned scales ("Learned Step Size Quantization", Esser et al., ICLR 2020) the
+leaf also holds `scale` (float32, the grouped view's (G, 1, N)) and, when asymmetric,
+a fixed integer `zero` (uint8, same shape), both initialised from the range above:
+forward s·(round_ste(clip(w/s + z, qmin, qmax)) − z); the gradient reaches `w` inside
+the grid (zero outside, as LSQ) and `s` (LSQ's step-size gradient, scaled by
+1/sqrt(g·qmax) for g weights per scale, as the paper recommends).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +29,12 @@ from jaxopt_llm.weights.quant_math import (
     group_range,
     grouped,
     quantize_dequantize_grouped,
+    scale_and_zero,
     ungrouped,
 )
 
 STE_MODES = ("identity", "clipped")
+_MIN_STEP = 1e-8
 
 
 @struct.dataclass
@@ -40,6 +51,8 @@ class FakeQuantWeight:
     method: str = struct.field(pytree_node=False, default="absmax")  # or "minmax"
     ste: str = struct.field(pytree_node=False, default="identity")
     clip_ratio: float = struct.field(pytree_node=False, default=1.0)  # range shrink, in (0, 1]
+    scale: jax.Array | None = None  # learned step sizes (G, 1, N) float32, or None (LSQ off)
+    zero: jax.Array | None = None  # fixed zero points (G, 1, N) uint8 with learned asym scales
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018  (validates bits/granularity/group size)
@@ -57,11 +70,53 @@ class FakeQuantWeight:
                          granularity=self.granularity, group_size=self.group_size,
                          partial_groups=self.partial_groups)
 
+    @property
+    def learned(self) -> bool:
+        return self.scale is not None
+
+    def canonical(self) -> jax.Array:
+        """The weight as the (K, N) matrix whose columns are quantized along K."""
+        w = self.w
+        return w.reshape(w.shape[0], -1) if self.axis == 0 else w.T
+
+    def initial_scale(self) -> tuple[jax.Array, jax.Array | None]:
+        """(scale, zero) of the current range, as LSQ's initialisation."""
+        wg = grouped(self.canonical().astype(jnp.float32), self.spec)
+        lo, hi = group_range(wg, self.spec, self.method)
+        return scale_and_zero(lo * self.clip_ratio, hi * self.clip_ratio, self.spec)
+
+    def with_learned_scale(self) -> FakeQuantWeight:
+        scale, zero = self.initial_scale()
+        return self.replace(scale=scale, zero=zero)
+
+    def step_sizes(self) -> jax.Array:
+        """The learned scales as used: positive (a step size trained to ≤ 0 is clamped)."""
+        return jnp.maximum(self.scale.astype(jnp.float32), _MIN_STEP)
+
+    def _learned_materialize(self, wg: jax.Array) -> jax.Array:
+        spec = self.spec
+        per_scale = wg.size // self.scale.size
+        gradient_scale = 1.0 / math.sqrt(per_scale * spec.qmax)
+        s = self.step_sizes()
+        s = s * gradient_scale + jax.lax.stop_gradient(s - s * gradient_scale)
+        x = wg / s  # clipped to the grid in centred units, then rounded (integer bounds)
+        low, high = float(spec.qmin), float(spec.qmax)
+        if self.zero is not None:
+            zero = self.zero.astype(jnp.float32)
+            low, high = low - zero, high - zero
+        x = jnp.clip(x, low, high)  # before rounding: an exact 0/1 clip gradient
+        q = x + jax.lax.stop_gradient(jnp.round(x) - x)
+        return q * s
+
     def materialize(self) -> jax.Array:
         w = self.w
         shape = w.shape
-        canonical = w.reshape(shape[0], -1) if self.axis == 0 else w.T  # (K, N)
+        canonical = self.canonical()  # (K, N)
         wg = grouped(canonical.astype(jnp.float32), self.spec)
+        if self.learned:
+            out = ungrouped(self._learned_materialize(wg), canonical.shape[0])
+            out = out.T if self.axis == 1 else out
+            return out.reshape(shape).astype(w.dtype)
         lo, hi = group_range(jax.lax.stop_gradient(wg), self.spec, self.method)
         lo, hi = lo * self.clip_ratio, hi * self.clip_ratio
         qdq = quantize_dequantize_grouped(jax.lax.stop_gradient(wg), lo, hi, self.spec)
@@ -84,7 +139,9 @@ class FakeQuantWeight:
 
     @property
     def nbytes(self) -> int:
-        return int(self.w.size * self.w.dtype.itemsize)
+        extra = sum(int(a.size * a.dtype.itemsize) for a in (self.scale, self.zero)
+                    if a is not None)
+        return int(self.w.size * self.w.dtype.itemsize) + extra
 
 
 def _linear(x: jax.Array, w: FakeQuantWeight) -> jax.Array:

@@ -168,7 +168,34 @@ def quantize_weight(
             raise ValueError(f"{name}: clip_ratio must be in (0, 1], got {clip_ratio}")
         lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
-    codes = ungrouped(quantize_codes(wg, scale, zero, spec), canonical.shape[0])
+    return _assemble(wg, scale, zero, spec, axis=axis, shape=shape,
+                     dtype=jnp.dtype(w.dtype).name, act_bits=act_bits, compute=compute)
+
+
+def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
+                        zero: jax.Array | None, *, axis: int = 0) -> QuantizedWeight:
+    """Round-to-nearest onto a given grid: `scale` (and uint8 `zero` when asymmetric) in
+    the grouped view's (G, 1, N) layout, e.g. step sizes learned by QAT (LSQ)."""
+    w = jnp.asarray(w)
+    shape = tuple(int(d) for d in w.shape)
+    w2 = w.reshape(shape[0], -1) if axis == 0 else w
+    canonical = w2 if axis == 0 else w2.T
+    wg = grouped(canonical.astype(jnp.float32), spec)
+    if scale.shape != (wg.shape[0], 1, wg.shape[2]):
+        raise ValueError(f"scale has shape {scale.shape}, expected "
+                         f"{(wg.shape[0], 1, wg.shape[2])} for weight {shape}")
+    if (zero is None) != spec.symmetric:
+        raise ValueError("a zero point is needed exactly when the grid is asymmetric")
+    return _assemble(wg, scale.astype(jnp.float32), zero, spec, axis=axis, shape=shape,
+                     dtype=jnp.dtype(w.dtype).name, act_bits=None, compute="auto")
+
+
+def _assemble(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, *,
+              axis: int, shape: tuple[int, ...], dtype: str, act_bits: int | None,
+              compute: str) -> QuantizedWeight:
+    """Codes of the grouped view `wg` on (scale, zero), packed into a QuantizedWeight."""
+    length = shape[0] if axis == 0 else shape[1]
+    codes = ungrouped(quantize_codes(wg, scale, zero, spec), length)
     scale2, zero2 = scale[:, 0, :], (None if zero is None else zero[:, 0, :])
     if axis == 1:
         codes, scale2 = codes.T, scale2.T
@@ -182,7 +209,7 @@ def quantize_weight(
         qvalue=qvalue, scale=scale2, zero_point=zero2, bits=spec.bits,
         symmetric=spec.symmetric, granularity=spec.granularity, group_size=spec.group_size,
         partial_groups=spec.partial_groups, axis=axis, shape=shape,
-        dtype=jnp.dtype(w.dtype).name, act_bits=act_bits, compute=compute,
+        dtype=dtype, act_bits=act_bits, compute=compute,
     )
 
 

@@ -1,0 +1,192 @@
+"""QAT and gradual pruning on SmolLM2-135M: how much of the PTQ perplexity gap training wins back.
+
+Runs (choose with `--runs`, results merged into `--json`):
+* `timing`: median seconds of a float train step and of a QAT (W4 fake-quant) train
+  step on the same batches, interleaved in one process, in float32 and bfloat16.
+* `w4`, `w3g128` (any quantized built-in recipe): perplexity of the float model, of
+  round-to-nearest PTQ, and after `--steps` QAT steps with distillation from the float
+  model (then converted to real integer weights); recovered = (PTQ − QAT)/(PTQ − fp32).
+* `prune`: magnitude 50% one-shot (no training), one-shot + fine-tune, and gradual
+  (cubic schedule to 50% over 3/4 of the steps) + fine-tune, same steps and data.
+
+Perplexity: REFERENCES.md protocol on the first `--tokens` pydoc tokens (windows of
+512); training uses the text after the first 65,536 tokens, `--batch`×`--seq` windows.
+
+Run:  python benchmarks/bench_qat.py --runs timing,w4,w3g128,prune --json \
+          benchmarks/results/qat.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _ppl(config, params, ids, tokens: int) -> float:
+    from jaxopt_llm import perplexity
+
+    return perplexity(config, params, ids, num_tokens=tokens).ppl
+
+
+def _train(config, params, ids, args, *, teacher=None, schedules=(), compute="float32",
+           distill_weight=1.0):
+    from jaxopt_llm.train import TrainOptions
+    from jaxopt_llm.train_loop import run_training
+
+    options = TrainOptions(steps=args.steps, learning_rate=args.lr,
+                           warmup_steps=max(1, args.steps // 10), compute_dtype=compute,
+                           distill_weight=distill_weight if teacher is not None else 0.0)
+    began = time.perf_counter()
+    result = run_training(config, params, options, ids, batch=args.batch, seq=args.seq,
+                          teacher=teacher, prune_schedules=list(schedules),
+                          on_step=lambda step, rec: step % 10 == 0 and log(
+                              f"  step {step}: loss {rec['loss']:.4f} ({rec['step_s']:.1f} s)"))
+    history = result.history
+    return result.params, {
+        "train_s": time.perf_counter() - began,
+        "step_s": float(np.median([h["step_s"] for h in history[1:]])),
+        "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
+    }
+
+
+def run_timing(loaded, train_ids, args) -> dict[str, Any]:
+    """Float step vs QAT step (W4 per-channel fake-quant), interleaved on the same batches."""
+    import jax.numpy as jnp
+
+    from jaxopt_llm.recipes import load_recipe
+    from jaxopt_llm.train import TrainOptions, make_trainer
+    from jaxopt_llm.train_loop import batch_at, qat_recipe
+
+    out = {}
+    _, qat_params = qat_recipe(load_recipe("w4"))(loaded.config, loaded.params)
+    for compute in ("float32", "bfloat16"):
+        options = TrainOptions(steps=100, learning_rate=1e-5, compute_dtype=compute)
+        runs = {}
+        for name, params in (("float", loaded.params), ("qat", qat_params)):
+            trainer, frozen = make_trainer(loaded.config, params, options)
+            runs[name] = [trainer, frozen, trainer.init(params)]
+        times = {"float": [], "qat": []}
+        for step in range(args.timing_steps + 1):
+            tokens = jnp.asarray(batch_at(train_ids, step, args.batch, args.seq))
+            for name, run in runs.items():
+                began = time.perf_counter()
+                run[2], metrics = run[0].step(run[2], run[1], tokens)
+                metrics["loss"].block_until_ready()
+                if step:  # step 0 compiles
+                    times[name].append(time.perf_counter() - began)
+        medians = {k: float(np.median(v)) for k, v in times.items()}
+        out[compute] = {"float_step_s": medians["float"], "qat_step_s": medians["qat"],
+                        "qat_over_float": medians["qat"] / medians["float"]}
+        log(f"timing {compute}: float {medians['float']:.2f} s, qat {medians['qat']:.2f} s "
+            f"({medians['qat'] / medians['float']:.2f}×)")
+    return out
+
+
+def run_qat(name: str, loaded, eval_ids, train_ids, fp32_ppl: float, args) -> dict[str, Any]:
+    from jaxopt_llm.qat import convert
+    from jaxopt_llm.recipes import load_recipe
+    from jaxopt_llm.train_loop import qat_recipe
+
+    recipe = load_recipe(name)
+    config, ptq = recipe(loaded.config, loaded.params)
+    ptq_ppl = _ppl(config, ptq, eval_ids, args.tokens)
+    log(f"{name}: PTQ ppl {ptq_ppl:.3f} (fp32 {fp32_ppl:.3f})")
+    began = time.perf_counter()
+    _, fake = qat_recipe(recipe, learn_scale=args.learn_scale)(loaded.config, loaded.params)
+    trained, stats = _train(config, fake, train_ids, args, teacher=loaded.params,
+                            compute=args.compute, distill_weight=args.distill_weight)
+    qat_ppl = _ppl(config, convert(trained), eval_ids, args.tokens)
+    recovered = (ptq_ppl - qat_ppl) / (ptq_ppl - fp32_ppl)
+    log(f"{name}: QAT ppl {qat_ppl:.3f}, recovered {100 * recovered:.1f}% of the gap")
+    return {"fp32_ppl": fp32_ppl, "ptq_ppl": ptq_ppl, "qat_ppl": qat_ppl,
+            "recovered": recovered, "qat_total_s": time.perf_counter() - began,
+            "learn_scale": args.learn_scale, **stats}
+
+
+def run_prune(loaded, eval_ids, train_ids, fp32_ppl: float, args) -> dict[str, Any]:
+    from jaxopt_llm.recipes import load_recipe
+    from jaxopt_llm.train_loop import gradual_recipe, prune_schedules, qat_recipe
+
+    recipe = qat_recipe(load_recipe("magnitude-50"))
+    config, one_shot = recipe(loaded.config, loaded.params)
+    out = {"fp32_ppl": fp32_ppl, "one_shot_ppl": _ppl(config, one_shot, eval_ids, args.tokens)}
+    log(f"prune: one-shot ppl {out['one_shot_ppl']:.3f}")
+    tuned, stats = _train(config, one_shot, train_ids, args, teacher=loaded.params,
+                          compute=args.compute, distill_weight=args.distill_weight)
+    out["one_shot_finetune_ppl"] = _ppl(config, tuned, eval_ids, args.tokens)
+    out["one_shot_finetune"] = stats
+    log(f"prune: one-shot + fine-tune ppl {out['one_shot_finetune_ppl']:.3f}")
+    gradual, targets = gradual_recipe(recipe, args.steps)
+    config, start = gradual(loaded.config, loaded.params)
+    schedules = prune_schedules(gradual, targets, start)
+    tuned, stats = _train(config, start, train_ids, args, teacher=loaded.params,
+                          schedules=schedules, compute=args.compute,
+                          distill_weight=args.distill_weight)
+    out["gradual_ppl"] = _ppl(config, tuned, eval_ids, args.tokens)
+    out["gradual"] = stats
+    log(f"prune: gradual + fine-tune ppl {out['gradual_ppl']:.3f}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="timing,w4,w3g128,prune")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--compute", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--distill-weight", type=float, default=1.0)
+    parser.add_argument("--learn-scale", action="store_true")
+    parser.add_argument("--tokens", type=int, default=65_536)
+    parser.add_argument("--timing-steps", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from jaxopt_llm import load_model, pydoc_text
+    from jaxopt_llm.train_loop import EVAL_TOKENS
+
+    loaded = load_model("smollm2-135m")
+    ids = np.asarray(loaded.tokenizer.encode(pydoc_text()), np.int32)
+    eval_ids, train_ids = ids[:EVAL_TOKENS], ids[EVAL_TOKENS:]
+    results: dict[str, Any] = {}
+    if args.json is not None and args.json.exists():
+        results = json.loads(args.json.read_text())
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "runs")}
+    fp32_ppl = None
+    for run in args.runs.split(","):
+        log(f"run {run}")
+        if run == "timing":
+            results["timing"] = {"settings": settings, **run_timing(loaded, train_ids, args)}
+        else:
+            if fp32_ppl is None:
+                fp32_ppl = _ppl(loaded.config, loaded.params, eval_ids, args.tokens)
+                log(f"fp32 ppl {fp32_ppl:.3f}")
+            if run == "prune":
+                results["prune"] = {"settings": settings,
+                                    **run_prune(loaded, eval_ids, train_ids, fp32_ppl, args)}
+            else:
+                results[run] = {"settings": settings,
+                                **run_qat(run, loaded, eval_ids, train_ids, fp32_ppl, args)}
+        results["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0]}
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(args.json)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
