@@ -66,9 +66,24 @@ def perplexity(
     window: int = DEFAULT_WINDOW,
     batch_size: int = 1,
     on_window: Callable[[int], None] | None = None,
+    mesh: Any = None,
 ) -> PerplexityResult:
-    """Perplexity of the first num_tokens of token_ids (floored to whole windows)."""
+    """Perplexity of the first num_tokens of token_ids (floored to whole windows).
+
+    With a ("data", "model") `mesh` (params placed by `parallel.shard_params`), each batch
+    of windows is spread over `data`; batch_size is rounded up to a multiple of it.
+    """
     check_eval_args(num_tokens, window)
+    place = jnp.asarray
+    if mesh is not None:
+        from jaxopt_llm.parallel import batch_sharding, check_mesh
+
+        check_mesh(config, mesh)
+        data = mesh.shape["data"]
+        batch_size = -(-batch_size // data) * data
+
+        def place(chunk):
+            return jax.device_put(chunk, batch_sharding(mesh, chunk.ndim))
     if window > config.max_position_embeddings:
         raise ValueError(f"--window {window} exceeds the model's context of "
                          f"{config.max_position_embeddings} tokens")
@@ -85,7 +100,8 @@ def perplexity(
     for start in range(0, num_windows, batch_size):
         chunk = windows[start:start + batch_size]
         pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)  # fixed compiled shape
-        sums = np.asarray(window_nll(params, np.concatenate([chunk, pad]), config=config))
+        sums = np.asarray(window_nll(params, place(np.concatenate([chunk, pad])),
+                                     config=config))
         sums = sums[: len(chunk)]
         nll += float(np.sum(sums, dtype=np.float64))
         if on_window is not None:

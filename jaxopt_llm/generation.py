@@ -79,6 +79,18 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) 
                  for _ in range(config.num_layers))
 
 
+def activation_dtype(params: Any) -> Any:
+    """The dtype activations run in: the embedding table's (a bf16 model keeps a bf16 KV
+    cache, so attention does not promote the residual stream to float32)."""
+    from jaxopt_llm.rules import flat_params
+
+    for path, leaf in flat_params(params).items():
+        if path.endswith("embedding") and not path.startswith("wpe"):
+            dtype = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
+            return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
+    return jnp.dtype(jnp.float32)
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """logits (B, V) -> token ids (B,), greedy or temperature / top-k / top-p sampling."""
     logits = logits.astype(jnp.float32)
@@ -149,10 +161,14 @@ def _decode(params, first, positions, key_valid, cache, key, start_slot, max_new
 
 _PROGRAMS: dict[Any, tuple[Any, Any]] = {}
 MAX_CACHED_PROGRAMS = 16
+_COMPILED = [0]  # (prefill, decode) pairs compiled so far, evicted ones included
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    """Shapes, dtypes and shardings (a mesh-sharded input compiles a partitioned program)."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+        tree)
 
 
 def _programs(config, sampling, prefill_args, decode_tail):
@@ -178,12 +194,13 @@ def _programs(config, sampling, prefill_args, decode_tail):
     if len(_PROGRAMS) >= MAX_CACHED_PROGRAMS:
         _PROGRAMS.pop(next(iter(_PROGRAMS)))
     _PROGRAMS[signature] = (prefill, decode)
+    _COMPILED[0] += 1
     return prefill, decode, time.perf_counter() - start
 
 
 def compiled_program_count() -> int:
-    """How many (prefill, decode) pairs have been compiled and kept (tests count recompiles)."""
-    return len(_PROGRAMS)
+    """How many (prefill, decode) pairs have been compiled (tests count recompiles)."""
+    return _COMPILED[0]
 
 
 def generate(
@@ -195,8 +212,15 @@ def generate(
     sampling: Sampling = Sampling(),
     seed: int = 0,
     eos_token_ids: Sequence[int] | None = None,
+    mesh: Any = None,
 ) -> GenerationResult:
-    """Generate up to max_new_tokens for each prompt (lists of token ids)."""
+    """Generate up to max_new_tokens for each prompt (lists of token ids).
+
+    With a ("data", "model") `mesh` (params placed by `parallel.shard_params`), prompts
+    are spread over `data` (padded to a multiple of it with copies of the last prompt,
+    whose outputs are dropped) and the KV cache is sharded: batch on `data`, kv heads on
+    `model`.
+    """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -209,6 +233,12 @@ def generate(
             "lower max_new_tokens"
         )
     eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids) or (-1,)
+    requested = len(prompts)
+    if mesh is not None:
+        from jaxopt_llm.parallel import check_mesh
+
+        check_mesh(config, mesh)
+        prompts = list(prompts) + [prompts[-1]] * (-len(prompts) % mesh.shape["data"])
     batch = len(prompts)
     bucket = prompt_bucket(longest)
     capacity = bucket + _round_up(max_new_tokens, NEW_TOKEN_BUCKET)
@@ -221,12 +251,26 @@ def generate(
 
     key = jax.random.PRNGKey(seed)
     key, prefill_key = jax.random.split(key)
-    cache = init_cache(config, batch, capacity)
-    prefill_args = (params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(key_valid),
-                    cache, prefill_key)
-    first_positions = jnp.asarray(positions[:, -1] + 1)
-    decode_tail = (jnp.asarray(key_valid), key, jnp.int32(bucket), jnp.int32(max_new_tokens),
-                   jnp.asarray(eos, jnp.int32))
+    cache = init_cache(config, batch, capacity, activation_dtype(params))
+    place = constant = jnp.asarray
+    if mesh is not None:
+        from jaxopt_llm.parallel import batch_sharding, cache_sharding
+
+        cache = jax.device_put(cache, cache_sharding(mesh))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        key, prefill_key = jax.device_put((key, prefill_key), replicated)
+
+        def place(array):  # per-row arrays: batch on `data`
+            array = np.asarray(array)
+            return jax.device_put(array, batch_sharding(mesh, array.ndim))
+
+        def constant(array):  # the same on every device
+            return jax.device_put(np.asarray(array), replicated)
+    prefill_args = (params, place(tokens), place(positions), place(key_valid), cache,
+                    prefill_key)
+    first_positions = place(positions[:, -1] + 1)
+    decode_tail = (place(key_valid), key, constant(np.int32(bucket)),
+                   constant(np.int32(max_new_tokens)), constant(np.asarray(eos, np.int32)))
     prefill, decode, compile_seconds = _programs(config, sampling, prefill_args, decode_tail)
 
     start = time.perf_counter()
@@ -236,13 +280,16 @@ def generate(
 
     start = time.perf_counter()
     key_valid_arg, *rest = decode_tail
-    out, steps, cache = decode(params, first, first_positions, key_valid_arg, cache, *rest)
+    decode_args = (params, first, first_positions, key_valid_arg, cache, *rest)
+    if mesh is not None:  # hand decode exactly the layouts it was compiled for
+        decode_args = jax.device_put(decode_args, decode.input_shardings[0])
+    out, steps, cache = decode(*decode_args)
     out = np.asarray(out)
     decode_seconds = time.perf_counter() - start
     steps = int(steps)
 
     new_ids = []
-    for row in range(batch):
+    for row in range(requested):
         ids = []
         for token in out[row, :steps]:
             ids.append(int(token))
@@ -251,6 +298,6 @@ def generate(
         new_ids.append(ids)
     return GenerationResult(
         new_ids=new_ids, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-        prompt_tokens=sum(len(p) for p in prompts), decode_steps=steps - 1,
+        prompt_tokens=sum(len(p) for p in prompts[:requested]), decode_steps=steps - 1,
         compile_seconds=compile_seconds,
     )

@@ -1,0 +1,264 @@
+"""Data and tensor parallelism on a ("data", "model") device mesh, for every weight form.
+
+Tensor parallelism follows Megatron-LM ("Megatron-LM: Training Multi-Billion Parameter
+Language Models Using Model Parallelism", Shoeybi et al., 2019): q/k/v/gate/up are
+column-parallel (their output dim on `model`, so each device holds whole heads and
+whole MLP neurons), o/down are row-parallel (their input dim on `model`; XLA adds one
+all-reduce after each), the embedding table is vocab-parallel, norms are replicated.
+Data parallelism puts the batch on `data`; parameters are replicated across it.
+
+A layout names the axes of the *dense* weight (kernel (K, N), table (V, D)); each typed
+leaf maps it onto its own arrays (`leaf_specs`):
+* QuantizedWeight: codes (K', N) — packed along K, so a K-shard holds whole bytes —
+  and scales / zero points (G, N) share the codes' spec (a dim of size 1, e.g. one
+  group per column, or any dim the axis does not divide, is replicated).
+* MaskedWeight / NMSparseWeight: values and packed masks / indices like the codes.
+* FakeQuantWeight: w like a kernel, learned scales (G, 1, N) like its groups.
+* LowRankWeight(u (K, r), v (r, N)): column-parallel shards v's N and replicates u
+  (x·u is computed redundantly, then ·v is local: no collective); row-parallel shards
+  u's K and replicates v (x·u gives partial sums: one all-reduce of the (…, r)
+  activation, smaller than the (…, N) one of a dense row-parallel layer).
+* LoRAWeight: the base as its own leaf, a like u and b like v.
+
+Rules are (regex, layout) pairs matched with re.fullmatch on "/"-joined parameter paths,
+the first match winning; user rules go first. Nothing here changes a computation: XLA's
+SPMD partitioner inserts the collectives, so sharded results equal single-device ones.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxopt_llm.models import ModelConfig
+from jaxopt_llm.rules import flat_params, nested_params
+from jaxopt_llm.weights import (
+    FakeQuantWeight,
+    LoRAWeight,
+    LowRankWeight,
+    is_weight_leaf,
+)
+
+MESH_AXES = ("data", "model")
+LAYOUTS = ("column", "row", "vocab", "replicated")
+
+LLAMA_RULES: tuple[tuple[str, str], ...] = (
+    (r"(.*/)?attn/(q_proj|k_proj|v_proj)/kernel", "column"),
+    (r"(.*/)?attn/(q_proj|k_proj|v_proj)/bias", "column"),
+    (r"(.*/)?mlp/(gate_proj|up_proj)/kernel", "column"),
+    (r"(.*/)?(attn/o_proj|mlp/down_proj)/kernel", "row"),
+    (r"embed_tokens/embedding", "vocab"),
+    (r"lm_head/kernel", "column"),
+)
+GPT2_RULES: tuple[tuple[str, str], ...] = (
+    (r"(.*/)?attn/c_attn/(kernel|bias)", "column"),
+    (r"(.*/)?mlp/c_fc/(kernel|bias)", "column"),
+    (r"(.*/)?(attn|mlp)/c_proj/kernel", "row"),
+    (r"wte/embedding", "vocab"),
+)
+
+
+def default_rules(config: ModelConfig) -> tuple[tuple[str, str], ...]:
+    return GPT2_RULES if config.family == "gpt2" else LLAMA_RULES
+
+
+def parse_mesh(spec: str | dict[str, int]) -> dict[str, int]:
+    """"data=2,model=4" → {"data": 2, "model": 4}; an axis left out has size 1."""
+    if isinstance(spec, dict):
+        sizes = dict(spec)
+    else:
+        sizes = {}
+        for part in filter(None, (p.strip() for p in str(spec).split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or not value.strip().isdigit():
+                raise ValueError(f"--mesh {spec!r}: expected axis=size pairs like "
+                                 f"'data=2,model=4', got {part!r}")
+            if name.strip() in sizes:
+                raise ValueError(f"--mesh {spec!r}: axis {name.strip()!r} given twice")
+            sizes[name.strip()] = int(value)
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"--mesh {spec!r}: unknown axis {sorted(unknown)}; the axes are "
+                         f"{MESH_AXES}")
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"--mesh {spec!r}: {name} must be a positive integer, got {size!r}")
+    return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+
+
+def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A ("data", "model") mesh on the first data·model devices (model varies fastest,
+    so a model group stays within one host when hosts own consecutive devices)."""
+    sizes = parse_mesh(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    needed = sizes["data"] * sizes["model"]
+    if needed > len(devices):
+        raise ValueError(
+            f"--mesh data={sizes['data']},model={sizes['model']} needs {needed} devices, "
+            f"{len(devices)} available (on CPU, start Python with XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={needed})")
+    grid = np.array(devices[:needed], dtype=object).reshape(sizes["data"], sizes["model"])
+    return Mesh(grid, MESH_AXES)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_mesh(config: ModelConfig, mesh: Mesh, *, batch: int | None = None,
+               rules: Sequence[tuple[str, str]] = ()) -> None:
+    """Raise an actionable ValueError when the model (or batch) cannot use this mesh."""
+    model = mesh.shape["model"]
+    sizes = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
+             "intermediate_size": config.intermediate_size}
+    table = "wte/embedding" if config.family == "gpt2" else "embed_tokens/embedding"
+    if _layout(table, rules, config) == "vocab":
+        sizes["vocab_size"] = config.vocab_size
+    if model > 1:
+        valid = [m for m in _divisors(math.gcd(*sizes.values()))]
+        for name, size in sizes.items():
+            if size % model:
+                hint = f"use model={' or '.join(str(v) for v in valid)}"
+                if name == "vocab_size":
+                    hint += f" (or replicate the table: --shard '{table}=replicated')"
+                raise ValueError(f"{name}={size} is not divisible by model={model}; {hint}")
+    if batch is not None and batch % mesh.shape["data"]:
+        raise ValueError(f"batch={batch} is not divisible by data={mesh.shape['data']}; "
+                         f"use a batch that is a multiple of {mesh.shape['data']}")
+
+
+def _layout(path: str, rules: Sequence[tuple[str, str]], config: ModelConfig) -> str:
+    for pattern, layout in (*rules, *default_rules(config)):
+        if re.fullmatch(pattern, path):
+            return layout
+    return "replicated"
+
+
+def check_rules(rules: Sequence[tuple[str, str]]) -> None:
+    for pattern, layout in rules:
+        if layout not in LAYOUTS:
+            raise ValueError(f"shard rule {pattern!r}: layout must be one of {LAYOUTS}, "
+                             f"got {layout!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"shard rule {pattern!r} is not a valid regex: {err}") from None
+
+
+def parse_shard_rule(text: str) -> tuple[str, str]:
+    """"REGEX=LAYOUT" (the CLI's --shard) → (regex, layout)."""
+    pattern, sep, layout = text.rpartition("=")
+    if not sep or not pattern:
+        raise ValueError(f"--shard {text!r}: expected REGEX=LAYOUT with LAYOUT one of {LAYOUTS}")
+    check_rules([(pattern, layout)])
+    return pattern, layout
+
+
+def _dense_axes(layout: str) -> tuple[str | None, str | None]:
+    """Mesh axis of the dense weight's (rows, cols): kernel (K, N), table (V, D)."""
+    return {"column": (None, "model"), "row": ("model", None),
+            "vocab": ("model", None), "replicated": (None, None)}[layout]
+
+
+def _spec(shape: tuple[int, ...], dims: dict[int, str | None], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array: dims maps array dim → mesh axis; a dim the axis does not
+    divide (or of size 1) is replicated."""
+    parts = [None] * len(shape)
+    for dim, axis in dims.items():
+        if axis is not None and shape[dim] > 1 and shape[dim] % mesh.shape[axis] == 0:
+            parts[dim] = axis
+    while parts and parts[-1] is None:
+        parts.pop()
+    return PartitionSpec(*parts)
+
+
+def leaf_specs(leaf: Any, layout: str, mesh: Mesh) -> Any:
+    """The PartitionSpec of every array of `leaf` (same tree structure as the leaf)."""
+    rows, cols = _dense_axes(layout)
+    if isinstance(leaf, LowRankWeight):
+        return LowRankWeight(u=_child(leaf.u, {0: rows}, mesh),
+                             v=_child(leaf.v, {1: cols}, mesh))
+    if isinstance(leaf, LoRAWeight):
+        return leaf.replace(base=leaf_specs(leaf.base, layout, mesh),
+                            a=_spec(leaf.a.shape, {0: rows}, mesh),
+                            b=_spec(leaf.b.shape, {1: cols}, mesh))
+    if isinstance(leaf, FakeQuantWeight):
+        grouped = {0: rows, 2: cols} if leaf.axis == 0 else {0: cols, 2: rows}
+        return leaf.replace(
+            w=_spec(leaf.w.shape, {0: rows, 1: cols}, mesh),
+            scale=None if leaf.scale is None else _spec(leaf.scale.shape, grouped, mesh),
+            zero=None if leaf.zero is None else _spec(leaf.zero.shape, grouped, mesh))
+    if is_weight_leaf(leaf):  # quantized / masked / N:M: every array is (rows', cols')
+        return jax.tree_util.tree_map(
+            lambda a: _spec(a.shape, {0: rows, 1: cols} if a.ndim >= 2 else {0: cols}, mesh),
+            leaf)
+    if leaf.ndim == 1:  # a bias follows the output dim; norm scales are replicated
+        return _spec(leaf.shape, {0: cols if layout == "column" else None}, mesh)
+    return _spec(leaf.shape, {0: rows, 1: cols}, mesh)
+
+
+def _child(child: Any, dims: dict[int, str | None], mesh: Mesh) -> Any:
+    """Specs of a low-rank factor, which may itself be a typed leaf (e.g. quantized)."""
+    if is_weight_leaf(child):
+        return jax.tree_util.tree_map(
+            lambda a: _spec(a.shape, {d: ax for d, ax in dims.items() if d < a.ndim}, mesh),
+            child)
+    return _spec(child.shape, dims, mesh)
+
+
+def param_specs(config: ModelConfig, params: Any, mesh: Mesh,
+                rules: Sequence[tuple[str, str]] = ()) -> Any:
+    """PartitionSpec for every array of `params` from the rules (user rules first)."""
+    check_rules(rules)
+    flat = flat_params(params)
+    return nested_params({path: leaf_specs(leaf, _layout(path, rules, config), mesh)
+                          for path, leaf in flat.items()})
+
+
+def param_shardings(config: ModelConfig, params: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, str]] = ()) -> Any:
+    specs = param_specs(config, params, mesh, rules)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
+                 rules: Sequence[tuple[str, str]] = ()) -> Any:
+    """Place `params` on the mesh by the rules, after checking the model fits the mesh.
+
+    Each array is built with `jax.make_array_from_callback`, so a process only transfers
+    the slices its own devices hold (on many hosts: per-host loading of local shards).
+    """
+    check_mesh(config, mesh, rules=rules)
+    shardings = param_shardings(config, params, mesh, rules)
+
+    def place(array, sharding):
+        host = np.asarray(array) if not isinstance(array, jax.Array) else array
+        if isinstance(host, jax.Array) and host.is_fully_addressable:
+            return jax.device_put(host, sharding)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, params, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch (leading dim) on `data`, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+    """KV cache (B, S, Hkv, D): batch on `data`, kv heads on `model`."""
+    return NamedSharding(mesh, PartitionSpec("data", None, "model", None))
+
+
+__all__ = [
+    "GPT2_RULES", "LAYOUTS", "LLAMA_RULES", "MESH_AXES", "batch_sharding", "cache_sharding",
+    "check_mesh", "default_rules", "leaf_specs", "make_mesh", "param_shardings",
+    "param_specs", "parse_mesh", "parse_shard_rule", "shard_params",
+]
