@@ -239,9 +239,9 @@ def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
     shardings = param_shardings(config, params, mesh, rules)
 
     def place(array, sharding):
-        host = np.asarray(array) if not isinstance(array, jax.Array) else array
-        if isinstance(host, jax.Array) and host.is_fully_addressable:
-            return jax.device_put(host, sharding)
+        if isinstance(array, jax.Array) and sharding.is_fully_addressable:
+            return jax.device_put(array, sharding)
+        host = np.asarray(array)  # many processes: each builds only its devices' slices
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree_util.tree_map(place, params, shardings)

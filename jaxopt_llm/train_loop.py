@@ -176,7 +176,10 @@ def load_checkpoint(directory: Path, template: Any, meta: dict[str, Any]) -> Any
     restored = []
     for i, like in enumerate(leaves):
         array = arrays[f"{i:06d}"].reshape(np.shape(like))
-        restored.append(jnp.asarray(array, dtype=like.dtype))
+        array = np.asarray(array, dtype=like.dtype)
+        # onto the template's devices (a mesh-sharded run resumes sharded)
+        on_mesh = isinstance(getattr(like, "sharding", None), jax.sharding.NamedSharding)
+        restored.append(jax.device_put(array, like.sharding) if on_mesh else jnp.asarray(array))
     return jax.tree_util.tree_unflatten(treedef, restored)
 
 
@@ -193,14 +196,31 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
                  meta: dict[str, Any] | None = None, resume: bool = False,
                  stop_after: int | None = None,
                  prune_schedules: list[PruneSchedule] = (),
+                 mesh: Any = None, shard_rules: Any = (),
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train `params` for options.steps micro-batch steps (optionally stopping early after
     `stop_after`, as an interruption would); resume from `checkpoint_dir` if asked.
 
     The checkpoint holds the train state and the frozen arrays (masks recomputed by a
-    gradual schedule live there), so a resumed run continues exactly."""
+    gradual schedule live there), so a resumed run continues exactly.
+
+    With a ("data", "model") `mesh`, parameters (and the teacher) are placed by the
+    tensor-parallel rules (`parallel.shard_params`, plus `shard_rules`) and each batch is
+    split over `data`; the optimizer state takes the layouts the compiled step gives it,
+    so the step compiles once."""
     import time
 
+    place_tokens = jnp.asarray
+    if mesh is not None:
+        from jaxopt_llm.parallel import batch_sharding, check_mesh, shard_params
+
+        check_mesh(config, mesh, batch=batch, rules=shard_rules)
+        params = shard_params(config, params, mesh, shard_rules)
+        if teacher is not None:
+            teacher = shard_params(config, teacher, mesh, shard_rules)
+
+        def place_tokens(tokens):
+            return jax.device_put(tokens, batch_sharding(mesh))
     trainer, frozen = make_trainer(config, params, options)
     state = trainer.init(params)
     meta = dict(meta or {})
@@ -208,6 +228,10 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
     if resume and checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists():
         state, frozen = load_checkpoint(checkpoint_dir, (state, frozen), meta)
         start = int(state.step)
+    if mesh is not None and start < options.steps:
+        tokens = place_tokens(batch_at(ids, start, batch, seq, seed))
+        compiled = trainer.step.lower(state, frozen, tokens, teacher).compile()
+        state = jax.device_put(state, compiled.output_shardings[0])
     history = []
     last = options.steps if stop_after is None else min(options.steps, stop_after)
     mask = None
@@ -220,9 +244,14 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
                                                   is_leaf=lambda x: x is None)
                 current = reprune(trainer.params(state, frozen), list(schedule.paths),
                                   target, schedule.scope)
-                trainable, frozen = split(current, mask)
+                trainable, new_frozen = split(current, mask)
+                if mesh is not None:  # keep the layouts the step was compiled for
+                    trainable, new_frozen = jax.device_put(
+                        (trainable, new_frozen), jax.tree_util.tree_map(
+                            lambda a: a.sharding, (state.trainable, frozen)))
+                frozen = new_frozen
                 state = state._replace(trainable=trainable)
-        tokens = jnp.asarray(batch_at(ids, step, batch, seq, seed))
+        tokens = place_tokens(batch_at(ids, step, batch, seq, seed))
         began = time.perf_counter()
         state, metrics = trainer.step(state, frozen, tokens, teacher)
         record = {k: float(v) for k, v in metrics.items()}

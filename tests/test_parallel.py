@@ -199,3 +199,61 @@ def test_impossible_model_axis_gets_an_actionable_error():
         check_mesh(CONFIG, make_mesh("data=2"), batch=3)
     with pytest.raises(ValueError, match="layout must be one of"):
         parse_shard_rule("embed_tokens/embedding=diagonal")
+
+
+@pytest.mark.parametrize(("recipe", "mesh_spec"), [("w4g128", "data=2,model=4"),
+                                                   ("magnitude-50", "data=4,model=2")])
+def test_sharded_training_equals_one_device_and_compiles_once(recipe, mesh_spec, tmp_path):
+    from jaxopt_llm.train import TrainOptions
+    from jaxopt_llm.train_loop import gradual_recipe, prune_schedules, qat_recipe, run_training
+
+    trainable = qat_recipe(load_recipe(recipe), learn_scale=True)
+    targets = []
+    if recipe.startswith("magnitude"):
+        trainable, targets = gradual_recipe(trainable, 6)
+    config, params = trainable(CONFIG, _params())
+    schedules = prune_schedules(trainable, targets, params) if targets else []
+    ids = np.random.default_rng(5).integers(3, 256, 2000).astype(np.int32)
+    options = TrainOptions(steps=6, learning_rate=1e-3, distill_weight=0.5)
+    common = dict(batch=4, seq=16, teacher=_params(), prune_schedules=schedules,
+                  meta={"recipe": recipe})
+    single = run_training(config, params, options, ids, **common)
+    mesh = make_mesh(mesh_spec)
+    sharded = run_training(config, params, options, ids, mesh=mesh, **common)
+    np.testing.assert_allclose([h["loss"] for h in sharded.history],
+                               [h["loss"] for h in single.history], rtol=2e-5)
+    # Adam normalises gradients, so float-rounding differences in near-zero gradients may
+    # move a weight differently, by at most the step size (lr) per step
+    for a, b in zip(jax.tree_util.tree_leaves(sharded.params),
+                    jax.tree_util.tree_leaves(single.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=5e-4)
+    q = flat_params(sharded.params)["layers_0/attn/q_proj/kernel"]
+    assert q.w.sharding.spec == P(None, "model")
+    # an interrupted sharded run resumes on the mesh and ends where the straight one did
+    ckpt = tmp_path / "ckpt"
+    run_training(config, params, options, ids, mesh=mesh, checkpoint_dir=ckpt,
+                 checkpoint_every=2, stop_after=3, **common)
+    resumed = run_training(config, params, options, ids, mesh=mesh, checkpoint_dir=ckpt,
+                           checkpoint_every=2, resume=True, **common)
+    assert resumed.resumed_from == 2
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.params),
+                    jax.tree_util.tree_leaves(sharded.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_train_step_does_not_recompile():
+    from jaxopt_llm.parallel import batch_sharding
+    from jaxopt_llm.train import TrainOptions, make_trainer
+    from jaxopt_llm.train_loop import qat_recipe
+
+    mesh = make_mesh("data=2,model=4")
+    config, params = qat_recipe(load_recipe("w4"))(CONFIG, _params())
+    params = shard_params(config, params, mesh)
+    trainer, frozen = make_trainer(config, params, TrainOptions(steps=4))
+    state = trainer.init(params)
+    tokens = jax.device_put(TOKENS[:4, :16], batch_sharding(mesh))
+    compiled = trainer.step.lower(state, frozen, tokens).compile()
+    state = jax.device_put(state, compiled.output_shardings[0])
+    for _ in range(3):
+        state, _ = trainer.step(state, frozen, tokens)
+    assert trainer.step._cache_size() == 1
