@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -117,7 +118,45 @@ def _apply_recipe(loaded, recipe, quiet: bool):
                                extra={**(loaded.extra or {}), "dense_param_bytes": dense})
 
 
-def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> dict[str, Any]:
+def _parallel_setup(args: argparse.Namespace) -> None:
+    """Before JAX starts: join a multi-host job (--coordinator … or JAXOPT_* env), and on
+    CPU provide as many devices as --mesh asks for (fake CPU devices on one host)."""
+    from jaxopt_llm import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.mesh and "xla_force_host_platform_device_count" not in os.environ.get(
+            "XLA_FLAGS", ""):
+        from jaxopt_llm.parallel import parse_mesh
+
+        sizes = parse_mesh(args.mesh)
+        wanted = sizes["data"] * sizes["model"] // max(1, args.num_processes or int(
+            os.environ.get(distributed.ENV_NUM_PROCESSES, "1")))
+        import jax
+
+        if wanted > 1 and not jax._src.xla_bridge.backends_are_initialized():
+            jax.config.update("jax_num_cpu_devices", max(wanted, 1))
+
+
+def _on_mesh(loaded, args: argparse.Namespace):
+    """(loaded with params placed on the mesh, mesh) — or (loaded, None) without --mesh."""
+    import dataclasses
+
+    if not args.mesh:
+        return loaded, None
+    from jaxopt_llm.parallel import make_mesh, parse_shard_rule, shard_params
+
+    rules = [parse_shard_rule(text) for text in args.shard]
+    mesh = make_mesh(args.mesh)
+    params = shard_params(loaded.config, loaded.params, mesh, rules)
+    return dataclasses.replace(loaded, params=params), mesh
+
+
+def _mesh_json(mesh) -> dict[str, int] | None:
+    return None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}
+
+
+def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool,
+              mesh=None, batch_size: int = 1) -> dict[str, Any]:
     from jaxopt_llm.data import text_sha256
     from jaxopt_llm.evaluate import check_eval_args, perplexity
     from jaxopt_llm.weights import param_bytes
@@ -129,14 +168,14 @@ def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> d
     start = time.perf_counter()
     if quiet or windows == 0:
         result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
-                            window=window)
+                            window=window, batch_size=batch_size, mesh=mesh)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total} windows"), TimeElapsedColumn(),
                       console=stderr, transient=True) as progress:
             task = progress.add_task("perplexity", total=windows)
             result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
-                                window=window,
+                                window=window, batch_size=batch_size, mesh=mesh,
                                 on_window=lambda n: progress.advance(task, n))
     seconds = time.perf_counter() - start
     return {
@@ -149,18 +188,19 @@ def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool) -> d
         "text_tokens": len(ids),
         "seconds": seconds,
         "eval_tok_s": result.tokens_used / seconds,
+        "mesh": _mesh_json(mesh),
     }
 
 
 def _run_generate(loaded, prompt: str, max_new_tokens: int, sampling, seed: int,
-                  quiet: bool) -> dict[str, Any]:
+                  quiet: bool, mesh=None) -> dict[str, Any]:
     from jaxopt_llm.generation import generate
 
     ids = loaded.tokenizer.encode(prompt)
     with _spinner("compiling and generating", quiet):
         result = generate(loaded.config, loaded.params, [ids], max_new_tokens=max_new_tokens,
                           sampling=sampling, seed=seed,
-                          eos_token_ids=loaded.tokenizer.eos_token_ids or None)
+                          eos_token_ids=loaded.tokenizer.eos_token_ids or None, mesh=mesh)
     new_ids = result.new_ids[0]
     return {
         "model": loaded.source,
@@ -174,6 +214,7 @@ def _run_generate(loaded, prompt: str, max_new_tokens: int, sampling, seed: int,
         "prefill_seconds": result.prefill_seconds,
         "compile_seconds": result.compile_seconds,
         "decode_seconds": result.decode_seconds,
+        "mesh": _mesh_json(mesh),
     }
 
 
@@ -182,8 +223,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     text = pydoc_text() if args.text is None else read_text_file(args.text)
     recipe = _recipe(args.recipe)
+    _parallel_setup(args)
     loaded = _apply_recipe(_load(args.model, args.json), recipe, args.json)
-    out = _run_eval(loaded, text, args.tokens, args.window, args.json)
+    loaded, mesh = _on_mesh(loaded, args)
+    out = _run_eval(loaded, text, args.tokens, args.window, args.json, mesh, args.batch_size)
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
                      f"scored tokens ({out['windows']} windows of {out['window']}), "
@@ -201,9 +244,11 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     recipe = _recipe(args.recipe)
     # after the cheap checks: bad input fails fast
+    _parallel_setup(args)
     loaded = _apply_recipe(_load(args.model, args.json), recipe, args.json)
+    loaded, mesh = _on_mesh(loaded, args)
     out = _run_generate(loaded, args.prompt, args.max_new_tokens, sampling, args.seed,
-                        args.json)
+                        args.json, mesh)
     if not args.json:
         print(args.prompt + out["text"])
         stderr.print(f"prefill {out['prefill_tok_s']:.1f} tok/s, "
@@ -310,6 +355,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir}: exists and is not a directory")
     text = pydoc_text() if args.text is None else read_text_file(args.text)
+    _parallel_setup(args)
+    mesh = shard_rules = None
+    if args.mesh:
+        from jaxopt_llm.parallel import make_mesh, parse_shard_rule
+
+        shard_rules = [parse_shard_rule(t) for t in args.shard]
+        mesh = make_mesh(args.mesh)
     loaded = _load(args.model, args.json)
     ids = np.asarray(loaded.tokenizer.encode(text), np.int32)
     if args.text is None:
@@ -359,10 +411,18 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                               checkpoint_dir=checkpoint_dir,
                               checkpoint_every=args.checkpoint_every, meta=meta,
                               resume=resume, stop_after=args.stop_after,
-                              prune_schedules=schedules, on_step=on_step)
+                              prune_schedules=schedules, mesh=mesh,
+                              shard_rules=shard_rules or (), on_step=on_step)
     if result.history and result.history[-1]["step"] < args.steps:
         return {"stopped_at": result.history[-1]["step"], "checkpoint": str(checkpoint_dir)}
-    final = convert(result.params)
+    final = result.params
+    if mesh is not None:  # gather to host: artifacts are written from whole arrays
+        import jax
+
+        from jaxopt_llm.parallel import to_host
+
+        final = jax.tree_util.tree_map(to_host, final)
+    final = convert(final)
     if args.lora and args.merge_lora:
         final = merge_lora(final)
     path = save_artifact(out_dir, config=config, params=final, tokenizer=loaded.tokenizer,
@@ -376,6 +436,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "loss_first": history[0]["loss"] if history else None,
         "loss_last": history[-1]["loss"] if history else None,
         "step_s": float(np.median([h["step_s"] for h in history[1:]] or [0.0])),
+        "mesh": _mesh_json(mesh),
     }
     if not args.json:
         stderr.print(f"trained {args.steps} steps: loss {out['loss_first']:.3f} → "
@@ -416,6 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="registry name (smollm2-135m), .gguf file, HF checkpoint or "
                             "artifact directory")
 
+    def add_parallel(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("parallel execution")
+        g.add_argument("--mesh", help="device mesh 'data=A,model=B': batch over A, tensor "
+                                      "parallel over B (on CPU, A·B fake devices are made)")
+        g.add_argument("--shard", action="append", default=[], metavar="REGEX=LAYOUT",
+                       help="override a sharding rule (layouts: column, row, vocab, "
+                            "replicated); repeatable, first match wins")
+        g.add_argument("--coordinator", help="multi-host: host:port of process 0 "
+                                             "(or JAXOPT_COORDINATOR)")
+        g.add_argument("--num-processes", type=_positive_int("--num-processes"),
+                       help="multi-host: number of processes (or JAXOPT_NUM_PROCESSES)")
+        g.add_argument("--process-id", type=_number("--process-id", int, allow_zero=True),
+                       help="multi-host: this process, 0..N-1 (or JAXOPT_PROCESS_ID)")
+
     def add_recipe(p: argparse.ArgumentParser, required: bool = False) -> None:
         p.add_argument("--recipe", required=required,
                        help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
@@ -434,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
     ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
     ev.add_argument("--window", type=_positive_int("--window"), default=512)
+    ev.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1,
+                    help="windows per forward pass (rounded up to a multiple of data)")
+    add_parallel(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.set_defaults(func=cmd_eval)
 
@@ -448,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="0 disables top-k")
     gen.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
     gen.add_argument("--seed", type=int, default=0)
+    add_parallel(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(func=cmd_generate)
 
@@ -490,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--merge-lora", action="store_true",
                     help="with --lora, fold the adapters into the weights of the artifact "
                          "(re-quantizing quantized ones) instead of keeping them separate")
+    add_parallel(tr)
     tr.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50)
     tr.add_argument("--stop-after", type=_positive_int("--stop-after"), default=None,
                     help=argparse.SUPPRESS)  # simulate an interruption (tests)

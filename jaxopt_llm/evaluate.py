@@ -76,14 +76,14 @@ def perplexity(
     check_eval_args(num_tokens, window)
     place = jnp.asarray
     if mesh is not None:
-        from jaxopt_llm.parallel import batch_sharding, check_mesh
+        from jaxopt_llm.parallel import check_mesh, global_batch, to_host
 
         check_mesh(config, mesh)
         data = mesh.shape["data"]
         batch_size = -(-batch_size // data) * data
 
         def place(chunk):
-            return jax.device_put(chunk, batch_sharding(mesh, chunk.ndim))
+            return global_batch(chunk, mesh)
     if window > config.max_position_embeddings:
         raise ValueError(f"--window {window} exceeds the model's context of "
                          f"{config.max_position_embeddings} tokens")
@@ -100,8 +100,8 @@ def perplexity(
     for start in range(0, num_windows, batch_size):
         chunk = windows[start:start + batch_size]
         pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)  # fixed compiled shape
-        sums = np.asarray(window_nll(params, place(np.concatenate([chunk, pad])),
-                                     config=config))
+        sums = window_nll(params, place(np.concatenate([chunk, pad])), config=config)
+        sums = to_host(sums) if mesh is not None else np.asarray(sums)
         sums = sums[: len(chunk)]
         nll += float(np.sum(sums, dtype=np.float64))
         if on_window is not None:

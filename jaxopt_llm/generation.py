@@ -254,15 +254,17 @@ def generate(
     cache = init_cache(config, batch, capacity, activation_dtype(params))
     place = constant = jnp.asarray
     if mesh is not None:
-        from jaxopt_llm.parallel import batch_sharding, cache_sharding
+        from jaxopt_llm.parallel import cache_sharding, global_batch
 
-        cache = jax.device_put(cache, cache_sharding(mesh))
+        cache = jax.tree_util.tree_map(  # built per device: works across processes too
+            lambda a: jax.make_array_from_callback(
+                a.shape, cache_sharding(mesh), lambda index, a=a: np.zeros(a.shape, a.dtype)[
+                    index]), cache)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         key, prefill_key = jax.device_put((key, prefill_key), replicated)
 
         def place(array):  # per-row arrays: batch on `data`
-            array = np.asarray(array)
-            return jax.device_put(array, batch_sharding(mesh, array.ndim))
+            return global_batch(array, mesh)
 
         def constant(array):  # the same on every device
             return jax.device_put(np.asarray(array), replicated)
@@ -284,6 +286,10 @@ def generate(
     if mesh is not None:  # hand decode exactly the layouts it was compiled for
         decode_args = jax.device_put(decode_args, decode.input_shardings[0])
     out, steps, cache = decode(*decode_args)
+    if mesh is not None:
+        from jaxopt_llm.parallel import to_host
+
+        out = to_host(out)
     out = np.asarray(out)
     decode_seconds = time.perf_counter() - start
     steps = int(steps)

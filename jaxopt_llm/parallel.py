@@ -247,6 +247,23 @@ def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
     return jax.tree_util.tree_map(place, params, shardings)
 
 
+def global_batch(array: Any, mesh: Mesh) -> jax.Array:
+    """A host array (the same on every process) → a global array, batch on `data`; each
+    process transfers only its devices' rows."""
+    host = np.asarray(array)
+    return jax.make_array_from_callback(host.shape, batch_sharding(mesh, host.ndim),
+                                        lambda index: host[index])
+
+
+def to_host(array: Any) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array as numpy, on every process."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch (leading dim) on `data`, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
@@ -259,6 +276,7 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
 
 __all__ = [
     "GPT2_RULES", "LAYOUTS", "LLAMA_RULES", "MESH_AXES", "batch_sharding", "cache_sharding",
-    "check_mesh", "default_rules", "leaf_specs", "make_mesh", "param_shardings",
-    "param_specs", "parse_mesh", "parse_shard_rule", "shard_params",
+    "check_mesh", "default_rules", "global_batch", "leaf_specs", "make_mesh",
+    "param_shardings", "param_specs", "parse_mesh", "parse_shard_rule", "shard_params",
+    "to_host",
 ]

@@ -212,7 +212,7 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
 
     place_tokens = jnp.asarray
     if mesh is not None:
-        from jaxopt_llm.parallel import batch_sharding, check_mesh, shard_params
+        from jaxopt_llm.parallel import check_mesh, global_batch, shard_params
 
         check_mesh(config, mesh, batch=batch, rules=shard_rules)
         params = shard_params(config, params, mesh, shard_rules)
@@ -220,7 +220,7 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
             teacher = shard_params(config, teacher, mesh, shard_rules)
 
         def place_tokens(tokens):
-            return jax.device_put(tokens, batch_sharding(mesh))
+            return global_batch(tokens, mesh)
     trainer, frozen = make_trainer(config, params, options)
     state = trainer.init(params)
     meta = dict(meta or {})

@@ -1,0 +1,95 @@
+"""`--mesh` on eval, generate and train: the same numbers as one device, clear errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxopt_llm import cli
+from jaxopt_llm.io.artifact import save_artifact
+from jaxopt_llm.models import ModelConfig
+
+TEXT = " ".join(["hello world jax weights ."] * 400)
+CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=32,
+                     intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     max_position_embeddings=64, bos_token_id=1, eos_token_ids=(2,))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, word_tokenizer):
+    from jaxopt_llm.models import build_model
+    from jaxopt_llm.models.layers import attention_mask
+
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
+    params = build_model(CONFIG).init(jax.random.key(1), tokens, tokens, mask)["params"]
+    params = jax.tree_util.tree_map(lambda a: a * 4.0 if a.ndim == 2 else a, params)
+    directory = tmp_path_factory.mktemp("tinyp") / "model"
+    save_artifact(directory, config=CONFIG, params=params, tokenizer=word_tokenizer,
+                  recipe=None)
+    text = directory.parent / "train.txt"
+    text.write_text(TEXT)
+    return directory, text
+
+
+def _run(capsys, *argv):
+    code = cli.main([*argv, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("mesh", ["data=2,model=2", "data=4", "model=2"])
+def test_eval_and_generate_on_a_mesh_equal_one_device(model_dir, capsys, mesh):
+    directory, text = model_dir
+    common = ["--model", str(directory), "--recipe", "w4g128"] if mesh == "data=4" else \
+        ["--model", str(directory)]
+    evals = ["eval", *common, "--text", str(text), "--tokens", "512", "--window", "32",
+             "--batch-size", "4"]
+    single = _run(capsys, *evals)
+    sharded = _run(capsys, *evals, "--mesh", mesh)
+    assert sharded["mesh"] == {"data": int(mesh.split("data=")[1][0]) if "data" in mesh else 1,
+                               "model": int(mesh.split("model=")[1][0]) if "model" in mesh
+                               else 1}
+    assert sharded["ppl"] == pytest.approx(single["ppl"], rel=1e-5)
+    gen = ["generate", *common, "--prompt", "hello world", "--max-new-tokens", "8"]
+    assert _run(capsys, *gen, "--mesh", mesh)["new_ids"] == _run(capsys, *gen)["new_ids"]
+
+
+def test_train_on_a_mesh(model_dir, tmp_path, capsys):
+    from jaxopt_llm.io.loader import load_model
+    from jaxopt_llm.weights import QuantizedWeight
+
+    directory, text = model_dir
+    argv = ["train", "--model", str(directory), "--recipe", "w4", "--text", str(text),
+            "--steps", "4", "--batch", "2", "--seq", "16", "--lr", "0.01", "--distill"]
+    single = _run(capsys, *argv, "--out", str(tmp_path / "one"))
+    sharded = _run(capsys, *argv, "--out", str(tmp_path / "mesh"), "--mesh", "data=2,model=2")
+    assert sharded["mesh"] == {"data": 2, "model": 2}
+    assert sharded["loss_last"] == pytest.approx(single["loss_last"], rel=1e-4)
+    kernel = load_model(str(tmp_path / "mesh")).params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel, QuantizedWeight)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--mesh", "model=3"], "num_heads=4 is not divisible by model=3; use model=1 or 2"),
+    (["--mesh", "data=16"], "needs 16 devices, 8 available"),
+    (["--mesh", "data=2,pipe=2"], "unknown axis ['pipe']"),
+    (["--mesh", "model=2", "--shard", "embed_tokens/embedding=diagonal"],
+     "layout must be one of"),
+    (["--coordinator", "127.0.0.1:1"], "JAXOPT_NUM_PROCESSES"),
+])
+def test_bad_parallel_flags(model_dir, capsys, argv, message):
+    code = cli.main(["eval", "--model", str(model_dir[0]), "--text", str(model_dir[1]),
+                     "--tokens", "64", "--window", "32", *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_batch_must_split_over_data(model_dir, tmp_path, capsys):
+    code = cli.main(["train", "--model", str(model_dir[0]), "--text", str(model_dir[1]),
+                     "--steps", "2", "--batch", "3", "--seq", "16", "--mesh", "data=2",
+                     "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "batch=3 is not divisible by data=2" in capsys.readouterr().err
