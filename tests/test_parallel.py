@@ -257,3 +257,29 @@ def test_sharded_train_step_does_not_recompile():
     for _ in range(3):
         state, _ = trainer.step(state, frozen, tokens)
     assert trainer.step._cache_size() == 1
+
+
+def test_structurally_pruned_models_are_checked_against_the_mesh_again():
+    from jaxopt_llm.pipeline import Recipe, Stage
+    from jaxopt_llm.recipes import MLP
+    from jaxopt_llm.rules import rule
+
+    recipe = Recipe(name="mlp-10", stages=(Stage(name="prune", rules=(
+        rule(MLP, "prune_neurons", fraction=0.1),)),))
+    config, params = recipe(CONFIG, _params())
+    assert config.intermediate_size == 230  # 256 − round(25.6)
+    with pytest.raises(ValueError, match="intermediate_size=230 is not divisible by model=4; "
+                                         "use model=1 or 2"):
+        shard_params(config, params, make_mesh("model=4"))
+    mesh = make_mesh("data=4,model=2")
+    sharded = shard_params(config, params, mesh)
+    tokens = jnp.asarray(TOKENS[:4, :16])
+    model = build_model(config)
+
+    def forward(p, t):
+        return model.apply({"params": p}, t, jnp.broadcast_to(jnp.arange(16), t.shape),
+                           attention_mask(jnp.ones(t.shape, bool), 0, 16))[0]
+
+    expected = np.asarray(jax.jit(forward)(params, tokens))
+    got = np.asarray(jax.jit(forward)(sharded, tokens))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
