@@ -100,3 +100,48 @@ def test_training_moves_the_step_sizes_and_conversion_is_exact():
 def test_learn_scale_must_be_a_boolean():
     with pytest.raises(ValueError, match="learn_scale must be true or false"):
         _recipe("fake_quant", bits=4, learn_scale="yes")(CONFIG, _params())
+
+
+def test_gradients_off_the_straight_through_path_match_finite_differences():
+    """Where the forward is smooth or flat, the autodiff gradient is the true derivative:
+    norm scales of a fake-quantized model (central differences), and clipped weights under
+    the clipped STE (moving one does not change the output: derivative 0)."""
+    from jaxopt_llm.train import lm_loss
+    from tests.test_qat import _logits
+
+    _, fake = _recipe("fake_quant", bits=4, ste="clipped", clip_ratio=0.7)(CONFIG, _params())
+    tokens = jnp.asarray(_batches(1, batch=2)[0], jnp.int32)
+
+    def loss(params):
+        return lm_loss(jnp.asarray(_logits(CONFIG, params, tokens)), tokens)
+
+    def loss_traced(params):
+        from jaxopt_llm.models import build_model
+        from jaxopt_llm.models.layers import attention_mask
+
+        length = tokens.shape[1]
+        logits = build_model(CONFIG).apply(
+            {"params": params}, tokens, jnp.broadcast_to(jnp.arange(length), tokens.shape),
+            attention_mask(jnp.ones(tokens.shape, bool), 0, length))[0]
+        return lm_loss(logits, tokens)
+
+    grads = jax.jit(jax.grad(loss_traced, allow_int=True))(fake)
+    eps = 1e-2
+    for index in (0, 5, 17):
+        def shifted(delta, index=index):
+            scale = fake["norm"]["scale"].at[index].add(delta)
+            return loss({**fake, "norm": {"scale": scale}})
+        numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        np.testing.assert_allclose(float(grads["norm"]["scale"][index]), numeric,
+                                   rtol=2e-2, atol=1e-4)
+    leaf = fake["layers_0"]["mlp"]["up_proj"]["kernel"]
+    w = np.asarray(leaf.w)
+    step = 0.7 * np.abs(w).max(0) / 7  # codes −8..7 at the clipped scale, ± half a step
+    outside = np.argwhere(((w > 7.5 * step) | (w < -8.5 * step)) & (np.abs(w) < np.abs(w).max(0)))
+    assert len(outside)
+    row, col = outside[0]
+    bumped = {**fake, "layers_0": {**fake["layers_0"], "mlp": {
+        **fake["layers_0"]["mlp"], "up_proj": {"kernel": leaf.replace(
+            w=leaf.w.at[row, col].add(np.sign(w[row, col]) * 1e-3))}}}}
+    assert loss(bumped) == loss(fake)  # flat: the true derivative is 0
+    assert float(grads["layers_0"]["mlp"]["up_proj"]["kernel"].w[row, col]) == 0.0
