@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxopt_llm.pipeline import Op, register_op
 from jaxopt_llm.transforms.quantize import per_parameter
@@ -37,8 +38,8 @@ def _check_sparsity(sparsity: Any) -> None:
 
 
 def _dense_kernel(leaf: Any, path: str) -> jax.Array:
-    if isinstance(leaf, MaskedWeight):
-        return leaf.materialize()  # re-pruning (gradual schedules) starts from the masked weight
+    if isinstance(leaf, MaskedWeight):  # re-pruning (gradual schedules): the masked weight
+        return _materialize(leaf)
     if not isinstance(leaf, jax.Array) and not hasattr(leaf, "__array__"):
         raise ValueError(f"{path}: pruning needs a float kernel, got {type(leaf).__name__} "
                          f"(prune before quantizing or factorizing)")
@@ -48,9 +49,21 @@ def _dense_kernel(leaf: Any, path: str) -> jax.Array:
     return jnp.asarray(leaf)
 
 
+@jax.jit
+def _materialize(leaf: MaskedWeight) -> jax.Array:
+    return leaf.materialize()
+
+
 def lowest_mask(scores: jax.Array, count: int, axis: int | None = None) -> jax.Array:
     """Keep-mask that drops exactly `count` lowest scores (over all, or along `axis`)."""
     if axis is None:
+        if count == 0:
+            return jnp.ones(scores.shape, jnp.bool_)
+        if not isinstance(scores, jax.core.Tracer):  # concrete: O(n) selection on the host
+            flat = np.asarray(scores).reshape(-1)
+            keep = np.ones(flat.size, bool)
+            keep[np.argpartition(flat, count - 1)[:count]] = False
+            return jnp.asarray(keep.reshape(scores.shape))
         order = jnp.argsort(scores.reshape(-1), stable=True)
         keep = jnp.ones(scores.size, jnp.bool_).at[order[:count]].set(False)
         return keep.reshape(scores.shape)
@@ -79,8 +92,17 @@ def magnitude_prune(flat: dict[str, Any], paths: list[str], config: Any,
         return config, flat
     for path, w in kernels.items():
         count = round(sparsity * (w.size if scope == "layer" else w.shape[0]))
-        flat[path] = _prune_one(w, count, scope, fmt)
+        if scope == "layer" and not isinstance(w, jax.core.Tracer):
+            # concrete weights: an O(n) host selection beats a full sort on device
+            flat[path] = _finish_jit(w, lowest_mask(jnp.abs(w), count), fmt)
+        else:
+            flat[path] = _prune_one(w, count, scope, fmt)
     return config, flat
+
+
+@partial(jax.jit, static_argnames=("fmt",))
+def _finish_jit(w: jax.Array, keep: jax.Array, fmt: str) -> Any:
+    return _finish(w, keep, fmt)
 
 
 @partial(jax.jit, static_argnames=("count", "scope", "fmt"))
