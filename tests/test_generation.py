@@ -130,3 +130,17 @@ def test_bad_generate_inputs(params):
     small = dataclasses.replace(CONFIG, max_position_embeddings=8)
     with pytest.raises(ValueError, match="context of 8 tokens"):
         gen.generate(small, params, [[1] * 9], max_new_tokens=1)
+
+
+def test_bfloat16_weights_decode_with_a_bfloat16_cache():
+    """A bf16 model keeps its activations in bf16 through decode (a float32 cache would
+    promote the residual stream, and every later matmul, to float32)."""
+    from jaxopt_llm.generation import activation_dtype
+    from tests.test_parallel import CONFIG as PCONFIG
+    from tests.test_parallel import _params as parallel_params
+
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), parallel_params())
+    assert activation_dtype(params) == jnp.bfloat16
+    assert activation_dtype(parallel_params()) == jnp.float32
+    out = gen.generate(PCONFIG, params, [[5, 6, 7]], max_new_tokens=4, eos_token_ids=(-1,))
+    assert len(out.new_ids[0]) == 4
