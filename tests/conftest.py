@@ -52,3 +52,29 @@ def word_tokenizer():
         {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     return Tokenizer(backend=backend, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, word_tokenizer):
+    """make(config, text, seed=0, scale=1.0) → (artifact dir of a random tiny model with the
+    word tokenizer, text file); `scale` multiplies its 2-D weights (sharper logits)."""
+
+    def make(config, text, seed=0, scale=1.0):
+        import jax.numpy as jnp
+
+        from jaxopt_llm.io.artifact import save_artifact
+        from jaxopt_llm.models import build_model
+        from jaxopt_llm.models.layers import attention_mask
+
+        tokens = jnp.zeros((1, 4), jnp.int32)
+        mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
+        params = build_model(config).init(jax.random.key(seed), tokens, tokens, mask)["params"]
+        params = jax.tree_util.tree_map(lambda a: a * scale if a.ndim == 2 else a, params)
+        directory = tmp_path_factory.mktemp("tiny") / "model"
+        save_artifact(directory, config=config, params=params, tokenizer=word_tokenizer,
+                      recipe=None)
+        path = directory.parent / "train.txt"
+        path.write_text(text)
+        return directory, path
+
+    return make

@@ -2,12 +2,9 @@
 
 import json
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from jaxopt_llm import cli
-from jaxopt_llm.io.artifact import save_artifact
 from jaxopt_llm.models import ModelConfig
 
 TEXT = " ".join(["hello world jax weights ."] * 400)
@@ -17,20 +14,8 @@ CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_s
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, word_tokenizer):
-    from jaxopt_llm.models import build_model
-    from jaxopt_llm.models.layers import attention_mask
-
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
-    params = build_model(CONFIG).init(jax.random.key(1), tokens, tokens, mask)["params"]
-    params = jax.tree_util.tree_map(lambda a: a * 4.0 if a.ndim == 2 else a, params)
-    directory = tmp_path_factory.mktemp("tinyp") / "model"
-    save_artifact(directory, config=CONFIG, params=params, tokenizer=word_tokenizer,
-                  recipe=None)
-    text = directory.parent / "train.txt"
-    text.write_text(TEXT)
-    return directory, text
+def model_dir(tiny_model_dir):
+    return tiny_model_dir(CONFIG, TEXT, seed=1, scale=4.0)
 
 
 def _run(capsys, *argv):

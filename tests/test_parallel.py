@@ -60,6 +60,22 @@ def _forward_fn(params, tokens):
                                                     tokens.shape[1]))[0]
 
 
+def _assert_sharded_forward_matches(config, params, mesh, tokens):
+    """Logits of `config` on the mesh (params by the rules) equal one device's."""
+    model = build_model(config)
+    tokens = jnp.asarray(tokens)
+    length = tokens.shape[1]
+
+    @jax.jit
+    def forward(p, t):
+        return model.apply({"params": p}, t, jnp.broadcast_to(jnp.arange(length), t.shape),
+                           attention_mask(jnp.ones(t.shape, bool), 0, length))[0]
+
+    expected = np.asarray(forward(params, tokens))
+    got = np.asarray(forward(shard_params(config, params, mesh), tokens))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 TOKENS = np.random.default_rng(0).integers(3, 256, (8, 24)).astype(np.int32)
 
 
@@ -143,16 +159,7 @@ def test_gpt2_rules_shard_the_fused_projection():
     assert specs["h_0/mlp/c_proj/kernel"] == P("model")
     assert specs["h_0/mlp/c_proj/bias"] == P()
     assert specs["wte/embedding"] == P("model") and specs["wpe/embedding"] == P()
-    tokens = jnp.asarray(TOKENS[:2, :16])
-    model = build_model(config)
-
-    def forward(p, t):
-        return model.apply({"params": p}, t, jnp.broadcast_to(jnp.arange(16), t.shape),
-                           attention_mask(jnp.ones(t.shape, bool), 0, 16))[0]
-
-    expected = np.asarray(jax.jit(forward)(params, tokens))
-    got = np.asarray(jax.jit(forward)(shard_params(config, params, mesh), tokens))
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    _assert_sharded_forward_matches(config, params, mesh, TOKENS[:2, :16])
 
 
 def test_user_rules_override_the_defaults():
@@ -272,14 +279,4 @@ def test_structurally_pruned_models_are_checked_against_the_mesh_again():
                                          "use model=1 or 2"):
         shard_params(config, params, make_mesh("model=4"))
     mesh = make_mesh("data=4,model=2")
-    sharded = shard_params(config, params, mesh)
-    tokens = jnp.asarray(TOKENS[:4, :16])
-    model = build_model(config)
-
-    def forward(p, t):
-        return model.apply({"params": p}, t, jnp.broadcast_to(jnp.arange(16), t.shape),
-                           attention_mask(jnp.ones(t.shape, bool), 0, 16))[0]
-
-    expected = np.asarray(jax.jit(forward)(params, tokens))
-    got = np.asarray(jax.jit(forward)(sharded, tokens))
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    _assert_sharded_forward_matches(config, params, mesh, TOKENS[:4, :16])

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from jaxopt_llm import cli
-from jaxopt_llm.io.artifact import save_artifact
 from jaxopt_llm.io.loader import load_model
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.recipes import BUILTIN_RECIPES
@@ -24,19 +23,8 @@ CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_s
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, word_tokenizer):
-    from jaxopt_llm.models import build_model
-    from jaxopt_llm.models.layers import attention_mask
-
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
-    params = build_model(CONFIG).init(jax.random.key(0), tokens, tokens, mask)["params"]
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_artifact(directory, config=CONFIG, params=params, tokenizer=word_tokenizer,
-                  recipe=None)
-    text = directory.parent / "train.txt"
-    text.write_text(TEXT)
-    return directory, text
+def model_dir(tiny_model_dir):
+    return tiny_model_dir(CONFIG, TEXT)
 
 
 def test_qat_recipe_swaps_quantize_for_fake_quant_on_the_same_grid():
