@@ -121,7 +121,7 @@ def check_mesh(config: ModelConfig, mesh: Mesh, *, batch: int | None = None,
     if _layout(table, rules, config) == "vocab":
         sizes["vocab_size"] = config.vocab_size
     if model > 1:
-        valid = [m for m in _divisors(math.gcd(*sizes.values()))]
+        valid = _divisors(math.gcd(*sizes.values()))
         for name, size in sizes.items():
             if size % model:
                 hint = f"use model={' or '.join(str(v) for v in valid)}"

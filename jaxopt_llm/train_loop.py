@@ -143,15 +143,11 @@ def check_data(ids: np.ndarray, batch: int, seq: int, context: int) -> None:
                          f"of --seq {seq}; give a longer --text or a shorter --seq")
 
 
-def _state_arrays(state: Any) -> list[Any]:
-    return jax.tree_util.tree_leaves(state)
-
-
 def save_checkpoint(directory: Path, state: Any, meta: dict[str, Any]) -> None:
     """Atomically replace `directory` with the state's arrays and `meta`."""
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{i:06d}": np.asarray(a) for i, a in enumerate(_state_arrays(state))}
+    arrays = {f"{i:06d}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(state))}
     write_safetensors(tmp / "state.safetensors", arrays)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

@@ -5,12 +5,7 @@ import json
 import pytest
 
 from jaxopt_llm import cli
-from jaxopt_llm.models import ModelConfig
-
-TEXT = " ".join(["hello world jax weights ."] * 400)
-CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=32,
-                     intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                     max_position_embeddings=64, bos_token_id=1, eos_token_ids=(2,))
+from tests.test_train_cli import CONFIG, TEXT
 
 
 @pytest.fixture(scope="module")
