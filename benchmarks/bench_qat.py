@@ -41,8 +41,7 @@ def _ppl(config, params, ids, tokens: int) -> float:
 
 def _train(config, params, ids, args, *, teacher=None, schedules=(), compute="float32",
            distill_weight=1.0):
-    from jaxopt_llm.train import TrainOptions
-    from jaxopt_llm.train_loop import run_training
+    from jaxopt_llm.train import TrainOptions, run_training
 
     options = TrainOptions(steps=args.steps, learning_rate=args.lr,
                            warmup_steps=max(1, args.steps // 10), compute_dtype=compute,
@@ -65,8 +64,7 @@ def run_timing(loaded, train_ids, args) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from jaxopt_llm.recipes import load_recipe
-    from jaxopt_llm.train import TrainOptions, make_trainer
-    from jaxopt_llm.train_loop import batch_at, qat_recipe
+    from jaxopt_llm.train import TrainOptions, batch_at, make_trainer, qat_recipe
 
     out = {}
     _, qat_params = qat_recipe(load_recipe("w4"))(loaded.config, loaded.params)
@@ -94,9 +92,8 @@ def run_timing(loaded, train_ids, args) -> dict[str, Any]:
 
 
 def run_qat(name: str, loaded, eval_ids, train_ids, fp32_ppl: float, args) -> dict[str, Any]:
-    from jaxopt_llm.qat import convert
     from jaxopt_llm.recipes import load_recipe
-    from jaxopt_llm.train_loop import qat_recipe
+    from jaxopt_llm.train import convert, qat_recipe
 
     recipe = load_recipe(name)
     config, ptq = recipe(loaded.config, loaded.params)
@@ -116,7 +113,7 @@ def run_qat(name: str, loaded, eval_ids, train_ids, fp32_ppl: float, args) -> di
 
 def run_prune(loaded, eval_ids, train_ids, fp32_ppl: float, args) -> dict[str, Any]:
     from jaxopt_llm.recipes import load_recipe
-    from jaxopt_llm.train_loop import gradual_recipe, prune_schedules, qat_recipe
+    from jaxopt_llm.train import gradual_recipe, prune_schedules, qat_recipe
 
     recipe = qat_recipe(load_recipe("magnitude-50"))
     config, one_shot = recipe(loaded.config, loaded.params)
@@ -155,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from jaxopt_llm import load_model, pydoc_text
-    from jaxopt_llm.train_loop import EVAL_TOKENS
+    from jaxopt_llm.train import EVAL_TOKENS
 
     loaded = load_model("smollm2-135m")
     ids = np.asarray(loaded.tokenizer.encode(pydoc_text()), np.int32)

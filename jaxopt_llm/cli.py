@@ -326,13 +326,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
     from jaxopt_llm.data import pydoc_text, read_text_file
     from jaxopt_llm.io.artifact import save_artifact
-    from jaxopt_llm.qat import convert
     from jaxopt_llm.rules import BLOCK_LINEARS
-    from jaxopt_llm.train import TRAIN_ALL, TrainOptions
-    from jaxopt_llm.train_loop import (
+    from jaxopt_llm.train import (
         EVAL_TOKENS,
         LORA_TRAINABLE,
+        TRAIN_ALL,
+        TrainOptions,
         check_data,
+        convert,
         gradual_recipe,
         prune_schedules,
         qat_recipe,

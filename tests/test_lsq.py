@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt_llm.qat import convert, convert_leaf
 from jaxopt_llm.rules import flat_params
-from jaxopt_llm.train import TrainOptions
+from jaxopt_llm.train import TrainOptions, convert, convert_leaf
 from jaxopt_llm.weights import FakeQuantWeight, QuantizedWeight
 from tests.test_train import CONFIG, _batches, _params, _recipe, _train
 

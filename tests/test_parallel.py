@@ -211,8 +211,13 @@ def test_impossible_model_axis_gets_an_actionable_error():
 @pytest.mark.parametrize(("recipe", "mesh_spec"), [("w4g128", "data=2,model=4"),
                                                    ("magnitude-50", "data=4,model=2")])
 def test_sharded_training_equals_one_device_and_compiles_once(recipe, mesh_spec, tmp_path):
-    from jaxopt_llm.train import TrainOptions
-    from jaxopt_llm.train_loop import gradual_recipe, prune_schedules, qat_recipe, run_training
+    from jaxopt_llm.train import (
+        TrainOptions,
+        gradual_recipe,
+        prune_schedules,
+        qat_recipe,
+        run_training,
+    )
 
     trainable = qat_recipe(load_recipe(recipe), learn_scale=True)
     targets = []
@@ -250,8 +255,7 @@ def test_sharded_training_equals_one_device_and_compiles_once(recipe, mesh_spec,
 
 def test_sharded_train_step_does_not_recompile():
     from jaxopt_llm.parallel import batch_sharding
-    from jaxopt_llm.train import TrainOptions, make_trainer
-    from jaxopt_llm.train_loop import qat_recipe
+    from jaxopt_llm.train import TrainOptions, make_trainer, qat_recipe
 
     mesh = make_mesh("data=2,model=4")
     config, params = qat_recipe(load_recipe("w4"))(CONFIG, _params())

@@ -5,9 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt_llm.qat import convert, polynomial_sparsity, reprune
 from jaxopt_llm.rules import BLOCK_LINEARS, flat_params
-from jaxopt_llm.train import TrainOptions, make_trainer, split, trainable_mask
+from jaxopt_llm.train import (
+    TrainOptions,
+    convert,
+    make_trainer,
+    polynomial_sparsity,
+    reprune,
+    split,
+    trainable_mask,
+)
 from jaxopt_llm.weights import (
     LoRAWeight,
     MaskedWeight,

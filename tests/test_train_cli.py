@@ -12,8 +12,7 @@ from jaxopt_llm import cli
 from jaxopt_llm.io.loader import load_model
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.recipes import BUILTIN_RECIPES
-from jaxopt_llm.train import TrainOptions
-from jaxopt_llm.train_loop import batch_at, qat_recipe, run_training
+from jaxopt_llm.train import TrainOptions, batch_at, qat_recipe, run_training
 from jaxopt_llm.weights import FakeQuantWeight, QuantizedWeight
 
 TEXT = " ".join(["hello world jax weights ."] * 400)
@@ -113,8 +112,7 @@ def test_bad_data(model_dir, tmp_path, capsys, argv, message):
 
 
 def test_prune_schedule_mask_steps_and_targets():
-    from jaxopt_llm.qat import polynomial_sparsity
-    from jaxopt_llm.train_loop import PruneSchedule
+    from jaxopt_llm.train import PruneSchedule, polynomial_sparsity
 
     schedule = PruneSchedule(paths=("a",), final=0.5, start=2, end=12, every=4)
     due = {step: schedule.target(step) for step in range(20)}
@@ -135,7 +133,7 @@ def test_gradual_pruning_resume_equals_uninterrupted(model_dir, tmp_path):
     """Masks recomputed during the run live in the checkpoint: a resumed gradual run ends
     exactly where the uninterrupted one does, at the recipe's sparsity, zeros exact."""
     from jaxopt_llm.rules import flat_params
-    from jaxopt_llm.train_loop import gradual_recipe, prune_schedules
+    from jaxopt_llm.train import gradual_recipe, prune_schedules
 
     loaded = load_model(str(model_dir[0]))
     recipe, targets = gradual_recipe(qat_recipe(BUILTIN_RECIPES["magnitude-50"]), 8)

@@ -1,12 +1,11 @@
-"""The training loop behind `jaxopt-llm train`: data, QAT recipes, checkpoints, resume.
+"""The training loop: data, checkpoints, resume, gradual pruning steps.
 
 - Data: `batch` windows of `seq` tokens per step, their starts drawn from a generator
   seeded by (seed, step), so step t sees the same batch in a resumed run as in an
   uninterrupted one. The default text is the embedded pydoc text without the first
   65,536 tokens (the evaluation tokens of REFERENCES.md).
-- Recipes train through their QAT form (`qat_recipe`): `quantize` rules become
-  `fake_quant` with the same grid, pruning keeps `MaskedWeight`s; at the end
-  `qat.convert` turns fake-quant leaves into real integer weights.
+- Recipes train through their QAT form (`train.qat.qat_recipe`); a gradual pruning
+  schedule (`train.schedule`) recomputes masks before the steps it names.
 - Checkpoints: the train state's arrays in one safetensors file plus a JSON of what
   must match to resume (model, recipe, options, step); written atomically every
   `checkpoint_every` steps into `<out>.checkpoint/`.
@@ -27,105 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
-from jaxopt_llm.pipeline import Recipe, Stage
-from jaxopt_llm.qat import polynomial_sparsity, reprune
-from jaxopt_llm.rules import Rule, flat_params
-from jaxopt_llm.train import TrainOptions, make_trainer, split
+from jaxopt_llm.train.schedule import PruneSchedule, reprune
+from jaxopt_llm.train.step import TrainOptions, make_trainer, split
 
 EVAL_TOKENS = 65_536
 LORA_TRAINABLE = r".*/kernel/(a|b)"  # only LoRA adapters train (add_lora's leaves)
-_FAKE_QUANT_KEYS = ("bits", "symmetric", "granularity", "group_size", "partial_groups")
-
-
-def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:
-    """The trainable form of a recipe: quantize → fake_quant (same grid; with LSQ step
-    sizes if `learn_scale`), N:M masked."""
-    stages = []
-    for stage in recipe.stages:
-        rules = []
-        for rule in stage.rules:
-            options = rule.option_dict
-            if rule.op == "quantize":
-                fake = {k: v for k, v in options.items() if k in _FAKE_QUANT_KEYS}
-                if options.get("method") in ("absmax", "minmax"):
-                    fake["method"] = options["method"]
-                if learn_scale:
-                    fake["learn_scale"] = True
-                rule = Rule(match=rule.match, op="fake_quant", options=tuple(fake.items()))
-            elif rule.op == "nm":
-                rule = Rule(match=rule.match, op="nm",
-                            options=tuple({**options, "format": "masked"}.items()))
-            rules.append(rule)
-        stages.append(Stage(name=stage.name, rules=tuple(rules)))
-    return Recipe(name=f"{recipe.name}-qat", description=recipe.description,
-                  stages=tuple(stages))
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneSchedule:
-    """Gradual magnitude pruning of `paths` (MaskedWeight leaves) to `final` sparsity:
-    the polynomial schedule of `qat.polynomial_sparsity` from step `start` to `end`,
-    masks recomputed before every `every`-th step."""
-
-    paths: tuple[str, ...]
-    final: float
-    start: int
-    end: int
-    every: int
-    scope: str = "layer"
-
-    def __post_init__(self) -> None:
-        polynomial_sparsity(self.start, self.final, self.start, self.end)  # validates
-        if self.every <= 0:
-            raise ValueError(f"every must be a positive number of steps, got {self.every}")
-
-    def target(self, step: int) -> float | None:
-        """The sparsity to impose before `step` (0-based), or None if not a mask step."""
-        if not self.start <= step <= self.end:
-            return None
-        if (step - self.start) % self.every and step != self.end:
-            return None
-        return polynomial_sparsity(step, self.final, self.start, self.end)
-
-
-def gradual_recipe(recipe: Recipe, steps: int) -> tuple[Recipe, list[dict[str, Any]]]:
-    """Split a recipe's `prune` rules into a start at sparsity 0 (masks of all ones) and
-    the schedules that reach each rule's sparsity by 3/4 of the run (Zhu & Gupta's
-    shape, masks recomputed 20 times)."""
-    stages, targets = [], []
-    for stage in recipe.stages:
-        rules = []
-        for rule in stage.rules:
-            if rule.op == "prune":
-                options = {**rule.option_dict, "format": "masked"}
-                targets.append({"match": rule.match, "stage": stage.name,
-                                "final": float(options.get("sparsity", 0.5)),
-                                "scope": options.get("scope", "layer")})
-                rule = Rule(match=rule.match, op="prune",
-                            options=tuple({**options, "sparsity": 0.0}.items()))
-            rules.append(rule)
-        stages.append(Stage(name=stage.name, rules=tuple(rules)))
-    if not targets:
-        raise ValueError(f"recipe {recipe.name!r} has no `prune` rule to make gradual")
-    end = max(1, (3 * steps) // 4)
-    for target in targets:
-        target.update(start=0, end=end, every=max(1, end // 20))
-    return Recipe(name=f"{recipe.name}-gradual", description=recipe.description,
-                  stages=tuple(stages)), targets
-
-
-def prune_schedules(recipe: Recipe, targets: list[dict[str, Any]], params: Any
-                    ) -> list[PruneSchedule]:
-    """The schedules of `gradual_recipe`'s targets on the parameters their rules select."""
-    flat = flat_params(params)
-    schedules = []
-    for target in targets:
-        stage = next(s for s in recipe.stages if s.name == target["stage"])
-        paths = next(p for r, _, p, _ in stage.selections(flat) if r.match == target["match"])
-        schedules.append(PruneSchedule(paths=tuple(paths), final=target["final"],
-                                       start=target["start"], end=target["end"],
-                                       every=target["every"], scope=target["scope"]))
-    return schedules
 
 
 def batch_at(ids: np.ndarray, step: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,68 @@
+"""Quantization-aware training: the trainable form of a recipe, and the conversion back
+to integers.
+
+`qat_recipe` rewrites a recipe for training: `quantize` rules become `fake_quant` on the
+same grid (straight-through gradients to a float master weight), N:M pruning keeps a
+`MaskedWeight`. `convert` turns every `FakeQuantWeight` into the `QuantizedWeight` that
+computes exactly what the fake-quantized forward computed (same grid: ranges recomputed
+from the trained master weight, or the learned LSQ step sizes; float32 scales), so a QAT
+model can be saved as a real integer artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxopt_llm.pipeline import Recipe, Stage
+from jaxopt_llm.rules import Rule
+from jaxopt_llm.weights import (
+    FakeQuantWeight,
+    QuantizedWeight,
+    is_weight_leaf,
+    quantize_weight,
+    quantize_with_scale,
+)
+
+_FAKE_QUANT_KEYS = ("bits", "symmetric", "granularity", "group_size", "partial_groups")
+
+
+def convert_leaf(leaf: FakeQuantWeight) -> QuantizedWeight:
+    """The integer weight on the grid `leaf` was trained on."""
+    if leaf.learned:  # the learned step sizes define the grid
+        return quantize_with_scale(leaf.w, leaf.spec, leaf.step_sizes(), leaf.zero,
+                                   axis=leaf.axis)
+    return quantize_weight(leaf.w, leaf.spec, axis=leaf.axis, method=leaf.method,
+                           clip_ratio=leaf.clip_ratio, scale_dtype="float32")
+
+
+def convert(params: Any) -> Any:
+    """Every FakeQuantWeight → QuantizedWeight (other leaves unchanged)."""
+    return jax.tree_util.tree_map(
+        lambda leaf: convert_leaf(leaf) if isinstance(leaf, FakeQuantWeight) else leaf,
+        params, is_leaf=is_weight_leaf)
+
+
+def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:
+    """The trainable form of a recipe: quantize → fake_quant (same grid; with LSQ step
+    sizes if `learn_scale`), N:M masked."""
+    stages = []
+    for stage in recipe.stages:
+        rules = []
+        for rule in stage.rules:
+            options = rule.option_dict
+            if rule.op == "quantize":
+                fake = {k: v for k, v in options.items() if k in _FAKE_QUANT_KEYS}
+                if options.get("method") in ("absmax", "minmax"):
+                    fake["method"] = options["method"]
+                if learn_scale:
+                    fake["learn_scale"] = True
+                rule = Rule(match=rule.match, op="fake_quant", options=tuple(fake.items()))
+            elif rule.op == "nm":
+                rule = Rule(match=rule.match, op="nm",
+                            options=tuple({**options, "format": "masked"}.items()))
+            rules.append(rule)
+        stages.append(Stage(name=stage.name, rules=tuple(rules)))
+    return Recipe(name=f"{recipe.name}-qat", description=recipe.description,
+                  stages=tuple(stages))
