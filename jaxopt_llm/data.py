@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from jaxopt_llm.errors import ParameterError
+
 
 def pydoc_text() -> str:
     """CPython's pydoc_data.topics values joined by blank lines, in sorted-key order."""
@@ -21,11 +23,11 @@ def read_text_file(path: str | Path) -> str:
     """Read a UTF-8 text file, with errors that name the file and what was expected."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--text: file {str(path)!r} does not exist")
+        raise ParameterError("path", str(path), "file does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"--text: file {str(path)!r} is not UTF-8 text ({err})") from None
+        raise ParameterError("path", str(path), f"file is not UTF-8 text ({err})") from None
     if not text.strip():
-        raise ValueError(f"--text: file {str(path)!r} is empty; give a file with text to score")
+        raise ParameterError("path", str(path), "file is empty; give a file with text")
     return text

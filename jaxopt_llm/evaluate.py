@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
 
@@ -52,9 +53,9 @@ def window_nll(params: Any, windows: jax.Array, *, config: ModelConfig) -> jax.A
 
 def check_eval_args(num_tokens: int, window: int) -> None:
     if num_tokens <= 0:
-        raise ValueError(f"--tokens must be positive, got {num_tokens}")
+        raise ParameterError("num_tokens", num_tokens, "must be positive")
     if window <= 1:
-        raise ValueError(f"--window must be at least 2, got {window}")
+        raise ParameterError("window", window, "must be at least 2")
 
 
 def perplexity(
@@ -85,15 +86,15 @@ def perplexity(
         def place(chunk):
             return global_batch(chunk, mesh)
     if window > config.max_position_embeddings:
-        raise ValueError(f"--window {window} exceeds the model's context of "
-                         f"{config.max_position_embeddings} tokens")
+        raise ParameterError("window", window, f"exceeds the model's context of "
+                                               f"{config.max_position_embeddings} tokens")
     token_ids = np.asarray(token_ids, np.int32)
     available = min(num_tokens, len(token_ids))
     num_windows = available // window
     if num_windows == 0:
-        raise ValueError(
-            f"the text has {len(token_ids)} tokens, fewer than one window of {window}; "
-            "give a longer text or a smaller --window"
+        raise ParameterError(
+            "window", window, f"the text has {len(token_ids)} tokens, fewer than one window; "
+                              "give a longer text or a smaller window"
         )
     windows = token_ids[: num_windows * window].reshape(num_windows, window)
     nll = 0.0

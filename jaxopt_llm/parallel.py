@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.rules import flat_params, nested_params
 from jaxopt_llm.weights import (
@@ -77,18 +78,19 @@ def parse_mesh(spec: str | dict[str, int]) -> dict[str, int]:
         for part in filter(None, (p.strip() for p in str(spec).split(","))):
             name, sep, value = part.partition("=")
             if not sep or not value.strip().isdigit():
-                raise ValueError(f"--mesh {spec!r}: expected axis=size pairs like "
-                                 f"'data=2,model=4', got {part!r}")
+                raise ParameterError("spec", spec, f"expected axis=size pairs like "
+                                                   f"'data=2,model=4', got {part!r}")
             if name.strip() in sizes:
-                raise ValueError(f"--mesh {spec!r}: axis {name.strip()!r} given twice")
+                raise ParameterError("spec", spec, f"axis {name.strip()!r} given twice")
             sizes[name.strip()] = int(value)
     unknown = set(sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"--mesh {spec!r}: unknown axis {sorted(unknown)}; the axes are "
-                         f"{MESH_AXES}")
+        raise ParameterError("spec", spec, f"unknown axis {sorted(unknown)}; the axes are "
+                                           f"{MESH_AXES}")
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"--mesh {spec!r}: {name} must be a positive integer, got {size!r}")
+            raise ParameterError("spec", spec, f"{name} must be a positive integer, "
+                                               f"got {size!r}")
     return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 
 
@@ -99,10 +101,9 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) 
     devices = list(jax.devices() if devices is None else devices)
     needed = sizes["data"] * sizes["model"]
     if needed > len(devices):
-        raise ValueError(
-            f"--mesh data={sizes['data']},model={sizes['model']} needs {needed} devices, "
-            f"{len(devices)} available (on CPU, start Python with XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={needed})")
+        raise ParameterError(
+            "spec", spec, f"needs {needed} devices, {len(devices)} available (on CPU, start "
+                          f"Python with XLA_FLAGS=--xla_force_host_platform_device_count={needed})")
     grid = np.array(devices[:needed], dtype=object).reshape(sizes["data"], sizes["model"])
     return Mesh(grid, MESH_AXES)
 
@@ -155,7 +156,8 @@ def parse_shard_rule(text: str) -> tuple[str, str]:
     """"REGEX=LAYOUT" (the CLI's --shard) → (regex, layout)."""
     pattern, sep, layout = text.rpartition("=")
     if not sep or not pattern:
-        raise ValueError(f"--shard {text!r}: expected REGEX=LAYOUT with LAYOUT one of {LAYOUTS}")
+        raise ParameterError("text", text, f"expected REGEX=LAYOUT with LAYOUT one of "
+                                           f"{LAYOUTS}")
     check_rules([(pattern, layout)])
     return pattern, layout
 

@@ -53,11 +53,11 @@ def test_param_bytes_counts_float32(tiny):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"num_tokens": 0}, "--tokens must be positive"),
-     ({"num_tokens": -5}, "--tokens must be positive"),
-     ({"window": 0}, "--window must be at least 2"),
-     ({"window": 1000}, "exceeds the model's context of 64"),
-     ({"window": 40}, "the text has 30 tokens, fewer than one window of 40")],
+    [({"num_tokens": 0}, "num_tokens=0: must be positive"),
+     ({"num_tokens": -5}, "num_tokens=-5: must be positive"),
+     ({"window": 0}, "window=0: must be at least 2"),
+     ({"window": 1000}, "window=1000: exceeds the model's context of 64"),
+     ({"window": 40}, "window=40: the text has 30 tokens, fewer than one window")],
 )
 def test_bad_eval_arguments(tiny, kwargs, message):
     _, config, params = tiny

@@ -187,7 +187,7 @@ def test_mesh_parsing():
     ("data=4,model=4", "needs 16 devices, 8 available"),
 ])
 def test_bad_meshes(spec, message):
-    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+    with pytest.raises(ValueError, match=__import__("re").escape(f"spec={spec!r}: {message}")):
         make_mesh(spec)
 
 

