@@ -39,24 +39,25 @@ def _ppl(config, params, ids, tokens: int) -> float:
     return perplexity(config, params, ids, num_tokens=tokens).ppl
 
 
-def _train(config, params, ids, args, *, teacher=None, schedules=(), compute="float32",
-           distill_weight=1.0):
-    from jaxopt_llm.train import TrainOptions, run_training
+def _settings(args, **changes):
+    """The benchmark's training settings: distillation from the float model, a tenth of
+    the steps (at least one) of warmup."""
+    from jaxopt_llm.train import TrainSettings
 
-    options = TrainOptions(steps=args.steps, learning_rate=args.lr,
-                           warmup_steps=max(1, args.steps // 10), compute_dtype=compute,
-                           distill_weight=distill_weight if teacher is not None else 0.0)
-    began = time.perf_counter()
-    result = run_training(config, params, options, ids, batch=args.batch, seq=args.seq,
-                          teacher=teacher, prune_schedules=list(schedules),
-                          on_step=lambda step, rec: step % 10 == 0 and log(
-                              f"  step {step}: loss {rec['loss']:.4f} ({rec['step_s']:.1f} s)"))
-    history = result.history
-    return result.params, {
-        "train_s": time.perf_counter() - began,
-        "step_s": float(np.median([h["step_s"] for h in history[1:]])),
-        "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
-    }
+    return TrainSettings(steps=args.steps, batch=args.batch, seq=args.seq,
+                         learning_rate=args.lr, warmup_steps=max(1, args.steps // 10),
+                         distill_weight=args.distill_weight, compute_dtype=args.compute,
+                         **changes)
+
+
+def _train(loaded, recipe, ids, settings):
+    """`train_recipe`, logging every tenth step; (trained model, timing and loss stats)."""
+    from jaxopt_llm.train import train_recipe
+
+    trained = train_recipe(loaded, recipe, ids, settings, on_step=lambda step, rec: (
+        step % 10 == 0 and log(f"  step {step}: loss {rec['loss']:.4f} ({rec['step_s']:.1f} s)")))
+    return trained, {"train_s": trained.train_seconds, "step_s": trained.step_seconds,
+                     "loss_first": trained.loss_first, "loss_last": trained.loss_last}
 
 
 def run_timing(loaded, train_ids, args) -> dict[str, Any]:
@@ -93,17 +94,15 @@ def run_timing(loaded, train_ids, args) -> dict[str, Any]:
 
 def run_qat(name: str, loaded, eval_ids, train_ids, fp32_ppl: float, args) -> dict[str, Any]:
     from jaxopt_llm.recipes import load_recipe
-    from jaxopt_llm.train import convert, qat_recipe
 
     recipe = load_recipe(name)
     config, ptq = recipe(loaded.config, loaded.params)
     ptq_ppl = _ppl(config, ptq, eval_ids, args.tokens)
     log(f"{name}: PTQ ppl {ptq_ppl:.3f} (fp32 {fp32_ppl:.3f})")
     began = time.perf_counter()
-    _, fake = qat_recipe(recipe, learn_scale=args.learn_scale)(loaded.config, loaded.params)
-    trained, stats = _train(config, fake, train_ids, args, teacher=loaded.params,
-                            compute=args.compute, distill_weight=args.distill_weight)
-    qat_ppl = _ppl(config, convert(trained), eval_ids, args.tokens)
+    trained, stats = _train(loaded, recipe, train_ids, _settings(args,
+                                                                 learn_scale=args.learn_scale))
+    qat_ppl = _ppl(trained.config, trained.params, eval_ids, args.tokens)
     recovered = (ptq_ppl - qat_ppl) / (ptq_ppl - fp32_ppl)
     log(f"{name}: QAT ppl {qat_ppl:.3f}, recovered {100 * recovered:.1f}% of the gap")
     return {"fp32_ppl": fp32_ppl, "ptq_ppl": ptq_ppl, "qat_ppl": qat_ppl,
@@ -113,26 +112,16 @@ def run_qat(name: str, loaded, eval_ids, train_ids, fp32_ppl: float, args) -> di
 
 def run_prune(loaded, eval_ids, train_ids, fp32_ppl: float, args) -> dict[str, Any]:
     from jaxopt_llm.recipes import load_recipe
-    from jaxopt_llm.train import gradual_recipe, prune_schedules, qat_recipe
 
-    recipe = qat_recipe(load_recipe("magnitude-50"))
+    recipe = load_recipe("magnitude-50")
     config, one_shot = recipe(loaded.config, loaded.params)
     out = {"fp32_ppl": fp32_ppl, "one_shot_ppl": _ppl(config, one_shot, eval_ids, args.tokens)}
     log(f"prune: one-shot ppl {out['one_shot_ppl']:.3f}")
-    tuned, stats = _train(config, one_shot, train_ids, args, teacher=loaded.params,
-                          compute=args.compute, distill_weight=args.distill_weight)
-    out["one_shot_finetune_ppl"] = _ppl(config, tuned, eval_ids, args.tokens)
-    out["one_shot_finetune"] = stats
-    log(f"prune: one-shot + fine-tune ppl {out['one_shot_finetune_ppl']:.3f}")
-    gradual, targets = gradual_recipe(recipe, args.steps)
-    config, start = gradual(loaded.config, loaded.params)
-    schedules = prune_schedules(gradual, targets, start)
-    tuned, stats = _train(config, start, train_ids, args, teacher=loaded.params,
-                          schedules=schedules, compute=args.compute,
-                          distill_weight=args.distill_weight)
-    out["gradual_ppl"] = _ppl(config, tuned, eval_ids, args.tokens)
-    out["gradual"] = stats
-    log(f"prune: gradual + fine-tune ppl {out['gradual_ppl']:.3f}")
+    for key, label, gradual in (("one_shot_finetune", "one-shot + fine-tune", False),
+                                ("gradual", "gradual + fine-tune", True)):
+        trained, out[key] = _train(loaded, recipe, train_ids, _settings(args, gradual=gradual))
+        out[f"{key}_ppl"] = _ppl(trained.config, trained.params, eval_ids, args.tokens)
+        log(f"prune: {label} ppl {out[f'{key}_ppl']:.3f}")
     return out
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -58,6 +58,20 @@ def _fraction(name: str):
 
 
 @contextlib.contextmanager
+def _flags(**flags: str) -> Iterator[None]:
+    """Library errors name Python parameters (`window=1000: …`); re-word those raised here
+    with the flags they came from (`--window 1000: …`). `flags`: parameter → flag."""
+    from jaxopt_llm.errors import ParameterError
+
+    try:
+        yield
+    except ParameterError as err:
+        if err.parameter not in flags:
+            raise
+        raise ValueError(err.for_flag(flags[err.parameter])) from None
+
+
+@contextlib.contextmanager
 def _spinner(message: str, quiet: bool = False) -> Iterator[None]:
     if quiet:
         yield
@@ -68,10 +82,24 @@ def _spinner(message: str, quiet: bool = False) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _bar(message: str, total: int, unit: str, quiet: bool) -> Iterator[Callable[..., None]]:
+    """A progress bar of `total` `unit`s; yields update(advance=…, completed=…, note=…)."""
+    if quiet:
+        yield lambda **_: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn(f"{{task.completed}}/{{task.total}} {unit}"),
+                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                  console=stderr, transient=True) as progress:
+        task = progress.add_task(message, total=total, note="")
+        yield lambda **fields: progress.update(task, **fields)
+
+
 def _load(model: str, quiet: bool = False):
     from jaxopt_llm.io.loader import load_model
 
-    with _spinner(f"loading {model}", quiet):
+    with _spinner(f"loading {model}", quiet), _flags(spec="--model"):
         return load_model(model)
 
 
@@ -84,38 +112,36 @@ def _recipe(spec: str | None):
     return load_recipe(spec)
 
 
-def _dense_bytes(params: Any) -> int:
-    """Bytes of the same weights stored densely in float32."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxopt_llm.weights import materialize, param_bytes
-
-    shapes = jax.eval_shape(materialize, params)
-    return param_bytes(jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), shapes))
-
-
 def _apply_recipe(loaded, recipe, quiet: bool):
-    """The loaded model with `recipe` applied; remembers the dense size and the recipes."""
-    import dataclasses
+    from jaxopt_llm.recipes import apply_recipe
 
-    from jaxopt_llm.pipeline import Recipe
+    with _spinner(f"applying recipe {getattr(recipe, 'name', '')}", quiet or recipe is None):
+        return apply_recipe(loaded, recipe)
 
-    dense = (loaded.extra or {}).get("dense_param_bytes") or _dense_bytes(loaded.params)
-    if recipe is None:
-        return dataclasses.replace(loaded, extra={**(loaded.extra or {}),
-                                                  "dense_param_bytes": dense})
-    with _spinner(f"applying recipe {recipe.name}", quiet):
-        config, params = recipe(loaded.config, loaded.params)
-    applied = recipe
-    if loaded.recipe:  # an artifact: the new recipe continues the one it was made with
-        before = Recipe.from_dict(loaded.recipe)
-        applied = Recipe(name=f"{before.name}+{recipe.name}",
-                         description=f"{before.description}; then {recipe.description}",
-                         stages=before.stages + recipe.stages)
-    return dataclasses.replace(loaded, config=config, params=params, recipe=applied.to_dict(),
-                               extra={**(loaded.extra or {}), "dense_param_bytes": dense})
+
+def _read_text(path: str) -> str:
+    from jaxopt_llm.data import read_text_file
+
+    with _flags(path="--text"):
+        return read_text_file(path)
+
+
+def _out_dir(out: str):
+    from pathlib import Path
+
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a directory")
+    return out_dir
+
+
+def _ensure_cpu_devices(count: int) -> None:
+    """Ask JAX for `count` CPU devices. It takes the setting only before its backends
+    start; after that the mesh reports the devices it lacks."""
+    import jax
+
+    with contextlib.suppress(RuntimeError):  # backends already initialized
+        jax.config.update("jax_num_cpu_devices", count)
 
 
 def _parallel_setup(args: argparse.Namespace) -> None:
@@ -128,25 +154,32 @@ def _parallel_setup(args: argparse.Namespace) -> None:
             "XLA_FLAGS", ""):
         from jaxopt_llm.parallel import parse_mesh
 
-        sizes = parse_mesh(args.mesh)
+        with _flags(spec="--mesh"):
+            sizes = parse_mesh(args.mesh)
         wanted = sizes["data"] * sizes["model"] // max(1, args.num_processes or int(
             os.environ.get(distributed.ENV_NUM_PROCESSES, "1")))
-        import jax
+        if wanted > 1:
+            _ensure_cpu_devices(wanted)
 
-        if wanted > 1 and not jax._src.xla_bridge.backends_are_initialized():
-            jax.config.update("jax_num_cpu_devices", max(wanted, 1))
+
+def _mesh(args: argparse.Namespace):
+    """(mesh, shard rules) of --mesh and --shard; (None, []) without --mesh."""
+    if not args.mesh:
+        return None, []
+    from jaxopt_llm.parallel import make_mesh, parse_shard_rule
+
+    with _flags(spec="--mesh", text="--shard"):
+        rules = [parse_shard_rule(text) for text in args.shard]
+        return make_mesh(args.mesh), rules
 
 
 def _on_mesh(loaded, args: argparse.Namespace):
     """(loaded with params placed on the mesh, mesh) — or (loaded, None) without --mesh."""
-    import dataclasses
-
-    if not args.mesh:
+    mesh, rules = _mesh(args)
+    if mesh is None:
         return loaded, None
-    from jaxopt_llm.parallel import make_mesh, parse_shard_rule, shard_params
+    from jaxopt_llm.parallel import shard_params
 
-    rules = [parse_shard_rule(text) for text in args.shard]
-    mesh = make_mesh(args.mesh)
     params = shard_params(loaded.config, loaded.params, mesh, rules)
     return dataclasses.replace(loaded, params=params), mesh
 
@@ -161,22 +194,16 @@ def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool,
     from jaxopt_llm.evaluate import check_eval_args, perplexity
     from jaxopt_llm.weights import param_bytes
 
-    check_eval_args(num_tokens, window)
-    with _spinner("tokenizing", quiet):
-        ids = loaded.tokenizer.encode(text)
-    windows = min(num_tokens, len(ids)) // window
-    start = time.perf_counter()
-    if quiet or windows == 0:
-        result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
-                            window=window, batch_size=batch_size, mesh=mesh)
-    else:
-        with Progress(TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total} windows"), TimeElapsedColumn(),
-                      console=stderr, transient=True) as progress:
-            task = progress.add_task("perplexity", total=windows)
+    with _flags(num_tokens="--tokens", window="--window"):
+        check_eval_args(num_tokens, window)
+        with _spinner("tokenizing", quiet):
+            ids = loaded.tokenizer.encode(text)
+        windows = min(num_tokens, len(ids)) // window
+        start = time.perf_counter()
+        with _bar("perplexity", windows, "windows", quiet or windows == 0) as update:
             result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
                                 window=window, batch_size=batch_size, mesh=mesh,
-                                on_window=lambda n: progress.advance(task, n))
+                                on_window=lambda n: update(advance=n))
     seconds = time.perf_counter() - start
     return {
         "model": loaded.source,
@@ -219,9 +246,9 @@ def _run_generate(loaded, prompt: str, max_new_tokens: int, sampling, seed: int,
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxopt_llm.data import pydoc_text, read_text_file
+    from jaxopt_llm.data import pydoc_text
 
-    text = pydoc_text() if args.text is None else read_text_file(args.text)
+    text = pydoc_text() if args.text is None else _read_text(args.text)
     recipe = _recipe(args.recipe)
     _parallel_setup(args)
     loaded = _apply_recipe(_load(args.model, args.json), recipe, args.json)
@@ -258,15 +285,11 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
-    from pathlib import Path
-
     from jaxopt_llm.io.artifact import WEIGHTS_FILE, save_artifact
     from jaxopt_llm.weights import param_bytes
 
     recipe = _recipe(args.recipe)
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir}: exists and is not a directory")
+    out_dir = _out_dir(args.out)
     loaded = _load(args.model, args.json)
     start = time.perf_counter()
     optimized = _apply_recipe(loaded, recipe, args.json)
@@ -320,124 +343,39 @@ def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from pathlib import Path
+    from jaxopt_llm.train import TrainSettings, train_recipe, training_ids
 
-    import numpy as np
-
-    from jaxopt_llm.data import pydoc_text, read_text_file
-    from jaxopt_llm.io.artifact import save_artifact
-    from jaxopt_llm.rules import BLOCK_LINEARS
-    from jaxopt_llm.train import (
-        EVAL_TOKENS,
-        LORA_TRAINABLE,
-        TRAIN_ALL,
-        TrainOptions,
-        check_data,
-        convert,
-        gradual_recipe,
-        prune_schedules,
-        qat_recipe,
-        run_training,
-    )
-    from jaxopt_llm.weights.lora import add_lora, merge_lora
-
-    options = TrainOptions(steps=args.steps, learning_rate=args.lr,
-                           warmup_steps=min(args.steps - 1, args.steps // 10),
-                           distill_weight=args.distill_weight if args.distill else 0.0,
-                           compute_dtype=args.compute,
-                           trainable=LORA_TRAINABLE if args.lora else TRAIN_ALL)
+    with _flags(lora_rank="--lora"):
+        settings = TrainSettings(
+            steps=args.steps, batch=args.batch, seq=args.seq, learning_rate=args.lr,
+            distill_weight=args.distill_weight if args.distill else 0.0,
+            compute_dtype=args.compute, learn_scale=args.learn_scale, gradual=args.gradual,
+            lora_rank=args.lora, merge_lora=args.merge_lora and args.lora is not None)
     recipe = _recipe(args.recipe)
     if recipe is None and (args.gradual or args.learn_scale):
         raise ValueError("--gradual and --learn-scale need a --recipe")
-    if args.lora and (args.gradual or args.learn_scale):
-        raise ValueError("--lora trains adapters on the recipe's real (frozen) weights; it "
-                         "does not combine with --gradual or --learn-scale")
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir}: exists and is not a directory")
-    text = pydoc_text() if args.text is None else read_text_file(args.text)
+    out_dir = _out_dir(args.out)
+    text = None if args.text is None else _read_text(args.text)  # None: pydoc minus eval
     _parallel_setup(args)
-    mesh = shard_rules = None
-    if args.mesh:
-        from jaxopt_llm.parallel import make_mesh, parse_shard_rule
-
-        shard_rules = [parse_shard_rule(t) for t in args.shard]
-        mesh = make_mesh(args.mesh)
+    mesh, shard_rules = _mesh(args)
     loaded = _load(args.model, args.json)
-    ids = np.asarray(loaded.tokenizer.encode(text), np.int32)
-    if args.text is None:
-        ids = ids[EVAL_TOKENS:]  # never train on the evaluation tokens
-    check_data(ids, args.batch, args.seq, loaded.config.max_position_embeddings)
-    config, params, targets = loaded.config, loaded.params, []
-    if recipe is not None:
-        if args.lora:  # QLoRA: the recipe's real weights, frozen, under trainable adapters
-            trainable_form = recipe
-        else:
-            trainable_form = qat_recipe(recipe, learn_scale=args.learn_scale)
-            if args.gradual:
-                trainable_form, targets = gradual_recipe(trainable_form, args.steps)
-        config, params = trainable_form(loaded.config, loaded.params)
-    schedules = prune_schedules(trainable_form, targets, params) if targets else []
-    if args.lora:
-        params = add_lora(params, BLOCK_LINEARS, rank=args.lora)
-    meta = {"model": loaded.source, "recipe": recipe.to_dict() if recipe else None,
-            "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
-            "distill": args.distill_weight if args.distill else 0.0,
-            "compute": args.compute, "learn_scale": bool(args.learn_scale),
-            "gradual": bool(args.gradual), "lora": args.lora,
-            "text_tokens": int(len(ids))}
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
-    resume = (checkpoint_dir / "meta.json").exists()
-    log = log_path.open("a" if resume else "w")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(log)
-        progress = None
-        if not args.json:
-            progress = stack.enter_context(Progress(
-                TextColumn("{task.description}"), BarColumn(),
-                TextColumn("{task.completed}/{task.total} steps"),
-                TextColumn("{task.fields[loss]}"),
-                TimeElapsedColumn(), console=stderr, transient=True))
-            task = progress.add_task("training", total=args.steps, loss="")
-
-        def on_step(step: int, record: dict[str, float]) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if progress is not None:
-                progress.update(task, completed=step, loss=f"loss {record['loss']:.3f}")
-
-        result = run_training(config, params, options, ids, batch=args.batch, seq=args.seq,
-                              teacher=loaded.params if args.distill else None,
-                              checkpoint_dir=checkpoint_dir,
-                              checkpoint_every=args.checkpoint_every, meta=meta,
-                              resume=resume, stop_after=args.stop_after,
-                              prune_schedules=schedules, mesh=mesh,
-                              shard_rules=shard_rules or (), on_step=on_step)
-    if result.history and result.history[-1]["step"] < args.steps:
-        return {"stopped_at": result.history[-1]["step"], "checkpoint": str(checkpoint_dir)}
-    final = result.params
-    if mesh is not None:  # gather to host: artifacts are written from whole arrays
-        import jax
-
-        from jaxopt_llm.parallel import to_host
-
-        final = jax.tree_util.tree_map(to_host, final)
-    final = convert(final)
-    if args.lora and args.merge_lora:
-        final = merge_lora(final)
-    path = save_artifact(out_dir, config=config, params=final, tokenizer=loaded.tokenizer,
-                         recipe=(recipe.to_dict() if recipe else None),
-                         extra={"source": loaded.source, "trained": meta})
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete
-    history = result.history
+    with _bar("training", args.steps, "steps", args.json) as update, _flags(seq="--seq"):
+        trained = train_recipe(
+            loaded, recipe, training_ids(loaded.tokenizer, text), settings,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
+            log_path=log_path, stop_after=args.stop_after, mesh=mesh, shard_rules=shard_rules,
+            on_step=lambda step, record: update(completed=step,
+                                                note=f"loss {record['loss']:.3f}"))
+    if not trained.finished:
+        return {"stopped_at": trained.steps_done, "checkpoint": str(checkpoint_dir)}
+    path = trained.save(out_dir)
     out = {
         "out": str(path), "log": str(log_path), "steps": args.steps,
-        "resumed_from": result.resumed_from,
-        "loss_first": history[0]["loss"] if history else None,
-        "loss_last": history[-1]["loss"] if history else None,
-        "step_s": float(np.median([h["step_s"] for h in history[1:]] or [0.0])),
-        "mesh": _mesh_json(mesh),
+        "resumed_from": trained.resumed_from,
+        "loss_first": trained.loss_first, "loss_last": trained.loss_last,
+        "step_s": trained.step_seconds, "mesh": _mesh_json(mesh),
     }
     if not args.json:
         stderr.print(f"trained {args.steps} steps: loss {out['loss_first']:.3f} → "

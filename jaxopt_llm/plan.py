@@ -12,10 +12,11 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxopt_llm.pipeline import Recipe
 from jaxopt_llm.rules import KEEP, flat_params, nested_params
-from jaxopt_llm.weights import is_weight_leaf, param_bytes
+from jaxopt_llm.weights import is_weight_leaf, materialize, param_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,14 @@ class Plan:
         ratio = self.bytes_after / max(self.bytes_before, 1)
         lines.append(f"total {self.bytes_before:,} → {self.bytes_after:,} bytes ({ratio:.3f}×)")
         return "\n".join(lines)
+
+
+def dense_param_bytes(params: Any) -> int:
+    """Bytes of the same weights stored densely in float32 (what a recipe's savings are
+    measured against), from shapes only."""
+    shapes = jax.eval_shape(materialize, params)
+    return param_bytes(jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), shapes))
 
 
 def _shapes(params: Any) -> Any:

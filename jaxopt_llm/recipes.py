@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxopt_llm.io.loader import LoadedModel
 from jaxopt_llm.pipeline import Recipe, Stage, read_recipe_file
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
 
@@ -79,3 +80,30 @@ def load_recipe(spec: str | Path | Recipe) -> Recipe:
         return read_recipe_file(path)
     raise ValueError(f"unknown recipe {text!r}; built-in recipes: {', '.join(BUILTIN_RECIPES)} "
                      f"(or give a path to a .yaml/.json recipe file)")
+
+
+def apply_recipe(loaded: LoadedModel, recipe: Recipe | None) -> LoadedModel:
+    """`loaded` with `recipe` applied (None: unchanged), remembering its float32 size in
+    `extra["dense_param_bytes"]` (an artifact keeps the size of the model it came from).
+
+    On an artifact the recipe continues the one the artifact was made with: the result's
+    recipe is both, stage after stage, named "before+recipe".
+    """
+    import dataclasses
+
+    from jaxopt_llm.plan import dense_param_bytes
+
+    extra = dict(loaded.extra or {})
+    extra["dense_param_bytes"] = extra.get("dense_param_bytes") or dense_param_bytes(
+        loaded.params)
+    if recipe is None:
+        return dataclasses.replace(loaded, extra=extra)
+    config, params = recipe(loaded.config, loaded.params)
+    applied = recipe
+    if loaded.recipe:
+        before = Recipe.from_dict(loaded.recipe)
+        applied = Recipe(name=f"{before.name}+{recipe.name}",
+                         description=f"{before.description}; then {recipe.description}",
+                         stages=before.stages + recipe.stages)
+    return dataclasses.replace(loaded, config=config, params=params, recipe=applied.to_dict(),
+                               extra=extra)

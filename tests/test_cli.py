@@ -55,7 +55,7 @@ def test_empty_prompt(capsys):
 def test_unknown_model_lists_registry(capsys):
     code, out, err = _run(capsys, "eval", "--model", "no-such-model")
     assert code == 2 and out == ""
-    assert "'no-such-model': no such file or directory" in err
+    assert "--model 'no-such-model': no such file or directory" in err
     assert "registry names: ['smollm2-135m']" in err
     assert "Traceback" not in err
 
@@ -71,20 +71,20 @@ def test_non_gguf_file(capsys, tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"0" * 64)
     code, _, err = _run(capsys, "eval", "--model", str(path))
-    assert code == 2 and "expected a .gguf file or a checkpoint directory" in err
+    assert code == 2 and f"--model {str(path)!r}: expected a .gguf file or a checkpoint" in err
 
 
 def test_empty_text_file(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text", str(empty))
-    assert code == 2 and "is empty" in err and str(empty) in err
+    assert code == 2 and f"--text {str(empty)!r}: file is empty" in err
 
 
 def test_missing_text_file(capsys, tmp_path):
     code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text",
                         str(tmp_path / "nope.txt"))
-    assert code == 2 and "does not exist" in err
+    assert code == 2 and "--text" in err and "does not exist" in err
 
 
 @pytest.mark.slow
@@ -92,7 +92,7 @@ def test_text_shorter_than_a_window(capsys, tmp_path, cached_model):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words.")
     code, _, err = _run(capsys, "eval", "--model", "smollm2-135m", "--text", str(short))
-    assert code == 2 and "fewer than one window of 512" in err
+    assert code == 2 and "--window 512: the text has" in err and "fewer than one window" in err
 
 
 @pytest.mark.slow

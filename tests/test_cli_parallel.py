@@ -54,8 +54,9 @@ def test_train_on_a_mesh(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--mesh", "model=3"], "num_heads=4 is not divisible by model=3; use model=1 or 2"),
-    (["--mesh", "data=16"], "needs 16 devices, 8 available"),
-    (["--mesh", "data=2,pipe=2"], "unknown axis ['pipe']"),
+    (["--mesh", "data=16"], "--mesh 'data=16': needs 16 devices, 8 available"),
+    (["--mesh", "data=2,pipe=2"], "--mesh 'data=2,pipe=2': unknown axis ['pipe']"),
+    (["--mesh", "model=2", "--shard", "replicated"], "--shard 'replicated': expected REGEX="),
     (["--mesh", "model=2", "--shard", "embed_tokens/embedding=diagonal"],
      "layout must be one of"),
     (["--coordinator", "127.0.0.1:1"], "JAXOPT_NUM_PROCESSES"),

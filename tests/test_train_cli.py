@@ -97,8 +97,9 @@ def test_bad_numbers(model_dir, tmp_path, capsys, argv, message):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--seq", "100"], "--seq 100 is longer than the model's context of 64 tokens"),
-    (["--seq", "32", "--text", "{short}"], "fewer than one sequence of --seq 32"),
+    (["--seq", "100"], "--seq 100: longer than the model's context of 64 tokens"),
+    (["--seq", "32", "--text", "{short}"], "--seq 32: the training text has 2 tokens, fewer "
+                                           "than one sequence"),
 ])
 def test_bad_data(model_dir, tmp_path, capsys, argv, message):
     short = tmp_path / "short.txt"

@@ -37,6 +37,7 @@ from jaxopt_llm.train.step import (
     split,
     trainable_mask,
 )
+from jaxopt_llm.train.workflow import TrainedModel, TrainSettings, train_recipe, training_ids
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -46,7 +47,9 @@ __all__ = [
     "TRAIN_ALL",
     "TrainOptions",
     "TrainResult",
+    "TrainSettings",
     "TrainState",
+    "TrainedModel",
     "Trainer",
     "batch_at",
     "cast_for_compute",
@@ -67,5 +70,7 @@ __all__ = [
     "run_training",
     "save_checkpoint",
     "split",
+    "train_recipe",
     "trainable_mask",
+    "training_ids",
 ]

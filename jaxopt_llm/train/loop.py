@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.train.schedule import PruneSchedule, reprune
 from jaxopt_llm.train.step import TrainOptions, make_trainer, split
@@ -41,11 +42,13 @@ def batch_at(ids: np.ndarray, step: int, batch: int, seq: int, seed: int = 0) ->
 
 
 def check_data(ids: np.ndarray, batch: int, seq: int, context: int) -> None:
+    """Raise ParameterError (on `seq`) unless `ids` holds a sequence the model can take."""
     if seq > context:
-        raise ValueError(f"--seq {seq} is longer than the model's context of {context} tokens")
+        raise ParameterError("seq", seq, f"longer than the model's context of {context} tokens")
     if len(ids) < seq:
-        raise ValueError(f"the training text has {len(ids)} tokens, fewer than one sequence "
-                         f"of --seq {seq}; give a longer --text or a shorter --seq")
+        raise ParameterError("seq", seq, f"the training text has {len(ids)} tokens, fewer "
+                                         f"than one sequence; give a longer text or a shorter "
+                                         f"sequence")
 
 
 def save_checkpoint(directory: Path, state: Any, meta: dict[str, Any]) -> None:

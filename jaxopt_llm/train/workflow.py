@@ -1,0 +1,272 @@
+"""`train_recipe`: train a loaded model through a recipe and get its integer form back.
+
+The workflow behind `jaxopt-llm train` (and `benchmarks/bench_qat.py`):
+
+1. the recipe in its trainable form: `qat_recipe` (quantize → fake_quant, with learned
+   step sizes if asked), its `prune` rules made gradual if asked (`gradual_recipe`), or,
+   for LoRA, the recipe's real weights frozen under trainable adapters (QLoRA);
+2. training (`run_training`): AdamW, optional distillation from the loaded model's
+   logits, bf16 compute, checkpoints every `checkpoint_every` steps, resumed
+   automatically from `checkpoint_dir` when it holds one;
+3. back to integers (`convert`), adapters merged if asked; `TrainedModel.save` writes
+   the artifact and then removes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxopt_llm.errors import ParameterError
+from jaxopt_llm.pipeline import Recipe
+from jaxopt_llm.train.loop import EVAL_TOKENS, LORA_TRAINABLE, check_data, run_training
+from jaxopt_llm.train.qat import convert, qat_recipe
+from jaxopt_llm.train.schedule import gradual_recipe, prune_schedules
+from jaxopt_llm.train.step import COMPUTE_DTYPES, TRAIN_ALL, TrainOptions
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """How `train_recipe` trains.
+
+    Args:
+        steps: optimizer steps.
+        batch: sequences per step.
+        seq: tokens per sequence.
+        learning_rate: peak AdamW learning rate.
+        warmup_steps: linear warmup steps; None: a tenth of `steps` (at most steps − 1).
+        distill_weight: > 0 mixes the LM loss with a KL to the loaded model's logits,
+            (1 − w)·LM + w·KL.
+        compute_dtype: "float32" or "bfloat16" matmuls (master weights stay float32).
+        learn_scale: also learn the quantization step sizes (LSQ).
+        gradual: reach the recipe's pruning sparsity gradually (cubic schedule).
+        lora_rank: train LoRA adapters of this rank on the recipe's real, frozen weights
+            instead of the weights themselves.
+        merge_lora: fold the trained adapters into the weights at the end (needs
+            lora_rank).
+        seed: seed of the batch sampler.
+    """
+
+    steps: int = 100
+    batch: int = 4
+    seq: int = 256
+    learning_rate: float = 1e-4
+    warmup_steps: int | None = None
+    distill_weight: float = 0.0
+    compute_dtype: str = "float32"
+    learn_scale: bool = False
+    gradual: bool = False
+    lora_rank: int | None = None
+    merge_lora: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "seq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ParameterError(name, value, "must be a positive integer")
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(
+                self.lora_rank, int) or self.lora_rank <= 0):
+            raise ParameterError("lora_rank", self.lora_rank, "must be a positive integer")
+        if self.lora_rank is not None and (self.gradual or self.learn_scale):
+            raise ParameterError("lora_rank", self.lora_rank, "does not combine with gradual "
+                                 "pruning or learned scales (LoRA trains adapters on the "
+                                 "recipe's real, frozen weights)")
+        if self.merge_lora and self.lora_rank is None:
+            raise ParameterError("merge_lora", self.merge_lora, "needs a lora_rank")
+        self.train_options()  # validates steps, rates, weights and dtype now
+
+    def train_options(self) -> TrainOptions:
+        """The options of the train step these settings describe."""
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = min(self.steps - 1, self.steps // 10)
+        return TrainOptions(steps=self.steps, learning_rate=self.learning_rate,
+                            warmup_steps=warmup, distill_weight=self.distill_weight,
+                            compute_dtype=self.compute_dtype,
+                            trainable=TRAIN_ALL if self.lora_rank is None else LORA_TRAINABLE)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """What `train_recipe` returns.
+
+    `params` hold integer weights (fake-quant leaves converted, adapters merged if asked)
+    when `finished`; a run ended early by `stop_after` returns its trainable form
+    unconverted, and its checkpoint holds the state to resume from.
+    """
+
+    config: Any  # ModelConfig after the recipe
+    params: Any
+    tokenizer: Any
+    source: str  # the loaded model it was trained from
+    recipe: dict[str, Any] | None  # the recipe (not its trainable form), as saved
+    meta: dict[str, Any]  # the run's settings, saved as the artifact's extra["trained"]
+    history: list[dict[str, float]]  # per step: loss, lm_loss, grad_norm, step, step_s, …
+    resumed_from: int  # the step a checkpoint resumed from (0: from the start)
+    finished: bool
+    train_seconds: float  # wall time of the training loop (compilation included)
+    checkpoint_dir: Path | None = None
+
+    @property
+    def steps_done(self) -> int:
+        return int(self.history[-1]["step"]) if self.history else self.resumed_from
+
+    @property
+    def loss_first(self) -> float | None:
+        return self.history[0]["loss"] if self.history else None
+
+    @property
+    def loss_last(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+    @property
+    def step_seconds(self) -> float:
+        """Median seconds of a step, the first (compiling) one left out."""
+        return float(np.median([h["step_s"] for h in self.history[1:]] or [0.0]))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the integer artifact to `directory` (atomically), then remove the
+        checkpoint: the run is complete. Returns the artifact's path."""
+        from jaxopt_llm.io.artifact import save_artifact
+
+        if not self.finished:
+            raise ValueError(f"training stopped at step {self.steps_done} of "
+                             f"{self.meta['steps']}; resume it before saving")
+        path = save_artifact(directory, config=self.config, params=self.params,
+                             tokenizer=self.tokenizer, recipe=self.recipe,
+                             extra={"source": self.source, "trained": self.meta})
+        if self.checkpoint_dir is not None:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        return path
+
+
+def training_ids(tokenizer: Any, text: str | None = None) -> np.ndarray:
+    """Token ids to train on: `text`, or the embedded pydoc text without its first
+    EVAL_TOKENS tokens (never train on the evaluation tokens)."""
+    from jaxopt_llm.data import pydoc_text
+
+    ids = np.asarray(tokenizer.encode(pydoc_text() if text is None else text), np.int32)
+    return ids[EVAL_TOKENS:] if text is None else ids
+
+
+def _trainable_form(loaded: Any, recipe: Recipe | None, settings: TrainSettings):
+    """(config, params, prune schedules) to start training from."""
+    from jaxopt_llm.rules import BLOCK_LINEARS
+    from jaxopt_llm.weights.lora import add_lora
+
+    config, params, schedules = loaded.config, loaded.params, []
+    if recipe is not None:
+        if settings.lora_rank is not None:  # QLoRA: the real weights, frozen, under adapters
+            form, targets = recipe, []
+        else:
+            form, targets = qat_recipe(recipe, learn_scale=settings.learn_scale), []
+            if settings.gradual:
+                form, targets = gradual_recipe(form, settings.steps)
+        config, params = form(loaded.config, loaded.params)
+        if targets:
+            schedules = prune_schedules(form, targets, params)
+    if settings.lora_rank is not None:
+        params = add_lora(params, BLOCK_LINEARS, rank=settings.lora_rank)
+    return config, params, schedules
+
+
+def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray,
+                 settings: TrainSettings | None = None, *,
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
+                 log_path: str | Path | None = None, stop_after: int | None = None,
+                 mesh: Any = None, shard_rules: Any = (),
+                 on_step: Callable[[int, dict[str, float]], None] | None = None
+                 ) -> TrainedModel:
+    """Train `loaded` (a `LoadedModel`) through `recipe` on `token_ids`.
+
+    Args:
+        loaded: the model to train; with distillation it is also the teacher.
+        recipe: a Recipe, a built-in name or recipe file, or None (train the model as is).
+        token_ids: the training tokens (see `training_ids`).
+        settings: what to train and how (default: `TrainSettings()`).
+        checkpoint_dir: where to checkpoint; a checkpoint already there (same run
+            settings) is resumed from, and appended to `log_path`.
+        checkpoint_every: steps between checkpoints (0: never).
+        log_path: a JSON-lines file receiving one record per step.
+        stop_after: end after this step, as an interruption would (tests).
+        mesh: a ("data", "model") mesh to train on (see `parallel.make_mesh`).
+        shard_rules: (regex, layout) sharding overrides on the mesh.
+        on_step: called with (step, record) after every step.
+
+    Returns:
+        A TrainedModel; call `.save(directory)` to write the integer artifact.
+
+    Raises:
+        ParameterError: a recipe-less run asks for gradual pruning or learned scales, or
+            `settings.seq` does not fit the model or the tokens.
+    """
+    from jaxopt_llm.recipes import load_recipe
+
+    settings = TrainSettings() if settings is None else settings
+    if recipe is not None:
+        recipe = load_recipe(recipe)
+    elif settings.gradual or settings.learn_scale:
+        raise ParameterError("recipe", None, "gradual pruning and learned scales need a recipe")
+    token_ids = np.asarray(token_ids, np.int32)
+    check_data(token_ids, settings.batch, settings.seq, loaded.config.max_position_embeddings)
+    options = settings.train_options()
+    config, params, schedules = _trainable_form(loaded, recipe, settings)
+    meta = {"model": loaded.source, "recipe": recipe.to_dict() if recipe else None,
+            "steps": settings.steps, "batch": settings.batch, "seq": settings.seq,
+            "lr": settings.learning_rate, "distill": settings.distill_weight,
+            "compute": settings.compute_dtype, "learn_scale": settings.learn_scale,
+            "gradual": settings.gradual, "lora": settings.lora_rank,
+            "text_tokens": int(len(token_ids))}
+    checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    resume = checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists()
+    log = None if log_path is None else Path(log_path).open("a" if resume else "w")
+
+    def step_done(step: int, record: dict[str, float]) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if on_step is not None:
+            on_step(step, record)
+
+    began = time.perf_counter()
+    try:
+        result = run_training(config, params, options, token_ids, batch=settings.batch,
+                              seq=settings.seq, seed=settings.seed,
+                              teacher=loaded.params if settings.distill_weight else None,
+                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                              meta=meta, resume=resume, stop_after=stop_after,
+                              prune_schedules=schedules, mesh=mesh, shard_rules=shard_rules,
+                              on_step=step_done)
+    finally:
+        if log is not None:
+            log.close()
+    seconds = time.perf_counter() - began
+    history = result.history
+    finished = not history or history[-1]["step"] >= settings.steps
+    final = result.params
+    if finished:
+        if mesh is not None:  # gather to host: artifacts are written from whole arrays
+            from jaxopt_llm.parallel import to_host
+
+            final = jax.tree_util.tree_map(to_host, final)
+        final = convert(final)
+        if settings.merge_lora:
+            from jaxopt_llm.weights.lora import merge_lora
+
+            final = merge_lora(final)
+    return TrainedModel(config=config, params=final, tokenizer=loaded.tokenizer,
+                        source=loaded.source, recipe=recipe.to_dict() if recipe else None,
+                        meta=meta, history=history, resumed_from=result.resumed_from,
+                        finished=finished, train_seconds=seconds, checkpoint_dir=checkpoint_dir)
+
+
+__all__ = ["COMPUTE_DTYPES", "TrainSettings", "TrainedModel", "train_recipe", "training_ids"]

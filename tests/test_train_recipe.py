@@ -1,0 +1,100 @@
+"""`train_recipe` from Python: the same model as composing the loop by hand, resume equals
+uninterrupted, the artifact it saves, errors that name Python parameters."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxopt_llm.io.loader import load_model
+from jaxopt_llm.recipes import BUILTIN_RECIPES
+from jaxopt_llm.train import (
+    EVAL_TOKENS,
+    TrainOptions,
+    TrainSettings,
+    convert,
+    qat_recipe,
+    run_training,
+    train_recipe,
+    training_ids,
+)
+from jaxopt_llm.weights import FakeQuantWeight, QuantizedWeight
+from tests.test_train_cli import CONFIG, TEXT
+
+SETTINGS = TrainSettings(steps=6, batch=2, seq=16, learning_rate=1e-2, distill_weight=0.5)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir(CONFIG, TEXT)[0]))
+
+
+def _assert_same_leaves(a, b):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_recipe_equals_the_loop_composed_by_hand(loaded):
+    ids = training_ids(loaded.tokenizer, TEXT)
+    trained = train_recipe(loaded, "w4", ids, SETTINGS)
+    assert trained.finished and trained.resumed_from == 0
+    assert [h["step"] for h in trained.history] == list(range(1, 7))
+    assert trained.loss_last < trained.loss_first and "distill_kl" in trained.history[0]
+    kernel = trained.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel, QuantizedWeight) and not isinstance(kernel, FakeQuantWeight)
+    # by hand: the QAT form, the loop with the float model as teacher, then integers
+    config, params = qat_recipe(BUILTIN_RECIPES["w4"])(loaded.config, loaded.params)
+    options = TrainOptions(steps=6, learning_rate=1e-2, warmup_steps=0, distill_weight=0.5)
+    by_hand = run_training(config, params, options, ids, batch=2, seq=16,
+                           teacher=loaded.params)
+    _assert_same_leaves(trained.params, convert(by_hand.params))
+    assert [h["loss"] for h in trained.history] == [h["loss"] for h in by_hand.history]
+
+
+def test_resume_equals_uninterrupted_and_save_writes_the_artifact(loaded, tmp_path):
+    ids = training_ids(loaded.tokenizer, TEXT)
+    straight = train_recipe(loaded, "w4", ids, SETTINGS)
+    ckpt, log = tmp_path / "run.checkpoint", tmp_path / "run.jsonl"
+    common = dict(checkpoint_dir=ckpt, checkpoint_every=2, log_path=log)
+    first = train_recipe(loaded, "w4", ids, SETTINGS, stop_after=3, **common)
+    assert not first.finished and first.steps_done == 3
+    assert isinstance(first.params["layers_0"]["mlp"]["up_proj"]["kernel"], FakeQuantWeight)
+    with pytest.raises(ValueError, match="stopped at step 3 of 6; resume it"):
+        first.save(tmp_path / "early")
+    resumed = train_recipe(loaded, "w4", ids, SETTINGS, **common)
+    assert resumed.finished and resumed.resumed_from == 2  # the checkpoint of step 2
+    _assert_same_leaves(straight.params, resumed.params)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 3, 4, 5, 6]  # appended: step 3 ran again after the resume
+    path = resumed.save(tmp_path / "model")
+    assert not ckpt.exists()  # the run is complete
+    saved = load_model(str(path))
+    assert saved.recipe["name"] == "w4" and saved.extra["trained"]["steps"] == 6
+    assert saved.extra["trained"]["distill"] == 0.5 and saved.extra["source"] == loaded.source
+    _assert_same_leaves(saved.params, straight.params)
+
+
+def test_default_training_tokens_skip_the_evaluation_tokens(word_tokenizer):
+    from jaxopt_llm.data import pydoc_text
+
+    everything = np.asarray(word_tokenizer.encode(pydoc_text()))
+    assert len(everything) > EVAL_TOKENS
+    np.testing.assert_array_equal(training_ids(word_tokenizer), everything[EVAL_TOKENS:])
+
+
+@pytest.mark.parametrize(("recipe", "settings", "message"), [
+    ("w4", dict(seq=100), "seq=100: longer than the model's context of 64 tokens"),
+    (None, dict(gradual=True), "recipe=None: gradual pruning and learned scales need a recipe"),
+    ("w4", dict(lora_rank=4, learn_scale=True), "lora_rank=4: does not combine with gradual"),
+    ("w4", dict(lora_rank=0), "lora_rank=0: must be a positive integer"),
+    ("w4", dict(merge_lora=True), "merge_lora=True: needs a lora_rank"),
+    ("w4", dict(batch=0), "batch=0: must be a positive integer"),
+    ("w4", dict(distill_weight=2.0), r"distill_weight must be in \[0, 1\]"),
+])
+def test_errors_name_python_parameters(loaded, recipe, settings, message):
+    with pytest.raises(ValueError, match=message):
+        train_recipe(loaded, recipe, training_ids(loaded.tokenizer, TEXT),
+                     TrainSettings(**{"steps": 2, "batch": 2, "seq": 16, **settings}))
