@@ -1,4 +1,4 @@
-"""The `jaxopt-llm` command: demo, eval, generate, optimize, plan, recipes.
+"""The `jaxopt-llm` command: demo, eval, generate, optimize, plan, recipes, train.
 
 Progress goes to stderr (rich); `--json` prints exactly one JSON object on
 stdout. Bad input exits with status 2 and one line naming what was wrong.
@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,17 +23,21 @@ DEMO_PROMPT = "The three most important Python data structures are"
 stderr = Console(stderr=True)
 
 
-def _number(name: str, cast: type, *, allow_zero: bool):
-    """argparse type: a number of `cast` type, > 0 (or >= 0 with allow_zero), named in errors."""
+def _number(name: str, cast: type = int, *, allow_zero: bool = False,
+            at_most: float | None = None):
+    """argparse type: a number of `cast` type, > 0 (>= 0 with allow_zero; <= at_most),
+    named in errors."""
     kind = "an integer" if cast is int else "a number"
-    bound = ">= 0" if allow_zero else "positive"
+    bound = f"in [0, {at_most:g}]" if at_most is not None else \
+        ">= 0" if allow_zero else "positive"
 
     def parse(text: str):
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
-        if value < 0 or (value == 0 and not allow_zero):
+        low_ok = value > 0 or (allow_zero and value == 0)  # NaN fails both
+        if not low_ok or (at_most is not None and not value <= at_most):
             raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {value}")
         return value
     return parse
@@ -44,23 +47,10 @@ def _positive_int(name: str):
     return _number(name, int, allow_zero=False)
 
 
-def _fraction(name: str):
-    """argparse type: a number in [0, 1], named in errors."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
-        return value
-    return parse
-
-
 @contextlib.contextmanager
 def _flags(**flags: str) -> Iterator[None]:
     """Library errors name Python parameters (`window=1000: …`); re-word those raised here
-    with the flags they came from (`--window 1000: …`). `flags`: parameter → flag."""
+    with the flags the values came from (`--window 1000: …`). `flags`: parameter → flag."""
     from jaxopt_llm.errors import ParameterError
 
     try:
@@ -83,8 +73,8 @@ def _spinner(message: str, quiet: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _bar(message: str, total: int, unit: str, quiet: bool) -> Iterator[Callable[..., None]]:
-    """A progress bar of `total` `unit`s; yields update(advance=…, completed=…, note=…)."""
+def _bar(message: str, unit: str, quiet: bool) -> Iterator[Callable[..., None]]:
+    """A progress bar counting `unit`s; yields update(completed=…, total=…, note=…)."""
     if quiet:
         yield lambda **_: None
         return
@@ -92,7 +82,7 @@ def _bar(message: str, total: int, unit: str, quiet: bool) -> Iterator[Callable[
                   TextColumn(f"{{task.completed}}/{{task.total}} {unit}"),
                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
                   console=stderr, transient=True) as progress:
-        task = progress.add_task(message, total=total, note="")
+        task = progress.add_task(message, total=None, note="")
         yield lambda **fields: progress.update(task, **fields)
 
 
@@ -105,18 +95,9 @@ def _load(model: str, quiet: bool = False):
 
 def _recipe(spec: str | None):
     """Resolve --recipe before loading anything, so a bad name or file fails fast."""
-    if spec is None:
-        return None
     from jaxopt_llm.recipes import load_recipe
 
-    return load_recipe(spec)
-
-
-def _apply_recipe(loaded, recipe, quiet: bool):
-    from jaxopt_llm.recipes import apply_recipe
-
-    with _spinner(f"applying recipe {getattr(recipe, 'name', '')}", quiet or recipe is None):
-        return apply_recipe(loaded, recipe)
+    return None if spec is None else load_recipe(spec)
 
 
 def _read_text(path: str) -> str:
@@ -129,37 +110,30 @@ def _read_text(path: str) -> str:
 def _out_dir(out: str):
     from pathlib import Path
 
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir}: exists and is not a directory")
-    return out_dir
-
-
-def _ensure_cpu_devices(count: int) -> None:
-    """Ask JAX for `count` CPU devices. It takes the setting only before its backends
-    start; after that the mesh reports the devices it lacks."""
-    import jax
-
-    with contextlib.suppress(RuntimeError):  # backends already initialized
-        jax.config.update("jax_num_cpu_devices", count)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    return Path(out)
 
 
 def _parallel_setup(args: argparse.Namespace) -> None:
     """Before JAX starts: join a multi-host job (--coordinator … or JAXOPT_* env), and on
     CPU provide as many devices as --mesh asks for (fake CPU devices on one host)."""
+    import jax
+
     from jaxopt_llm import distributed
+    from jaxopt_llm.parallel import parse_mesh
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    if args.mesh and "xla_force_host_platform_device_count" not in os.environ.get(
+    if not args.mesh or "xla_force_host_platform_device_count" in os.environ.get(
             "XLA_FLAGS", ""):
-        from jaxopt_llm.parallel import parse_mesh
-
-        with _flags(spec="--mesh"):
-            sizes = parse_mesh(args.mesh)
-        wanted = sizes["data"] * sizes["model"] // max(1, args.num_processes or int(
-            os.environ.get(distributed.ENV_NUM_PROCESSES, "1")))
-        if wanted > 1:
-            _ensure_cpu_devices(wanted)
+        return
+    with _flags(spec="--mesh"):
+        sizes = parse_mesh(args.mesh)
+    wanted = sizes["data"] * sizes["model"] // max(1, args.num_processes or int(
+        os.environ.get(distributed.ENV_NUM_PROCESSES, "1")))
+    if wanted > 1:  # JAX takes this only before its backends start; later, make_mesh
+        with contextlib.suppress(RuntimeError):  # says how many devices are missing
+            jax.config.update("jax_num_cpu_devices", wanted)
 
 
 def _mesh(args: argparse.Namespace):
@@ -173,86 +147,48 @@ def _mesh(args: argparse.Namespace):
         return make_mesh(args.mesh), rules
 
 
-def _on_mesh(loaded, args: argparse.Namespace):
-    """(loaded with params placed on the mesh, mesh) — or (loaded, None) without --mesh."""
-    mesh, rules = _mesh(args)
-    if mesh is None:
-        return loaded, None
+def _model(args: argparse.Namespace):
+    """(model of --model with --recipe applied and placed on --mesh, mesh or None)."""
     from jaxopt_llm.parallel import shard_params
+    from jaxopt_llm.recipes import apply_recipe
 
-    params = shard_params(loaded.config, loaded.params, mesh, rules)
-    return dataclasses.replace(loaded, params=params), mesh
-
-
-def _mesh_json(mesh) -> dict[str, int] | None:
-    return None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}
+    recipe = _recipe(args.recipe)
+    _parallel_setup(args)  # after the cheap checks: bad input fails fast
+    loaded = _load(args.model, args.json)
+    with _spinner(f"applying recipe {getattr(recipe, 'name', '')}", args.json or not recipe):
+        loaded = apply_recipe(loaded, recipe)
+    mesh, rules = _mesh(args)
+    if mesh is not None:
+        params = shard_params(loaded.config, loaded.params, mesh, rules)
+        loaded = dataclasses.replace(loaded, params=params)
+    return loaded, mesh
 
 
 def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool,
               mesh=None, batch_size: int = 1) -> dict[str, Any]:
-    from jaxopt_llm.data import text_sha256
-    from jaxopt_llm.evaluate import check_eval_args, perplexity
-    from jaxopt_llm.weights import param_bytes
+    from jaxopt_llm.runs import evaluate_text
 
-    with _flags(num_tokens="--tokens", window="--window"):
-        check_eval_args(num_tokens, window)
-        with _spinner("tokenizing", quiet):
-            ids = loaded.tokenizer.encode(text)
-        windows = min(num_tokens, len(ids)) // window
-        start = time.perf_counter()
-        with _bar("perplexity", windows, "windows", quiet or windows == 0) as update:
-            result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
-                                window=window, batch_size=batch_size, mesh=mesh,
-                                on_window=lambda n: update(advance=n))
-    seconds = time.perf_counter() - start
-    return {
-        "model": loaded.source,
-        **result.to_dict(),
-        "param_bytes": param_bytes(loaded.params),
-        "dense_param_bytes": (loaded.extra or {}).get("dense_param_bytes"),
-        "recipe": (loaded.recipe or {}).get("name", "fp32"),
-        "text_sha256": text_sha256(text),
-        "text_tokens": len(ids),
-        "seconds": seconds,
-        "eval_tok_s": result.tokens_used / seconds,
-        "mesh": _mesh_json(mesh),
-    }
+    with _bar("perplexity", "windows", quiet) as update, _flags(num_tokens="--tokens",
+                                                                 window="--window"):
+        return evaluate_text(loaded, text, num_tokens=num_tokens, window=window,
+                             batch_size=batch_size, mesh=mesh,
+                             progress=lambda done, total: update(completed=done, total=total))
 
 
 def _run_generate(loaded, prompt: str, max_new_tokens: int, sampling, seed: int,
                   quiet: bool, mesh=None) -> dict[str, Any]:
-    from jaxopt_llm.generation import generate
+    from jaxopt_llm.runs import generate_text
 
-    ids = loaded.tokenizer.encode(prompt)
     with _spinner("compiling and generating", quiet):
-        result = generate(loaded.config, loaded.params, [ids], max_new_tokens=max_new_tokens,
-                          sampling=sampling, seed=seed,
-                          eos_token_ids=loaded.tokenizer.eos_token_ids or None, mesh=mesh)
-    new_ids = result.new_ids[0]
-    return {
-        "model": loaded.source,
-        "recipe": (loaded.recipe or {}).get("name", "fp32"),
-        "prompt": prompt,
-        "prompt_ids": ids,
-        "new_ids": new_ids,
-        "text": loaded.tokenizer.decode(new_ids),
-        "prefill_tok_s": result.prefill_tok_s,
-        "decode_tok_s": result.decode_tok_s,
-        "prefill_seconds": result.prefill_seconds,
-        "compile_seconds": result.compile_seconds,
-        "decode_seconds": result.decode_seconds,
-        "mesh": _mesh_json(mesh),
-    }
+        return generate_text(loaded, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                             seed=seed, mesh=mesh)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.data import pydoc_text
 
     text = pydoc_text() if args.text is None else _read_text(args.text)
-    recipe = _recipe(args.recipe)
-    _parallel_setup(args)
-    loaded = _apply_recipe(_load(args.model, args.json), recipe, args.json)
-    loaded, mesh = _on_mesh(loaded, args)
+    loaded, mesh = _model(args)
     out = _run_eval(loaded, text, args.tokens, args.window, args.json, mesh, args.batch_size)
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
@@ -269,11 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    recipe = _recipe(args.recipe)
-    # after the cheap checks: bad input fails fast
-    _parallel_setup(args)
-    loaded = _apply_recipe(_load(args.model, args.json), recipe, args.json)
-    loaded, mesh = _on_mesh(loaded, args)
+    loaded, mesh = _model(args)
     out = _run_generate(loaded, args.prompt, args.max_new_tokens, sampling, args.seed,
                         args.json, mesh)
     if not args.json:
@@ -285,33 +217,18 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxopt_llm.io.artifact import WEIGHTS_FILE, save_artifact
-    from jaxopt_llm.weights import param_bytes
+    from jaxopt_llm.runs import optimize_model
 
     recipe = _recipe(args.recipe)
     out_dir = _out_dir(args.out)
     loaded = _load(args.model, args.json)
-    start = time.perf_counter()
-    optimized = _apply_recipe(loaded, recipe, args.json)
-    seconds = time.perf_counter() - start
-    extra = {**(optimized.extra or {}),
-             "source": (loaded.extra or {}).get("source", loaded.source)}
-    with _spinner(f"writing {out_dir}", args.json):
-        path = save_artifact(out_dir, config=optimized.config, params=optimized.params,
-                             tokenizer=optimized.tokenizer, recipe=optimized.recipe, extra=extra)
-    out = {
-        "model": loaded.source,
-        "recipe": optimized.recipe["name"],
-        "out": str(path),
-        "param_bytes": param_bytes(optimized.params),
-        "dense_param_bytes": extra["dense_param_bytes"],
-        "weights_file_bytes": (path / WEIGHTS_FILE).stat().st_size,
-        "transform_seconds": seconds,
-    }
+    with _spinner(f"applying recipe {recipe.name}, writing {out_dir}", args.json):
+        out = optimize_model(loaded, recipe, out_dir)
     if not args.json:
-        stderr.print(f"wrote {path}: recipe {out['recipe']}, params "
+        stderr.print(f"wrote {out['out']}: recipe {out['recipe']}, params "
                      f"{out['param_bytes'] / 2**20:.1f} MiB (float32 "
-                     f"{out['dense_param_bytes'] / 2**20:.1f} MiB), transform {seconds:.1f} s")
+                     f"{out['dense_param_bytes'] / 2**20:.1f} MiB), transform "
+                     f"{out['transform_seconds']:.1f} s")
     return out
 
 
@@ -323,14 +240,7 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     result = plan(recipe, loaded.config, loaded.params)
     if not args.json:
         print(result)
-    return {
-        "recipe": result.recipe,
-        "bytes_before": result.bytes_before,
-        "bytes_after": result.bytes_after,
-        "parameters": [dict(path=r.path, stage=r.stage, op=r.op, shape=list(r.shape),
-                            bytes_before=r.bytes_before, bytes_after=r.bytes_after,
-                            representation=r.representation) for r in result.rows],
-    }
+    return result.to_dict()
 
 
 def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
@@ -361,7 +271,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     loaded = _load(args.model, args.json)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
-    with _bar("training", args.steps, "steps", args.json) as update, _flags(seq="--seq"):
+    with _bar("training", "steps", args.json) as update, _flags(seq="--seq"):
+        update(total=args.steps)
         trained = train_recipe(
             loaded, recipe, training_ids(loaded.tokenizer, text), settings,
             checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
@@ -371,12 +282,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if not trained.finished:
         return {"stopped_at": trained.steps_done, "checkpoint": str(checkpoint_dir)}
     path = trained.save(out_dir)
-    out = {
-        "out": str(path), "log": str(log_path), "steps": args.steps,
-        "resumed_from": trained.resumed_from,
-        "loss_first": trained.loss_first, "loss_last": trained.loss_last,
-        "step_s": trained.step_seconds, "mesh": _mesh_json(mesh),
-    }
+    out = {"out": str(path), "log": str(log_path), "steps": args.steps,
+           "resumed_from": trained.resumed_from, "loss_first": trained.loss_first,
+           "loss_last": trained.loss_last, "step_s": trained.step_seconds,
+           "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}}
     if not args.json:
         stderr.print(f"trained {args.steps} steps: loss {out['loss_first']:.3f} → "
                      f"{out['loss_last']:.3f}, {out['step_s']:.3f} s/step; wrote {path}")
@@ -442,21 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=48)
     demo.set_defaults(func=cmd_demo, json=False)
 
-    ev = sub.add_parser("eval", help="perplexity (REFERENCES.md protocol)")
-    add_model(ev)
-    add_recipe(ev)
+    def command(name: str, func: Callable, help_text: str, recipe_required: bool = False):
+        """A subcommand of a model (--model, --recipe) that can print JSON (--json, last)."""
+        p = sub.add_parser(name, help=help_text)
+        add_model(p)
+        add_recipe(p, recipe_required)
+        p.set_defaults(func=func)
+        return p
+
+    ev = command("eval", cmd_eval, "perplexity (REFERENCES.md protocol)")
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
     ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
     ev.add_argument("--window", type=_positive_int("--window"), default=512)
     ev.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1,
                     help="windows per forward pass (rounded up to a multiple of data)")
     add_parallel(ev)
-    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt")
-    add_model(gen)
-    add_recipe(gen)
+    gen = command("generate", cmd_generate, "generate text from a prompt")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     gen.add_argument("--temperature", type=_number("--temperature", float, allow_zero=True),
@@ -466,25 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
     gen.add_argument("--seed", type=int, default=0)
     add_parallel(gen)
-    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    gen.set_defaults(func=cmd_generate)
 
-    opt = sub.add_parser("optimize", help="apply a recipe and save an artifact directory")
-    add_model(opt)
-    add_recipe(opt, required=True)
+    opt = command("optimize", cmd_optimize, "apply a recipe and save an artifact directory",
+                  recipe_required=True)
     opt.add_argument("--out", required=True, help="artifact directory to write (atomically)")
-    opt.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    opt.set_defaults(func=cmd_optimize)
+    pl = command("plan", cmd_plan, "dry run: per parameter, the op and bytes before/after",
+                 recipe_required=True)
 
-    pl = sub.add_parser("plan", help="dry run: per parameter, the op and bytes before/after")
-    add_model(pl)
-    add_recipe(pl, required=True)
-    pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    pl.set_defaults(func=cmd_plan)
-
-    tr = sub.add_parser("train", help="QAT / sparse / low-rank training of a recipe")
-    add_model(tr)
-    add_recipe(tr)
+    tr = command("train", cmd_train, "QAT / sparse / low-rank training of a recipe")
     tr.add_argument("--out", required=True, help="artifact directory written at the end")
     tr.add_argument("--steps", type=_positive_int("--steps"), default=100)
     tr.add_argument("--batch", type=_positive_int("--batch"), default=4)
@@ -493,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text", help="UTF-8 training text (default: pydoc minus the eval tokens)")
     tr.add_argument("--distill", action="store_true",
                     help="mix the LM loss with a KL to the float model's logits")
-    tr.add_argument("--distill-weight", type=_fraction("--distill-weight"), default=0.5,
+    tr.add_argument("--distill-weight", default=0.5,
+                    type=_number("--distill-weight", float, allow_zero=True, at_most=1),
                     help="weight of the KL in the loss with --distill (default 0.5)")
     tr.add_argument("--compute", choices=("float32", "bfloat16"), default="float32",
                     help="matmul dtype of the train step (master weights stay float32)")
@@ -512,12 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50)
     tr.add_argument("--stop-after", type=_positive_int("--stop-after"), default=None,
                     help=argparse.SUPPRESS)  # simulate an interruption (tests)
-    tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    tr.set_defaults(func=cmd_train)
 
     rec = sub.add_parser("recipes", help="list the built-in recipes")
-    rec.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     rec.set_defaults(func=cmd_recipes)
+    for p in (ev, gen, opt, pl, tr, rec):
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 

@@ -38,6 +38,18 @@ class Plan:
     bytes_after: int
     config_after: Any
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data: recipe, total bytes, and per parameter its path, stage, op, shape,
+        bytes before/after and representation."""
+        return {
+            "recipe": self.recipe,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "parameters": [dict(path=r.path, stage=r.stage, op=r.op, shape=list(r.shape),
+                                bytes_before=r.bytes_before, bytes_after=r.bytes_after,
+                                representation=r.representation) for r in self.rows],
+        }
+
     def __str__(self) -> str:
         width = max([len(r.path) for r in self.rows] + [9])
         op_width = max([len(r.stage) + len(r.op) + 1 for r in self.rows] + [8])

@@ -1,0 +1,140 @@
+"""The commands' work as library calls: each takes a loaded model and returns the record
+`jaxopt-llm … --json` prints.
+
+- `evaluate_text`: perplexity of a text (`evaluate.perplexity`) with sizes and speed;
+- `generate_text`: a continuation of a prompt (`generation.generate`) with speeds;
+- `optimize_model`: a recipe applied and saved as an artifact, with the bytes saved.
+
+Training is `train.train_recipe`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jaxopt_llm.evaluate import DEFAULT_TOKENS, DEFAULT_WINDOW, check_eval_args, perplexity
+from jaxopt_llm.generation import Sampling, generate
+from jaxopt_llm.io.loader import LoadedModel
+from jaxopt_llm.pipeline import Recipe
+from jaxopt_llm.weights import param_bytes
+
+
+def _mesh_shape(mesh: Any) -> dict[str, int] | None:
+    return None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}
+
+
+def _recipe_name(loaded: LoadedModel) -> str:
+    return (loaded.recipe or {}).get("name", "fp32")
+
+
+def evaluate_text(loaded: LoadedModel, text: str, *, num_tokens: int = DEFAULT_TOKENS,
+                  window: int = DEFAULT_WINDOW, batch_size: int = 1, mesh: Any = None,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Perplexity of `text` under `loaded` (the protocol of `evaluate.perplexity`).
+
+    Args:
+        loaded: the model (params already placed on `mesh` when one is given).
+        text: the text to score.
+        num_tokens, window, batch_size, mesh: as in `evaluate.perplexity`.
+        progress: called with (windows done, windows in all), first with 0 done.
+
+    Returns:
+        The perplexity result's fields plus model, param_bytes, dense_param_bytes (float32
+        size, when known), recipe, text_sha256, text_tokens, seconds, eval_tok_s, mesh.
+    """
+    from jaxopt_llm.data import text_sha256
+
+    check_eval_args(num_tokens, window)
+    ids = loaded.tokenizer.encode(text)
+    windows = min(num_tokens, len(ids)) // window
+    on_window = None
+    if progress is not None:
+        done = [0]
+
+        def on_window(count: int) -> None:
+            done[0] += count
+            progress(done[0], windows)
+
+        progress(0, windows)
+    start = time.perf_counter()
+    result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
+                        window=window, batch_size=batch_size, mesh=mesh, on_window=on_window)
+    seconds = time.perf_counter() - start
+    return {
+        "model": loaded.source,
+        **result.to_dict(),
+        "param_bytes": param_bytes(loaded.params),
+        "dense_param_bytes": (loaded.extra or {}).get("dense_param_bytes"),
+        "recipe": _recipe_name(loaded),
+        "text_sha256": text_sha256(text),
+        "text_tokens": len(ids),
+        "seconds": seconds,
+        "eval_tok_s": result.tokens_used / seconds,
+        "mesh": _mesh_shape(mesh),
+    }
+
+
+def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
+                  sampling: Sampling | None = None, seed: int = 0,
+                  mesh: Any = None) -> dict[str, Any]:
+    """Up to `max_new_tokens` after `prompt`, stopping at the tokenizer's end tokens.
+
+    Returns:
+        model, recipe, prompt, prompt_ids, new_ids, text (the decoded new tokens), the
+        prefill and decode speeds (tok/s) and seconds, compile_seconds, mesh.
+    """
+    ids = loaded.tokenizer.encode(prompt)
+    result = generate(loaded.config, loaded.params, [ids], max_new_tokens=max_new_tokens,
+                      sampling=sampling or Sampling(), seed=seed,
+                      eos_token_ids=loaded.tokenizer.eos_token_ids or None, mesh=mesh)
+    new_ids = result.new_ids[0]
+    return {
+        "model": loaded.source,
+        "recipe": _recipe_name(loaded),
+        "prompt": prompt,
+        "prompt_ids": ids,
+        "new_ids": new_ids,
+        "text": loaded.tokenizer.decode(new_ids),
+        "prefill_tok_s": result.prefill_tok_s,
+        "decode_tok_s": result.decode_tok_s,
+        "prefill_seconds": result.prefill_seconds,
+        "compile_seconds": result.compile_seconds,
+        "decode_seconds": result.decode_seconds,
+        "mesh": _mesh_shape(mesh),
+    }
+
+
+def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path
+                   ) -> dict[str, Any]:
+    """Apply `recipe` to `loaded` (continuing an artifact's own recipe) and save the
+    result as an artifact in `out_dir`.
+
+    Returns:
+        model, recipe (the applied name), out, param_bytes, dense_param_bytes,
+        weights_file_bytes, transform_seconds.
+    """
+    from jaxopt_llm.io.artifact import WEIGHTS_FILE, save_artifact
+    from jaxopt_llm.recipes import apply_recipe
+
+    start = time.perf_counter()
+    optimized = apply_recipe(loaded, recipe)
+    seconds = time.perf_counter() - start
+    extra = {**(optimized.extra or {}),
+             "source": (loaded.extra or {}).get("source", loaded.source)}
+    path = save_artifact(out_dir, config=optimized.config, params=optimized.params,
+                         tokenizer=optimized.tokenizer, recipe=optimized.recipe, extra=extra)
+    return {
+        "model": loaded.source,
+        "recipe": optimized.recipe["name"],
+        "out": str(path),
+        "param_bytes": param_bytes(optimized.params),
+        "dense_param_bytes": extra["dense_param_bytes"],
+        "weights_file_bytes": (path / WEIGHTS_FILE).stat().st_size,
+        "transform_seconds": seconds,
+    }
+
+
+__all__ = ["evaluate_text", "generate_text", "optimize_model"]
