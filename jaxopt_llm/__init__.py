@@ -31,6 +31,7 @@ from jaxopt_llm.weights import (
     NMSparseWeight,
     QuantizedWeight,
     QuantSpec,
+    WeightLeaf,
     attend,
     embed,
     linear,
@@ -38,7 +39,6 @@ from jaxopt_llm.weights import (
     nbytes,
     param_bytes,
     quantize_weight,
-    register_linear,
 )
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "Rule",
     "Sampling",
     "Stage",
+    "WeightLeaf",
     "attend",
     "available_ops",
     "build_model",
@@ -80,7 +81,6 @@ __all__ = [
     "pydoc_text",
     "quantize_weight",
     "read_recipe_file",
-    "register_linear",
     "register_op",
     "rule",
     "save_artifact",

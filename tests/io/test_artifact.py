@@ -17,12 +17,12 @@ from flax import struct
 from jaxopt_llm.io import artifact
 from jaxopt_llm.io.artifact import FORMAT_VERSION, is_artifact_dir, load_artifact, save_artifact
 from jaxopt_llm.io.loader import load_model
-from jaxopt_llm.io.params import flatten, unflatten
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.io.tokenizer import Tokenizer
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
-from jaxopt_llm.weights import linear, param_bytes, register_linear
+from jaxopt_llm.tree import flatten, unflatten
+from jaxopt_llm.weights import WeightLeaf, linear, param_bytes
 
 RECIPE = {"rules": [{"pattern": ".*q_proj/kernel", "pass": "quantize", "bits": 8}], "seed": 0}
 
@@ -31,7 +31,7 @@ RECIPE = {"rules": [{"pattern": ".*q_proj/kernel", "pass": "quantize", "bits": 8
 
 
 @struct.dataclass
-class ArtifactTestInt8Weight:
+class ArtifactTestInt8Weight(WeightLeaf):
     """int8 codes (K, N) times float16 scales (1, N), plus an optional float32 offset."""
 
     q: jax.Array
@@ -47,7 +47,7 @@ class ArtifactTestInt8Weight:
 
 
 @struct.dataclass
-class ArtifactTestFactored:
+class ArtifactTestFactored(WeightLeaf):
     """u (K, r) -- itself a typed leaf -- times a bfloat16 v (r, N)."""
 
     u: Any
@@ -55,16 +55,8 @@ class ArtifactTestFactored:
     rank: int = struct.field(pytree_node=False)
     notes: tuple[Any, ...] = struct.field(pytree_node=False, default=((1, "a"), 2.5, None, True))
 
-
-def _children_bytes(w: Any) -> int:
-    return sum(param_bytes(c) for c in jax.tree_util.tree_leaves(w))
-
-
-register_linear(ArtifactTestInt8Weight,
-                linear_fn=lambda x, w: jnp.matmul(x, w.materialize().astype(x.dtype)),
-                nbytes_fn=_children_bytes)
-register_linear(ArtifactTestFactored, linear_fn=lambda x, w: linear(linear(x, w.u), w.v),
-                nbytes_fn=_children_bytes)
+    def linear(self, x: jax.Array) -> jax.Array:
+        return linear(linear(x, self.u), self.v)
 
 
 def _int8(w: jax.Array, with_offset: bool) -> ArtifactTestInt8Weight:
