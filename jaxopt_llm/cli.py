@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=48)
     demo.set_defaults(func=cmd_demo, json=False)
 
-    ev = sub.add_parser("eval", help="perplexity (REFERENCES.md protocol)")
+    ev = sub.add_parser("eval", help="perplexity (docs/evaluation.md protocol)")
     add_model(ev)
     add_recipe(ev)
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
