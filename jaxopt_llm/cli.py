@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-DEMO_PROMPT = "The three most important Python data structures are"
 stderr = Console(stderr=True)
 
 
@@ -444,28 +443,57 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxopt_llm.data import pydoc_text
-    from jaxopt_llm.generation import Sampling
+def _recipe_list(text: str) -> tuple[str, ...]:
+    """argparse type for --recipes: comma-separated names (checked by run_demo)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"--recipes must be comma-separated recipe names, got {text!r}")
+    return names
 
-    loaded = _load(args.model)
-    evaluation = _run_eval(loaded, pydoc_text(), args.tokens, 512, False)
-    generation = _run_generate(loaded, args.prompt, args.max_new_tokens, Sampling(), 0, False)
-    table = Table(title=f"jaxopt-llm demo: {args.model}", show_header=False)
-    config = loaded.config
-    table.add_row("model", f"{config.model_type}, {config.num_layers} layers, "
-                  f"d={config.hidden_size}, heads {config.num_heads}/{config.num_kv_heads} kv")
-    table.add_row("parameters", f"{evaluation['param_bytes'] / 2**20:.1f} MiB (float32)")
-    table.add_row("perplexity", f"{evaluation['ppl']:.4f} on the first {evaluation['tokens_used']}"
-                  f" pydoc tokens (window 512, {evaluation['tokens_scored']} scored)")
-    table.add_row("eval speed", f"{evaluation['eval_tok_s']:.0f} tok/s")
-    table.add_row("prompt", generation["prompt"])
-    table.add_row("greedy output", generation["text"])
-    table.add_row("generation speed", f"prefill {generation['prefill_tok_s']:.0f} tok/s, "
-                  f"decode {generation['decode_tok_s']:.1f} tok/s (compiling both programs "
-                  f"took {generation['compile_seconds']:.1f} s, not included)")
-    Console().print(table)
-    return {"eval": evaluation, "generate": generation}
+
+# run_demo's parameters and the demo flags that set them (its errors name the parameter)
+_DEMO_FLAGS = {"num_tokens": "--tokens", "max_new_tokens": "--max-new-tokens",
+               "recipes": "--recipes", "prompt": "--prompt"}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxopt_llm.demo import run_demo
+
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        stderr.print(f"[dim]{time.perf_counter() - started:6.1f} s[/dim]  {line}",
+                     highlight=False)
+
+    try:
+        out = run_demo(args.model, recipes=args.recipes, num_tokens=args.tokens,
+                       prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                       progress=progress)
+    except ValueError as err:
+        message = str(err)
+        for parameter, flag in _DEMO_FLAGS.items():
+            if message.startswith((parameter + " ", parameter + ":")):
+                message = flag + message[len(parameter):]
+                break
+        raise ValueError(message) from None
+    if args.json:
+        return out
+    table = Table(title=f"jaxopt-llm demo: {args.model}",
+                  caption=f"perplexity on the first {out['tokens']} pydoc tokens "
+                          f"(windows of {out['window']})")
+    for header in ("recipe", "ppl", "MiB", "prefill tok/s", "decode tok/s"):
+        table.add_column(header, justify="left" if header == "recipe" else "right")
+    for row in out["rows"]:
+        table.add_row(row["recipe"], f"{row['ppl']:.3f}", f"{row['param_bytes'] / 2**20:.1f}",
+                      f"{row['prefill_tok_s']:.0f}", f"{row['decode_tok_s']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"[bold]prompt[/bold]: {out['prompt']}", highlight=False)
+    for row in out["rows"]:
+        console.print(f"[bold]greedy output, {row['recipe']}[/bold]: {row['text']!r}",
+                      highlight=False)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,12 +524,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
                             "recipe file")
 
-    demo = sub.add_parser("demo", help="evaluate and generate with the embedded SmolLM2")
+    from jaxopt_llm.demo import DEMO_NEW_TOKENS, DEMO_PROMPT, DEMO_RECIPES, DEMO_TOKENS
+
+    demo = sub.add_parser("demo", help="compare recipes on the embedded SmolLM2: perplexity, "
+                                       "size, speed and a greedy sample each")
     add_model(demo, "smollm2-135m")
-    demo.add_argument("--tokens", type=_positive_int("--tokens"), default=4096)
+    demo.add_argument("--recipes", type=_recipe_list, default=DEMO_RECIPES,
+                      help=f"comma-separated recipes to compare (default: "
+                           f"{','.join(DEMO_RECIPES)})")
+    demo.add_argument("--tokens", type=_positive_int("--tokens"), default=DEMO_TOKENS,
+                      help="pydoc tokens to score per recipe (whole windows of 512)")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=48)
-    demo.set_defaults(func=cmd_demo, json=False)
+    demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"),
+                      default=DEMO_NEW_TOKENS)
+    demo.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="perplexity (docs/evaluation.md protocol)")
     add_model(ev)

@@ -128,7 +128,8 @@ def test_generate_json(capsys, cached_model):
 
 @pytest.mark.slow
 def test_demo_runs(capsys, cached_model):
-    code, out, _ = _run(capsys, "demo", "--tokens", "1024", "--max-new-tokens", "4")
+    code, out, _ = _run(capsys, "demo", "--tokens", "1024", "--max-new-tokens", "4",
+                        "--recipes", "fp32")
     assert code == 0
     assert "perplexity" in out and "greedy output" in out
 
