@@ -98,8 +98,7 @@ def test_runs_sharded_on_a_data2_model2_mesh(models):
 def test_artifact_round_trip(models, tmp_path):
     typed, _ = models
     save_artifact(tmp_path / "art", config=CONFIG, params=typed, tokenizer=None, recipe=None)
-    loaded = load_artifact(tmp_path / "art")
-    params = loaded.params if hasattr(loaded, "params") else loaded[1]
+    params = load_artifact(tmp_path / "art").params
     leaf = tree.flatten(params)["layers_1/mlp/down_proj/kernel"]
     assert type(leaf) is HalfColumnWeight
     original = tree.flatten(typed)["layers_1/mlp/down_proj/kernel"]
