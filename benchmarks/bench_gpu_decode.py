@@ -66,9 +66,9 @@ import numpy as np
 
 from jaxopt_llm.generation import generate, init_cache
 from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.config import freeze_mapping
 from jaxopt_llm.models.layers import attention_mask
 from jaxopt_llm.recipes import load_recipe
+from jaxopt_llm.tree import freeze
 from jaxopt_llm.weights import param_bytes
 
 DTYPES = ("bf16", "int8")
@@ -78,7 +78,7 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-LLAMA3_ROPE_SCALING = freeze_mapping({"rope_type": "llama3", "factor": 32.0,
+LLAMA3_ROPE_SCALING = freeze({"rope_type": "llama3", "factor": 32.0,
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 8192})
 

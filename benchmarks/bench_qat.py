@@ -9,7 +9,7 @@ Runs (choose with `--runs`, results merged into `--json`):
 * `prune`: magnitude 50% one-shot (no training), one-shot + fine-tune, and gradual
   (cubic schedule to 50% over 3/4 of the steps) + fine-tune, same steps and data.
 
-Perplexity: REFERENCES.md protocol on the first `--tokens` pydoc tokens (windows of
+Perplexity: docs/evaluation.md protocol on the first `--tokens` pydoc tokens (windows of
 512); training uses the text after the first 65,536 tokens, `--batch`×`--seq` windows.
 
 Run:  python benchmarks/bench_qat.py --runs timing,w4,w3g128,prune --json \

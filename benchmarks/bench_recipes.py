@@ -1,7 +1,7 @@
 """Every built-in recipe on SmolLM2-135M: perplexity lost, bytes saved, speed gained.
 
 For each recipe, in one process:
-* ppl: REFERENCES.md protocol (first 65,536 pydoc tokens, windows of 512, batch 1),
+* ppl: docs/evaluation.md protocol (first 65,536 pydoc tokens, windows of 512, batch 1),
   ΔPPL relative to fp32 measured in the same run; the text's sha256 is printed.
 * bytes: all parameters (`param_bytes`) and the block linears alone (what the
   recipes transform), each as a ratio to fp32.

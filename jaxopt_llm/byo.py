@@ -41,7 +41,8 @@ import numpy as np
 from flax import nnx
 from flax.core import meta
 
-from jaxopt_llm.weights import QuantizedWeight, attend, embed, linear
+from jaxopt_llm import tree
+from jaxopt_llm.weights import attend, embed, is_weight_leaf, linear
 
 __all__ = [
     "DispatchEmbed",
@@ -155,10 +156,9 @@ def _dense_general(module: nn.DenseGeneral, kernel: Any, args: tuple, kwargs: di
         )
     d_out = math.prod(features)
     full = (inputs.shape[-1], *features)
-    if isinstance(kernel, QuantizedWeight) and tuple(kernel.shape) == full:
-        # Quantized in Flax's own (d_in, *features) layout: its codes are stored as the
-        # 2-D view (d_in, prod(features)) already, so view it that way.
-        kernel = kernel.replace(shape=(inputs.shape[-1], d_out))
+    if is_weight_leaf(kernel) and tuple(getattr(kernel, "shape", ())) == full:
+        # Transformed in Flax's own (d_in, *features) layout: run it as (d_in, prod(features)).
+        kernel = kernel.viewed_as((inputs.shape[-1], d_out))
     _check_kernel_shape(kernel, (inputs.shape[-1], d_out), where)
     bias = None
     if module.use_bias:
@@ -226,7 +226,7 @@ def linen_apply(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     Args:
       model: any Linen module built from standard layers; not modified.
       variables: {"params": tree, ...}; kernels (d_in, d_out) and embedding tables
-        (vocab, d) may be typed leaves registered with `jaxopt_llm.weights.register_linear`.
+        (vocab, d) may be typed leaves (`jaxopt_llm.weights.WeightLeaf`).
       *args, method, **kwargs: as for `model.apply` (`rngs`, `mutable`, ... included).
     """
     with dispatch_standard_layers():
@@ -307,20 +307,6 @@ def nnx_params(model: nnx.Module) -> dict[Any, Any]:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def _flatten(tree: Mapping[Any, Any], prefix: tuple = ()) -> dict[tuple, Any]:
-    flat: dict[tuple, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def _path(parts: tuple) -> str:
-    return "/".join(map(str, parts))
-
-
 def _standard(node: Any, klass: type) -> bool:
     """An instance of `klass` (subclasses too) still running `klass`'s own `__call__`."""
     return isinstance(node, klass) and type(node).__call__ is klass.__call__
@@ -332,7 +318,7 @@ def _replacement(node: Any, path: tuple, want: dict[tuple, Any]) -> tuple[Any, s
         kernel = want.get(path + ("kernel",))
         if kernel is not None and not _is_plain(kernel):
             _check_kernel_shape(kernel, (node.in_features, node.out_features),
-                                f"nnx.Linear at {_path(path)!r}")
+                                f"nnx.Linear at {tree.path_of(path)!r}")
             return DispatchLinear.from_linear(node, kernel), "kernel"
     elif _standard(node, nnx.Embed):
         table = want.get(path + ("embedding",))
@@ -362,14 +348,15 @@ def nnx_with_params(model: nnx.Module, params: Mapping[Any, Any]) -> nnx.Module:
         but the kernel of an `nnx.Linear` or the embedding of an `nnx.Embed`.
     """
     new = nnx.clone(model)
-    have = set(_flatten(nnx_params(new)))
+    have = set(tree.flatten_keys(nnx_params(new)))
     # Recipes see "/"-joined string paths, so list indices may come back as "0": re-key
     # every path by its string form onto the model's own (int or str) keys.
-    by_name = {_path(p): p for p in have}
-    want = {by_name.get(_path(p), p): leaf for p, leaf in _flatten(params).items()}
+    by_name = {tree.path_of(p): p for p in have}
+    want = {by_name.get(tree.path_of(p), p): leaf
+            for p, leaf in tree.flatten_keys(params).items()}
     if set(want) != have:
-        missing = sorted(map(_path, have - set(want)))
-        unexpected = sorted(map(_path, set(want) - have))
+        missing = sorted(map(tree.path_of, have - set(want)))
+        unexpected = sorted(map(tree.path_of, set(want) - have))
         raise ValueError(f"params do not match the model: missing {missing}, unexpected "
                          f"{unexpected}; start from nnx_params(model)")
 
@@ -390,8 +377,8 @@ def nnx_with_params(model: nnx.Module, params: Mapping[Any, Any]) -> nnx.Module:
     typed = {path for path, leaf in want.items() if not _is_plain(leaf)}
     if typed - handled:
         raise ValueError(
-            f"typed leaves at {sorted(map(_path, typed - handled))} are not the kernel of an "
-            "nnx.Linear or the embedding of an nnx.Embed, so no layer can run them; keep "
+            f"typed leaves at {sorted(map(tree.path_of, typed - handled))} are not the kernel "
+            "of an nnx.Linear or the embedding of an nnx.Embed, so no layer can run them; keep "
             "those weights plain arrays"
         )
 
@@ -400,7 +387,7 @@ def nnx_with_params(model: nnx.Module, params: Mapping[Any, Any]) -> nnx.Module:
     edges = [(parent, key, child, path + (key,)) for path, parent in nodes
              for key, child in nnx.graph.iter_children(parent) if id(child) in swaps]
     for parent, key, child, path in edges:
-        _set_child(parent, key, swaps[id(child)], _path(path))
+        _set_child(parent, key, swaps[id(child)], tree.path_of(path))
 
     for path, variable in nnx.iter_graph(root):
         if isinstance(variable, nnx.Param) and path in want:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,7 +20,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-DEMO_PROMPT = "The three most important Python data structures are"
 stderr = Console(stderr=True)
 
 
@@ -164,32 +164,17 @@ def _model(args: argparse.Namespace):
     return loaded, mesh
 
 
-def _run_eval(loaded, text: str, num_tokens: int, window: int, quiet: bool,
-              mesh=None, batch_size: int = 1) -> dict[str, Any]:
-    from jaxopt_llm.runs import evaluate_text
-
-    with _bar("perplexity", "windows", quiet) as update, _flags(num_tokens="--tokens",
-                                                                 window="--window"):
-        return evaluate_text(loaded, text, num_tokens=num_tokens, window=window,
-                             batch_size=batch_size, mesh=mesh,
-                             progress=lambda done, total: update(completed=done, total=total))
-
-
-def _run_generate(loaded, prompt: str, max_new_tokens: int, sampling, seed: int,
-                  quiet: bool, mesh=None) -> dict[str, Any]:
-    from jaxopt_llm.runs import generate_text
-
-    with _spinner("compiling and generating", quiet):
-        return generate_text(loaded, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                             seed=seed, mesh=mesh)
-
-
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.data import pydoc_text
+    from jaxopt_llm.runs import evaluate_text
 
     text = pydoc_text() if args.text is None else _read_text(args.text)
     loaded, mesh = _model(args)
-    out = _run_eval(loaded, text, args.tokens, args.window, args.json, mesh, args.batch_size)
+    with _bar("perplexity", "windows", args.json) as update, _flags(num_tokens="--tokens",
+                                                                     window="--window"):
+        out = evaluate_text(loaded, text, num_tokens=args.tokens, window=args.window,
+                            batch_size=args.batch_size, mesh=mesh,
+                            progress=lambda done, total: update(completed=done, total=total))
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
                      f"scored tokens ({out['windows']} windows of {out['window']}), "
@@ -201,13 +186,15 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.generation import Sampling
+    from jaxopt_llm.runs import generate_text
 
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     loaded, mesh = _model(args)
-    out = _run_generate(loaded, args.prompt, args.max_new_tokens, sampling, args.seed,
-                        args.json, mesh)
+    with _spinner("compiling and generating", args.json):
+        out = generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
+                            sampling=sampling, seed=args.seed, mesh=mesh)
     if not args.json:
         print(args.prompt + out["text"])
         stderr.print(f"prefill {out['prefill_tok_s']:.1f} tok/s, "
@@ -292,28 +279,58 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxopt_llm.data import pydoc_text
-    from jaxopt_llm.generation import Sampling
+def _recipe_list(text: str) -> tuple[str, ...]:
+    """argparse type for --recipes: comma-separated names (checked by run_demo)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"--recipes must be comma-separated recipe names, got {text!r}")
+    return names
 
-    loaded = _load(args.model)
-    evaluation = _run_eval(loaded, pydoc_text(), args.tokens, 512, False)
-    generation = _run_generate(loaded, args.prompt, args.max_new_tokens, Sampling(), 0, False)
-    table = Table(title=f"jaxopt-llm demo: {args.model}", show_header=False)
-    config = loaded.config
-    table.add_row("model", f"{config.model_type}, {config.num_layers} layers, "
-                  f"d={config.hidden_size}, heads {config.num_heads}/{config.num_kv_heads} kv")
-    table.add_row("parameters", f"{evaluation['param_bytes'] / 2**20:.1f} MiB (float32)")
-    table.add_row("perplexity", f"{evaluation['ppl']:.4f} on the first {evaluation['tokens_used']}"
-                  f" pydoc tokens (window 512, {evaluation['tokens_scored']} scored)")
-    table.add_row("eval speed", f"{evaluation['eval_tok_s']:.0f} tok/s")
-    table.add_row("prompt", generation["prompt"])
-    table.add_row("greedy output", generation["text"])
-    table.add_row("generation speed", f"prefill {generation['prefill_tok_s']:.0f} tok/s, "
-                  f"decode {generation['decode_tok_s']:.1f} tok/s (compiling both programs "
-                  f"took {generation['compile_seconds']:.1f} s, not included)")
-    Console().print(table)
-    return {"eval": evaluation, "generate": generation}
+
+# run_demo's parameters and the demo flags that set them (its errors name the parameter)
+_DEMO_FLAGS = {"num_tokens": "--tokens", "max_new_tokens": "--max-new-tokens",
+               "recipes": "--recipes", "prompt": "--prompt"}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxopt_llm.demo import run_demo
+
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        stderr.print(f"[dim]{time.perf_counter() - started:6.1f} s[/dim]  {line}",
+                     highlight=False)
+
+    try:
+        with _flags(spec="--model"):
+            out = run_demo(args.model, recipes=args.recipes, num_tokens=args.tokens,
+                           prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                           progress=progress)
+    except ValueError as err:
+        message = str(err)
+        for parameter, flag in _DEMO_FLAGS.items():
+            if message.startswith((parameter + " ", parameter + ":")):
+                message = flag + message[len(parameter):]
+                break
+        raise ValueError(message) from None
+    if args.json:
+        return out
+    table = Table(title=f"jaxopt-llm demo: {args.model}",
+                  caption=f"perplexity on the first {out['tokens']} pydoc tokens "
+                          f"(windows of {out['window']})")
+    for header in ("recipe", "ppl", "MiB", "prefill tok/s", "decode tok/s"):
+        table.add_column(header, justify="left" if header == "recipe" else "right")
+    for row in out["rows"]:
+        table.add_row(row["recipe"], f"{row['ppl']:.3f}", f"{row['param_bytes'] / 2**20:.1f}",
+                      f"{row['prefill_tok_s']:.0f}", f"{row['decode_tok_s']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"[bold]prompt[/bold]: {out['prompt']}", highlight=False)
+    for row in out["rows"]:
+        console.print(f"[bold]greedy output, {row['recipe']}[/bold]: {row['text']!r}",
+                      highlight=False)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,12 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
                             "recipe file")
 
-    demo = sub.add_parser("demo", help="evaluate and generate with the embedded SmolLM2")
+    from jaxopt_llm.demo import DEMO_NEW_TOKENS, DEMO_PROMPT, DEMO_RECIPES, DEMO_TOKENS
+
+    demo = sub.add_parser("demo", help="compare recipes on the embedded SmolLM2: perplexity, "
+                                       "size, speed and a greedy sample each")
     add_model(demo, "smollm2-135m")
-    demo.add_argument("--tokens", type=_positive_int("--tokens"), default=4096)
+    demo.add_argument("--recipes", type=_recipe_list, default=DEMO_RECIPES,
+                      help=f"comma-separated recipes to compare (default: "
+                           f"{','.join(DEMO_RECIPES)})")
+    demo.add_argument("--tokens", type=_positive_int("--tokens"), default=DEMO_TOKENS,
+                      help="pydoc tokens to score per recipe (whole windows of 512)")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=48)
-    demo.set_defaults(func=cmd_demo, json=False)
+    demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"),
+                      default=DEMO_NEW_TOKENS)
+    demo.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    demo.set_defaults(func=cmd_demo)
 
     def command(name: str, func: Callable, help_text: str, recipe_required: bool = False):
         """A subcommand of a model (--model, --recipe) that can print JSON (--json, last)."""
@@ -359,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    ev = command("eval", cmd_eval, "perplexity (REFERENCES.md protocol)")
+    ev = command("eval", cmd_eval, "perplexity (docs/evaluation.md protocol)")
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
     ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
     ev.add_argument("--window", type=_positive_int("--window"), default=512)

@@ -1,4 +1,4 @@
-"""The embedded evaluation text (REFERENCES.md protocol) and text-file loading."""
+"""The embedded evaluation text (docs/evaluation.md protocol) and text-file loading."""
 
 from __future__ import annotations
 

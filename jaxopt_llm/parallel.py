@@ -8,17 +8,10 @@ all-reduce after each), the embedding table is vocab-parallel, norms are replica
 Data parallelism puts the batch on `data`; parameters are replicated across it.
 
 A layout names the axes of the *dense* weight (kernel (K, N), table (V, D)); each typed
-leaf maps it onto its own arrays (`leaf_specs`):
-* QuantizedWeight: codes (K', N) — packed along K, so a K-shard holds whole bytes —
-  and scales / zero points (G, N) share the codes' spec (a dim of size 1, e.g. one
-  group per column, or any dim the axis does not divide, is replicated).
-* MaskedWeight / NMSparseWeight: values and packed masks / indices like the codes.
-* FakeQuantWeight: w like a kernel, learned scales (G, 1, N) like its groups.
-* LowRankWeight(u (K, r), v (r, N)): column-parallel shards v's N and replicates u
-  (x·u is computed redundantly, then ·v is local: no collective); row-parallel shards
-  u's K and replicates v (x·u gives partial sums: one all-reduce of the (…, r)
-  activation, smaller than the (…, N) one of a dense row-parallel layer).
-* LoRAWeight: the base as its own leaf, a like u and b like v.
+leaf maps it onto its own arrays (`WeightLeaf.partition_specs`, defined next to each
+representation's math: packed codes and group scales like the kernel, low-rank factors
+so that column-parallel needs no collective, …), so a new representation needs no change
+here.
 
 Rules are (regex, layout) pairs matched with re.fullmatch on "/"-joined parameter paths,
 the first match winning; user rules go first. Nothing here changes a computation: XLA's
@@ -39,12 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.rules import flat_params, nested_params
-from jaxopt_llm.weights import (
-    FakeQuantWeight,
-    LoRAWeight,
-    LowRankWeight,
-    is_weight_leaf,
-)
+from jaxopt_llm.weights import is_weight_leaf
+from jaxopt_llm.weights.base import axis_spec, specs_of
 
 MESH_AXES = ("data", "model")
 LAYOUTS = ("column", "row", "vocab", "replicated")
@@ -168,50 +157,14 @@ def _dense_axes(layout: str) -> tuple[str | None, str | None]:
             "vocab": ("model", None), "replicated": (None, None)}[layout]
 
 
-def _spec(shape: tuple[int, ...], dims: dict[int, str | None], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for an array: dims maps array dim → mesh axis; a dim the axis does not
-    divide (or of size 1) is replicated."""
-    parts = [None] * len(shape)
-    for dim, axis in dims.items():
-        if axis is not None and shape[dim] > 1 and shape[dim] % mesh.shape[axis] == 0:
-            parts[dim] = axis
-    while parts and parts[-1] is None:
-        parts.pop()
-    return PartitionSpec(*parts)
-
-
 def leaf_specs(leaf: Any, layout: str, mesh: Mesh) -> Any:
-    """The PartitionSpec of every array of `leaf` (same tree structure as the leaf)."""
+    """The PartitionSpec of every array of `leaf` (same tree structure as the leaf): a typed
+    weight lays out its own arrays; a plain 1-D array (a bias) follows the output dim
+    (norm scales are replicated)."""
     rows, cols = _dense_axes(layout)
-    if isinstance(leaf, LowRankWeight):
-        return LowRankWeight(u=_child(leaf.u, {0: rows}, mesh),
-                             v=_child(leaf.v, {1: cols}, mesh))
-    if isinstance(leaf, LoRAWeight):
-        return leaf.replace(base=leaf_specs(leaf.base, layout, mesh),
-                            a=_spec(leaf.a.shape, {0: rows}, mesh),
-                            b=_spec(leaf.b.shape, {1: cols}, mesh))
-    if isinstance(leaf, FakeQuantWeight):
-        grouped = {0: rows, 2: cols} if leaf.axis == 0 else {0: cols, 2: rows}
-        return leaf.replace(
-            w=_spec(leaf.w.shape, {0: rows, 1: cols}, mesh),
-            scale=None if leaf.scale is None else _spec(leaf.scale.shape, grouped, mesh),
-            zero=None if leaf.zero is None else _spec(leaf.zero.shape, grouped, mesh))
-    if is_weight_leaf(leaf):  # quantized / masked / N:M: every array is (rows', cols')
-        return jax.tree_util.tree_map(
-            lambda a: _spec(a.shape, {0: rows, 1: cols} if a.ndim >= 2 else {0: cols}, mesh),
-            leaf)
-    if leaf.ndim == 1:  # a bias follows the output dim; norm scales are replicated
-        return _spec(leaf.shape, {0: cols if layout == "column" else None}, mesh)
-    return _spec(leaf.shape, {0: rows, 1: cols}, mesh)
-
-
-def _child(child: Any, dims: dict[int, str | None], mesh: Mesh) -> Any:
-    """Specs of a low-rank factor, which may itself be a typed leaf (e.g. quantized)."""
-    if is_weight_leaf(child):
-        return jax.tree_util.tree_map(
-            lambda a: _spec(a.shape, {d: ax for d, ax in dims.items() if d < a.ndim}, mesh),
-            child)
-    return _spec(child.shape, dims, mesh)
+    if not is_weight_leaf(leaf) and leaf.ndim == 1:
+        return axis_spec(leaf.shape, {0: cols if layout == "column" else None}, mesh)
+    return specs_of(leaf, rows, cols, mesh)
 
 
 def param_specs(config: ModelConfig, params: Any, mesh: Mesh,

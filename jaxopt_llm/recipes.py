@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxopt_llm.io.loader import LoadedModel
+from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.pipeline import Recipe, Stage, read_recipe_file
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
 

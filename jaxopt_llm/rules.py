@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
-from jaxopt_llm.weights import is_weight_leaf
+from jaxopt_llm import tree
+from jaxopt_llm.tree import freeze, thaw  # noqa: F401  (re-exported for recipes)
 
 KEEP = "keep"  # the op that leaves a parameter as it is (an exclusion rule)
 
@@ -23,25 +24,6 @@ KEEP = "keep"  # the op that leaves a parameter as it is (an exclusion rule)
 BLOCK_LINEARS = r"(?!lm_head/)(.*/)?kernel"
 EMBEDDINGS = r"(.*/)?embedding"
 HEAD = r"lm_head/kernel"
-
-
-def freeze(value: Any) -> Any:
-    """Hashable form of option values: dicts → sorted item tuples, lists → tuples."""
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(freeze(v) for v in value)
-    return value
-
-
-def thaw(value: Any) -> Any:
-    """Inverse of `freeze` for recipe files: item tuples → dicts, tuples → lists."""
-    if isinstance(value, tuple):
-        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
-                         for v in value):
-            return {k: thaw(v) for k, v in value}
-        return [thaw(v) for v in value]
-    return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,26 +61,9 @@ def rule(match: str, op: str, **options: Any) -> Rule:
     return Rule(match=match, op=op, options=tuple(options.items()))
 
 
-def flat_params(params: Any) -> dict[str, Any]:
-    """Nested dict → {"a/b/kernel": leaf}, typed weight leaves kept whole, in tree order."""
-    out: dict[str, Any] = {}
-
-    def visit(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping) and not is_weight_leaf(node):
-            for key, child in node.items():
-                visit(child, f"{prefix}/{key}" if prefix else str(key))
-        else:
-            out[prefix] = node
-
-    visit(params, "")
-    return out
-
-
-def nested_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `flat_params`."""
-    from jaxopt_llm.io.params import unflatten
-
-    return unflatten(dict(flat))
+# Older names of the tree helpers (the one implementation lives in jaxopt_llm.tree).
+flat_params = tree.flatten
+nested_params = tree.unflatten
 
 
 def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") -> list[list[str]]:
@@ -133,7 +98,7 @@ def _preview(paths: list[str], limit: int = 4) -> str:
 
 def iter_selected(params: Any, rules: tuple[Rule, ...]) -> Iterator[tuple[Rule, str, Any]]:
     """(rule, path, leaf) for every parameter a rule takes, in rule order."""
-    flat = flat_params(params)
+    flat = tree.flatten(params)
     for candidate, paths in zip(rules, assign(rules, list(flat)), strict=True):
         for path in paths:
             yield candidate, path, flat[path]

@@ -17,7 +17,7 @@ from typing import Any
 
 from jaxopt_llm.evaluate import DEFAULT_TOKENS, DEFAULT_WINDOW, check_eval_args, perplexity
 from jaxopt_llm.generation import Sampling, generate
-from jaxopt_llm.io.loader import LoadedModel
+from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.pipeline import Recipe
 from jaxopt_llm.weights import param_bytes
 

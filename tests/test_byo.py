@@ -17,13 +17,13 @@ from jaxopt_llm.byo import (
     nnx_transform,
     nnx_with_params,
 )
-from jaxopt_llm.weights import LowRankWeight, register_linear
+from jaxopt_llm.weights import LowRankWeight, WeightLeaf
 
 VOCAB, D = 11, 8
 
 
 @struct.dataclass
-class ScaledWeight:
+class ScaledWeight(WeightLeaf):
     """Test-only representation: the weight is w * factor (factor static)."""
 
     w: jax.Array
@@ -36,9 +36,12 @@ class ScaledWeight:
     def materialize(self) -> jax.Array:
         return self.w * self.factor
 
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.w, ids, axis=0) * self.factor
+
 
 @struct.dataclass
-class FactoredTable:
+class FactoredTable(WeightLeaf):
     """Test-only embedding table u (V, k) @ v (k, d): its children's shapes differ from (V, d)."""
 
     u: jax.Array
@@ -47,19 +50,14 @@ class FactoredTable:
     def materialize(self) -> jax.Array:
         return self.u @ self.v
 
+    def linear(self, x: jax.Array) -> jax.Array:
+        return (x @ self.u) @ self.v
 
-register_linear(
-    ScaledWeight,
-    linear_fn=lambda x, s: x @ s.materialize().astype(x.dtype),
-    embed_fn=lambda s, ids: jnp.take(s.w, ids, axis=0) * s.factor,
-    attend_fn=lambda x, s: jnp.einsum("...d,vd->...v", x, s.materialize().astype(x.dtype)),
-)
-register_linear(
-    FactoredTable,
-    linear_fn=lambda x, t: (x @ t.u) @ t.v,
-    embed_fn=lambda t, ids: jnp.take(t.u, ids, axis=0) @ t.v,
-    attend_fn=lambda x, t: (x @ t.v.T) @ t.u.T,
-)
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.u, ids, axis=0) @ self.v
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return (x @ self.v.T) @ self.u.T
 
 
 def _materialize(tree):

@@ -60,6 +60,11 @@ def test_unknown_model_lists_registry(capsys):
     assert "Traceback" not in err
 
 
+def test_demo_unknown_model_names_the_flag(capsys):
+    code, _, err = _run(capsys, "demo", "--model", "no-such-model")
+    assert code == 2 and "demo: error: --model 'no-such-model': no such file" in err
+
+
 def test_missing_smollm2_package_names_pip_command(capsys, monkeypatch):
     monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
     code, _, err = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "hi")
@@ -128,7 +133,8 @@ def test_generate_json(capsys, cached_model):
 
 @pytest.mark.slow
 def test_demo_runs(capsys, cached_model):
-    code, out, _ = _run(capsys, "demo", "--tokens", "1024", "--max-new-tokens", "4")
+    code, out, _ = _run(capsys, "demo", "--tokens", "1024", "--max-new-tokens", "4",
+                        "--recipes", "fp32")
     assert code == 0
     assert "perplexity" in out and "greedy output" in out
 

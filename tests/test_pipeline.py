@@ -16,12 +16,12 @@ import pytest
 
 import jaxopt_llm.transforms.prune as prune_module
 import jaxopt_llm.transforms.quantize as quantize_module
-from jaxopt_llm import pipeline
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
 from jaxopt_llm.pipeline import Recipe, Stage, available_ops, chain, named_chain
 from jaxopt_llm.plan import plan
 from jaxopt_llm.rules import BLOCK_LINEARS, Rule, assign, flat_params, nested_params, rule
+from jaxopt_llm.transforms import base as transforms_base
 from jaxopt_llm.weights import (
     LowRankWeight,
     MaskedWeight,
@@ -102,7 +102,7 @@ def op_calls(monkeypatch):
             calls.append((_name, tuple(paths)))
             return _apply(flat, paths, config, options)
 
-        monkeypatch.setitem(pipeline._OPS, name, dataclasses.replace(op, apply=apply))
+        monkeypatch.setitem(transforms_base._OPS, name, dataclasses.replace(op, apply=apply))
     return calls
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm.io.params import unflatten
+from jaxopt_llm import tree
+from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.models import ModelConfig
-from jaxopt_llm.weights import is_weight_leaf, registered_leaf_types
+from jaxopt_llm.weights import is_weight_leaf, leaf_classes
 
 FORMAT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
@@ -87,7 +87,7 @@ def _describe(node: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, 
         return None
     if is_weight_leaf(node):
         name = type(node).__name__
-        if registered_leaf_types().get(name) is not type(node):
+        if leaf_classes().get(name) is not type(node):
             raise ValueError(
                 f"{path}: weight class {type(node).__qualname__} shares the name {name!r} with "
                 "another registered class; artifacts identify classes by name, so rename one"
@@ -111,25 +111,8 @@ def _describe(node: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, 
         return {"tensor": path}
     raise ValueError(
         f"{path}: cannot save a {type(node).__name__}; parameters must be arrays or "
-        "registered weight leaves (jaxopt_llm.weights.register_linear)"
+        "weight leaves (subclasses of jaxopt_llm.weights.WeightLeaf)"
     )
-
-
-def _walk_params(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {"a/b/c": leaf}; typed weight leaves are not descended into."""
-    if not isinstance(tree, Mapping):
-        raise ValueError(f"params must be a nested dict, got {type(tree).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if not isinstance(key, str) or "/" in key or not key:
-            raise ValueError(f"parameter key {key!r} under {prefix or 'the root'!r} must be a "
-                             "non-empty string without '/'")
-        path = f"{prefix}/{key}" if prefix else key
-        if isinstance(value, Mapping):
-            out.update(_walk_params(value, path))
-        else:
-            out[path] = value
-    return out
 
 
 def _encode(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -216,7 +199,7 @@ def save_artifact(
     replace = _check_target(out_dir)
     arrays: dict[str, np.ndarray] = {}
     leaves: dict[str, Any] = {}
-    for path, leaf in _walk_params(params).items():
+    for path, leaf in tree.flatten(params, strict=True).items():
         description = _describe(leaf, path, arrays)
         if description is None:
             raise ValueError(f"{path}: a parameter is None; drop it from the tree instead")
@@ -267,10 +250,6 @@ def save_artifact(
 # --------------------------------------------------------------------------- load
 
 
-def _thaw_static(value: Any) -> Any:
-    return tuple(_thaw_static(v) for v in value) if isinstance(value, list) else value
-
-
 def _rebuild(desc: Any, where: str, arrays: dict[str, jax.Array], used: set[str],
              source: Path) -> Any:
     if desc is None:
@@ -284,7 +263,7 @@ def _rebuild(desc: Any, where: str, arrays: dict[str, jax.Array], used: set[str]
                              "described under 'tensors'")
         used.add(name)
         return arrays[name]
-    known = registered_leaf_types()
+    known = leaf_classes()
     name = desc.get("class")
     if name not in known:
         raise ValueError(
@@ -309,7 +288,7 @@ def _rebuild(desc: Any, where: str, arrays: dict[str, jax.Array], used: set[str]
     missing = [f for f in required if f not in stored]
     if missing:
         raise ValueError(f"{source}: leaf {where!r} ({name}) lacks fields {missing}")
-    kwargs = {k: _thaw_static(v) for k, v in static.items()}
+    kwargs = {k: tree.freeze(v) for k, v in static.items()}  # JSON lists → tuples
     for field_name, child in children.items():
         kwargs[field_name] = _rebuild(child, f"{where}/{field_name}", arrays, used, source)
     return klass(**kwargs)
@@ -353,14 +332,23 @@ def _read_tensors(directory: Path, described: dict[str, Any], source: Path) -> d
     return arrays
 
 
-def load_artifact(
-    directory: str | Path,
-) -> tuple[ModelConfig, dict[str, Any], Any, dict[str, Any] | None, dict[str, Any]]:
-    """Read an artifact: (config, params, tokenizer, recipe, meta).
+def load_artifact(directory: str | Path) -> LoadedModel:
+    """Read an artifact written by `save_artifact`.
 
-    Typed leaves are rebuilt through `registered_leaf_types()`; arrays come back as
-    jax arrays in their stored dtype. `tokenizer` is None if none was saved. `meta`
-    holds format_version, jaxopt_llm_version, extra and path.
+    Typed leaves are rebuilt by class name (`leaf_classes()`); arrays come back as jax
+    arrays in their stored dtype.
+
+    Args:
+      directory: the artifact directory (holding artifact.json and model.safetensors).
+
+    Returns:
+      A `LoadedModel` (the same type `load_model` returns) with the recipe, provenance
+      (`extra`), format version and writer version; `tokenizer` is None if none was saved.
+
+    Example:
+      >>> loaded = load_artifact("smollm2-w8")  # doctest: +SKIP
+      >>> loaded.config.num_layers, loaded.recipe["name"]  # doctest: +SKIP
+      (30, 'w8')
     """
     from jaxopt_llm.io.tokenizer import TOKENIZER_FILE, load_tokenizer_dir
 
@@ -400,6 +388,7 @@ def load_artifact(
         if name not in used:
             flat[name] = array
     tokenizer = load_tokenizer_dir(directory) if (directory / TOKENIZER_FILE).is_file() else None
-    info = {"format_version": version, "jaxopt_llm_version": meta.get("jaxopt_llm_version"),
-            "extra": meta.get("extra"), "path": str(directory)}
-    return config, unflatten(flat), tokenizer, meta.get("recipe"), info
+    return LoadedModel(config=config, params=tree.unflatten(flat), tokenizer=tokenizer,
+                       source=str(directory), recipe=meta.get("recipe"), extra=meta.get("extra"),
+                       format_version=version,
+                       jaxopt_llm_version=meta.get("jaxopt_llm_version"))

@@ -11,7 +11,8 @@ import numpy as np
 
 from jaxopt_llm.io.params import assemble_params
 from jaxopt_llm.io.safetensors_file import read_safetensors
-from jaxopt_llm.models.config import HF_MODEL_TYPES, ModelConfig, freeze_mapping
+from jaxopt_llm.models.config import HF_MODEL_TYPES, ModelConfig
+from jaxopt_llm.tree import freeze
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -74,7 +75,7 @@ def _llama_config(hf: dict[str, Any], model_type: str, source: str) -> ModelConf
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
-        rope_scaling=None if kind == "default" else freeze_mapping(rope),
+        rope_scaling=None if kind == "default" else freeze(rope),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,

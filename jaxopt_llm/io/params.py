@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm import tree
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
 
@@ -22,30 +23,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     tokens = jnp.zeros((1, 1), jnp.int32)
     mask = attention_mask(jnp.ones((1, 1), bool), 0, 1)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, mask))
-    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
-    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else key
-        if isinstance(value, dict):
-            out.update(flatten(value, path))
-        else:
-            out[path] = value
-    return out
+    return {path: tuple(leaf.shape) for path, leaf in tree.flatten(shapes["params"]).items()}
 
 
 def assemble_params(
@@ -83,4 +61,5 @@ def assemble_params(
                 f"{source}: tensor {origin.get(path, path)!r} has shape {actual} but the "
                 f"config expects {shape}"
             )
-    return unflatten({p: jnp.asarray(np.asarray(a, dtype=np.float32)) for p, a in flat.items()})
+    return tree.unflatten({p: jnp.asarray(np.asarray(a, dtype=np.float32))
+                           for p, a in flat.items()})

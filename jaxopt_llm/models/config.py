@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxopt_llm.tree import freeze
+
 SUPPORTED_FAMILIES = ("llama", "gpt2")
 # HF `model_type` values and the family that implements them.
 HF_MODEL_TYPES = {
@@ -72,7 +74,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
         if data.get("rope_scaling") is not None:
-            data["rope_scaling"] = freeze_mapping(data["rope_scaling"])
+            data["rope_scaling"] = freeze(data["rope_scaling"])
         data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -81,10 +83,3 @@ class ModelConfig:
                 f"unknown model config keys {sorted(unknown)}; expected {sorted(known)}"
             )
         return cls(**data)
-
-
-def freeze_mapping(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """Dict → sorted tuple of items (lists become tuples) so the config stays hashable."""
-    return tuple(
-        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in mapping.items())
-    )

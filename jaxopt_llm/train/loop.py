@@ -3,7 +3,7 @@
 - Data: `batch` windows of `seq` tokens per step, their starts drawn from a generator
   seeded by (seed, step), so step t sees the same batch in a resumed run as in an
   uninterrupted one. The default text is the embedded pydoc text without the first
-  65,536 tokens (the evaluation tokens of REFERENCES.md).
+  65,536 tokens (the evaluation tokens of docs/evaluation.md).
 - Recipes train through their QAT form (`train.qat.qat_recipe`); a gradual pruning
   schedule (`train.schedule`) recomputes masks before the steps it names.
 - Checkpoints: the train state's arrays in one safetensors file plus a JSON of what

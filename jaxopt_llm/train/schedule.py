@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxopt_llm import tree
 from jaxopt_llm.pipeline import Recipe, Stage
-from jaxopt_llm.rules import Rule, flat_params, nested_params
-from jaxopt_llm.transforms.prune import magnitude_prune
+from jaxopt_llm.rules import Rule
+from jaxopt_llm.transforms.prune import MagnitudeOptions, magnitude_prune
 
 
 def polynomial_sparsity(step: int, final: float, start: int, end: int) -> float:
@@ -33,10 +34,10 @@ def polynomial_sparsity(step: int, final: float, start: int, end: int) -> float:
 def reprune(params: Any, paths: list[str], sparsity: float, scope: str = "layer") -> Any:
     """Recompute magnitude masks of `paths` at `sparsity` (already-pruned zeros stay pruned:
     they are the smallest magnitudes)."""
-    flat = flat_params(params)
+    flat = tree.flatten(params)
     _, flat = magnitude_prune(flat, paths, None,
-                              {"sparsity": sparsity, "scope": scope, "format": "masked"})
-    return nested_params(flat)
+                              MagnitudeOptions(sparsity=sparsity, scope=scope, format="masked"))
+    return tree.unflatten(flat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ def gradual_recipe(recipe: Recipe, steps: int) -> tuple[Recipe, list[dict[str, A
 def prune_schedules(recipe: Recipe, targets: list[dict[str, Any]], params: Any
                     ) -> list[PruneSchedule]:
     """The schedules of `gradual_recipe`'s targets on the parameters their rules select."""
-    flat = flat_params(params)
+    flat = tree.flatten(params)
     schedules = []
     for target in targets:
         stage = next(s for s in recipe.stages if s.name == target["stage"])

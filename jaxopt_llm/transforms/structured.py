@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm import tree
 from jaxopt_llm.models.config import ModelConfig
-from jaxopt_llm.pipeline import Op, register_op
+from jaxopt_llm.transforms.base import Op, OpOptions
 
 SCORES = ("l2", "l1")
 KINDS = ("heads", "neurons")
@@ -265,7 +266,23 @@ __all__ = ["prune_attention_heads", "prune_mlp_neurons", "structured_config"]
 # ---------------------------------------------------------------------------- pipeline ops
 
 
-def _structured_op(kind: str):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StructuredOptions(OpOptions):
+    """Structured pruning: the share of units removed and how units are scored."""
+
+    fraction: float = 0.25
+    score: str = "l2"  # l2 | l1 norm of a unit's weights
+
+    def validate(self) -> None:
+        fraction = self.fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+                0.0 < fraction < 1.0):
+            raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+
+
+def _structured_op(kind: str) -> Op:
     prune = prune_attention_heads if kind == "heads" else prune_mlp_neurons
 
     def changed(flat, paths, config, options):
@@ -275,7 +292,7 @@ def _structured_op(kind: str):
         if not isinstance(config, ModelConfig):
             raise ValueError(f"pruning {kind} needs a Llama-family or GPT-2 model config "
                              f"(not available for a user's own model)")
-        new = structured_config(config, kind, options["fraction"], score=options["score"])
+        new = structured_config(config, kind, options.fraction, score=options.score)
         old_shapes, new_shapes = expected_shapes(config), expected_shapes(new)
         moving = {p: s for p, s in new_shapes.items() if old_shapes.get(p) != s and p in flat}
         missing = sorted(set(moving) - set(paths))
@@ -287,31 +304,21 @@ def _structured_op(kind: str):
 
     def apply(flat, paths, config, options):
         changed(flat, paths, config, options)
-        from jaxopt_llm.rules import flat_params, nested_params
-
-        config, params = prune(config, nested_params(flat), fraction=options["fraction"],
-                               score=options["score"])
-        return config, flat_params(params)
+        config, params = prune(config, tree.unflatten(flat), fraction=options.fraction,
+                               score=options.score)
+        return config, tree.flatten(params)
 
     def plan(flat, paths, config, options):
         new, moving = changed(flat, paths, config, options)
+        flat = dict(flat)
         for path, shape in moving.items():
             flat[path] = jax.ShapeDtypeStruct(shape, flat[path].dtype)
         return new, flat
 
-    def check(options):
-        fraction = options["fraction"]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-                0.0 < fraction < 1.0):
-            raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
-        if options["score"] not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {options['score']!r}")
-
-    return Op(name=f"prune_{kind}", apply=apply, plan=plan, traceable=False, check=check,
-              defaults={"fraction": 0.25, "score": "l2"},
+    return Op(name=f"prune_{kind}", options=StructuredOptions, apply=apply, plan=plan,
+              traceable=False,
               doc=f"structured pruning of {'attention heads' if kind == 'heads' else 'MLP neurons'}"
                   " (physically smaller matrices, config updated)")
 
 
-register_op(_structured_op("heads"))
-register_op(_structured_op("neurons"))
+OPS = (_structured_op("heads"), _structured_op("neurons"))

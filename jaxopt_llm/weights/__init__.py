@@ -1,10 +1,12 @@
 """Weight representations and the dispatch every model calls (`linear`, `embed`, `attend`).
 
-A plain weight is an array; a transformed one is a typed pytree leaf (below) whose
-arrays are children and whose recipe (bits, group size, pattern, …) is static.
+A plain weight is an array; a transformed one is a `WeightLeaf` subclass (a typed pytree
+leaf, one file per representation) whose arrays are children and whose recipe (bits,
+group size, pattern, …) is static; the leaf owns its math, size and sharding.
 `param_bytes` (alias `nbytes`) counts what is really stored.
 """
 
+from jaxopt_llm.weights.base import WeightLeaf, axis_spec, leaf_classes
 from jaxopt_llm.weights.dispatch import (
     attend,
     embed,
@@ -12,8 +14,6 @@ from jaxopt_llm.weights.dispatch import (
     linear,
     materialize,
     param_bytes,
-    register_linear,
-    registered_leaf_types,
 )
 from jaxopt_llm.weights.fake_quant import FakeQuantWeight
 from jaxopt_llm.weights.lora import LoRAWeight, add_lora, merge_lora
@@ -32,10 +32,13 @@ __all__ = [
     "NMSparseWeight",
     "QuantSpec",
     "QuantizedWeight",
+    "WeightLeaf",
     "add_lora",
     "attend",
+    "axis_spec",
     "embed",
     "is_weight_leaf",
+    "leaf_classes",
     "linear",
     "masked_weight",
     "materialize",
@@ -45,6 +48,4 @@ __all__ = [
     "param_bytes",
     "quantize_weight",
     "quantize_with_scale",
-    "register_linear",
-    "registered_leaf_types",
 ]

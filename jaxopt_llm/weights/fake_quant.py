@@ -22,8 +22,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
-from jaxopt_llm.weights.dispatch import register_linear
+from jaxopt_llm.weights.base import WeightLeaf, axis_spec
 from jaxopt_llm.weights.quant_math import (
     QuantSpec,
     group_range,
@@ -38,7 +39,7 @@ _MIN_STEP = 1e-8
 
 
 @struct.dataclass
-class FakeQuantWeight:
+class FakeQuantWeight(WeightLeaf):
     """Float weight `w` (kernel (K, ...) for axis 0, table (V, D) for axis 1) seen quantized."""
 
     w: jax.Array
@@ -137,24 +138,13 @@ class FakeQuantWeight:
             out = out.T
         return out.reshape(shape).astype(w.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        extra = sum(int(a.size * a.dtype.itemsize) for a in (self.scale, self.zero)
-                    if a is not None)
-        return int(self.w.size * self.w.dtype.itemsize) + extra
+    def partition_specs(self, rows: str | None, cols: str | None, mesh: Mesh) -> FakeQuantWeight:
+        """w like the dense weight; learned scales / zeros (G, 1, N) like their groups."""
+        grouped_dims = {0: rows, 2: cols} if self.axis == 0 else {0: cols, 2: rows}
+        return self.replace(
+            w=axis_spec(self.w.shape, {0: rows, 1: cols}, mesh),
+            scale=None if self.scale is None else axis_spec(self.scale.shape, grouped_dims, mesh),
+            zero=None if self.zero is None else axis_spec(self.zero.shape, grouped_dims, mesh))
 
-
-def _linear(x: jax.Array, w: FakeQuantWeight) -> jax.Array:
-    dense = w.materialize()
-    out = jnp.matmul(x, dense.reshape(dense.shape[0], -1).astype(x.dtype))
-    return out.reshape(*x.shape[:-1], *dense.shape[1:])
-
-
-register_linear(
-    FakeQuantWeight,
-    linear_fn=_linear,
-    embed_fn=lambda table, ids: jnp.take(table.materialize(), ids, axis=0),
-    attend_fn=lambda x, table: jnp.einsum("...d,vd->...v", x,
-                                          table.materialize().astype(x.dtype)),
-    nbytes_fn=lambda w: w.nbytes,
-)
+    def add_dense(self, delta: jax.Array) -> FakeQuantWeight:
+        return self.replace(w=self.w + delta)

@@ -14,18 +14,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
-from jaxopt_llm.weights.dispatch import (
-    is_weight_leaf,
-    linear,
-    materialize,
-    param_bytes,
-    register_linear,
-)
+from jaxopt_llm import tree
+from jaxopt_llm.weights.base import WeightLeaf, axis_spec, specs_of
+from jaxopt_llm.weights.dispatch import is_weight_leaf, linear, materialize
 
 
 @struct.dataclass
-class LoRAWeight:
+class LoRAWeight(WeightLeaf):
     base: Any  # (K, N) in any representation; frozen in training by the trainable rule
     a: jax.Array  # (K, r)
     b: jax.Array  # (r, N)
@@ -35,23 +32,23 @@ class LoRAWeight:
         dense = materialize(self.base)
         return dense + (self.a @ self.b * self.scale).astype(dense.dtype)
 
+    def linear(self, x: jax.Array) -> jax.Array:
+        return linear(x, self.base) + (x @ self.a.astype(x.dtype)) @ (
+            self.b.astype(x.dtype) * jnp.asarray(self.scale, x.dtype))
 
-register_linear(
-    LoRAWeight,
-    linear_fn=lambda x, w: linear(x, w.base) + (x @ w.a.astype(x.dtype)) @ (
-        w.b.astype(x.dtype) * jnp.asarray(w.scale, x.dtype)),
-    nbytes_fn=lambda w: param_bytes(w.base) + param_bytes(w.a) + param_bytes(w.b),
-)
+    def partition_specs(self, rows: str | None, cols: str | None, mesh: Mesh) -> LoRAWeight:
+        """The base as its own weight, a like a column factor u and b like v."""
+        return self.replace(base=specs_of(self.base, rows, cols, mesh),
+                            a=axis_spec(self.a.shape, {0: rows}, mesh),
+                            b=axis_spec(self.b.shape, {1: cols}, mesh))
 
 
 def add_lora(params: Any, match: str, *, rank: int, alpha: float | None = None,
              seed: int = 0) -> Any:
     """Wrap every 2-D kernel whose path fully matches `match` in a LoRAWeight of `rank`."""
-    from jaxopt_llm.rules import flat_params, nested_params
-
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    flat = flat_params(params)
+    flat = tree.flatten(params)
     chosen = [p for p in flat if re.fullmatch(match, p)]
     if not chosen:
         raise ValueError(f"LoRA match {match!r} selects no parameter")
@@ -67,31 +64,20 @@ def add_lora(params: Any, match: str, *, rank: int, alpha: float | None = None,
         a = jax.random.normal(jax.random.fold_in(key, index), (k, rank), jnp.float32)
         flat[path] = LoRAWeight(base=leaf, a=a / math.sqrt(k), b=jnp.zeros((rank, n)),
                                 scale=(alpha if alpha is not None else rank) / rank)
-    return nested_params(flat)
+    return tree.unflatten(flat)
 
 
 def merge_lora(params: Any) -> Any:
-    """Fold every LoRAWeight into its base: float bases become base + a·b·scale; a quantized
-    base is re-quantized with its own settings (its grid cannot hold the delta exactly)."""
-    from jaxopt_llm.weights.fake_quant import FakeQuantWeight
-    from jaxopt_llm.weights.quantized import QuantizedWeight, quantize_weight
-    from jaxopt_llm.weights.sparse import MaskedWeight, masked_weight
+    """Fold every LoRAWeight into its base with the base's own `add_dense`: float bases
+    become base + a·b·scale, a quantized base is re-quantized with its own settings (its
+    grid cannot hold the delta exactly), a masked base keeps its sparsity pattern."""
 
     def fold(leaf: Any) -> Any:
         if not isinstance(leaf, LoRAWeight):
             return leaf
         delta = leaf.a @ leaf.b * leaf.scale
-        base = leaf.base
-        if isinstance(base, QuantizedWeight):
-            return quantize_weight(base.materialize() + delta, base.spec, axis=base.axis,
-                                   act_bits=base.act_bits, compute=base.compute,
-                                   scale_dtype=jnp.dtype(base.scale.dtype).name)
-        if isinstance(base, MaskedWeight):  # keep the sparsity pattern
-            return masked_weight(base.w + delta, base.dense_mask())
-        if isinstance(base, FakeQuantWeight):
-            return base.replace(w=base.w + delta)
-        if is_weight_leaf(base):
-            return base.materialize() + delta
-        return base + delta.astype(base.dtype)
+        if is_weight_leaf(leaf.base):
+            return leaf.base.add_dense(delta)
+        return leaf.base + delta.astype(leaf.base.dtype)
 
     return jax.tree_util.tree_map(fold, params, is_leaf=is_weight_leaf)

@@ -11,12 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
-from jaxopt_llm.weights.dispatch import linear, materialize, param_bytes, register_linear
+from jaxopt_llm.weights.base import WeightLeaf, specs_of
+from jaxopt_llm.weights.dispatch import linear, materialize
 
 
 @struct.dataclass
-class LowRankWeight:
+class LowRankWeight(WeightLeaf):
     u: Any  # (K, r)
     v: Any  # (r, N)
 
@@ -32,9 +34,13 @@ class LowRankWeight:
         u, v = materialize(self.u), materialize(self.v)
         return jnp.matmul(u, v.astype(u.dtype))
 
+    def linear(self, x: jax.Array) -> jax.Array:
+        return linear(linear(x, self.u), self.v)
 
-register_linear(
-    LowRankWeight,
-    linear_fn=lambda x, w: linear(linear(x, w.u), w.v),
-    nbytes_fn=lambda w: param_bytes(w.u) + param_bytes(w.v),
-)
+    def partition_specs(self, rows: str | None, cols: str | None, mesh: Mesh) -> LowRankWeight:
+        """Column-parallel shards v's N and replicates u (x·u is computed redundantly, then ·v
+        is local: no collective); row-parallel shards u's K and replicates v (x·u gives
+        partial sums: one all-reduce of the (…, r) activation, smaller than a dense
+        row-parallel layer's (…, N) one)."""
+        return LowRankWeight(u=specs_of(self.u, rows, None, mesh),
+                             v=specs_of(self.v, None, cols, mesh))

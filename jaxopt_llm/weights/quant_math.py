@@ -1,6 +1,6 @@
 """Uniform integer quantization math shared by real and fake quantization.
 
-Round-to-nearest with a calibrated range (REFERENCES.md "RTN"):
+Round-to-nearest with a calibrated range (docs/algorithms.md, "RTN"):
   symmetric   scale = m / (2^(b-1) - 1), q = clamp(round(w/scale), -2^(b-1), 2^(b-1) - 1)
   asymmetric  scale = (hi - lo) / (2^b - 1), zero = clamp(round(-lo/scale), 0, 2^b - 1),
               u = clamp(round(w/scale) + zero, 0, 2^b - 1),  w ≈ (u - zero)·scale

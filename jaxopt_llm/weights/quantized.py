@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxopt_llm.weights import packing
-from jaxopt_llm.weights.dispatch import register_linear
+from jaxopt_llm.weights.base import WeightLeaf
 from jaxopt_llm.weights.quant_math import (
     QuantSpec,
     dequantize_codes,
@@ -39,7 +39,7 @@ from jaxopt_llm.weights.quant_math import (
 
 
 @struct.dataclass
-class QuantizedWeight:
+class QuantizedWeight(WeightLeaf):
     """Integer codes + scales (+ zero points) of a weight of logical shape `shape`.
 
     axis 0: a kernel (K, ...) contracted along K (trailing dims flattened to N);
@@ -106,13 +106,28 @@ class QuantizedWeight:
         k, n = self.shape2d
         return (k, n) if self.axis == 0 else (n, k)
 
-    @property
-    def nbytes(self) -> int:
-        total = self.qvalue.size * self.qvalue.dtype.itemsize
-        total += self.scale.size * self.scale.dtype.itemsize
-        if self.zero_point is not None:
-            total += self.zero_point.size * self.zero_point.dtype.itemsize
-        return int(total)
+    def linear(self, x: jax.Array) -> jax.Array:
+        return _linear(x, self)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return _embed(self, ids)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        if self.axis != 1:
+            raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
+        return jnp.einsum("...d,vd->...v", x, self.materialize().astype(x.dtype))
+
+    def viewed_as(self, shape: tuple[int, ...]) -> QuantizedWeight:
+        """Codes are stored as the 2-D view (K, prod(rest)) already: only the shape changes."""
+        if self.axis != 0 or shape[0] != self.shape[0] or math.prod(shape) != math.prod(self.shape):
+            raise ValueError(f"cannot view a QuantizedWeight of shape {self.shape} as {shape}")
+        return self.replace(shape=tuple(shape))
+
+    def add_dense(self, delta: jax.Array) -> QuantizedWeight:
+        """Re-quantized with its own settings (the grid cannot hold the delta exactly)."""
+        return quantize_weight(self.materialize() + delta, self.spec, axis=self.axis,
+                               act_bits=self.act_bits, compute=self.compute,
+                               scale_dtype=jnp.dtype(self.scale.dtype).name)
 
 
 def quantize_weight(
@@ -311,13 +326,3 @@ def _embed(table: QuantizedWeight, ids: jax.Array) -> jax.Array:
         shape=(flat.shape[0], table.shape[1]),
     )
     return rows.materialize().reshape(*ids.shape, table.shape[1])
-
-
-def _attend(x: jax.Array, table: QuantizedWeight) -> jax.Array:
-    if table.axis != 1:
-        raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
-    return jnp.einsum("...d,vd->...v", x, table.materialize().astype(x.dtype))
-
-
-register_linear(QuantizedWeight, linear_fn=_linear, embed_fn=_embed, attend_fn=_attend,
-                nbytes_fn=lambda w: w.nbytes)

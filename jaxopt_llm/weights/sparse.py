@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxopt_llm.weights import packing
-from jaxopt_llm.weights.dispatch import register_linear
+from jaxopt_llm.weights.base import WeightLeaf
 
 
 @struct.dataclass
-class MaskedWeight:
+class MaskedWeight(WeightLeaf):
     w: jax.Array  # (K, N) float, zero where masked
     mask: jax.Array  # (⌈K/8⌉, N) uint8, 1 bit per entry packed along K
 
@@ -35,9 +35,12 @@ class MaskedWeight:
     def materialize(self) -> jax.Array:
         return jnp.where(self.dense_mask(), self.w, jnp.zeros((), self.w.dtype))
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.w.size * self.w.dtype.itemsize + self.mask.size)
+    def linear(self, x: jax.Array) -> jax.Array:
+        return jnp.matmul(x, self.materialize().astype(x.dtype))
+
+    def add_dense(self, delta: jax.Array) -> MaskedWeight:
+        """Keeps the sparsity pattern: the delta lands on kept entries only."""
+        return masked_weight(self.w + delta, self.dense_mask())
 
 
 def masked_weight(w: jax.Array, keep: jax.Array) -> MaskedWeight:
@@ -49,7 +52,7 @@ def masked_weight(w: jax.Array, keep: jax.Array) -> MaskedWeight:
 
 
 @struct.dataclass
-class NMSparseWeight:
+class NMSparseWeight(WeightLeaf):
     values: jax.Array  # (K·n/m, N) kept values, in input order within each group of m
     index: jax.Array  # packed positions (0..m-1) of the kept values, ⌈log2 m⌉ bits each
     kept: int = struct.field(pytree_node=False)  # values kept per group of m
@@ -74,9 +77,8 @@ class NMSparseWeight:
                                       jnp.zeros((), self.values.dtype))
         return dense.reshape(k, cols)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.values.size * self.values.dtype.itemsize + self.index.size)
+    def linear(self, x: jax.Array) -> jax.Array:
+        return jnp.matmul(x, self.materialize().astype(x.dtype))
 
 
 def nm_sparse_weight(w: jax.Array, keep: jax.Array, kept: int, m: int) -> NMSparseWeight:
@@ -91,11 +93,3 @@ def nm_sparse_weight(w: jax.Array, keep: jax.Array, kept: int, m: int) -> NMSpar
     index = packing.pack(slots.reshape(-1, cols).astype(jnp.uint8), index_bits, axis=0)
     return NMSparseWeight(values=values.reshape(-1, cols), index=index, kept=kept, m=m,
                           shape=(int(k), int(cols)))
-
-
-def _dense_linear(x: jax.Array, w) -> jax.Array:
-    return jnp.matmul(x, w.materialize().astype(x.dtype))
-
-
-for _klass in (MaskedWeight, NMSparseWeight):
-    register_linear(_klass, linear_fn=_dense_linear, nbytes_fn=lambda w: w.nbytes)

@@ -16,13 +16,14 @@ from flax import struct
 
 from jaxopt_llm.io import artifact
 from jaxopt_llm.io.artifact import FORMAT_VERSION, is_artifact_dir, load_artifact, save_artifact
+from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.io.loader import load_model
-from jaxopt_llm.io.params import flatten, unflatten
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.io.tokenizer import Tokenizer
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.layers import attention_mask
-from jaxopt_llm.weights import linear, param_bytes, register_linear
+from jaxopt_llm.tree import flatten, unflatten
+from jaxopt_llm.weights import WeightLeaf, linear, param_bytes
 
 RECIPE = {"rules": [{"pattern": ".*q_proj/kernel", "pass": "quantize", "bits": 8}], "seed": 0}
 
@@ -31,7 +32,7 @@ RECIPE = {"rules": [{"pattern": ".*q_proj/kernel", "pass": "quantize", "bits": 8
 
 
 @struct.dataclass
-class ArtifactTestInt8Weight:
+class ArtifactTestInt8Weight(WeightLeaf):
     """int8 codes (K, N) times float16 scales (1, N), plus an optional float32 offset."""
 
     q: jax.Array
@@ -47,7 +48,7 @@ class ArtifactTestInt8Weight:
 
 
 @struct.dataclass
-class ArtifactTestFactored:
+class ArtifactTestFactored(WeightLeaf):
     """u (K, r) -- itself a typed leaf -- times a bfloat16 v (r, N)."""
 
     u: Any
@@ -55,16 +56,8 @@ class ArtifactTestFactored:
     rank: int = struct.field(pytree_node=False)
     notes: tuple[Any, ...] = struct.field(pytree_node=False, default=((1, "a"), 2.5, None, True))
 
-
-def _children_bytes(w: Any) -> int:
-    return sum(param_bytes(c) for c in jax.tree_util.tree_leaves(w))
-
-
-register_linear(ArtifactTestInt8Weight,
-                linear_fn=lambda x, w: jnp.matmul(x, w.materialize().astype(x.dtype)),
-                nbytes_fn=_children_bytes)
-register_linear(ArtifactTestFactored, linear_fn=lambda x, w: linear(linear(x, w.u), w.v),
-                nbytes_fn=_children_bytes)
+    def linear(self, x: jax.Array) -> jax.Array:
+        return linear(linear(x, self.u), self.v)
 
 
 def _int8(w: jax.Array, with_offset: bool) -> ArtifactTestInt8Weight:
@@ -141,9 +134,11 @@ def _leftovers(parent: Path) -> list[str]:
 def test_round_trip_is_exact(typed_params, tokenizer, tmp_path):
     out = _save(tmp_path / "art", typed_params, tokenizer, extra={"note": "tiny"})
     assert is_artifact_dir(out) and not is_artifact_dir(tmp_path)
-    config, params, tok, recipe, meta = load_artifact(out)
+    loaded = load_artifact(out)
+    assert isinstance(loaded, LoadedModel) and loaded.source == str(out)
+    config, params, tok, recipe = loaded.config, loaded.params, loaded.tokenizer, loaded.recipe
     assert config == CONFIG and recipe == RECIPE
-    assert meta["format_version"] == FORMAT_VERSION and meta["extra"] == {"note": "tiny"}
+    assert loaded.format_version == FORMAT_VERSION and loaded.extra == {"note": "tiny"}
     _assert_same_tree(typed_params, params)
     q = params["layers_0"]["attn"]["q_proj"]["kernel"]
     assert isinstance(q, ArtifactTestInt8Weight) and q.offset is None
@@ -160,7 +155,7 @@ def test_round_trip_is_exact(typed_params, tokenizer, tmp_path):
 
 def test_loaded_logits_are_bit_identical(typed_params, dense_params, tokenizer, tmp_path):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 12)), jnp.int32)
-    _, params, *_ = load_artifact(_save(tmp_path / "art", typed_params, tokenizer))
+    params = load_artifact(_save(tmp_path / "art", typed_params, tokenizer)).params
     expected = _logits(typed_params, tokens)
     assert not np.array_equal(expected, _logits(dense_params, tokens))  # the leaves are used
     np.testing.assert_array_equal(_logits(params, tokens), expected)
@@ -190,7 +185,7 @@ def test_every_dtype_round_trips(tokenizer, tmp_path):
         "empty": np.zeros((0, 3), np.float16),
     }
     params = {"group": {k: jnp.asarray(v) for k, v in arrays.items()}}
-    _, loaded, *_ = load_artifact(_save(tmp_path / "art", params, tokenizer))
+    loaded = load_artifact(_save(tmp_path / "art", params, tokenizer)).params
     _assert_same_tree(params, loaded)
     assert loaded["group"]["u32"].dtype == jnp.uint32
 
@@ -255,7 +250,8 @@ def test_failed_overwrite_keeps_previous(typed_params, dense_params, tokenizer, 
 def test_overwrite_previous_artifact(typed_params, dense_params, tokenizer, tmp_path):
     out = _save(tmp_path / "art", dense_params, tokenizer, recipe=None)
     _save(out, typed_params, tokenizer)
-    _, params, _, recipe, _ = load_artifact(out)
+    loaded = load_artifact(out)
+    params, recipe = loaded.params, loaded.recipe
     _assert_same_tree(typed_params, params)
     assert recipe == RECIPE and _leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
@@ -386,7 +382,7 @@ def test_real_weight_classes_logits(dense_params, tokenizer, tmp_path):
     params = unflatten(flat)
 
     out = _save(tmp_path / "art", params, tokenizer)
-    _, loaded, *_ = load_artifact(out)
+    loaded = load_artifact(out).params
     _assert_same_tree(params, loaded)
     assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].zero_point is None
     assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].act_bits == 8
@@ -409,7 +405,7 @@ def test_real_packed_weights_round_trip(tokenizer, tmp_path):
         "bf16": w.astype(jnp.bfloat16),
     }
     out = _save(tmp_path / "art", params, tokenizer)
-    _, loaded, *_ = load_artifact(out)
+    loaded = load_artifact(out).params
     _assert_same_tree(params, loaded)
     packed = loaded["packed"]
     assert packed.qvalue.dtype == jnp.uint8 and packed.qvalue.shape == (32, 24)

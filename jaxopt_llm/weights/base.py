@@ -1,0 +1,115 @@
+"""`WeightLeaf`: the base class every weight representation derives from.
+
+A representation is one class in one file. It is a frozen pytree dataclass
+(`flax.struct.dataclass`): arrays are children, its recipe (bits, group size, rank, …)
+is static metadata. The class owns everything the rest of the project asks of a weight:
+
+* `linear(x)`: x (..., K) against the kernel (K, N...) → (..., N...);
+* `embed(ids)` / `attend(x)`: lookups in an embedding table (V, D) and a tied head;
+* `materialize()`: the dense float weight it stands for;
+* `nbytes`: bytes really stored (every array child, nested leaves included);
+* `partition_specs(rows, cols, mesh)`: how its arrays shard when the dense weight's rows
+  and columns go on mesh axes `rows` / `cols` (None: replicated) — the project's sharding
+  layouts (column / row / vocab / replicated) are expressed this way;
+* `viewed_as(shape)`: a kernel (K, A, B) seen as (K, A·B) without copying;
+* `add_dense(delta)`: the same kind of weight holding `self + delta` as closely as it can
+  (merging a LoRA adapter into its base).
+
+The defaults below run through `materialize()`; a representation overrides what it can do
+better (e.g. integer matmuls). Subclasses register themselves by class name, which is only
+used to rebuild them when an artifact is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+_BY_NAME: dict[str, type] = {}
+
+
+class WeightLeaf:
+    """Base of every typed weight representation (subclass it with `flax.struct.dataclass`)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _BY_NAME[cls.__name__] = cls  # a re-imported module re-registers its class
+
+    def materialize(self) -> jax.Array:
+        """The dense float weight this leaf stands for."""
+        raise TypeError(f"{type(self).__name__} must define materialize()")
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        """x (..., K) @ kernel (K, N...) → (..., N...), through the dense weight."""
+        dense = self.materialize()
+        out = jnp.matmul(x, dense.reshape(dense.shape[0], -1).astype(x.dtype))
+        return out.reshape(*x.shape[:-1], *dense.shape[1:])
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """Rows of the (V, D) table for ids (...,) → (..., D)."""
+        return jnp.take(self.materialize(), ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: x (..., D) against the (V, D) table → logits (..., V)."""
+        return jnp.einsum("...d,vd->...v", x, self.materialize().astype(x.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored array (nested leaves included)."""
+        return sum(int(math.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in jax.tree_util.tree_leaves(self))
+
+    def partition_specs(self, rows: str | None, cols: str | None, mesh: Mesh) -> Any:
+        """PartitionSpecs of this leaf's arrays (same tree structure as the leaf).
+
+        Default: every 2-D+ array is (rows', cols') like the dense weight (codes, values,
+        masks, group scales), a 1-D array follows the columns.
+        """
+        return jax.tree_util.tree_map(
+            lambda a: axis_spec(a.shape, {0: rows, 1: cols} if a.ndim >= 2 else {0: cols}, mesh),
+            self)
+
+    def viewed_as(self, shape: tuple[int, ...]) -> Any:
+        """This kernel seen with another logical shape of the same leading dim and size
+        (e.g. a DenseGeneral kernel (K, H, D) as (K, H·D)); default: unchanged."""
+        return self
+
+    def add_dense(self, delta: jax.Array) -> Any:
+        """This weight plus a dense delta of its shape; default: a plain dense array."""
+        dense = self.materialize()
+        return dense + delta.astype(dense.dtype)
+
+
+def axis_spec(shape: tuple[int, ...], dims: Mapping[int, str | None], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array whose dim d goes on mesh axis dims[d].
+
+    A dim the axis does not divide (or of size 1, e.g. one group of scales) is replicated.
+    """
+    parts: list[str | None] = [None] * len(shape)
+    for dim, axis in dims.items():
+        if axis is not None and dim < len(shape) and shape[dim] > 1 \
+                and shape[dim] % mesh.shape[axis] == 0:
+            parts[dim] = axis
+    while parts and parts[-1] is None:
+        parts.pop()
+    return PartitionSpec(*parts)
+
+
+def specs_of(weight: Any, rows: str | None, cols: str | None, mesh: Mesh) -> Any:
+    """Specs of a weight that may be a leaf or a plain 2-D array (e.g. a low-rank factor)."""
+    if isinstance(weight, WeightLeaf):
+        return weight.partition_specs(rows, cols, mesh)
+    return axis_spec(weight.shape, {0: rows, 1: cols}, mesh)
+
+
+def leaf_classes() -> dict[str, type]:
+    """Every weight representation defined so far, by class name (artifacts use the name)."""
+    return dict(_BY_NAME)
+
+
+__all__ = ["WeightLeaf", "axis_spec", "leaf_classes", "specs_of"]
