@@ -1,4 +1,4 @@
-"""Perplexity by the protocol of shared/REFERENCES.md.
+"""Perplexity by the evaluation protocol of this project.
 
 Take the first N tokens, cut them into non-overlapping windows of W tokens,
 score every token of a window but the first given its prefix, and report
