@@ -51,7 +51,6 @@ MESH_AXES = ("data", "model")
 LAYOUTS = ("column", "row", "vocab", "replicated")
 
 
-
 def default_rules(config: ModelConfig) -> tuple[tuple[str, str], ...]:
     """The family's tensor-parallel rules (`FamilySpec.shard_rules`)."""
     return family_spec(config).shard_rules
