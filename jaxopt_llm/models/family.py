@@ -26,9 +26,8 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxopt_llm.models import gpt2, llama
 from jaxopt_llm.models.config import SUPPORTED_FAMILIES, ModelConfig
-from jaxopt_llm.models.gpt2 import GPT2Model
-from jaxopt_llm.models.llama import LlamaModel
 
 # The three kinds of attention columns a projection can hold, in their fused order.
 QKV_PARTS = ("q", "k", "v")
@@ -78,6 +77,11 @@ class FamilySpec:
     mlp_out: str  # MLP output projection, row-sliced per neuron
     embedding: str  # the token table: vocab-parallel, and the dtype activations run in
     position_table: str | None  # learned absolute positions, if any
+    # Layer-wise execution (calibration, GPTQ/AWQ/SparseGPT): the block module, called as
+    # block(x, *args, mask) -> (x, cache), and what block 0 receives: block_inputs(config,
+    # params, tokens, positions) -> (x (B, T, D), args).
+    block_module: Callable[[ModelConfig], nn.Module]
+    block_inputs: Callable[..., tuple[Any, tuple[Any, ...]]]
     shard_rules: tuple[tuple[str, str], ...]  # default (regex, layout), first match wins
 
     def __post_init__(self) -> None:
@@ -109,7 +113,7 @@ class FamilySpec:
 
 LLAMA = FamilySpec(
     name="llama",
-    model=LlamaModel,
+    model=llama.LlamaModel,
     block_prefix="layers",
     attention="attn",
     mlp="mlp",
@@ -120,6 +124,8 @@ LLAMA = FamilySpec(
     mlp_out="down_proj",
     embedding="embed_tokens/embedding",
     position_table=None,
+    block_module=llama.Block,
+    block_inputs=llama.block_inputs,
     shard_rules=(
         (r"(.*/)?attn/(q_proj|k_proj|v_proj)/kernel", "column"),
         (r"(.*/)?attn/(q_proj|k_proj|v_proj)/bias", "column"),
@@ -132,7 +138,7 @@ LLAMA = FamilySpec(
 
 GPT2 = FamilySpec(
     name="gpt2",
-    model=GPT2Model,
+    model=gpt2.GPT2Model,
     block_prefix="h",
     attention="attn",
     mlp="mlp",
@@ -142,6 +148,8 @@ GPT2 = FamilySpec(
     mlp_out="c_proj",
     embedding="wte/embedding",
     position_table="wpe/embedding",
+    block_module=gpt2.Block,
+    block_inputs=gpt2.block_inputs,
     shard_rules=(
         (r"(.*/)?attn/c_attn/(kernel|bias)", "column"),
         (r"(.*/)?mlp/c_fc/(kernel|bias)", "column"),
