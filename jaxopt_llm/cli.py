@@ -118,38 +118,32 @@ def _out_dir(out: str):
 def _parallel_setup(args: argparse.Namespace) -> None:
     """Before JAX starts: join a multi-host job (--coordinator … or JAXOPT_* env), and on
     CPU provide as many devices as --mesh asks for (fake CPU devices on one host)."""
-    import jax
-
     from jaxopt_llm import distributed
     from jaxopt_llm.parallel import parse_mesh
+    from jaxopt_llm.placement import ensure_cpu_devices
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    if not args.mesh or "xla_force_host_platform_device_count" in os.environ.get(
-            "XLA_FLAGS", ""):
-        return
-    with _flags(spec="--mesh"):
-        sizes = parse_mesh(args.mesh)
-    wanted = sizes["data"] * sizes["model"] // max(1, args.num_processes or int(
-        os.environ.get(distributed.ENV_NUM_PROCESSES, "1")))
-    if wanted > 1:  # JAX takes this only before its backends start; later, make_mesh
-        with contextlib.suppress(RuntimeError):  # says how many devices are missing
-            jax.config.update("jax_num_cpu_devices", wanted)
+    if args.mesh:
+        with _flags(spec="--mesh"):
+            sizes = parse_mesh(args.mesh)
+        processes = args.num_processes or int(os.environ.get(distributed.ENV_NUM_PROCESSES, "1"))
+        ensure_cpu_devices(sizes["data"] * sizes["model"] // max(1, processes))
 
 
-def _mesh(args: argparse.Namespace):
-    """(mesh, shard rules) of --mesh and --shard; (None, []) without --mesh."""
-    if not args.mesh:
-        return None, []
+def _placement(args: argparse.Namespace):
+    """The Placement of --mesh and --shard (one device without --mesh)."""
     from jaxopt_llm.parallel import make_mesh, parse_shard_rule
+    from jaxopt_llm.placement import Placement
 
+    if not args.mesh:
+        return Placement.single()
     with _flags(spec="--mesh", text="--shard"):
         rules = [parse_shard_rule(text) for text in args.shard]
-        return make_mesh(args.mesh), rules
+        return Placement.on_mesh(make_mesh(args.mesh), rules)
 
 
 def _model(args: argparse.Namespace):
-    """(model of --model with --recipe applied and placed on --mesh, mesh or None)."""
-    from jaxopt_llm.parallel import shard_params
+    """(model of --model with --recipe applied and placed by --mesh, its placement)."""
     from jaxopt_llm.recipes import apply_recipe
 
     recipe = _recipe(args.recipe)
@@ -157,11 +151,9 @@ def _model(args: argparse.Namespace):
     loaded = _load(args.model, args.json)
     with _spinner(f"applying recipe {getattr(recipe, 'name', '')}", args.json or not recipe):
         loaded = apply_recipe(loaded, recipe)
-    mesh, rules = _mesh(args)
-    if mesh is not None:
-        params = shard_params(loaded.config, loaded.params, mesh, rules)
-        loaded = dataclasses.replace(loaded, params=params)
-    return loaded, mesh
+    placement = _placement(args)
+    params = placement.place_params(loaded.config, loaded.params)
+    return dataclasses.replace(loaded, params=params), placement
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,11 +161,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.runs import evaluate_text
 
     text = pydoc_text() if args.text is None else _read_text(args.text)
-    loaded, mesh = _model(args)
+    loaded, placement = _model(args)
     with _bar("perplexity", "windows", args.json) as update, _flags(num_tokens="--tokens",
                                                                      window="--window"):
         out = evaluate_text(loaded, text, num_tokens=args.tokens, window=args.window,
-                            batch_size=args.batch_size, mesh=mesh,
+                            batch_size=args.batch_size, placement=placement,
                             progress=lambda done, total: update(completed=done, total=total))
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
@@ -191,10 +183,10 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    loaded, mesh = _model(args)
+    loaded, placement = _model(args)
     with _spinner("compiling and generating", args.json):
         out = generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
-                            sampling=sampling, seed=args.seed, mesh=mesh)
+                            sampling=sampling, seed=args.seed, placement=placement)
     if not args.json:
         print(args.prompt + out["text"])
         stderr.print(f"prefill {out['prefill_tok_s']:.1f} tok/s, "
@@ -240,6 +232,7 @@ def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxopt_llm.runs import mesh_shape
     from jaxopt_llm.train import TrainSettings, train_recipe, training_ids
 
     with _flags(lora_rank="--lora"):
@@ -254,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = _out_dir(args.out)
     text = None if args.text is None else _read_text(args.text)  # None: pydoc minus eval
     _parallel_setup(args)
-    mesh, shard_rules = _mesh(args)
+    placement = _placement(args)
     loaded = _load(args.model, args.json)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
@@ -263,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         trained = train_recipe(
             loaded, recipe, training_ids(loaded.tokenizer, text), settings,
             checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            log_path=log_path, stop_after=args.stop_after, mesh=mesh, shard_rules=shard_rules,
+            log_path=log_path, stop_after=args.stop_after, placement=placement,
             on_step=lambda step, record: update(completed=step,
                                                 note=f"loss {record['loss']:.3f}"))
     if not trained.finished:
@@ -272,7 +265,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     out = {"out": str(path), "log": str(log_path), "steps": args.steps,
            "resumed_from": trained.resumed_from, "loss_first": trained.loss_first,
            "loss_last": trained.loss_last, "step_s": trained.step_seconds,
-           "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}}
+           "mesh": mesh_shape(placement)}
     if not args.json:
         stderr.print(f"trained {args.steps} steps: loss {out['loss_first']:.3f} → "
                      f"{out['loss_last']:.3f}, {out['step_s']:.3f} s/step; wrote {path}")

@@ -19,11 +19,15 @@ from jaxopt_llm.evaluate import DEFAULT_TOKENS, DEFAULT_WINDOW, check_eval_args,
 from jaxopt_llm.generation import Sampling, generate
 from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.pipeline import Recipe
+from jaxopt_llm.placement import Placement
 from jaxopt_llm.weights import param_bytes
 
 
-def _mesh_shape(mesh: Any) -> dict[str, int] | None:
-    return None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}
+def mesh_shape(placement: Placement | None) -> dict[str, int] | None:
+    """{"data": A, "model": B} of a placement on a mesh; None on one device."""
+    if placement is None or not placement.is_mesh:
+        return None
+    return {k: int(v) for k, v in placement.mesh.shape.items()}
 
 
 def _recipe_name(loaded: LoadedModel) -> str:
@@ -31,14 +35,15 @@ def _recipe_name(loaded: LoadedModel) -> str:
 
 
 def evaluate_text(loaded: LoadedModel, text: str, *, num_tokens: int = DEFAULT_TOKENS,
-                  window: int = DEFAULT_WINDOW, batch_size: int = 1, mesh: Any = None,
+                  window: int = DEFAULT_WINDOW, batch_size: int = 1,
+                  placement: Placement | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Perplexity of `text` under `loaded` (the protocol of `evaluate.perplexity`).
 
     Args:
-        loaded: the model (params already placed on `mesh` when one is given).
+        loaded: the model (params already placed by `placement`).
         text: the text to score.
-        num_tokens, window, batch_size, mesh: as in `evaluate.perplexity`.
+        num_tokens, window, batch_size, placement: as in `evaluate.perplexity`.
         progress: called with (windows done, windows in all), first with 0 done.
 
     Returns:
@@ -61,7 +66,8 @@ def evaluate_text(loaded: LoadedModel, text: str, *, num_tokens: int = DEFAULT_T
         progress(0, windows)
     start = time.perf_counter()
     result = perplexity(loaded.config, loaded.params, ids, num_tokens=num_tokens,
-                        window=window, batch_size=batch_size, mesh=mesh, on_window=on_window)
+                        window=window, batch_size=batch_size, placement=placement,
+                        on_window=on_window)
     seconds = time.perf_counter() - start
     return {
         "model": loaded.source,
@@ -73,13 +79,13 @@ def evaluate_text(loaded: LoadedModel, text: str, *, num_tokens: int = DEFAULT_T
         "text_tokens": len(ids),
         "seconds": seconds,
         "eval_tok_s": result.tokens_used / seconds,
-        "mesh": _mesh_shape(mesh),
+        "mesh": mesh_shape(placement),
     }
 
 
 def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
                   sampling: Sampling | None = None, seed: int = 0,
-                  mesh: Any = None) -> dict[str, Any]:
+                  placement: Placement | None = None) -> dict[str, Any]:
     """Up to `max_new_tokens` after `prompt`, stopping at the tokenizer's end tokens.
 
     Returns:
@@ -89,7 +95,8 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
     ids = loaded.tokenizer.encode(prompt)
     result = generate(loaded.config, loaded.params, [ids], max_new_tokens=max_new_tokens,
                       sampling=sampling or Sampling(), seed=seed,
-                      eos_token_ids=loaded.tokenizer.eos_token_ids or None, mesh=mesh)
+                      eos_token_ids=loaded.tokenizer.eos_token_ids or None,
+                      placement=placement)
     new_ids = result.new_ids[0]
     return {
         "model": loaded.source,
@@ -103,7 +110,7 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
         "prefill_seconds": result.prefill_seconds,
         "compile_seconds": result.compile_seconds,
         "decode_seconds": result.decode_seconds,
-        "mesh": _mesh_shape(mesh),
+        "mesh": mesh_shape(placement),
     }
 
 
@@ -137,4 +144,4 @@ def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path
     }
 
 
-__all__ = ["evaluate_text", "generate_text", "optimize_model"]
+__all__ = ["evaluate_text", "generate_text", "mesh_shape", "optimize_model"]

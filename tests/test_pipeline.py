@@ -303,7 +303,7 @@ SHAPE_ERRORS = [
     ([rule(r"layers_0/.*", "prune")],
      r"layers_0/input_norm/scale has shape \(16,\): pruning selects 2-D kernels only"),
     ([rule(r"layers_0/mlp/.*", "prune_neurons")],
-     r"pruning neurons needs a Llama-family or GPT-2 model config"),
+     r"pruning neurons needs the ModelConfig of a built-in family"),
 ]
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.pipeline import Recipe
+from jaxopt_llm.placement import Placement
 from jaxopt_llm.train.loop import EVAL_TOKENS, LORA_TRAINABLE, check_data, run_training
 from jaxopt_llm.train.qat import convert, qat_recipe
 from jaxopt_llm.train.schedule import gradual_recipe, prune_schedules
@@ -183,7 +184,7 @@ def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray
                  settings: TrainSettings | None = None, *,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
                  log_path: str | Path | None = None, stop_after: int | None = None,
-                 mesh: Any = None, shard_rules: Any = (),
+                 placement: Placement | None = None,
                  on_step: Callable[[int, dict[str, float]], None] | None = None
                  ) -> TrainedModel:
     """Train `loaded` (a `LoadedModel`) through `recipe` on `token_ids`.
@@ -198,8 +199,8 @@ def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray
         checkpoint_every: steps between checkpoints (0: never).
         log_path: a JSON-lines file receiving one record per step.
         stop_after: end after this step, as an interruption would (tests).
-        mesh: a ("data", "model") mesh to train on (see `parallel.make_mesh`).
-        shard_rules: (regex, layout) sharding overrides on the mesh.
+        placement: where to train (default: one device; `Placement.on_mesh(mesh, rules)`
+            for data and tensor parallelism).
         on_step: called with (step, record) after every step.
 
     Returns:
@@ -244,7 +245,7 @@ def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray
                               teacher=loaded.params if settings.distill_weight else None,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                               meta=meta, resume=resume, stop_after=stop_after,
-                              prune_schedules=schedules, mesh=mesh, shard_rules=shard_rules,
+                              prune_schedules=schedules, placement=placement,
                               on_step=step_done)
     finally:
         if log is not None:
@@ -253,12 +254,8 @@ def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray
     history = result.history
     finished = not history or history[-1]["step"] >= settings.steps
     final = result.params
-    if finished:
-        if mesh is not None:  # gather to host: artifacts are written from whole arrays
-            from jaxopt_llm.parallel import to_host
-
-            final = jax.tree_util.tree_map(to_host, final)
-        final = convert(final)
+    if finished:  # to host: the integer weights are computed and saved from whole arrays
+        final = convert(jax.tree_util.tree_map((placement or Placement.single()).gather, final))
         if settings.merge_lora:
             from jaxopt_llm.weights.lora import merge_lora
 
