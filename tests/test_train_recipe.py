@@ -64,6 +64,8 @@ def test_resume_equals_uninterrupted_and_save_writes_the_artifact(loaded, tmp_pa
     assert isinstance(first.params["layers_0"]["mlp"]["up_proj"]["kernel"], FakeQuantWeight)
     with pytest.raises(ValueError, match="stopped at step 3 of 6; resume it"):
         first.save(tmp_path / "early")
+    idle = train_recipe(loaded, "w4", ids, SETTINGS, stop_after=2, **common)
+    assert not idle.finished and idle.history == [] and idle.steps_done == 2  # no step ran
     resumed = train_recipe(loaded, "w4", ids, SETTINGS, **common)
     assert resumed.finished and resumed.resumed_from == 2  # the checkpoint of step 2
     _assert_same_leaves(straight.params, resumed.params)

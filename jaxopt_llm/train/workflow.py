@@ -26,12 +26,16 @@ import jax
 import numpy as np
 
 from jaxopt_llm.errors import ParameterError
+from jaxopt_llm.io.loaded import LoadedModel
+from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.pipeline import Recipe
 from jaxopt_llm.placement import Placement
+from jaxopt_llm.rules import BLOCK_LINEARS
 from jaxopt_llm.train.loop import EVAL_TOKENS, LORA_TRAINABLE, check_data, run_training
 from jaxopt_llm.train.qat import convert, qat_recipe
 from jaxopt_llm.train.schedule import gradual_recipe, prune_schedules
-from jaxopt_llm.train.step import COMPUTE_DTYPES, TRAIN_ALL, TrainOptions
+from jaxopt_llm.train.step import TRAIN_ALL, TrainOptions
+from jaxopt_llm.weights.lora import add_lora, merge_lora
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,7 +109,7 @@ class TrainedModel:
     unconverted, and its checkpoint holds the state to resume from.
     """
 
-    config: Any  # ModelConfig after the recipe
+    config: ModelConfig  # after the recipe
     params: Any
     tokenizer: Any
     source: str  # the loaded model it was trained from
@@ -159,11 +163,8 @@ def training_ids(tokenizer: Any, text: str | None = None) -> np.ndarray:
     return ids[EVAL_TOKENS:] if text is None else ids
 
 
-def _trainable_form(loaded: Any, recipe: Recipe | None, settings: TrainSettings):
+def _trainable_form(loaded: LoadedModel, recipe: Recipe | None, settings: TrainSettings):
     """(config, params, prune schedules) to start training from."""
-    from jaxopt_llm.rules import BLOCK_LINEARS
-    from jaxopt_llm.weights.lora import add_lora
-
     config, params, schedules = loaded.config, loaded.params, []
     if recipe is not None:
         if settings.lora_rank is not None:  # QLoRA: the real weights, frozen, under adapters
@@ -180,14 +181,14 @@ def _trainable_form(loaded: Any, recipe: Recipe | None, settings: TrainSettings)
     return config, params, schedules
 
 
-def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray,
+def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np.ndarray,
                  settings: TrainSettings | None = None, *,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
                  log_path: str | Path | None = None, stop_after: int | None = None,
                  placement: Placement | None = None,
                  on_step: Callable[[int, dict[str, float]], None] | None = None
                  ) -> TrainedModel:
-    """Train `loaded` (a `LoadedModel`) through `recipe` on `token_ids`.
+    """Train `loaded` through `recipe` on `token_ids`.
 
     Args:
         loaded: the model to train; with distillation it is also the teacher.
@@ -252,13 +253,12 @@ def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray
             log.close()
     seconds = time.perf_counter() - began
     history = result.history
-    finished = not history or history[-1]["step"] >= settings.steps
+    done = int(history[-1]["step"]) if history else result.resumed_from
+    finished = done >= settings.steps  # not when stop_after ended the run early
     final = result.params
     if finished:  # to host: the integer weights are computed and saved from whole arrays
         final = convert(jax.tree_util.tree_map((placement or Placement.single()).gather, final))
         if settings.merge_lora:
-            from jaxopt_llm.weights.lora import merge_lora
-
             final = merge_lora(final)
     return TrainedModel(config=config, params=final, tokenizer=loaded.tokenizer,
                         source=loaded.source, recipe=recipe.to_dict() if recipe else None,
@@ -266,4 +266,4 @@ def train_recipe(loaded: Any, recipe: Recipe | str | None, token_ids: np.ndarray
                         finished=finished, train_seconds=seconds, checkpoint_dir=checkpoint_dir)
 
 
-__all__ = ["COMPUTE_DTYPES", "TrainSettings", "TrainedModel", "train_recipe", "training_ids"]
+__all__ = ["TrainSettings", "TrainedModel", "train_recipe", "training_ids"]
