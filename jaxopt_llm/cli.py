@@ -74,7 +74,8 @@ def _spinner(message: str, quiet: bool = False) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _bar(message: str, unit: str, quiet: bool) -> Iterator[Callable[..., None]]:
-    """A progress bar counting `unit`s; yields update(completed=…, total=…, note=…)."""
+    """A progress bar counting `unit`s; yields update(total=…, completed=…, note=…). The
+    bar appears at the first update, which gives the total."""
     if quiet:
         yield lambda **_: None
         return
@@ -82,8 +83,13 @@ def _bar(message: str, unit: str, quiet: bool) -> Iterator[Callable[..., None]]:
                   TextColumn(f"{{task.completed}}/{{task.total}} {unit}"),
                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
                   console=stderr, transient=True) as progress:
-        task = progress.add_task(message, total=None, note="")
-        yield lambda **fields: progress.update(task, **fields)
+        tasks = []
+
+        def update(**fields) -> None:
+            if not tasks:
+                tasks.append(progress.add_task(message, total=fields.pop("total"), note=""))
+            progress.update(tasks[0], **fields)
+        yield update
 
 
 def _load(model: str, quiet: bool = False):
