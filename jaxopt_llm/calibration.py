@@ -310,18 +310,25 @@ def layer_sequential(
         if index in blocks:
             calibration._say(f"block {index + 1}/{config.num_layers}: statistics")
             stats: dict[str, LinearStats] = {}
+            outputs = []
             for x, args, mask in inputs:
-                _, batch_stats = runner.run_with_stats(block_params, x, args, mask)
+                y, batch_stats = runner.run_with_stats(block_params, x, args, mask)
+                outputs.append(y)
                 stats = batch_stats if not stats else {
                     name: stats[name].merge(value) for name, value in batch_stats.items()}
             context = BlockContext(index=index, path=path, params=block_params, stats=stats,
                                    runner=runner, inputs=inputs)
             calibration._say(f"block {index + 1}/{config.num_layers}: compressing")
-            block_params = compress(context)
-            out[path] = block_params
+            compressed = compress(context)
+            if compressed is not block_params:  # else the outputs computed above still hold
+                outputs = None
+            block_params = out[path] = compressed
+        else:
+            outputs = None
         if index < max(blocks):
-            inputs = [(runner.run(block_params, x, args, mask), args, mask)
-                      for x, args, mask in inputs]
+            if outputs is None:
+                outputs = [runner.run(block_params, x, args, mask) for x, args, mask in inputs]
+            inputs = [(y, args, mask) for y, (_, args, mask) in zip(outputs, inputs, strict=True)]
     return out
 
 
