@@ -143,6 +143,12 @@ class Recipe:
         for stage in self.stages:
             stage.check()
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when an op of the recipe needs calibration data (`calibration=`)."""
+        return any(get_op(r.op).needs_calibration for stage in self.stages
+                   for r in stage.rules if r.op != KEEP)
+
     def __call__(self, config: Any, params: Any, *, calibration: Any = None) -> tuple[Any, Any]:
         self.check()
         return named_chain(*((s.name, functools.partial(s, calibration=calibration))

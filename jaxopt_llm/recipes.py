@@ -25,6 +25,7 @@ Llama-family and GPT-2 models only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.models.family import blocks_regex
@@ -85,9 +86,14 @@ def load_recipe(spec: str | Path | Recipe) -> Recipe:
                      f"(or give a path to a .yaml/.json recipe file)")
 
 
-def apply_recipe(loaded: LoadedModel, recipe: Recipe | None) -> LoadedModel:
+def apply_recipe(loaded: LoadedModel, recipe: Recipe | None, *,
+                 calibration: Any = None) -> LoadedModel:
     """`loaded` with `recipe` applied (None: unchanged), remembering its float32 size in
     `extra["dense_param_bytes"]` (an artifact keeps the size of the model it came from).
+
+    A recipe with calibrated ops (GPTQ, …) runs on `calibration`
+    (`jaxopt_llm.calibration.Calibration`), by default the embedded text after the
+    evaluation tokens, tokenized with the model's tokenizer.
 
     On an artifact the recipe continues the one the artifact was made with: the result's
     recipe is both, stage after stage, named "before+recipe".
@@ -101,12 +107,24 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | None) -> LoadedModel:
         loaded.params)
     if recipe is None:
         return dataclasses.replace(loaded, extra=extra)
-    config, params = recipe(loaded.config, loaded.params)
+    if calibration is None and recipe.needs_calibration:
+        from jaxopt_llm.calibration import default_calibration
+
+        calibration = default_calibration(loaded.tokenizer)
+    config, params = recipe(loaded.config, loaded.params, calibration=calibration)
     applied = recipe
     if loaded.recipe:
         before = Recipe.from_dict(loaded.recipe)
+        taken = {stage.name for stage in before.stages}
+        added = []
+        for stage in recipe.stages:  # stage names stay unique: "prune" again → "prune-2"
+            name, k = stage.name, 2
+            while name in taken:
+                name, k = f"{stage.name}-{k}", k + 1
+            taken.add(name)
+            added.append(dataclasses.replace(stage, name=name))
         applied = Recipe(name=f"{before.name}+{recipe.name}",
                          description=f"{before.description}; then {recipe.description}",
-                         stages=before.stages + recipe.stages)
+                         stages=before.stages + tuple(added))
     return dataclasses.replace(loaded, config=config, params=params, recipe=applied.to_dict(),
                                extra=extra)
