@@ -53,7 +53,18 @@ def flatten_keys(tree: Any, *, strict: bool = False) -> dict[tuple, Any]:
 
 
 def path_of(keys: tuple) -> str:
-    """("layers", 0, "kernel") → "layers/0/kernel"."""
+    """("layers", 0, "kernel") → "layers/0/kernel".
+
+    Args:
+        keys: a key tuple from `flatten_keys` (any keys; each is str()-ed).
+
+    Returns:
+        The "/"-joined path.
+
+    Example:
+        >>> path_of(("layers", 0, "kernel"))
+        'layers/0/kernel'
+    """
     return SEPARATOR.join(map(str, keys))
 
 
@@ -77,9 +88,15 @@ def flatten(tree: Any, *, strict: bool = False) -> dict[str, Any]:
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of `flatten`: {"a/b": leaf} → {"a": {"b": leaf}}.
 
+    Args:
+        flat: a mapping from "/"-joined path to leaf.
+
+    Returns:
+        The nested dict, in the order of `flat`.
+
     Example:
-      >>> unflatten({"a/kernel": 1, "b": 2})
-      {'a': {'kernel': 1}, 'b': 2}
+        >>> unflatten({"a/kernel": 1, "b": 2})
+        {'a': {'kernel': 1}, 'b': 2}
     """
     tree: dict[str, Any] = {}
     for path, value in flat.items():
@@ -94,9 +111,16 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def map_flat(fn: Any, tree: Any) -> dict[str, Any]:
     """`unflatten({path: fn(path, leaf)})` over `flatten(tree)`: a path-aware tree map.
 
+    Args:
+        fn: called as fn(path, leaf) for every parameter (a typed leaf is one parameter).
+        tree: a nested mapping of arrays and weight leaves.
+
+    Returns:
+        A new nested dict holding fn's results.
+
     Example:
-      >>> map_flat(lambda path, leaf: path, {"a": {"b": 0}})
-      {'a': {'b': 'a/b'}}
+        >>> map_flat(lambda path, leaf: path, {"a": {"b": 0}})
+        {'a': {'b': 'a/b'}}
     """
     return unflatten({path: fn(path, leaf) for path, leaf in flatten(tree).items()})
 
@@ -104,9 +128,16 @@ def map_flat(fn: Any, tree: Any) -> dict[str, Any]:
 def freeze(value: Any) -> Any:
     """Hashable form of a JSON-like value: mappings → sorted item tuples, lists → tuples.
 
+    Args:
+        value: a JSON-like value (mappings, lists, tuples, scalars).
+
+    Returns:
+        The same data built from tuples only (so it can be a static jit argument or a
+        frozen dataclass field).
+
     Example:
-      >>> freeze({"b": [1, 2], "a": 0})
-      (('a', 0), ('b', (1, 2)))
+        >>> freeze({"b": [1, 2], "a": 0})
+        (('a', 0), ('b', (1, 2)))
     """
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
@@ -118,9 +149,15 @@ def freeze(value: Any) -> Any:
 def thaw(value: Any) -> Any:
     """Inverse of `freeze` for data files: item tuples → dicts, other tuples → lists.
 
+    Args:
+        value: a value made by `freeze`.
+
+    Returns:
+        The JSON-like value (dicts and lists).
+
     Example:
-      >>> thaw((("a", 0), ("b", (1, 2))))
-      {'a': 0, 'b': [1, 2]}
+        >>> thaw((("a", 0), ("b", (1, 2))))
+        {'a': 0, 'b': [1, 2]}
     """
     if isinstance(value, tuple):
         if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)

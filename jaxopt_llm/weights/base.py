@@ -34,7 +34,22 @@ _BY_NAME: dict[str, type] = {}
 
 
 class WeightLeaf:
-    """Base of every typed weight representation (subclass it with `flax.struct.dataclass`)."""
+    """Base of every typed weight representation (subclass it with `flax.struct.dataclass`).
+
+    Subclassing registers the class by its name (`leaf_classes`), which artifacts use to
+    rebuild it; `materialize()` is the one method a subclass must define.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import struct
+        >>> @struct.dataclass
+        ... class Doubled(WeightLeaf):
+        ...     half: jnp.ndarray
+        ...     def materialize(self):
+        ...         return self.half * 2
+        >>> Doubled(half=jnp.ones((3, 2))).linear(jnp.ones((1, 3))).tolist()
+        [[6.0, 6.0]]
+    """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -69,6 +84,14 @@ class WeightLeaf:
 
         Default: every 2-D+ array is (rows', cols') like the dense weight (codes, values,
         masks, group scales), a 1-D array follows the columns.
+
+        Args:
+            rows: mesh axis of the dense weight's rows (K of a kernel, V of a table), or None.
+            cols: mesh axis of its columns (N, D), or None.
+            mesh: the mesh (a dimension its axis does not divide stays replicated).
+
+        Returns:
+            This leaf's class holding a `PartitionSpec` in place of each array.
         """
         return jax.tree_util.tree_map(
             lambda a: axis_spec(a.shape, {0: rows, 1: cols} if a.ndim >= 2 else {0: cols}, mesh),
@@ -76,11 +99,26 @@ class WeightLeaf:
 
     def viewed_as(self, shape: tuple[int, ...]) -> Any:
         """This kernel seen with another logical shape of the same leading dim and size
-        (e.g. a DenseGeneral kernel (K, H, D) as (K, H·D)); default: unchanged."""
+        (e.g. a DenseGeneral kernel (K, H, D) as (K, H·D)); default: unchanged.
+
+        Args:
+            shape: the logical shape wanted.
+
+        Returns:
+            A leaf whose `linear` computes with that shape.
+        """
         return self
 
     def add_dense(self, delta: jax.Array) -> Any:
-        """This weight plus a dense delta of its shape; default: a plain dense array."""
+        """This weight plus a dense delta of its shape; default: a plain dense array.
+
+        Args:
+            delta: a dense array of the weight's shape (e.g. a LoRA adapter's a·b·scale).
+
+        Returns:
+            The sum, as closely as the representation holds it (subclasses say whether their
+            result is exact or re-rounded).
+        """
         dense = self.materialize()
         return dense + delta.astype(dense.dtype)
 
@@ -89,6 +127,21 @@ def axis_spec(shape: tuple[int, ...], dims: Mapping[int, str | None], mesh: Mesh
     """PartitionSpec for an array whose dim d goes on mesh axis dims[d].
 
     A dim the axis does not divide (or of size 1, e.g. one group of scales) is replicated.
+
+    Args:
+        shape: the array's shape.
+        dims: dimension → mesh axis name (None: replicated).
+        mesh: the mesh whose axis sizes decide divisibility.
+
+    Returns:
+        The `PartitionSpec` (trailing replicated dims left out).
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from jax.sharding import Mesh
+        >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+        >>> axis_spec((8, 4), {1: "model"}, mesh)
+        P(None, 'model')
     """
     parts: list[str | None] = [None] * len(shape)
     for dim, axis in dims.items():
@@ -101,14 +154,40 @@ def axis_spec(shape: tuple[int, ...], dims: Mapping[int, str | None], mesh: Mesh
 
 
 def specs_of(weight: Any, rows: str | None, cols: str | None, mesh: Mesh) -> Any:
-    """Specs of a weight that may be a leaf or a plain 2-D array (e.g. a low-rank factor)."""
+    """Specs of a weight that may be a leaf or a plain 2-D array (e.g. a low-rank factor).
+
+    Args:
+        weight: a `WeightLeaf` or an array.
+        rows: mesh axis of the dense weight's rows, or None.
+        cols: mesh axis of its columns, or None.
+        mesh: the mesh.
+
+    Returns:
+        The leaf's `partition_specs(rows, cols, mesh)`, or one `PartitionSpec` for an array.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from jax.sharding import Mesh
+        >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+        >>> specs_of(np.zeros((8, 4)), "model", None, mesh)
+        P('model',)
+    """
     if isinstance(weight, WeightLeaf):
         return weight.partition_specs(rows, cols, mesh)
     return axis_spec(weight.shape, {0: rows, 1: cols}, mesh)
 
 
 def leaf_classes() -> dict[str, type]:
-    """Every weight representation defined so far, by class name (artifacts use the name)."""
+    """Every weight representation defined so far, by class name (artifacts use the name).
+
+    Returns:
+        A copy of the registry: class name → class.
+
+    Example:
+        >>> import jaxopt_llm.weights
+        >>> "QuantizedWeight" in leaf_classes()
+        True
+    """
     return dict(_BY_NAME)
 
 

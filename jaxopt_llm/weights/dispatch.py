@@ -29,9 +29,17 @@ def _check_weight(w: Any, what: str) -> None:
 def linear(x: jax.Array, w: Any) -> jax.Array:
     """x (..., d_in) @ w (d_in, d_out) → (..., d_out), whatever w's representation.
 
+    Args:
+        x: the activations (..., d_in).
+        w: a kernel (d_in, d_out): a plain array or a `WeightLeaf` (which runs its own
+            `linear`).
+
+    Returns:
+        The projection (..., d_out), in x's dtype.
+
     Example:
-      >>> linear(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
-      (2, 4)
+        >>> linear(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
+        (2, 4)
     """
     if isinstance(w, WeightLeaf):
         return w.linear(x)
@@ -42,9 +50,16 @@ def linear(x: jax.Array, w: Any) -> jax.Array:
 def embed(table: Any, ids: jax.Array) -> jax.Array:
     """Rows of a (vocab, d) table for integer ids (...,) → (..., d).
 
+    Args:
+        table: the embedding table (vocab, d): a plain array or a `WeightLeaf`.
+        ids: integer token ids of any shape.
+
+    Returns:
+        The rows, shape ids.shape + (d,).
+
     Example:
-      >>> embed(jnp.eye(4), jnp.array([1, 3])).shape
-      (2, 4)
+        >>> embed(jnp.eye(4), jnp.array([1, 3])).shape
+        (2, 4)
     """
     if isinstance(table, WeightLeaf):
         return table.embed(ids)
@@ -55,9 +70,16 @@ def embed(table: Any, ids: jax.Array) -> jax.Array:
 def attend(x: jax.Array, table: Any) -> jax.Array:
     """Tied output head: x (..., d) against a (vocab, d) table → logits (..., vocab).
 
+    Args:
+        x: the hidden states (..., d).
+        table: the embedding table (vocab, d): a plain array or a `WeightLeaf`.
+
+    Returns:
+        The logits x · tableᵀ, shape (..., vocab).
+
     Example:
-      >>> attend(jnp.ones((2, 3)), jnp.ones((5, 3))).shape
-      (2, 5)
+        >>> attend(jnp.ones((2, 3)), jnp.ones((5, 3))).shape
+        (2, 5)
     """
     if isinstance(table, WeightLeaf):
         return table.attend(x)
@@ -66,16 +88,33 @@ def attend(x: jax.Array, table: Any) -> jax.Array:
 
 
 def is_weight_leaf(node: Any) -> bool:
-    """True for a typed weight representation (treated as one parameter)."""
+    """True for a typed weight representation (treated as one parameter).
+
+    Args:
+        node: anything found in a parameter tree.
+
+    Returns:
+        Whether `node` is a `WeightLeaf` (use as `is_leaf=` in `jax.tree_util` calls).
+
+    Example:
+        >>> is_weight_leaf(jnp.ones(2))
+        False
+    """
     return isinstance(node, WeightLeaf)
 
 
 def materialize(tree: Any) -> Any:
     """Dense float arrays in place of every typed leaf (plain arrays pass through).
 
+    Args:
+        tree: a parameter tree (or a single weight).
+
+    Returns:
+        The same tree with each `WeightLeaf` replaced by its `materialize()`.
+
     Example:
-      >>> materialize({"w": jnp.ones(2)})["w"].shape
-      (2,)
+        >>> materialize({"w": jnp.ones(2)})["w"].shape
+        (2,)
     """
     return jax.tree_util.tree_map(
         lambda node: node.materialize() if isinstance(node, WeightLeaf) else node,
@@ -85,9 +124,15 @@ def materialize(tree: Any) -> Any:
 def param_bytes(tree: Any) -> int:
     """Bytes the parameter tree really stores (packed codes, scales and masks included).
 
+    Args:
+        tree: a parameter tree, a single weight, or their `jax.ShapeDtypeStruct`s.
+
+    Returns:
+        The total bytes: each typed leaf's `nbytes`, each array's size × itemsize.
+
     Example:
-      >>> param_bytes({"w": jnp.ones((2, 3), jnp.float32)})
-      24
+        >>> param_bytes({"w": jnp.ones((2, 3), jnp.float32)})
+        24
     """
     total = 0
     for node in jax.tree_util.tree_leaves(tree, is_leaf=is_weight_leaf):

@@ -40,7 +40,20 @@ _MIN_STEP = 1e-8
 
 @struct.dataclass
 class FakeQuantWeight(WeightLeaf):
-    """Float weight `w` (kernel (K, ...) for axis 0, table (V, D) for axis 1) seen quantized."""
+    """Float weight `w` (kernel (K, ...) for axis 0, table (V, D) for axis 1) seen quantized.
+
+    The static fields (bits, symmetric, granularity, group_size, partial_groups, method)
+    describe the integer grid as `QuantSpec` does; `ste` ("identity" or "clipped") and
+    `clip_ratio` shape the straight-through gradient; `scale` / `zero` hold LSQ's learned
+    step sizes when `with_learned_scale()` was called. `jaxopt_llm.train.convert` turns it
+    into the `QuantizedWeight` that computes the same thing.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = FakeQuantWeight(w=jnp.array([[0.2, -2.0], [1.0, 1.0]]), bits=2)
+        >>> w.materialize().tolist()  # per column, steps of absmax / qmax; ties to even
+        [[0.0, -2.0], [1.0, 0.0]]
+    """
 
     w: jax.Array
     bits: int = struct.field(pytree_node=False)
@@ -67,12 +80,14 @@ class FakeQuantWeight(WeightLeaf):
 
     @property
     def spec(self) -> QuantSpec:
+        """The integer grid as a `QuantSpec` (bits, symmetry, granularity, groups)."""
         return QuantSpec(bits=self.bits, symmetric=self.symmetric,
                          granularity=self.granularity, group_size=self.group_size,
                          partial_groups=self.partial_groups)
 
     @property
     def learned(self) -> bool:
+        """True when the leaf holds learned step sizes (LSQ)."""
         return self.scale is not None
 
     def canonical(self) -> jax.Array:
@@ -87,6 +102,12 @@ class FakeQuantWeight(WeightLeaf):
         return scale_and_zero(lo * self.clip_ratio, hi * self.clip_ratio, self.spec)
 
     def with_learned_scale(self) -> FakeQuantWeight:
+        """This weight with LSQ step sizes (and fixed zero points when asymmetric) initialised
+        from its current range.
+
+        Returns:
+            A `FakeQuantWeight` whose `scale` (and `zero`) are set.
+        """
         scale, zero = self.initial_scale()
         return self.replace(scale=scale, zero=zero)
 
@@ -147,4 +168,12 @@ class FakeQuantWeight(WeightLeaf):
             zero=None if self.zero is None else axis_spec(self.zero.shape, grouped_dims, mesh))
 
     def add_dense(self, delta: jax.Array) -> FakeQuantWeight:
+        """The master weight plus `delta` (exact: the weight is float until converted).
+
+        Args:
+            delta: a dense array of w's shape.
+
+        Returns:
+            The same fake-quant settings on w + delta.
+        """
         return self.replace(w=self.w + delta)

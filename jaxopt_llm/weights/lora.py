@@ -23,6 +23,17 @@ from jaxopt_llm.weights.dispatch import is_weight_leaf, linear, materialize
 
 @struct.dataclass
 class LoRAWeight(WeightLeaf):
+    """A frozen base weight (any representation) plus a trainable low-rank delta.
+
+    y = linear(x, base) + (x @ a) @ b · scale, with `a` (K, r), `b` (r, N) and the static
+    `scale` = alpha / r. Made by `add_lora`, folded into its base by `merge_lora`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LoRAWeight(base=jnp.eye(2), a=jnp.ones((2, 1)), b=jnp.ones((1, 2)), scale=0.5)
+        >>> w.materialize().tolist()
+        [[1.5, 0.5], [0.5, 1.5]]
+    """
     base: Any  # (K, N) in any representation; frozen in training by the trainable rule
     a: jax.Array  # (K, r)
     b: jax.Array  # (r, N)
@@ -45,7 +56,28 @@ class LoRAWeight(WeightLeaf):
 
 def add_lora(params: Any, match: str, *, rank: int, alpha: float | None = None,
              seed: int = 0) -> Any:
-    """Wrap every 2-D kernel whose path fully matches `match` in a LoRAWeight of `rank`."""
+    """Wrap every 2-D kernel whose path fully matches `match` in a LoRAWeight of `rank`.
+
+    `a` starts random (normal / sqrt(K)), `b` zero, so the wrapped model computes exactly
+    what it did before; the base weights stay as they are (any representation).
+
+    Args:
+        params: the parameter tree.
+        match: a regex `re.fullmatch`ed against "/"-joined parameter paths (e.g.
+            `rules.BLOCK_LINEARS`); it must select at least one parameter.
+        rank: the adapters' rank r, below min(K, N) of every selected kernel.
+        alpha: the LoRA scale numerator (scale = alpha / rank); default rank (scale 1).
+        seed: seed of `a`'s initialisation.
+
+    Returns:
+        A new tree with `LoRAWeight`s at the selected paths.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> wrapped = add_lora({"dense": {"kernel": jnp.ones((4, 3))}}, ".*kernel", rank=2)
+        >>> type(wrapped["dense"]["kernel"]).__name__
+        'LoRAWeight'
+    """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     flat = tree.flatten(params)
@@ -70,7 +102,20 @@ def add_lora(params: Any, match: str, *, rank: int, alpha: float | None = None,
 def merge_lora(params: Any) -> Any:
     """Fold every LoRAWeight into its base with the base's own `add_dense`: float bases
     become base + a·b·scale, a quantized base is re-quantized with its own settings (its
-    grid cannot hold the delta exactly), a masked base keeps its sparsity pattern."""
+    grid cannot hold the delta exactly), a masked base keeps its sparsity pattern.
+
+    Args:
+        params: a parameter tree holding `LoRAWeight`s (other leaves pass through).
+
+    Returns:
+        A new tree without adapters.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> lora = LoRAWeight(base=jnp.eye(2), a=jnp.ones((2, 1)), b=jnp.ones((1, 2)), scale=0.5)
+        >>> merge_lora({"kernel": lora})["kernel"].tolist()
+        [[1.5, 0.5], [0.5, 1.5]]
+    """
 
     def fold(leaf: Any) -> Any:
         if not isinstance(leaf, LoRAWeight):

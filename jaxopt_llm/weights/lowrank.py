@@ -19,15 +19,27 @@ from jaxopt_llm.weights.dispatch import linear, materialize
 
 @struct.dataclass
 class LowRankWeight(WeightLeaf):
+    """A kernel (K, N) stored as u (K, r) @ v (r, N); each factor may itself be a typed leaf.
+
+    `linear` runs two thin matmuls, linear(linear(x, u), v), never the (K, N) product.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LowRankWeight(u=jnp.ones((6, 2)), v=jnp.ones((2, 4)))
+        >>> w.shape, w.rank, w.linear(jnp.ones((1, 6))).tolist()
+        ((6, 4), 2, [[12.0, 12.0, 12.0, 12.0]])
+    """
     u: Any  # (K, r)
     v: Any  # (r, N)
 
     @property
     def rank(self) -> int:
+        """The rank r (rows of v)."""
         return int(self.v.shape[0])
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The dense weight's shape (K, N)."""
         return int(self.u.shape[0]), int(self.v.shape[-1])
 
     def materialize(self) -> jax.Array:

@@ -16,7 +16,18 @@ import jax.numpy as jnp
 
 
 def values_per_unit(bits: int) -> int:
-    """Values that share one packing unit: a byte for 1/2/4 bits, 8 values for bit planes."""
+    """Values that share one packing unit: a byte for 1/2/4 bits, 8 values for bit planes.
+
+    Args:
+        bits: the code width, 1..8.
+
+    Returns:
+        8/bits for 1, 2 and 4 bits; 8 for 3, 5, 6 and 7 (bit planes); 1 for 8.
+
+    Example:
+        >>> values_per_unit(4), values_per_unit(3)
+        (2, 8)
+    """
     _check_bits(bits)
     if bits == 8:
         return 1
@@ -24,7 +35,19 @@ def values_per_unit(bits: int) -> int:
 
 
 def packed_length(length: int, bits: int) -> int:
-    """Bytes along the packed axis for `length` values of `bits` bits."""
+    """Bytes along the packed axis for `length` values of `bits` bits.
+
+    Args:
+        length: values along the packed axis.
+        bits: the code width, 1..8.
+
+    Returns:
+        The packed axis's length in bytes (the last unit zero-padded).
+
+    Example:
+        >>> packed_length(10, 3)  # two units of 8 values, 3 bytes each
+        6
+    """
     unit = values_per_unit(bits)
     units = -(-length // unit)
     return units * (bits if (8 % bits and bits != 8) else 1)
@@ -36,7 +59,20 @@ def _check_bits(bits: int) -> None:
 
 
 def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
-    """Unsigned codes in [0, 2^bits) (any int dtype) → uint8, packed along `axis`."""
+    """Unsigned codes in [0, 2^bits) (any int dtype) → uint8, packed along `axis`.
+
+    Args:
+        codes: integer codes, each in [0, 2^bits).
+        bits: the code width, 1..8.
+        axis: the axis to pack (every other axis is kept).
+
+    Returns:
+        uint8 bytes, `packed_length(codes.shape[axis], bits)` long along `axis`.
+
+    Example:
+        >>> pack(jnp.array([1, 2, 3]), 4).tolist()  # 1 | 2 << 4, then 3
+        [33, 3]
+    """
     _check_bits(bits)
     codes = jnp.moveaxis(jnp.asarray(codes), axis, 0).astype(jnp.uint8)
     if bits == 8:
@@ -60,7 +96,21 @@ def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
 
 
 def unpack(packed: jax.Array, bits: int, length: int, axis: int = 0) -> jax.Array:
-    """Inverse of `pack`: uint8 bytes → uint8 codes, `length` values along `axis`."""
+    """Inverse of `pack`: uint8 bytes → uint8 codes, `length` values along `axis`.
+
+    Args:
+        packed: the bytes `pack` returned.
+        bits: the code width they were packed with.
+        length: the number of values along `axis` before packing (the padding is cut).
+        axis: the packed axis.
+
+    Returns:
+        uint8 codes, `length` long along `axis`.
+
+    Example:
+        >>> unpack(pack(jnp.array([1, 2, 3]), 4), 4, 3).tolist()
+        [1, 2, 3]
+    """
     _check_bits(bits)
     packed = jnp.moveaxis(packed, axis, 0)
     if bits == 8:

@@ -22,14 +22,30 @@ from jaxopt_llm.weights.base import WeightLeaf
 
 @struct.dataclass
 class MaskedWeight(WeightLeaf):
+    """A kernel (K, N) with any sparsity pattern: the dense values plus a 1-bit keep-mask.
+
+    Fields: `w` (K, N) float, zero where masked; `mask` (⌈K/8⌉, N) uint8, one bit per
+    entry packed along K. Build it with `masked_weight`.
+
+    Example:
+        >>> w = jnp.arange(8.0).reshape(4, 2)
+        >>> masked_weight(w, w > 3).materialize().tolist()
+        [[0.0, 0.0], [0.0, 0.0], [4.0, 5.0], [6.0, 7.0]]
+    """
     w: jax.Array  # (K, N) float, zero where masked
     mask: jax.Array  # (⌈K/8⌉, N) uint8, 1 bit per entry packed along K
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The dense weight's shape (K, N)."""
         return tuple(self.w.shape)
 
     def dense_mask(self) -> jax.Array:
+        """The keep-mask unpacked to booleans (K, N).
+
+        Returns:
+            True where the weight is kept.
+        """
         return packing.unpack(self.mask, 1, self.w.shape[0], axis=0).astype(jnp.bool_)
 
     def materialize(self) -> jax.Array:
@@ -44,7 +60,21 @@ class MaskedWeight(WeightLeaf):
 
 
 def masked_weight(w: jax.Array, keep: jax.Array) -> MaskedWeight:
-    """Wrap a kernel and a boolean keep-mask of the same shape (masked entries set to 0)."""
+    """Wrap a kernel and a boolean keep-mask of the same shape (masked entries set to 0).
+
+    Args:
+        w: the kernel (K, N).
+        keep: booleans of w's shape, True where the weight is kept.
+
+    Returns:
+        A `MaskedWeight` storing w (zeros where masked) and the packed mask.
+
+    Example:
+        >>> from jaxopt_llm.weights import param_bytes
+        >>> w = jnp.arange(8.0).reshape(4, 2)
+        >>> param_bytes(masked_weight(w, w > 3))  # 32 bytes of float32 + 2 bytes of mask
+        34
+    """
     if keep.shape != w.shape:
         raise ValueError(f"mask shape {keep.shape} does not match weight shape {w.shape}")
     w = jnp.where(keep, w, jnp.zeros((), w.dtype))
@@ -53,6 +83,18 @@ def masked_weight(w: jax.Array, keep: jax.Array) -> MaskedWeight:
 
 @struct.dataclass
 class NMSparseWeight(WeightLeaf):
+    """A kernel (K, N) compressed to `kept` values in every group of `m` consecutive inputs.
+
+    Fields: `values` (K·kept/m, N), the kept values in input order within each group;
+    `index`, their positions 0..m-1 packed in ⌈log2 m⌉ bits each; static `kept`, `m` and
+    the dense `shape`. Build it with `nm_sparse_weight`.
+
+    Example:
+        >>> w = jnp.arange(8.0).reshape(4, 2)
+        >>> keep = jnp.array([[1, 0], [0, 1], [0, 1], [1, 0]], bool)
+        >>> nm_sparse_weight(w, keep, 1, 2).materialize().tolist()
+        [[0.0, 0.0], [0.0, 3.0], [0.0, 5.0], [6.0, 0.0]]
+    """
     values: jax.Array  # (K·n/m, N) kept values, in input order within each group of m
     index: jax.Array  # packed positions (0..m-1) of the kept values, ⌈log2 m⌉ bits each
     kept: int = struct.field(pytree_node=False)  # values kept per group of m
@@ -61,9 +103,15 @@ class NMSparseWeight(WeightLeaf):
 
     @property
     def index_bits(self) -> int:
+        """Bits per stored position: ⌈log2 m⌉ (at least 1)."""
         return max(1, math.ceil(math.log2(self.m)))
 
     def positions(self) -> jax.Array:
+        """The position (0..m-1) of every kept value inside its group.
+
+        Returns:
+            uint8 (K·kept/m, N), aligned with `values`.
+        """
         return packing.unpack(self.index, self.index_bits, self.values.shape[0], axis=0)
 
     def materialize(self) -> jax.Array:
@@ -82,7 +130,24 @@ class NMSparseWeight(WeightLeaf):
 
 
 def nm_sparse_weight(w: jax.Array, keep: jax.Array, kept: int, m: int) -> NMSparseWeight:
-    """Compress a kernel (K, N) whose keep-mask keeps exactly `kept` of every m along K."""
+    """Compress a kernel (K, N) whose keep-mask keeps exactly `kept` of every m along K.
+
+    Args:
+        w: the kernel (K, N), K a multiple of m.
+        keep: booleans of w's shape keeping exactly `kept` entries of each group of m
+            consecutive rows (e.g. from `transforms.prune.nm_keep_mask`).
+        kept: values kept per group (N of "N:M").
+        m: the group size (M of "N:M").
+
+    Returns:
+        The `NMSparseWeight`.
+
+    Example:
+        >>> w = jnp.arange(8.0).reshape(4, 2)
+        >>> keep = jnp.array([[1, 0], [0, 1], [0, 1], [1, 0]], bool)
+        >>> nm_sparse_weight(w, keep, 1, 2).values.tolist()
+        [[0.0, 3.0], [6.0, 5.0]]
+    """
     k, cols = w.shape
     keep_g = keep.reshape(k // m, m, cols)
     # Stable order of kept slots: sort slot ids with dropped ones pushed to the end.
