@@ -292,7 +292,7 @@ def _bf16_matmul(x2: jax.Array, w: QuantizedWeight) -> jax.Array:
 
     Per channel / per tensor the centered codes are exact in bf16 (|code| ≤ 255) and the
     scale is applied to the f32 product, so only x is rounded (a float offset m adds
-    Σ_k x_k · m, from the same rounded x); with groups the dequantized weight is rounded
+    (Σ_k x_k)·m, summed from x in float32); with groups the dequantized weight is rounded
     to bf16 (relative error ≤ 2^-9).
     """
     x16 = x2.astype(jnp.bfloat16)
@@ -305,7 +305,7 @@ def _bf16_matmul(x2: jax.Array, w: QuantizedWeight) -> jax.Array:
         y = jnp.dot(x16, codes.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         y = y * scale[0].astype(jnp.float32)
         if offset:
-            row_sums = jnp.sum(x16.astype(jnp.float32), axis=-1, keepdims=True)  # (M, 1)
+            row_sums = jnp.sum(x2.astype(jnp.float32), axis=-1, keepdims=True)  # (M, 1)
             y = y + row_sums * zero[0].astype(jnp.float32)
         return y
     weight = w.materialize().reshape(w.shape2d).astype(jnp.bfloat16)
