@@ -191,7 +191,7 @@ def quantize_weight(
             raise ValueError(f"{name}: clip_ratio must be in (0, 1], got {clip_ratio}")
         lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
-    return _assemble(wg, scale, zero, spec, axis=axis, shape=shape,
+    return assemble_codes(wg, scale, zero, spec, axis=axis, shape=shape,
                      dtype=jnp.dtype(w.dtype).name, act_bits=act_bits, compute=compute)
 
 
@@ -210,14 +210,27 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
                          f"{(wg.shape[0], 1, wg.shape[2])} for weight {shape}")
     if (zero is None) != spec.symmetric:
         raise ValueError("a zero point is needed exactly when the grid is asymmetric")
-    return _assemble(wg, scale.astype(jnp.float32), zero, spec, axis=axis, shape=shape,
+    return assemble_codes(wg, scale.astype(jnp.float32), zero, spec, axis=axis, shape=shape,
                      dtype=jnp.dtype(w.dtype).name, act_bits=None, compute="auto")
 
 
-def _assemble(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, *,
+def assemble_codes(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, *,
               axis: int, shape: tuple[int, ...], dtype: str, act_bits: int | None,
               compute: str) -> QuantizedWeight:
-    """Codes of the grouped view `wg` on (scale, zero), packed into a QuantizedWeight."""
+    """Codes of the grouped view `wg` on (scale, zero), packed into a QuantizedWeight.
+
+    The one assembly every quantizer (RTN, LSQ's learned grids, GPTQ) goes through, so
+    codes, packing and scale layout are the same whichever chose the grid.
+
+    Args:
+      wg: the weights to round, canonical grouped view (G, g, N) (see `grouped`).
+      scale, zero: the grid in the (G, 1, N) layout (`scale_and_zero`'s output).
+      spec: the grid's settings; axis, shape, dtype: the weight's (axis 1: a table).
+      act_bits, compute: execution settings stored on the leaf.
+
+    Returns:
+      The QuantizedWeight.
+    """
     length = shape[0] if axis == 0 else shape[1]
     codes = ungrouped(quantize_codes(wg, scale, zero, spec), length)
     scale2, zero2 = scale[:, 0, :], (None if zero is None else zero[:, 0, :])
