@@ -16,9 +16,9 @@ the authors' reference implementation:
   * lazy batch updates: errors within a block of `block_size` inputs are applied to the
     block input by input, and to all later inputs at once (one matmul) after the block;
   * act_order: inputs in descending diag(H) (the most active first); with groups this
-    needs static groups, whose grids come from the original W, so group g still holds
-    inputs g·size … (g+1)·size - 1 and the result is an ordinary QuantizedWeight in the
-    original input order;
+    needs static groups, whose grids come up front from the original W (dead inputs
+    zeroed), so group g still holds inputs g·size … (g+1)·size - 1 and the result is an
+    ordinary QuantizedWeight in the original input order;
   * grids: per channel (or tensor) from the whole original W; per group, when the loop
     reaches the group's first input, from the group's weights as updated so far.
     The reference reads a group's weights before the updates of earlier inputs of the
