@@ -29,23 +29,41 @@ from jaxopt_llm.weights import (
 from jaxopt_llm.weights.fake_quant import STE_MODES
 from jaxopt_llm.weights.quant_math import RANGE_METHODS
 
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_scale_dtype(value: Any) -> None:
+    """`scale_dtype` is null (float16 for group scales, float32 otherwise) or a float name."""
+    if value is not None and value not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES} or null, got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _GridOptions(OpOptions):
-    """The integer grid shared by `quantize` and `fake_quant`."""
+class GridOptions(OpOptions):
+    """The integer grid an op quantizes onto (`quantize`, `fake_quant`, GPTQ)."""
 
     bits: int = 8
     symmetric: bool = True
     granularity: str | None = None  # "tensor" | "channel" | "group"; default: group if group_size
     group_size: int | None = None
     partial_groups: bool = False  # allow a shorter last group where group_size does not divide
-    method: str | None = None  # absmax (symmetric) / minmax (asymmetric) | percentile | mse
 
     @property
     def spec(self) -> QuantSpec:
+        return self._spec("integer")
+
+    def _spec(self, zero: str) -> QuantSpec:
         granularity = self.granularity or ("group" if self.group_size is not None else "channel")
         return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity=granularity,
-                         group_size=self.group_size, partial_groups=bool(self.partial_groups))
+                         group_size=self.group_size, partial_groups=bool(self.partial_groups),
+                         zero=zero)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _GridOptions(GridOptions):
+    """The grid and its range calibration, shared by `quantize` and `fake_quant`."""
+
+    method: str | None = None  # absmax (symmetric) / minmax (asymmetric) | percentile | mse
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,19 +77,26 @@ class QuantizeOptions(_GridOptions):
     act_bits: int | None = None  # 8: W8A8 (dynamic per-token int8 activations)
     scale_dtype: str | None = None  # float16 for group scales, float32 otherwise
     compute: str = "auto"  # auto: bf16 matmuls (f32 accumulation) for ≥128 rows; or float32
+    zero: str = "integer"  # asymmetric grids: uint8 zero point, or "float" offset w = u·d + m
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self._spec(self.zero)
 
     def validate(self) -> None:
-        self.spec  # noqa: B018  (validates bits, granularity and group size)
+        self.spec  # noqa: B018  (validates bits, granularity, group size and zero)
         if self.method not in (None, *RANGE_METHODS):
             raise ValueError(f"method must be one of {RANGE_METHODS}, got {self.method!r}")
         if self.act_bits not in (None, 8):
             raise ValueError(f"act_bits must be 8 or null, got {self.act_bits!r}")
         if self.act_bits and self.bits == 8 and not self.symmetric:
             raise ValueError("asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric")
+        if self.act_bits and self.zero == "float":
+            raise ValueError("zero 'float' cannot run W8A8 (act_bits: 8 needs integer zero "
+                             "points); use zero: integer or act_bits: null")
         if self.compute not in ("auto", "float32"):
             raise ValueError(f"compute must be 'auto' or 'float32', got {self.compute!r}")
-        if self.scale_dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ValueError("scale_dtype must be float32, float16 or bfloat16")
+        check_scale_dtype(self.scale_dtype)
         check_finite_number("percentile", self.percentile, low=0.0, high=100.0, open_low=True)
         check_finite_number("mse_max_shrink", self.mse_max_shrink, low=0.0, high=1.0,
                             open_high=True)

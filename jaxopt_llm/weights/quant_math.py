@@ -4,9 +4,13 @@ Round-to-nearest with a calibrated range (docs/algorithms.md, "RTN"):
   symmetric   scale = m / (2^(b-1) - 1), q = clamp(round(w/scale), -2^(b-1), 2^(b-1) - 1)
   asymmetric  scale = (hi - lo) / (2^b - 1), zero = clamp(round(-lo/scale), 0, 2^b - 1),
               u = clamp(round(w/scale) + zero, 0, 2^b - 1),  w ≈ (u - zero)·scale
+  float offset (zero="float", llama.cpp's Q4_1/Q5_1, many GPTQ/AWQ checkpoints)
+              d = (hi - lo) / (2^b - 1), m = lo, u = clamp(round((w - m)/d), 0, 2^b - 1),
+              w ≈ u·d + m  (d and m both stored in the scale dtype)
 where (lo, hi) or m come from the weights of one quantization group: absmax, min-max,
 a percentile, or the clip ratio minimising the group's quantization error (MSE search,
-as in GPTQ's reference quantizer). Ranges always include 0 so 0 stays exact.
+as in GPTQ's reference quantizer). Integer-zero ranges always include 0 so 0 stays
+exact; a float offset spends no code on 0, its range is the group's own [min, max].
 
 Everything works on a canonical grouped view (G, g, N): the contraction axis (K, the one
 groups run along) is split into G groups of g, N counts output channels. Per-tensor is
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 
 GRANULARITIES = ("tensor", "channel", "group")
 RANGE_METHODS = ("absmax", "minmax", "percentile", "mse")
+ZERO_KINDS = ("integer", "float")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,6 +41,8 @@ class QuantSpec:
     # A shorter last group where group_size does not divide the input (as GPTQ allows);
     # off by default so a mistyped group size is an error, not a silent ragged layout.
     partial_groups: bool = False
+    # Asymmetric grids only: "integer" zero point (uint8) or "float" offset w = u·d + m.
+    zero: str = "integer"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
@@ -59,6 +66,16 @@ class QuantSpec:
                 f"group_size={self.group_size} is only valid with granularity 'group' "
                 f"(got granularity {self.granularity!r})"
             )
+        if self.zero not in ZERO_KINDS:
+            raise ValueError(f"zero must be one of {ZERO_KINDS}, got {self.zero!r}")
+        if self.zero == "float" and self.symmetric:
+            raise ValueError("zero='float' (a float offset w = u·d + m) needs an asymmetric "
+                             "grid: set symmetric to false")
+
+    @property
+    def float_zero(self) -> bool:
+        """True when the grid's zero is a float offset (w = u·d + m)."""
+        return self.zero == "float"
 
     @property
     def qmin(self) -> int:
@@ -84,16 +101,23 @@ class QuantSpec:
 
 
 def grouped(w2: jax.Array, spec: QuantSpec) -> jax.Array:
-    """(K, N) → (G, g, N) canonical view; a partial last group is zero-padded.
+    """(K, N) → (G, g, N) canonical view; a partial last group is padded.
 
-    Zero padding never moves a range (every range includes 0) and pads quantize to
-    exactly 0, so the padded entries change nothing; `ungrouped` drops them.
+    Integer zeros: zero padding never moves a range (every range includes 0) and pads
+    quantize to exactly 0. A float offset's range need not include 0, so its pads repeat
+    the last row, which lies in the same group and leaves its min and max unchanged.
+    Either way `ungrouped` drops the pads.
     """
     k, n = w2.shape
     groups = spec.num_groups(k)
     size = spec.group_size if spec.granularity == "group" else k
     if groups * size > k:
-        w2 = jnp.concatenate([w2, jnp.zeros((groups * size - k, n), w2.dtype)], axis=0)
+        pad = groups * size - k
+        if spec.float_zero:
+            filler = jnp.broadcast_to(w2[-1:], (pad, n))
+        else:
+            filler = jnp.zeros((pad, n), w2.dtype)
+        w2 = jnp.concatenate([w2, filler], axis=0)
     return w2.reshape(groups, size, n)
 
 
@@ -116,13 +140,20 @@ def group_range(
     mse_max_shrink: float = 0.8,
     mse_norm: float = 2.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """(lo, hi) per group, shapes (G, 1, N) or (1, 1, 1); lo ≤ 0 ≤ hi, lo = -hi if symmetric."""
+    """(lo, hi) per group, shapes (G, 1, N) or (1, 1, 1).
+
+    lo = -hi when symmetric; lo ≤ 0 ≤ hi with an integer zero; a float offset's range is
+    the group's own (not widened to include 0).
+    """
     axes = _reduce_axes(spec)
     wg = wg.astype(jnp.float32)
     if method in ("absmax", "minmax", "mse"):
         if spec.symmetric or method == "absmax":  # absmax: [-max|w|, max|w|] in any scheme
             hi = jnp.max(jnp.abs(wg), axis=axes, keepdims=True)
             lo = -hi
+        elif spec.float_zero:
+            lo = jnp.min(wg, axis=axes, keepdims=True)
+            hi = jnp.max(wg, axis=axes, keepdims=True)
         else:
             lo = jnp.minimum(jnp.min(wg, axis=axes, keepdims=True), 0.0)
             hi = jnp.maximum(jnp.max(wg, axis=axes, keepdims=True), 0.0)
@@ -137,6 +168,8 @@ def group_range(
             return -hi, hi
         lo = jnp.percentile(wg, 100.0 - percentile, axis=axes, keepdims=True)
         hi = jnp.percentile(wg, percentile, axis=axes, keepdims=True)
+        if spec.float_zero:
+            return lo, hi
         return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
 
@@ -144,7 +177,8 @@ def group_range(
 def scale_and_zero(
     lo: jax.Array, hi: jax.Array, spec: QuantSpec, scale_dtype: jnp.dtype = jnp.float32
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Scale (in `scale_dtype`, never 0) and integer zero point (uint8; None if symmetric)."""
+    """Scale (in `scale_dtype`, never 0) and zero: a uint8 zero point, the float offset m = lo
+    (in `scale_dtype`) when spec.zero is "float", None when symmetric."""
     tiny = jnp.float32(jnp.finfo(scale_dtype).tiny)
     if spec.symmetric:
         scale = hi / spec.qmax
@@ -153,6 +187,8 @@ def scale_and_zero(
     scale = jnp.maximum(scale, tiny).astype(scale_dtype)
     if spec.symmetric:
         return scale, None
+    if spec.float_zero:
+        return scale, lo.astype(scale_dtype)
     zero = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), 0, spec.qmax)
     return scale, zero.astype(jnp.uint8)
 
@@ -160,17 +196,31 @@ def scale_and_zero(
 def quantize_codes(
     wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec
 ) -> jax.Array:
-    """Integer codes in [qmin, qmax] as int32 (symmetric: signed q; asymmetric: unsigned u)."""
+    """Integer codes in [qmin, qmax] as int32 (symmetric: signed q; asymmetric: unsigned u).
+
+    Against the stored (rounded) scale and zero; a float offset m: u = round((w - m)/d).
+    """
+    if spec.float_zero:
+        shifted = wg.astype(jnp.float32) - zero.astype(jnp.float32)
+        q = jnp.round(shifted / scale.astype(jnp.float32))
+        return jnp.clip(q, spec.qmin, spec.qmax).astype(jnp.int32)
     q = jnp.round(wg.astype(jnp.float32) / scale.astype(jnp.float32))
     if zero is not None:
         q = q + zero.astype(jnp.float32)
     return jnp.clip(q, spec.qmin, spec.qmax).astype(jnp.int32)
 
 
+def is_float_offset(zero: jax.Array | None) -> bool:
+    """A float zero is an offset m (w = u·d + m); an integer one a zero point (u - z)·d."""
+    return zero is not None and jnp.issubdtype(zero.dtype, jnp.floating)
+
+
 def dequantize_codes(
     codes: jax.Array, scale: jax.Array, zero: jax.Array | None
 ) -> jax.Array:
-    """Codes (G, g, N) → float32 values."""
+    """Codes (G, g, N) → float32 values; `zero` is told apart by dtype (`is_float_offset`)."""
+    if is_float_offset(zero):
+        return codes.astype(jnp.float32) * scale.astype(jnp.float32) + zero.astype(jnp.float32)
     centered = codes.astype(jnp.int32)
     if zero is not None:
         centered = centered - zero.astype(jnp.int32)
@@ -194,9 +244,16 @@ def _mse_search(wg, lo, hi, spec, grid, max_shrink, norm):
     axes = _reduce_axes(spec)
     ratios = 1.0 - max_shrink * jnp.arange(grid, dtype=jnp.float32) / grid
 
+    # Integer zeros shrink toward 0 (kept in the range); a float offset's range shrinks
+    # toward its midpoint, so it stays inside [min, max] of the group.
+    center = (lo + hi) / 2
+
     def step(carry, ratio):
         best_err, best_lo, best_hi = carry
-        lo_r, hi_r = lo * ratio, hi * ratio
+        if spec.float_zero:
+            lo_r, hi_r = center + (lo - center) * ratio, center + (hi - center) * ratio
+        else:
+            lo_r, hi_r = lo * ratio, hi * ratio
         err = jnp.sum(
             jnp.abs(quantize_dequantize_grouped(wg, lo_r, hi_r, spec) - wg) ** norm,
             axis=axes,

@@ -5,7 +5,9 @@ symmetric 8-bit codes which are plain int8 (the W8A8 path contracts them directl
 Symmetric narrower codes are stored offset by 2^(b-1) so they are unsigned.
 Scales keep the weight's rank so one PartitionSpec shards codes and scales alike:
 a kernel (K, N) has scales (G, N); an embedding table (V, D), quantized along D, has
-scales (V, G); per-tensor scales are (1, 1).
+scales (V, G); per-tensor scales are (1, 1). The zero has the scales' shape: a uint8
+zero point (w = (u - z)·d), or with zero="float" a float offset in the scales' dtype
+(w = u·d + m, llama.cpp's Q4_1/Q5_1).
 
 Execution:
 - weight-only: dequantize, then one float32 matmul; with compute="auto" (default) inputs
@@ -14,7 +16,7 @@ Execution:
 - `act_bits=8` (W8A8, "SmoothQuant", Xiao et al., 2023, and LLM.int8()'s per-token
   activation scales): activations are quantized per token (dynamic absmax) to int8,
   `lax.dot_general` contracts int8 × int8 into int32 (per group when grouped), and
-  the product is rescaled by activation and weight scales.
+  the product is rescaled by activation and weight scales (integer zeros only).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class QuantizedWeight(WeightLeaf):
 
     qvalue: jax.Array  # packed uint8 codes, or int8 codes for symmetric 8-bit
     scale: jax.Array  # (G, N) for axis 0, (V, G) for axis 1; (1, 1) per tensor
-    zero_point: jax.Array | None  # uint8, same shape as scale; None when symmetric
+    # Same shape as scale: uint8 zero point, or the float offset (scale dtype) when
+    # zero == "float"; None when symmetric.
+    zero_point: jax.Array | None
     bits: int = struct.field(pytree_node=False)
     symmetric: bool = struct.field(pytree_node=False)
     granularity: str = struct.field(pytree_node=False)
@@ -59,12 +63,13 @@ class QuantizedWeight(WeightLeaf):
     dtype: str = struct.field(pytree_node=False, default="float32")
     act_bits: int | None = struct.field(pytree_node=False, default=None)
     compute: str = struct.field(pytree_node=False, default="auto")  # or "float32"
+    zero: str = struct.field(pytree_node=False, default="integer")  # or "float" (offset)
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, symmetric=self.symmetric,
                          granularity=self.granularity, group_size=self.group_size,
-                         partial_groups=self.partial_groups)
+                         partial_groups=self.partial_groups, zero=self.zero)
 
     @property
     def shape2d(self) -> tuple[int, int]:
@@ -163,6 +168,9 @@ def quantize_weight(
         raise ValueError(
             f"{name}: asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric: true"
         )
+    if act_bits and spec.float_zero:
+        raise ValueError(f"{name}: W8A8 (act_bits=8) runs integer zero points only; "
+                         f"use zero: integer, or act_bits: null with zero: float")
     if method is None:
         method = "absmax" if spec.symmetric else "minmax"
     if scale_dtype is None:
@@ -183,14 +191,15 @@ def quantize_weight(
             raise ValueError(f"{name}: clip_ratio must be in (0, 1], got {clip_ratio}")
         lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
-    return _assemble(wg, scale, zero, spec, axis=axis, shape=shape,
+    return assemble_codes(wg, scale, zero, spec, axis=axis, shape=shape,
                      dtype=jnp.dtype(w.dtype).name, act_bits=act_bits, compute=compute)
 
 
 def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
                         zero: jax.Array | None, *, axis: int = 0) -> QuantizedWeight:
-    """Round-to-nearest onto a given grid: `scale` (and uint8 `zero` when asymmetric) in
-    the grouped view's (G, 1, N) layout, e.g. step sizes learned by QAT (LSQ)."""
+    """Round-to-nearest onto a given grid: `scale` (and `zero` when asymmetric: uint8, or
+    the float offset when spec.zero is "float") in the grouped view's (G, 1, N) layout,
+    e.g. step sizes learned by QAT (LSQ)."""
     w = jnp.asarray(w)
     shape = tuple(int(d) for d in w.shape)
     w2 = w.reshape(shape[0], -1) if axis == 0 else w
@@ -201,14 +210,27 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
                          f"{(wg.shape[0], 1, wg.shape[2])} for weight {shape}")
     if (zero is None) != spec.symmetric:
         raise ValueError("a zero point is needed exactly when the grid is asymmetric")
-    return _assemble(wg, scale.astype(jnp.float32), zero, spec, axis=axis, shape=shape,
+    return assemble_codes(wg, scale.astype(jnp.float32), zero, spec, axis=axis, shape=shape,
                      dtype=jnp.dtype(w.dtype).name, act_bits=None, compute="auto")
 
 
-def _assemble(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, *,
+def assemble_codes(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, *,
               axis: int, shape: tuple[int, ...], dtype: str, act_bits: int | None,
               compute: str) -> QuantizedWeight:
-    """Codes of the grouped view `wg` on (scale, zero), packed into a QuantizedWeight."""
+    """Codes of the grouped view `wg` on (scale, zero), packed into a QuantizedWeight.
+
+    The one assembly every quantizer (RTN, LSQ's learned grids, GPTQ) goes through, so
+    codes, packing and scale layout are the same whichever chose the grid.
+
+    Args:
+      wg: the weights to round, canonical grouped view (G, g, N) (see `grouped`).
+      scale, zero: the grid in the (G, 1, N) layout (`scale_and_zero`'s output).
+      spec: the grid's settings; axis, shape, dtype: the weight's (axis 1: a table).
+      act_bits, compute: execution settings stored on the leaf.
+
+    Returns:
+      The QuantizedWeight.
+    """
     length = shape[0] if axis == 0 else shape[1]
     codes = ungrouped(quantize_codes(wg, scale, zero, spec), length)
     scale2, zero2 = scale[:, 0, :], (None if zero is None else zero[:, 0, :])
@@ -224,7 +246,7 @@ def _assemble(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: Qua
         qvalue=qvalue, scale=scale2, zero_point=zero2, bits=spec.bits,
         symmetric=spec.symmetric, granularity=spec.granularity, group_size=spec.group_size,
         partial_groups=spec.partial_groups, axis=axis, shape=shape,
-        dtype=dtype, act_bits=act_bits, compute=compute,
+        dtype=dtype, act_bits=act_bits, compute=compute, zero=spec.zero,
     )
 
 
@@ -249,6 +271,8 @@ def _int8_codes(w: QuantizedWeight) -> jax.Array:
 
 def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x (..., K) against int8 codes with int32 accumulation; per group when grouped."""
+    if w.zero == "float":
+        raise ValueError("W8A8 (act_bits=8) runs integer zero points only, not a float offset")
     codes = _int8_codes(w)  # (G, g, N)
     scale, _ = w._canonical_scale_zero()  # (G, 1, N)
     xq, x_scale = quantize_activations_per_token(x)
@@ -280,17 +304,23 @@ def _bf16_matmul(x2: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x (M, K) @ weight in bf16 with f32 accumulation.
 
     Per channel / per tensor the centered codes are exact in bf16 (|code| ≤ 255) and the
-    scale is applied to the f32 product, so only x is rounded; with groups the
-    dequantized weight is rounded to bf16 (relative error ≤ 2^-9).
+    scale is applied to the f32 product, so only x is rounded (a float offset m adds
+    (Σ_k x_k)·m, summed from x in float32); with groups the dequantized weight is rounded
+    to bf16 (relative error ≤ 2^-9).
     """
     x16 = x2.astype(jnp.bfloat16)
     scale, zero = w._canonical_scale_zero()  # (G, 1, N)
     if scale.shape[0] == 1:
         codes = w.codes()
-        if zero is not None:
+        offset = w.zero == "float"
+        if zero is not None and not offset:
             codes = codes - zero[0].astype(jnp.int32)
         y = jnp.dot(x16, codes.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-        return y * scale[0].astype(jnp.float32)
+        y = y * scale[0].astype(jnp.float32)
+        if offset:
+            row_sums = jnp.sum(x2.astype(jnp.float32), axis=-1, keepdims=True)  # (M, 1)
+            y = y + row_sums * zero[0].astype(jnp.float32)
+        return y
     weight = w.materialize().reshape(w.shape2d).astype(jnp.bfloat16)
     return jnp.dot(x16, weight, preferred_element_type=jnp.float32)
 
