@@ -24,6 +24,19 @@ HF_MODEL_TYPES = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """A model's architecture: frozen and hashable, so it is a static argument of `jax.jit`.
+
+    `family` picks the implementation ("llama" for Llama 2/3, Mistral, Qwen2 and SmolLM2;
+    "gpt2"); `model_type` keeps the checkpoint's own name for artifacts. Loaders fill it
+    from an HF config.json or GGUF metadata; structured pruning returns a new one.
+
+    Example:
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config.num_heads // config.num_kv_heads  # query heads per kv head
+        2
+    """
     family: str  # "llama" (Llama 2/3, Mistral, Qwen2, SmolLM2) or "gpt2"
     model_type: str  # the original HF model_type (or GGUF architecture), kept for artifacts
     vocab_size: int
@@ -62,9 +75,15 @@ class ModelConfig:
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
+        """HF's rope_scaling as a dict, or None for plain RoPE."""
         return dict(self.rope_scaling) if self.rope_scaling is not None else None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON data (rope_scaling as a dict, eos ids as a list), as artifacts store it.
+
+        Returns:
+            {field: value} for every field.
+        """
         out = dataclasses.asdict(self)
         out["rope_scaling"] = self.rope_scaling_dict
         out["eos_token_ids"] = list(self.eos_token_ids)
@@ -72,6 +91,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`.
+
+        Args:
+            data: a dict of config fields (unknown keys are an error).
+
+        Returns:
+            The `ModelConfig`.
+        """
         data = dict(data)
         if data.get("rope_scaling") is not None:
             data["rope_scaling"] = freeze(data["rope_scaling"])

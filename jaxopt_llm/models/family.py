@@ -96,6 +96,7 @@ class FamilySpec:
 
     @property
     def block_regex(self) -> str:
+        """A regex matching every block path, e.g. r"layers_\d+"."""
         return rf"{re.escape(self.block_prefix)}_\d+"
 
     def activation_dtype(self, params: Mapping[str, Any]) -> Any:
@@ -167,8 +168,22 @@ if tuple(FAMILIES) != SUPPORTED_FAMILIES:  # the config validates against SUPPOR
 def family_spec(config: ModelConfig) -> FamilySpec:
     """The spec of `config.family`.
 
+    Args:
+        config: a model's config.
+
+    Returns:
+        Its family's `FamilySpec` (parameter names, shard rules, block module).
+
     Raises:
         ValueError: for a family without a spec.
+
+    Example:
+        >>> from jaxopt_llm.models.config import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> family_spec(config).block(3), family_spec(config).mlp_out
+        ('layers_3', 'down_proj')
     """
     spec = FAMILIES.get(config.family)
     if spec is None:
@@ -178,7 +193,18 @@ def family_spec(config: ModelConfig) -> FamilySpec:
 
 def blocks_regex(part: Literal["attention", "mlp"]) -> str:
     """A regex for the `part` parameters of every block of every family (built-in recipes
-    do not know the family): r"(layers|h)_\\d+/attn/.*" for attention."""
+    do not know the family): r"(layers|h)_\d+/attn/.*" for attention.
+
+    Args:
+        part: "attention" or "mlp".
+
+    Returns:
+        The regex.
+
+    Example:
+        >>> print(blocks_regex("mlp"))
+        (layers|h)_\\d+/mlp/.*
+    """
     scopes = {getattr(spec, part) for spec in FAMILIES.values()}
     if len(scopes) == 1:
         prefixes = "|".join(re.escape(spec.block_prefix) for spec in FAMILIES.values())

@@ -18,7 +18,21 @@ from jaxopt_llm.models.layers import KVCache, attention_mask
 
 
 def build_model(config: ModelConfig):
-    """The Flax module of `config`'s family."""
+    """The Flax module of `config`'s family.
+
+    Args:
+        config: the model's config.
+
+    Returns:
+        The family's module (`FamilySpec.model(config)`); call it through `forward`.
+
+    Example:
+        >>> from jaxopt_llm.models.config import ModelConfig
+        >>> type(build_model(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64))).__name__
+        'LlamaModel'
+    """
     return family_spec(config).model(config)
 
 
@@ -48,6 +62,17 @@ def forward(
 
     Returns:
         (logits (B, T or 1, V), the updated cache or None).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxopt_llm.models.config import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> params = init_params(config, jax.random.key(0))
+        >>> logits, _ = forward(config, params, jnp.zeros((2, 5), jnp.int32))
+        >>> logits.shape
+        (2, 5, 64)
     """
     batch, length = tokens.shape
     if positions is None:
@@ -63,21 +88,70 @@ def forward(
 
 def init_cache(config: ModelConfig, batch: int, length: int,
                dtype: Any = jnp.float32) -> tuple[KVCache, ...]:
-    """A zeroed KV cache: per layer (keys, values), each (batch, length, Hkv, head_dim)."""
+    """A zeroed KV cache: per layer (keys, values), each (batch, length, Hkv, head_dim).
+
+    Args:
+        config: the model's config.
+        batch: rows.
+        length: slots (prompt plus new tokens).
+        dtype: the cache's dtype (the activation dtype).
+
+    Returns:
+        A tuple of `config.num_layers` (keys, values) pairs.
+
+    Example:
+        >>> from jaxopt_llm.models.config import ModelConfig
+        >>> cache = init_cache(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64), 1, 16)
+        >>> len(cache), cache[0][0].shape
+        (2, (1, 16, 2, 8))
+    """
     shape = (batch, length, config.num_kv_heads, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                  for _ in range(config.num_layers))
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> Any:
-    """Freshly initialised parameters of `config` (values depend only on `key`)."""
+    """Freshly initialised parameters of `config` (values depend only on `key`).
+
+    Args:
+        config: the model's config.
+        key: a PRNG key.
+
+    Returns:
+        The parameter tree (float32 arrays).
+
+    Example:
+        >>> import jax
+        >>> from jaxopt_llm.models.config import ModelConfig
+        >>> params = init_params(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64), jax.random.key(0))
+        >>> params["layers_0"]["attn"]["q_proj"]["kernel"].shape
+        (32, 32)
+    """
     tokens = jnp.zeros((1, 1), jnp.int32)
     mask = attention_mask(jnp.ones((1, 1), bool), 0, 1)
     return build_model(config).init(key, tokens, tokens, mask)["params"]
 
 
 def param_shapes(config: ModelConfig) -> Any:
-    """The parameter tree of `config` as `jax.ShapeDtypeStruct`s (nothing computed)."""
+    """The parameter tree of `config` as `jax.ShapeDtypeStruct`s (nothing computed).
+
+    Args:
+        config: the model's config.
+
+    Returns:
+        The tree of shapes and dtypes.
+
+    Example:
+        >>> from jaxopt_llm.models.config import ModelConfig
+        >>> param_shapes(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64))["embed_tokens"]["embedding"].shape
+        (64, 32)
+    """
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 

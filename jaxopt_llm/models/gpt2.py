@@ -29,6 +29,7 @@ from jaxopt_llm.models.layers import (
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection `c_attn` and `c_proj`."""
     config: ModelConfig
 
     @nn.compact
@@ -45,6 +46,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU (tanh approximation) MLP: c_proj(gelu(c_fc(x)))."""
     config: ModelConfig
 
     @nn.compact
@@ -56,6 +58,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-LayerNorm decoder layer; runnable alone on given hidden states."""
     config: ModelConfig
 
     @nn.compact
@@ -95,7 +98,28 @@ class GPT2Model(nn.Module):
 def block_inputs(config: ModelConfig, params: Any, tokens: jax.Array,
                  positions: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """What block 0 receives, as `GPT2Model` computes it: token plus position embeddings
-    (B, T, D); GPT-2 blocks take no other argument before the mask."""
+    (B, T, D); GPT-2 blocks take no other argument before the mask.
+
+    Args:
+        config: the model's config.
+        params: the whole parameter tree.
+        tokens: (B, T) token ids.
+        positions: (B, T) positions (clipped to the position table).
+
+    Returns:
+        (x (B, T, D), ()).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxopt_llm.models import init_params
+        >>> config = ModelConfig(family="gpt2", model_type="gpt2", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=128, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=4, head_dim=8, max_position_embeddings=64)
+        >>> tokens = jnp.zeros((1, 4), jnp.int32)
+        >>> x, args = block_inputs(config, init_params(config, jax.random.key(0)), tokens, tokens)
+        >>> x.shape, args
+        ((1, 4, 32), ())
+    """
     positions = jnp.clip(positions, 0, config.max_position_embeddings - 1)
     x = Embed(config.vocab_size, config.hidden_size).apply({"params": params["wte"]}, tokens)
     x = x + Embed(config.max_position_embeddings, config.hidden_size).apply(

@@ -51,6 +51,7 @@ class Embed(nn.Module):
     features: int
 
     def setup(self) -> None:
+        """Bind the stored table as is (a typed leaf's arrays have other shapes)."""
         self.embedding = _weight(self, "embedding", nn.initializers.normal(0.02),
                                  (self.num_embeddings, self.features))
 
@@ -58,10 +59,19 @@ class Embed(nn.Module):
         return embed(self.embedding, ids)
 
     def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: x (..., d) against the table → logits (..., vocab).
+
+        Args:
+            x: the hidden states.
+
+        Returns:
+            The logits.
+        """
         return attend(x, self.embedding)
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis (in float32), scaled by `scale` (D,)."""
     eps: float
 
     @nn.compact
@@ -73,6 +83,7 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
+    """Layer norm over the last axis (in float32), with `scale` and `bias` (D,)."""
     eps: float
 
     @nn.compact
@@ -94,6 +105,19 @@ def rope_inverse_frequencies(
 
     Llama-3 scaling ("The Llama 3 Herd of Models", 2024): long wavelengths are
     divided by `factor`, short ones kept, and the band between is interpolated.
+
+    Args:
+        head_dim: the attention head size D.
+        theta: RoPE's base (10000 for Llama 2).
+        scaling: `ModelConfig.rope_scaling_dict` (rope_type default, linear, llama3 or
+            freq_factors), or None.
+
+    Returns:
+        theta^(-2i/D) for i < D/2, scaled as asked.
+
+    Example:
+        >>> rope_inverse_frequencies(4, 10000.0, None).tolist()
+        [1.0, 0.009999999776482582]
     """
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
@@ -123,14 +147,40 @@ def rope_inverse_frequencies(
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """positions (B, T) -> cos, sin (B, T, head_dim) in the rotate-half layout of HF Llama."""
+    """positions (B, T) -> cos, sin (B, T, head_dim) in the rotate-half layout of HF Llama.
+
+    Args:
+        positions: integer positions (B, T).
+        inv_freq: `rope_inverse_frequencies` (D/2,).
+
+    Returns:
+        (cos, sin), each (B, T, D), the D/2 angles repeated twice.
+
+    Example:
+        >>> cos, sin = rope_cos_sin(jnp.zeros((1, 3), jnp.int32), jnp.ones(2))
+        >>> cos.shape, float(cos[0, 0, 0])
+        ((1, 3, 4), 1.0)
+    """
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, D/2)
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x (B, T, H, D) rotated by position; cos/sin (B, T, D)."""
+    """x (B, T, H, D) rotated by position; cos/sin (B, T, D).
+
+    Args:
+        x: queries or keys (B, T, H, D).
+        cos / sin: from `rope_cos_sin`.
+
+    Returns:
+        The rotated x, in x's dtype (computed in float32).
+
+    Example:
+        >>> x = jnp.ones((1, 1, 1, 2))
+        >>> apply_rope(x, jnp.zeros((1, 1, 2)), jnp.ones((1, 1, 2))).tolist()  # a 90° turn
+        [[[[-1.0, 1.0]]]]
+    """
     half = x.shape[-1] // 2
     x32 = x.astype(jnp.float32)  # rotate in float32 whatever the compute dtype
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
@@ -143,9 +193,20 @@ def attention_mask(
 ) -> jax.Array:
     """Which keys each query may see: (B, T, S) bool.
 
-    key_valid (B, S): slot holds a real token (False for padding / unwritten).
-    Query t sits in slot cache_index + t; it sees slots at or before its own,
-    and, with a sliding window, fewer than `sliding_window` slots back.
+    Args:
+        key_valid: (B, S), True where a slot holds a real token (False for padding or
+            unwritten cache slots).
+        cache_index: the slot of query 0; query t sits in slot cache_index + t and sees
+            slots at or before its own.
+        num_queries: T.
+        sliding_window: if set, a query sees fewer than this many slots back.
+
+    Returns:
+        The mask (B, T, S).
+
+    Example:
+        >>> attention_mask(jnp.ones((1, 3), bool), 0, 3)[0].astype(int).tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
     num_keys = key_valid.shape[1]
     query_slot = cache_index + jnp.arange(num_queries)[:, None]  # (T, 1)
@@ -161,8 +222,19 @@ def dot_product_attention(
 ) -> jax.Array:
     """Grouped-query attention.
 
-    q (B, T, H, D); k, v (B, S, Hkv, D) with H a multiple of Hkv (query head h
-    uses kv head h // (H // Hkv)); mask (B, T, S). Returns (B, T, H, D).
+    Args:
+        q: (B, T, H, D) queries.
+        k / v: (B, S, Hkv, D) keys and values, H a multiple of Hkv (query head h uses kv
+            head h // (H // Hkv)).
+        mask: (B, T, S), True where a query may see a key.
+
+    Returns:
+        (B, T, H, D), softmax(q·kᵀ/√D) · v with masked scores left out.
+
+    Example:
+        >>> q = k = v = jnp.ones((1, 2, 2, 4))
+        >>> dot_product_attention(q, k, v, jnp.ones((1, 2, 2), bool)).shape
+        (1, 2, 2, 4)
     """
     batch, num_queries, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
@@ -183,8 +255,20 @@ def causal_prefix_attention(
     Same result as `dot_product_attention`, but queries are cut into blocks and
     a block scores only the keys up to its own end: causal masking makes the
     rest zero anyway, so this skips about half the score FLOPs and keeps the
-    score tensor small for long prompts. Shapes as dot_product_attention with
-    S = T.
+    score tensor small for long prompts.
+
+    Args:
+        q / k / v / mask: as `dot_product_attention`, with S = T.
+        min_block: the smallest query block.
+
+    Returns:
+        (B, T, H, D).
+
+    Example:
+        >>> q = k = v = jnp.ones((1, 4, 2, 4))
+        >>> mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
+        >>> causal_prefix_attention(q, k, v, mask, min_block=2).shape
+        (1, 4, 2, 4)
     """
     length = q.shape[1]
     block = max(min_block, -(-length // PREFILL_QUERY_BLOCKS))
@@ -204,6 +288,23 @@ def attend_with_cache(
 
     A static cache_index of 0 means the queries are a prefix (prefill or no
     cache): keys past T are invisible, so the blocked causal path applies.
+
+    Args:
+        q: (B, T, H, D) queries.
+        k / v: (B, T, Hkv, D) this step's keys and values.
+        mask: (B, T, S) from `attention_mask`.
+        cache: (keys, values), each (B, S, Hkv, D), or None.
+        cache_index: the slot k and v are written at.
+
+    Returns:
+        (attention output (B, T, H, D), the updated cache or None).
+
+    Example:
+        >>> q = k = v = jnp.ones((1, 3, 2, 4))
+        >>> out, cache = attend_with_cache(q, k, v, attention_mask(jnp.ones((1, 3), bool), 0, 3),
+        ...                                None, 0)
+        >>> out.shape, cache
+        ((1, 3, 2, 4), None)
     """
     prefix = isinstance(cache_index, int) and cache_index == 0
     if cache is not None:

@@ -36,6 +36,7 @@ from jaxopt_llm.models.layers import (
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE: q/k/v/o projections (`Linear`s)."""
     config: ModelConfig
 
     @nn.compact
@@ -55,6 +56,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU MLP: down_proj(silu(gate_proj(x)) · up_proj(x))."""
     config: ModelConfig
 
     @nn.compact
@@ -121,7 +123,29 @@ def block_inputs(config: ModelConfig, params: Any, tokens: jax.Array,
                  positions: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """What block 0 receives, as `LlamaModel` computes it: the embedded tokens (B, T, D) and
     the per-block arguments before the mask, RoPE's (cos, sin). Layer-wise passes run the
-    blocks one by one from here (`Block(config).apply`)."""
+    blocks one by one from here (`Block(config).apply`).
+
+    Args:
+        config: the model's config.
+        params: the whole parameter tree.
+        tokens: (B, T) token ids.
+        positions: (B, T) positions.
+
+    Returns:
+        (x (B, T, D), (cos, sin)).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxopt_llm.models import init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> tokens = jnp.zeros((1, 4), jnp.int32)
+        >>> x, (cos, sin) = block_inputs(config, init_params(config, jax.random.key(0)),
+        ...                              tokens, tokens)
+        >>> x.shape, cos.shape
+        ((1, 4, 32), (1, 4, 8))
+    """
     x = Embed(config.vocab_size, config.hidden_size).apply(
         {"params": params["embed_tokens"]}, tokens)
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta,

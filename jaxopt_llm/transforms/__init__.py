@@ -21,9 +21,12 @@ for _op in BUILTIN_OPS:
 def available_ops() -> dict[str, Op]:
     """Every op a recipe rule can name (built-ins and registered ones), by name.
 
+    Returns:
+        name → `Op` (its `options.describe()` lists the options with their defaults).
+
     Example:
-      >>> sorted(available_ops())[:3]
-      ['fake_quant', 'nm', 'prune']
+        >>> sorted(available_ops())[:3]
+        ['fake_quant', 'nm', 'prune']
     """
     return registered_ops()
 

@@ -43,6 +43,11 @@ class OpOptions:
 
     @classmethod
     def names(cls) -> list[str]:
+        """The option names, sorted.
+
+        Returns:
+            The dataclass's field names.
+        """
         return sorted(f.name for f in dataclasses.fields(cls))
 
     @classmethod
@@ -54,6 +59,11 @@ class OpOptions:
         return cls(**given)
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as a dict (every field, defaults included).
+
+        Returns:
+            {option name: value}.
+        """
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
@@ -65,7 +75,24 @@ class OpOptions:
 def check_finite_number(name: str, value: Any, *, low: float | None = None,
                         high: float | None = None, open_low: bool = False,
                         open_high: bool = False) -> float:
-    """A real, finite number (not a bool) inside [low, high] (ends open where asked)."""
+    """A real, finite number (not a bool) inside [low, high] (ends open where asked).
+
+    Args:
+        name: the option's name, for the error message.
+        value: the value to check.
+        low / high: the bounds (None: unbounded on that side).
+        open_low / open_high: exclude the bound itself.
+
+    Returns:
+        The value as a float.
+
+    Raises:
+        ValueError: naming `name`, the accepted interval and the value.
+
+    Example:
+        >>> check_finite_number("sparsity", 0.5, low=0.0, high=1.0, open_high=True)
+        0.5
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = low is not None and (value <= low if open_low else value < low)
@@ -80,10 +107,22 @@ def check_finite_number(name: str, value: Any, *, low: float | None = None,
 class Op:
     """A transform a recipe rule can name.
 
-    name: what rules call it; options: its `OpOptions` class; apply: the pure transform
-    (module docstring); traceable: `plan` may run `apply` under `jax.eval_shape`, else
-    `plan` (same signature) computes the shapes; needs_calibration: `apply` takes
-    `calibration=`.
+    Attributes:
+        name: what rules call it.
+        options: its `OpOptions` class (a frozen kw-only dataclass).
+        apply: the pure transform `apply(flat, paths, config, options) -> (config, flat)`
+            (module docstring).
+        doc: one line for listings.
+        traceable: `plan` may run `apply` under `jax.eval_shape`; else `plan` (same
+            signature) computes the shapes.
+        plan: the shape-only version of a non-traceable op.
+        needs_calibration: `apply` takes `calibration=`.
+
+    Example:
+        >>> op = Op(name="scale_by_two", options=OpOptions,
+        ...         apply=per_parameter(lambda leaf, path, options: leaf * 2))
+        >>> op.apply({"w": 1.0}, ["w"], None, OpOptions())
+        (None, {'w': 2.0})
     """
 
     name: str
@@ -114,8 +153,17 @@ _OPS: dict[str, Op] = {}
 def register_op(op: Op) -> Op:
     """Make `op` nameable by recipe rules; a name can be registered once.
 
+    Args:
+        op: the `Op` to add.
+
+    Returns:
+        `op` itself.
+
+    Raises:
+        ValueError: the name is taken (a built-in, "keep", or an op registered before).
+
     Example:
-      >>> register_op(Op(name="my_op", options=OpOptions, apply=my_apply))  # doctest: +SKIP
+        >>> register_op(Op(name="my_op", options=OpOptions, apply=my_apply))  # doctest: +SKIP
     """
     if op.name in _OPS or op.name == "keep":
         raise ValueError(f"an op named {op.name!r} is already registered; choose another name")
@@ -125,7 +173,16 @@ def register_op(op: Op) -> Op:
 
 def registered_ops() -> dict[str, Op]:
     """The ops registered so far, by name (the built-ins once jaxopt_llm.transforms is
-    imported)."""
+    imported).
+
+    Returns:
+        A copy of the registry: name → `Op`.
+
+    Example:
+        >>> import jaxopt_llm.transforms
+        >>> "quantize" in registered_ops()
+        True
+    """
     return dict(_OPS)
 
 
@@ -134,6 +191,17 @@ def per_parameter(fn: Callable[[Any, str, Any], Any]) -> ApplyFn:
 
     Shapes are checked for every selected parameter (a dry run under eval_shape) before any
     of them is transformed, so a bad option fails before work starts.
+
+    Args:
+        fn: maps one parameter (its leaf, its path, the op's options) to its new leaf.
+
+    Returns:
+        An `apply(flat, paths, config, options) -> (config, new_flat)`.
+
+    Example:
+        >>> apply = per_parameter(lambda leaf, path, options: -leaf)
+        >>> apply({"a": 1.0, "b": 2.0}, ["b"], None, OpOptions())
+        (None, {'a': 1.0, 'b': -2.0})
     """
 
     def apply(flat: Flat, paths: list[str], config: Any, options: Any) -> tuple[Any, dict]:

@@ -64,13 +64,19 @@ def _check_options(rank: Any, ratio: Any, energy: Any) -> str:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SVDOptions(OpOptions):
-    """Truncated SVD: exactly one of a rank, a parameter ratio removed, or an energy kept."""
+    """Truncated SVD: exactly one of a rank, a parameter ratio removed, or an energy kept.
+
+    Example:
+        >>> SVDOptions(ratio=0.2)
+        SVDOptions(rank=None, ratio=0.2, energy=None)
+    """
 
     rank: int | None = None
     ratio: float | None = None  # fraction of the kernel's parameters removed
     energy: float | None = None  # share of sum(sigma^2) kept
 
     def validate(self) -> None:
+        """Exactly one of rank (> 0), ratio in (0, 1) or energy in (0, 1]."""
         _check_options(self.rank, self.ratio, self.energy)
 
 
@@ -84,9 +90,24 @@ def svd_rank(
 ) -> int:
     """The rank k for a kernel of `shape` (m, n), from exactly one of rank / ratio / energy.
 
-    `energy` needs `singular_values` (descending, as np.linalg.svd returns them).
-    Raises ValueError for bad options, k = 0, or a k that would not save
-    parameters (k·(m + n) >= m·n).
+    Args:
+        shape: the kernel's (m, n).
+        rank: k itself.
+        ratio: the share of the kernel's m·n parameters to remove; k is the largest rank
+            with k·(m + n) ≤ (1 − ratio)·m·n.
+        energy: the share of Σσ² to keep (needs `singular_values`).
+        singular_values: descending, as np.linalg.svd returns them.
+
+    Returns:
+        k.
+
+    Raises:
+        ValueError: bad options, k = 0, or a k that would not save parameters
+            (k·(m + n) >= m·n).
+
+    Example:
+        >>> svd_rank((64, 32), ratio=0.5)
+        10
     """
     option = _check_options(rank, ratio, energy)
     m, n = _check_shape(shape)
@@ -140,8 +161,22 @@ def factorize_svd(
 ) -> LowRankWeight:
     """Truncated-SVD factorization of a 2-D kernel w (m, n) into LowRankWeight(u, v).
 
-    Exactly one of rank / ratio / energy (see `svd_rank`). The SVD runs in
-    float64 on the host; the factors come back as jax arrays in w's dtype.
+    The SVD runs in float64 on the host; the factors come back as jax arrays in w's
+    dtype, u = U_k·diag(σ_k), v = V_kᵀ.
+
+    Args:
+        w: the kernel (m, n).
+        rank / ratio / energy: exactly one of them (see `svd_rank`).
+
+    Returns:
+        The `LowRankWeight`.
+
+    Example:
+        >>> import numpy as np
+        >>> w = np.outer(np.arange(1.0, 5.0), np.arange(1.0, 4.0)).astype(np.float32)
+        >>> low = factorize_svd(w, rank=1)
+        >>> low.shape, low.rank, bool(np.allclose(low.materialize(), w, atol=1e-5))
+        ((4, 3), 1, True)
     """
     if not isinstance(w, np.ndarray | jax.Array):
         raise ValueError(f"factorize_svd needs a plain array kernel, got {type(w).__name__}")

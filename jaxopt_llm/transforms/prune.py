@@ -33,13 +33,19 @@ FORMATS = ("masked", "dense")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MagnitudeOptions(OpOptions):
-    """Magnitude pruning: the fraction zeroed, where it is counted, how it is stored."""
+    """Magnitude pruning: the fraction zeroed, where it is counted, how it is stored.
+
+    Example:
+        >>> MagnitudeOptions(sparsity=0.5).scope
+        'layer'
+    """
 
     sparsity: float = 0.5
     scope: str = "layer"  # layer | row (each output loses the same count) | global
     format: str = "masked"  # MaskedWeight, or a dense array with zeros
 
     def validate(self) -> None:
+        """A number sparsity in [0, 1); scope "layer", "row" or "global"; format "masked" or "dense"."""
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
                 or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
@@ -51,13 +57,19 @@ class MagnitudeOptions(OpOptions):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NMOptions(OpOptions):
-    """N:M pruning: n of every m consecutive inputs are zeroed."""
+    """N:M pruning: n of every m consecutive inputs are zeroed.
+
+    Example:
+        >>> NMOptions(n=2, m=4).format
+        'compressed'
+    """
 
     n: int = 2
     m: int = 4
     format: str = "compressed"  # NMSparseWeight, or "masked" (MaskedWeight)
 
     def validate(self) -> None:
+        """Integers 0 < n < m <= 256; format 'compressed' or 'masked'."""
         n, m = self.n, self.m
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)):
             raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}")
@@ -87,7 +99,24 @@ def _materialize(leaf: MaskedWeight) -> jax.Array:
 
 
 def lowest_mask(scores: jax.Array, count: int, axis: int | None = None) -> jax.Array:
-    """Keep-mask that drops exactly `count` lowest scores (over all, or along `axis`)."""
+    """Keep-mask that drops exactly `count` lowest scores (over all, or along `axis`).
+
+    Ties are broken by position (the earlier one goes first), so exactly `count`
+    entries are dropped whatever the scores.
+
+    Args:
+        scores: the importance of each entry (e.g. |w|).
+        count: how many to drop (over the whole array, or per slice along `axis`).
+        axis: None to rank all entries together, else rank within each slice along it.
+
+    Returns:
+        A boolean mask of scores' shape, False where dropped.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> lowest_mask(jnp.array([3.0, 1.0, 2.0, 0.0]), 2).tolist()
+        [True, False, True, False]
+    """
     if axis is None:
         if count == 0:
             return jnp.ones(scores.shape, jnp.bool_)
@@ -111,7 +140,25 @@ def _finish(w: jax.Array, keep: jax.Array, fmt: str) -> Any:
 
 def magnitude_prune(flat: Mapping[str, Any], paths: list[str], config: Any,
                     options: MagnitudeOptions) -> tuple[Any, dict[str, Any]]:
-    """Magnitude-prune `paths` of a flat parameter mapping; returns (config, new mapping)."""
+    """Magnitude-prune `paths` of a flat parameter mapping (the `prune` op's apply).
+
+    Args:
+        flat: the parameters, {"a/b/kernel": leaf} (read only).
+        paths: the paths to prune.
+        config: the model config, passed through.
+        options: the `MagnitudeOptions`.
+
+    Returns:
+        (config, new mapping) with the selected weights pruned (`MaskedWeight`s, or dense
+        arrays with zeros for format="dense").
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> _, out = magnitude_prune({"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])}, ["w"], None,
+        ...                          MagnitudeOptions(sparsity=0.5, format="dense"))
+        >>> out["w"].tolist()
+        [[0.0, -4.0], [3.0, 0.0]]
+    """
     sparsity, scope, fmt = options.sparsity, options.scope, options.format
     kernels = {p: _dense_kernel(flat[p], p) for p in paths}
     flat = dict(flat)
@@ -146,7 +193,21 @@ def _prune_one(w: jax.Array, count: int, scope: str, fmt: str) -> Any:
 
 
 def nm_keep_mask(w: jax.Array, n: int, m: int) -> jax.Array:
-    """Keep-mask zeroing the n smallest |w| of every m consecutive inputs (along axis 0)."""
+    """Keep-mask zeroing the n smallest |w| of every m consecutive inputs (along axis 0).
+
+    Args:
+        w: the kernel (K, N), K a multiple of m.
+        n: entries zeroed per group.
+        m: the group size.
+
+    Returns:
+        A boolean mask of w's shape keeping m − n entries of every group.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> nm_keep_mask(jnp.array([[1.0], [-3.0], [2.0], [0.5]]), 2, 4)[:, 0].tolist()
+        [False, True, True, False]
+    """
     k, cols = w.shape
     groups = jnp.abs(w).reshape(k // m, m, cols)
     return lowest_mask(groups, n, axis=1).reshape(k, cols)

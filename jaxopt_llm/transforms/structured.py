@@ -90,8 +90,25 @@ def structured_config(
 ) -> ModelConfig:
     """The config after pruning `fraction` of heads ("heads") or MLP neurons ("neurons").
 
-    Cheap (no weights touched), for dry-run plans; raises the same ValueErrors
-    as the pruning functions.
+    Cheap (no weights touched), for dry-run plans; raises the same ValueErrors as the
+    pruning functions.
+
+    Args:
+        config: the model's config.
+        kind: "heads" or "neurons".
+        fraction: the share of units removed (rounded per kv group / per layer).
+        score: "l2" or "l1" (validated, not used: the count does not depend on it).
+
+    Returns:
+        The new `ModelConfig`.
+
+    Example:
+        >>> from jaxopt_llm.models import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> structured_config(config, "neurons", 0.25).intermediate_size
+        48
     """
     return _shrunk_config(config, kind, _validate(config, kind, fraction, score))
 
@@ -203,7 +220,26 @@ def prune_attention_heads(
     The columns of the removed heads leave every attention input projection (kernel and
     bias; k/v only with MHA), their rows leave the output projection; which linears
     those are is the family's (`FamilySpec.qkv` / `attn_out`).
-    Returns (new config, new params); the input params are not modified.
+
+    Args:
+        config: the model's config.
+        params: the parameter tree (not modified).
+        fraction: the share of query heads removed per kv group.
+        score: "l2" or "l1" norm of a head's weights.
+
+    Returns:
+        (new config, new params).
+
+    Example:
+        >>> import jax
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> new, _ = prune_attention_heads(config, init_params(config, jax.random.key(0)),
+        ...                                fraction=0.5)
+        >>> new.num_heads
+        2
     """
     removed = _validate(config, "heads", fraction, score)
     new_config = _shrunk_config(config, "heads", removed)
@@ -246,7 +282,26 @@ def prune_mlp_neurons(
 
     Their columns leave every MLP input projection (kernel and bias), their rows the
     output projection (`FamilySpec.mlp_in` / `mlp_out`); the output bias is untouched.
-    Returns (new config, new params); input not modified.
+
+    Args:
+        config: the model's config.
+        params: the parameter tree (not modified).
+        fraction: the share of neurons removed.
+        score: "l2" or "l1" norm of a neuron's weights.
+
+    Returns:
+        (new config, new params).
+
+    Example:
+        >>> import jax
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> new, params = prune_mlp_neurons(config, init_params(config, jax.random.key(0)),
+        ...                                 fraction=0.25)
+        >>> new.intermediate_size, params["layers_0"]["mlp"]["down_proj"]["kernel"].shape
+        (48, (48, 32))
     """
     removed = _validate(config, "neurons", fraction, score)
     new_config = _shrunk_config(config, "neurons", removed)
@@ -278,12 +333,18 @@ __all__ = ["prune_attention_heads", "prune_mlp_neurons", "structured_config"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StructuredOptions(OpOptions):
-    """Structured pruning: the share of units removed and how units are scored."""
+    """Structured pruning: the share of units removed and how units are scored.
+
+    Example:
+        >>> StructuredOptions(fraction=0.25).score
+        'l2'
+    """
 
     fraction: float = 0.25
     score: str = "l2"  # l2 | l1 norm of a unit's weights
 
     def validate(self) -> None:
+        """fraction in (0, 1); score 'l2' or 'l1'."""
         fraction = self.fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
                 0.0 < fraction < 1.0):
