@@ -32,7 +32,18 @@ Pass = Callable[[Any, Any], tuple[Any, Any]]
 
 
 def get_op(name: str) -> Op:
-    """The op a rule names; an unknown name is an error listing the ops."""
+    """The op a rule names; an unknown name is an error listing the ops.
+
+    Args:
+        name: the op's registered name.
+
+    Returns:
+        The `Op`.
+
+    Example:
+        >>> get_op("svd").traceable
+        False
+    """
     ops = available_ops()
     if name not in ops:
         raise ValueError(f"unknown op {name!r}; available ops: {sorted([KEEP, *ops])}")
@@ -40,7 +51,23 @@ def get_op(name: str) -> Op:
 
 
 def resolved_options(candidate: Rule, where: str) -> OpOptions:
-    """The rule's options as the op's typed options (defaults filled in), validated."""
+    """The rule's options as the op's typed options (defaults filled in), validated.
+
+    Args:
+        candidate: the rule.
+        where: the rule's place, prefixed to error messages (e.g. "stage 'q' rule 0").
+
+    Returns:
+        The op's `OpOptions` instance.
+
+    Raises:
+        ValueError: unknown op, unknown option names or bad values, naming `where`.
+
+    Example:
+        >>> from jaxopt_llm.rules import rule
+        >>> resolved_options(rule(".*", "prune", sparsity=0.25), "stage 's' rule 0")
+        MagnitudeOptions(sparsity=0.25, scope='layer', format='masked')
+    """
     try:
         op = get_op(candidate.op)
     except ValueError as err:
@@ -58,7 +85,18 @@ def resolved_options(candidate: Rule, where: str) -> OpOptions:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage:
-    """One pass: ordered rules (first match wins), each applying its op to what it selects."""
+    """One pass: ordered rules (first match wins), each applying its op to what it selects.
+
+    Calling a stage, `stage(config, params, calibration=None)`, returns the new
+    (config, params); every rule must select at least one parameter.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.rules import rule
+        >>> stage = Stage(name="prune", rules=(rule(".*", "prune", sparsity=0.5, format="dense"),))
+        >>> stage(None, {"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])})[1]["w"].tolist()
+        [[0.0, -4.0], [3.0, 0.0]]
+    """
 
     name: str
     rules: tuple[Rule, ...]
@@ -69,14 +107,28 @@ class Stage:
             raise ValueError(f"stage {self.name!r} has no rules")
 
     def check(self) -> list[OpOptions | None]:
-        """Validate every rule's op and options up front; returns the typed options."""
+        """Validate every rule's op and options up front; returns the typed options.
+
+        Returns:
+            Per rule, its `OpOptions` (None for a `keep` rule).
+        """
         return [
             None if r.op == KEEP else resolved_options(r, f"stage {self.name!r} rule {i}")
             for i, r in enumerate(self.rules)
         ]
 
     def selections(self, flat: Mapping[str, Any]) -> list[tuple[Rule, Op, list[str], OpOptions]]:
-        """(rule, op, selected paths, typed options) for each rule that transforms."""
+        """(rule, op, selected paths, typed options) for each rule that transforms.
+
+        Args:
+            flat: the flat parameters ({"a/b/kernel": leaf}).
+
+        Returns:
+            One tuple per rule that is not `keep`, in rule order.
+
+        Raises:
+            ValueError: a rule selects nothing, or bad options.
+        """
         options = self.check()
         selection = assign(self.rules, list(flat), where=f"stage {self.name!r}")
         return [(candidate, get_op(candidate.op), paths, opts)
@@ -98,7 +150,19 @@ class Stage:
 
 
 def chain(*passes: Pass) -> Pass:
-    """Apply passes in order; the result is again a pass."""
+    """Apply passes in order; the result is again a pass.
+
+    Args:
+        *passes: functions (config, params) -> (config, params).
+
+    Returns:
+        The composed pass.
+
+    Example:
+        >>> twice = chain(lambda c, p: (c, p * 2), lambda c, p: (c, p + 1))
+        >>> twice(None, 3)
+        (None, 7)
+    """
 
     def chained(config: Any, params: Any) -> tuple[Any, Any]:
         for p in passes:
@@ -109,7 +173,22 @@ def chain(*passes: Pass) -> Pass:
 
 
 def named_chain(*named: tuple[str, Pass]) -> Pass:
-    """`chain` whose errors say which named pass failed."""
+    """`chain` whose errors say which named pass failed.
+
+    Args:
+        *named: (name, pass) pairs.
+
+    Returns:
+        The composed pass; a ValueError from a pass is re-raised as "pass 'name': …".
+
+    Example:
+        >>> def fails(config, params):
+        ...     raise ValueError("bad")
+        >>> named_chain(("first", fails))(None, {})
+        Traceback (most recent call last):
+        ...
+        ValueError: pass 'first': bad
+    """
 
     def chained(config: Any, params: Any) -> tuple[Any, Any]:
         for name, p in named:
@@ -124,7 +203,19 @@ def named_chain(*named: tuple[str, Pass]) -> Pass:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """A named, serializable chain of stages."""
+    """A named, serializable chain of stages.
+
+    Calling it, `recipe(config, params, calibration=None)`, checks every stage's options,
+    then runs the stages in order (errors name the stage). `to_dict` / `from_dict` and
+    `save_recipe` / `read_recipe_file` round-trip it exactly; artifacts store it.
+
+    Example:
+        >>> from jaxopt_llm.rules import rule
+        >>> recipe = Recipe(name="w8", stages=(
+        ...     Stage(name="quantize", rules=(rule(".*kernel", "quantize", bits=8),)),))
+        >>> recipe.to_dict()["stages"][0]["rules"]
+        [{'match': '.*kernel', 'op': 'quantize', 'options': {'bits': 8}}]
+    """
 
     name: str
     stages: tuple[Stage, ...] = ()
@@ -140,6 +231,11 @@ class Recipe:
             seen.add(stage.name)
 
     def check(self) -> None:
+        """Validate every stage's rules and options (no parameters needed).
+
+        Raises:
+            ValueError: naming the stage and rule.
+        """
         for stage in self.stages:
             stage.check()
 
@@ -155,6 +251,11 @@ class Recipe:
                              for s in self.stages))(config, params)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML data: name, description, stages with their rules and options.
+
+        Returns:
+            The dict `from_dict` reads back.
+        """
         return {
             "name": self.name,
             "description": self.description,
@@ -168,6 +269,18 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
+        """A recipe from the data `to_dict` writes (the YAML / JSON file format).
+
+        Args:
+            data: the mapping.
+            source: where it came from, prefixed to error messages.
+
+        Returns:
+            The `Recipe`.
+
+        Raises:
+            ValueError: missing or unknown keys, naming where.
+        """
         return _recipe_from_dict(data, source)
 
 
@@ -215,7 +328,24 @@ def _recipe_from_dict(data: Any, source: str) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
-    """Write a recipe as YAML (.yaml/.yml) or JSON (.json)."""
+    """Write a recipe as YAML (.yaml/.yml) or JSON (.json).
+
+    Args:
+        recipe: the recipe.
+        path: the file to write (replaced atomically).
+
+    Returns:
+        The path.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from jaxopt_llm.rules import rule
+        >>> recipe = Recipe(name="w8", stages=(
+        ...     Stage(name="quantize", rules=(rule(".*kernel", "quantize", bits=8),)),))
+        >>> path = save_recipe(recipe, pathlib.Path(tempfile.mkdtemp()) / "w8.yaml")
+        >>> read_recipe_file(path) == recipe
+        True
+    """
     import yaml
 
     path = Path(path)
@@ -233,6 +363,22 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
 
 
 def read_recipe_file(path: str | Path) -> Recipe:
+    """Read a recipe from a .yaml/.yml or .json file, checking every rule's options.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The `Recipe`.
+
+    Raises:
+        ValueError: a missing file, bad YAML / JSON (with line and column), or a bad
+            recipe, naming the file and the place in it.
+
+    Example:
+        >>> read_recipe_file("my_recipe.yaml")  # doctest: +SKIP
+        Recipe(name='mixed', stages=(...), description='...')
+    """
     import yaml
 
     path = Path(path)

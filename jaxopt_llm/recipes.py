@@ -72,7 +72,21 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
 
 
 def load_recipe(spec: str | Path | Recipe) -> Recipe:
-    """A built-in name, a path to a .yaml/.yml/.json recipe file, or a Recipe."""
+    """A built-in name, a path to a .yaml/.yml/.json recipe file, or a Recipe.
+
+    Args:
+        spec: the recipe.
+
+    Returns:
+        The checked `Recipe`.
+
+    Raises:
+        ValueError: an unknown name (listing the built-ins) or a bad file.
+
+    Example:
+        >>> load_recipe("w4g128").stages[0].rules[0].describe()
+        'quantize(bits=4, group_size=128, partial_groups=True, symmetric=False)'
+    """
     if isinstance(spec, Recipe):
         spec.check()
         return spec
@@ -97,6 +111,20 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | None, *,
 
     On an artifact the recipe continues the one the artifact was made with: the result's
     recipe is both, stage after stage, named "before+recipe".
+
+    Args:
+        loaded: the model (from `load_model`).
+        recipe: the recipe (see `load_recipe`), or None.
+        calibration: calibration data for calibrated ops (default: the embedded text).
+
+    Returns:
+        A new `LoadedModel` (config, params and recipe replaced; `loaded` is unchanged).
+
+    Example:
+        >>> from jaxopt_llm import load_model
+        >>> m = apply_recipe(load_model("smollm2-135m"), load_recipe("w8"))  # doctest: +SKIP
+        >>> m.recipe["name"], m.extra["dense_param_bytes"]  # doctest: +SKIP
+        ('w8', 538060032)
     """
     import dataclasses
 

@@ -47,17 +47,45 @@ class Rule:
 
     @property
     def option_dict(self) -> dict[str, Any]:
+        """The options as a dict (values in their frozen, hashable form)."""
         return dict(self.options)
 
     def matches(self, path: str) -> bool:
+        """Whether `path` fully matches the rule's regex.
+
+        Args:
+            path: a "/"-joined parameter path.
+
+        Returns:
+            True on a `re.fullmatch`.
+        """
         return re.fullmatch(self.match, path) is not None
 
     def describe(self) -> str:
+        """"op(option=value, …)" for plans and listings.
+
+        Returns:
+            The text.
+        """
         opts = ", ".join(f"{k}={v}" for k, v in self.options)
         return f"{self.op}({opts})" if opts else self.op
 
 
 def rule(match: str, op: str, **options: Any) -> Rule:
+    """A `Rule` from keyword options: rule(match, op, **options).
+
+    Args:
+        match: a regex `re.fullmatch`ed against "/"-joined parameter paths.
+        op: the op's name (or "keep").
+        **options: the op's options.
+
+    Returns:
+        The `Rule`.
+
+    Example:
+        >>> rule(".*kernel", "quantize", bits=8).describe()
+        'quantize(bits=8)'
+    """
     return Rule(match=match, op=op, options=tuple(options.items()))
 
 
@@ -67,7 +95,23 @@ nested_params = tree.unflatten
 
 
 def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") -> list[list[str]]:
-    """For each rule, the paths it takes (first match wins); error on a rule that takes none."""
+    """For each rule, the paths it takes (first match wins); error on a rule that takes none.
+
+    Args:
+        rules: the ordered rules.
+        paths: every parameter path.
+        where: prefixed to error messages (e.g. "stage 'quantize'").
+
+    Returns:
+        Per rule, the list of paths it takes.
+
+    Raises:
+        ValueError: a rule matches no path, or every path it matches is taken earlier.
+
+    Example:
+        >>> assign((rule("a/.*", "keep"), rule(".*", "quantize")), ["a/k", "b/k"])
+        [['a/k'], ['b/k']]
+    """
     taken: list[list[str]] = [[] for _ in rules]
     for path in paths:
         for index, candidate in enumerate(rules):
@@ -97,7 +141,19 @@ def _preview(paths: list[str], limit: int = 4) -> str:
 
 
 def iter_selected(params: Any, rules: tuple[Rule, ...]) -> Iterator[tuple[Rule, str, Any]]:
-    """(rule, path, leaf) for every parameter a rule takes, in rule order."""
+    """(rule, path, leaf) for every parameter a rule takes, in rule order.
+
+    Args:
+        params: the parameter tree.
+        rules: the ordered rules.
+
+    Returns:
+        An iterator of (rule, path, leaf).
+
+    Example:
+        >>> [path for _, path, _ in iter_selected({"a": {"k": 1}, "b": 2}, (rule(".*", "keep"),))]
+        ['a/k', 'b']
+    """
     flat = tree.flatten(params)
     for candidate, paths in zip(rules, assign(rules, list(flat)), strict=True):
         for path in paths:
