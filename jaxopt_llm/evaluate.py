@@ -27,6 +27,16 @@ DEFAULT_WINDOW = 512
 
 @dataclasses.dataclass
 class PerplexityResult:
+    """What `perplexity` measured.
+
+    Attributes:
+        ppl: exp(nll_sum / tokens_scored).
+        nll_sum: summed negative log-likelihood (nats) of the scored tokens.
+        tokens_scored: windows × (window − 1): every token but each window's first.
+        tokens_used: windows × window.
+        windows: how many windows were scored.
+        window: the window length.
+    """
     ppl: float
     nll_sum: float
     tokens_scored: int
@@ -35,12 +45,26 @@ class PerplexityResult:
     window: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (the CLI's JSON record).
+
+        Returns:
+            {field: value}.
+        """
         return dataclasses.asdict(self)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def window_nll(params: Any, windows: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """Summed NLL of tokens 1..W-1 of each window given its prefix: (B, W) -> (B,)."""
+    """Summed NLL of tokens 1..W-1 of each window given its prefix: (B, W) -> (B,).
+
+    Args:
+        params: the parameter tree.
+        windows: (B, W) int32 token ids.
+        config: the model's config (static).
+
+    Returns:
+        (B,) float32 sums of −log p(token | prefix).
+    """
     logits, _ = forward(config, params, windows)
     logits = logits[:, :-1].astype(jnp.float32)  # (B, W-1, V): predicts tokens 1..W-1
     target_logits = jnp.take_along_axis(logits, windows[:, 1:, None], axis=-1)[..., 0]
@@ -49,6 +73,18 @@ def window_nll(params: Any, windows: jax.Array, *, config: ModelConfig) -> jax.A
 
 
 def check_eval_args(num_tokens: int, window: int) -> None:
+    """Raise a ParameterError for a non-positive `num_tokens` or a `window` below 2.
+
+    Args:
+        num_tokens: tokens to evaluate.
+        window: the window length.
+
+    Example:
+        >>> check_eval_args(4096, 1)
+        Traceback (most recent call last):
+        ...
+        jaxopt_llm.errors.ParameterError: window=1: must be at least 2
+    """
     if num_tokens <= 0:
         raise ParameterError("num_tokens", num_tokens, "must be positive")
     if window <= 1:
@@ -69,9 +105,39 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of the first num_tokens of token_ids (floored to whole windows).
 
-    With a mesh (`placement=Placement.on_mesh(...)`, or the older `mesh=`; params placed
-    by `placement.place_params`), each batch of windows is spread over `data`; batch_size
-    is rounded up to a multiple of it.
+    The protocol of docs/evaluation.md: non-overlapping windows of `window` tokens, every
+    token but a window's first scored given its prefix, ppl = exp(mean NLL).
+
+    Args:
+        config: the model's config.
+        params: the parameter tree (placed by `placement.place_params` on a mesh).
+        token_ids: the tokenized text.
+        num_tokens: how many leading tokens to use (at most the text's length).
+        window: the window length (at most the model's context).
+        batch_size: windows per compiled step (rounded up to a multiple of the mesh's
+            `data` axis; the last batch is padded).
+        on_window: called with the number of windows each step finished (progress bars).
+        mesh: the older way to give a mesh (prefer `placement`).
+        placement: where to run (default one device); on a mesh each batch of windows is
+            spread over `data`.
+
+    Returns:
+        A `PerplexityResult`.
+
+    Raises:
+        ParameterError: bad num_tokens or window, or a text shorter than one window.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> ids = np.arange(256) % 64
+        >>> result = perplexity(config, init_params(config, jax.random.key(0)), ids,
+        ...                     num_tokens=256, window=64)
+        >>> result.windows, result.tokens_scored
+        (4, 252)
     """
     check_eval_args(num_tokens, window)
     placement = Placement.resolve(placement, mesh=mesh)

@@ -31,7 +31,13 @@ NEW_TOKEN_BUCKET = 64
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampling:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """How the next token is chosen: temperature 0 means greedy; top_k 0 and top_p 1.0
+    disable those filters.
+
+    Example:
+        >>> Sampling(temperature=0.8, top_p=0.9)
+        Sampling(temperature=0.8, top_k=0, top_p=0.9)
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -48,6 +54,16 @@ class Sampling:
 
 @dataclasses.dataclass
 class GenerationResult:
+    """What `generate` returns.
+
+    Attributes:
+        new_ids: per prompt, the generated ids (a final EOS included if one came).
+        prefill_seconds / decode_seconds: wall time of each program (compilation excluded).
+        prompt_tokens: real (unpadded) prompt tokens, all rows.
+        decode_steps: decode loop iterations after the first token (all rows advance
+            together).
+        compile_seconds: lowering + compiling both programs; 0 when they were reused.
+    """
     new_ids: list[list[int]]  # per prompt, generated ids (including a final EOS if one came)
     prefill_seconds: float
     decode_seconds: float
@@ -57,6 +73,7 @@ class GenerationResult:
 
     @property
     def prefill_tok_s(self) -> float:
+        """Prompt tokens per second over the prefill."""
         return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
 
     @property
@@ -70,17 +87,60 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def prompt_bucket(length: int) -> int:
-    """Smallest power of two >= length (at least MIN_BUCKET)."""
+    """Smallest power of two >= length (at least MIN_BUCKET).
+
+    Args:
+        length: the longest prompt's length.
+
+    Returns:
+        The padded prompt length (prompts in one bucket share compiled programs).
+
+    Example:
+        >>> prompt_bucket(5), prompt_bucket(17)
+        (16, 32)
+    """
     return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
 def activation_dtype(config: ModelConfig, params: Any) -> Any:
-    """The dtype activations run in: the token table's (`FamilySpec.activation_dtype`)."""
+    """The dtype activations run in: the token table's (`FamilySpec.activation_dtype`).
+
+    Args:
+        config: the model's config.
+        params: the parameter tree.
+
+    Returns:
+        The table's floating dtype, else float32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.models import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> table = jnp.ones((64, 32), jnp.bfloat16)
+        >>> activation_dtype(config, {"embed_tokens": {"embedding": table}})
+        dtype(bfloat16)
+    """
     return family_spec(config).activation_dtype(params)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits (B, V) -> token ids (B,), greedy or temperature / top-k / top-p sampling."""
+    """logits (B, V) -> token ids (B,), greedy or temperature / top-k / top-p sampling.
+
+    Args:
+        logits: (B, V) scores of the next token.
+        key: a PRNG key (unused when greedy).
+        sampling: the `Sampling` settings.
+
+    Returns:
+        (B,) int32 token ids.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> sample_logits(jnp.array([[0.1, 2.0, 0.3]]), jax.random.key(0), Sampling()).tolist()
+        [1]
+    """
     logits = logits.astype(jnp.float32)
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -182,7 +242,15 @@ def _programs(config, sampling, prefill_args, decode_tail):
 
 
 def compiled_program_count() -> int:
-    """How many (prefill, decode) pairs have been compiled (tests count recompiles)."""
+    """How many (prefill, decode) pairs have been compiled (tests count recompiles).
+
+    Returns:
+        The count since the process started (evicted programs included).
+
+    Example:
+        >>> compiled_program_count() >= 0
+        True
+    """
     return _COMPILED[0]
 
 
@@ -200,10 +268,40 @@ def generate(
 ) -> GenerationResult:
     """Generate up to max_new_tokens for each prompt (lists of token ids).
 
-    With a mesh (`placement=Placement.on_mesh(...)`, or the older `mesh=`; params placed
-    by `placement.place_params`), prompts are spread over `data` (padded to a multiple of
-    it with copies of the last prompt, whose outputs are dropped) and the KV cache is
-    sharded: batch on `data`, kv heads on `model`.
+    Prompts are left-padded to a shared bucket; one compiled prefill and one compiled
+    decode loop run them all, stopping when every row has emitted an end token.
+
+    Args:
+        config: the model's config.
+        params: the parameter tree (placed by `placement.place_params` on a mesh).
+        prompts: token id lists, each non-empty.
+        max_new_tokens: the most new tokens per prompt.
+        sampling: greedy (the default) or sampled (`Sampling`).
+        seed: the sampling seed.
+        eos_token_ids: end tokens (default `config.eos_token_ids`; () never stops early).
+        mesh: the older way to give a mesh (prefer `placement`).
+        placement: where to run (default one device). On a mesh prompts are spread over
+            `data` (padded to a multiple of it with copies of the last prompt, whose
+            outputs are dropped) and the KV cache is sharded: batch on `data`, kv heads on
+            `model`.
+
+    Returns:
+        A `GenerationResult` (new ids per prompt, timings).
+
+    Raises:
+        ValueError: max_new_tokens <= 0, an empty prompt, or prompt + new tokens longer
+            than the model's context.
+
+    Example:
+        >>> import jax
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> out = generate(config, init_params(config, jax.random.key(0)), [[1, 2, 3], [4]],
+        ...                max_new_tokens=5, eos_token_ids=())
+        >>> [len(ids) for ids in out.new_ids]
+        [5, 5]
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")

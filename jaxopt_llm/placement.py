@@ -26,7 +26,17 @@ class Placement:
     """One device (`Placement.single()`) or a mesh with shard rules (`Placement.on_mesh`).
 
     The model is checked against the mesh once per config (`check`), however many
-    times parameters are placed or programs run.
+    times parameters are placed or programs run. Evaluation, generation, calibration
+    and training take it as `placement=`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> single = Placement.single()
+        >>> single.is_mesh, single.gather(jnp.arange(3)).tolist()
+        (False, [0, 1, 2])
+        >>> from jaxopt_llm.parallel import make_mesh
+        >>> Placement.on_mesh(make_mesh("data=1")).data_size
+        1
     """
 
     def __init__(self, mesh: Mesh | None = None,
@@ -51,7 +61,11 @@ class Placement:
 
     @classmethod
     def single(cls) -> Placement:
-        """Everything on the default device."""
+        """Everything on the default device.
+
+        Returns:
+            The placement.
+        """
         return cls()
 
     @classmethod
@@ -61,6 +75,9 @@ class Placement:
         Args:
             mesh: a ("data", "model") mesh, e.g. from `parallel.make_mesh`.
             rules: user (regex, layout) shard rules, tried before the family's defaults.
+
+        Returns:
+            The placement.
         """
         if mesh is None:
             raise ValueError("mesh= is required (use Placement.single() for one device)")
@@ -70,6 +87,14 @@ class Placement:
     def resolve(cls, placement: Placement | None = None, *, mesh: Mesh | None = None,
                 rules: Sequence[tuple[str, str]] = ()) -> Placement:
         """The placement of a function that accepts `placement=` or (older) `mesh=`/`rules=`.
+
+        Args:
+            placement: a Placement, or None.
+            mesh: a mesh (only without `placement`).
+            rules: shard rules for `mesh`.
+
+        Returns:
+            `placement`, else one built from `mesh` and `rules` (one device without a mesh).
 
         Raises:
             ValueError: both `placement=` and `mesh=` (or rules) were given.
@@ -84,14 +109,17 @@ class Placement:
 
     @property
     def is_mesh(self) -> bool:
+        """True on a mesh, False on one device."""
         return self._mesh is not None
 
     @property
     def mesh(self) -> Mesh | None:
+        """The mesh, or None on one device."""
         return self._mesh
 
     @property
     def rules(self) -> tuple[tuple[str, str], ...]:
+        """The user's (regex, layout) shard rules."""
         return self._rules
 
     @property
@@ -100,12 +128,24 @@ class Placement:
         return 1 if self._mesh is None else int(self._mesh.shape["data"])
 
     def round_batch(self, size: int) -> int:
-        """`size` rounded up to a multiple of `data_size`."""
+        """`size` rounded up to a multiple of `data_size`.
+
+        Args:
+            size: a batch size.
+
+        Returns:
+            The smallest multiple of `data_size` ≥ size.
+        """
         return -(-size // self.data_size) * self.data_size
 
     def check(self, config: ModelConfig, batch: int | None = None) -> None:
         """Raise an actionable ValueError when the model (or a batch of `batch` rows)
-        cannot use the mesh; the model is checked once per config."""
+        cannot use the mesh; the model is checked once per config.
+
+        Args:
+            config: the model's config.
+            batch: a batch size to check against `data`, or None.
+        """
         if self._mesh is None:
             return
         if config not in self._checked:
@@ -116,7 +156,15 @@ class Placement:
 
     def place_params(self, config: ModelConfig, params: Any) -> Any:
         """`params` where the model runs: unchanged on one device, on a mesh laid out by
-        the rules (each process transfers only its own devices' slices)."""
+        the rules (each process transfers only its own devices' slices).
+
+        Args:
+            config: the model's config (its family gives the default rules).
+            params: the parameter tree (host or device arrays, typed leaves included).
+
+        Returns:
+            The placed tree.
+        """
         if self._mesh is None:
             return params
         self.check(config)
@@ -124,13 +172,27 @@ class Placement:
             params, parallel.param_shardings(config, params, self._mesh, self._rules))
 
     def place_batch(self, array: Any) -> jax.Array:
-        """A host array of rows (the same on every process), rows split over `data`."""
+        """A host array of rows (the same on every process), rows split over `data`.
+
+        Args:
+            array: rows (leading axis the batch).
+
+        Returns:
+            A jax array (sharded on a mesh).
+        """
         if self._mesh is None:
             return jnp.asarray(array)
         return parallel.global_batch(array, self._mesh)
 
     def replicate(self, tree: Any) -> Any:
-        """Arrays every device holds whole (PRNG keys, scalars)."""
+        """Arrays every device holds whole (PRNG keys, scalars).
+
+        Args:
+            tree: a tree of arrays.
+
+        Returns:
+            The tree, replicated on a mesh (jax arrays on one device).
+        """
         if self._mesh is None:
             return jax.tree_util.tree_map(jnp.asarray, tree)
         replicated = NamedSharding(self._mesh, PartitionSpec())
@@ -138,18 +200,39 @@ class Placement:
             lambda a: a if isinstance(a, jax.Array) else np.asarray(a), tree), replicated)
 
     def gather(self, array: Any) -> np.ndarray:
-        """The whole value of `array` as numpy, on every process."""
+        """The whole value of `array` as numpy, on every process.
+
+        Args:
+            array: a (possibly sharded, possibly multi-process) array.
+
+        Returns:
+            A numpy array.
+        """
         return parallel.to_host(array)
 
     def cache_sharding(self) -> NamedSharding | None:
         """KV cache (B, S, Hkv, D) layout: batch on `data`, kv heads on `model`; None on
-        one device."""
+        one device.
+
+        Returns:
+            A `NamedSharding`, or None.
+        """
         return None if self._mesh is None else parallel.cache_sharding(self._mesh)
 
     def new_cache(self, config: ModelConfig, batch: int, length: int,
                   dtype: Any = jnp.float32) -> Any:
         """A zeroed KV cache (`models.init_cache`) on `cache_sharding()`; on a mesh each
-        device builds its own slices (works across processes too)."""
+        device builds its own slices (works across processes too).
+
+        Args:
+            config: the model's config.
+            batch: rows.
+            length: slots.
+            dtype: the cache's dtype.
+
+        Returns:
+            Per layer (keys, values).
+        """
         cache = init_cache(config, batch, length, dtype)
         sharding = self.cache_sharding()
         if sharding is None:
@@ -161,14 +244,30 @@ class Placement:
 
     def put(self, tree: Any, shardings: Any) -> Any:
         """On a mesh, `tree` moved to `shardings` (e.g. a compiled program's input
-        shardings); on one device `tree` as it is."""
+        shardings); on one device `tree` as it is.
+
+        Args:
+            tree: a tree of arrays.
+            shardings: a matching tree of shardings.
+
+        Returns:
+            The moved tree.
+        """
         if self._mesh is None:
             return tree
         return jax.device_put(tree, shardings)
 
     def like(self, tree: Any, reference: Any) -> Any:
         """On a mesh, `tree` moved to the shardings of `reference` (same structure); on
-        one device `tree` as it is."""
+        one device `tree` as it is.
+
+        Args:
+            tree: a tree of arrays.
+            reference: a tree of arrays with the wanted shardings.
+
+        Returns:
+            The moved tree.
+        """
         if self._mesh is None:
             return tree
         return jax.device_put(tree, jax.tree_util.tree_map(lambda a: a.sharding, reference))
@@ -176,7 +275,16 @@ class Placement:
     def settle(self, jitted: Any, state: Any, *args: Any) -> Any:
         """`state` in the layouts `jitted(state, *args)` returns its first output in, so a
         loop feeding that output back compiles once. On one device `state` as it is
-        (compiling ahead there would compile twice)."""
+        (compiling ahead there would compile twice).
+
+        Args:
+            jitted: a `jax.jit`-ed function returning (state, ...).
+            state: its first argument.
+            *args: the other arguments.
+
+        Returns:
+            `state`, re-laid out on a mesh.
+        """
         if self._mesh is None:
             return state
         compiled = jitted.lower(state, *args).compile()
@@ -201,6 +309,11 @@ def ensure_cpu_devices(count: int) -> None:
     Raises:
         ValueError: `count` is not an integer, or JAX has already started with fewer
             than `count` local devices.
+
+    Example:
+        >>> import jaxopt_llm as jl
+        >>> jl.ensure_cpu_devices(2)  # doctest: +SKIP
+        >>> mesh = jl.make_mesh("data=2")  # doctest: +SKIP
     """
     if isinstance(count, bool) or not isinstance(count, int):
         raise ValueError(f"count must be an integer, got {count!r}")

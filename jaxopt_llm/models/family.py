@@ -96,7 +96,7 @@ class FamilySpec:
 
     @property
     def block_regex(self) -> str:
-        """A regex matching every block path, e.g. r"layers_\d+"."""
+        """A regex matching every block path, e.g. r"layers_\\d+"."""
         return rf"{re.escape(self.block_prefix)}_\d+"
 
     def activation_dtype(self, params: Mapping[str, Any]) -> Any:
@@ -193,7 +193,7 @@ def family_spec(config: ModelConfig) -> FamilySpec:
 
 def blocks_regex(part: Literal["attention", "mlp"]) -> str:
     """A regex for the `part` parameters of every block of every family (built-in recipes
-    do not know the family): r"(layers|h)_\d+/attn/.*" for attention.
+    do not know the family): r"(layers|h)_\\d+/attn/.*" for attention.
 
     Args:
         part: "attention" or "mlp".

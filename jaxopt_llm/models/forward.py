@@ -28,9 +28,10 @@ def build_model(config: ModelConfig):
 
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> type(build_model(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
         ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64))).__name__
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> type(build_model(config)).__name__
         'LlamaModel'
     """
     return family_spec(config).model(config)
@@ -101,9 +102,10 @@ def init_cache(config: ModelConfig, batch: int, length: int,
 
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> cache = init_cache(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
         ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64), 1, 16)
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> cache = init_cache(config, 1, 16)
         >>> len(cache), cache[0][0].shape
         (2, (1, 16, 2, 8))
     """
@@ -125,9 +127,10 @@ def init_params(config: ModelConfig, key: jax.Array) -> Any:
     Example:
         >>> import jax
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> params = init_params(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
         ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64), jax.random.key(0))
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> params = init_params(config, jax.random.key(0))
         >>> params["layers_0"]["attn"]["q_proj"]["kernel"].shape
         (32, 32)
     """
@@ -147,9 +150,10 @@ def param_shapes(config: ModelConfig) -> Any:
 
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> param_shapes(ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
         ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64))["embed_tokens"]["embedding"].shape
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> param_shapes(config)["embed_tokens"]["embedding"].shape
         (64, 32)
     """
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))

@@ -45,7 +45,8 @@ class MagnitudeOptions(OpOptions):
     format: str = "masked"  # MaskedWeight, or a dense array with zeros
 
     def validate(self) -> None:
-        """A number sparsity in [0, 1); scope "layer", "row" or "global"; format "masked" or "dense"."""
+        """sparsity a number in [0, 1); scope "layer", "row" or "global"; format "masked" or
+        "dense"."""
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
                 or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
