@@ -36,14 +36,44 @@ LORA_TRAINABLE = r".*/kernel/(a|b)"  # only LoRA adapters train (add_lora's leav
 
 
 def batch_at(ids: np.ndarray, step: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
-    """(batch, seq) token windows for `step`, the same in every run."""
+    """(batch, seq) token windows for `step`, the same in every run.
+
+    Args:
+        ids: the training tokens.
+        step: the step (with `seed`, it seeds the window starts).
+        batch: windows per step.
+        seq: tokens per window.
+        seed: the run's seed.
+
+    Returns:
+        int32 (batch, seq).
+
+    Example:
+        >>> import numpy as np
+        >>> batch_at(np.arange(100), step=3, batch=2, seq=8).shape
+        (2, 8)
+    """
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(ids) - seq + 1, size=batch)
     return np.stack([ids[s:s + seq] for s in starts]).astype(np.int32)
 
 
 def check_data(ids: np.ndarray, batch: int, seq: int, context: int) -> None:
-    """Raise ParameterError (on `seq`) unless `ids` holds a sequence the model can take."""
+    """Raise ParameterError (on `seq`) unless `ids` holds a sequence the model can take.
+
+    Args:
+        ids: the training tokens.
+        batch: sequences per step.
+        seq: tokens per sequence.
+        context: the model's context length.
+
+    Example:
+        >>> import numpy as np
+        >>> check_data(np.arange(10), 2, 16, 2048)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        jaxopt_llm.errors.ParameterError: seq=16: the training text has 10 tokens, fewer ...
+    """
     if seq > context:
         raise ParameterError("seq", seq, f"longer than the model's context of {context} tokens")
     if len(ids) < seq:
@@ -53,7 +83,20 @@ def check_data(ids: np.ndarray, batch: int, seq: int, context: int) -> None:
 
 
 def save_checkpoint(directory: Path, state: Any, meta: dict[str, Any]) -> None:
-    """Atomically replace `directory` with the state's arrays and `meta`."""
+    """Atomically replace `directory` with the state's arrays and `meta`.
+
+    Args:
+        directory: the checkpoint directory (written beside, then renamed into place).
+        state: any tree of arrays (a `TrainState` and the frozen arrays).
+        meta: JSON data describing the run (compared on resume).
+
+    Example:
+        >>> import pathlib, tempfile, jax.numpy as jnp
+        >>> where = pathlib.Path(tempfile.mkdtemp()) / "ckpt"
+        >>> save_checkpoint(where, {"w": jnp.ones(2)}, {"step": 1})
+        >>> load_checkpoint(where, {"w": jnp.zeros(2)}, {"step": 1})["w"].tolist()
+        [1.0, 1.0]
+    """
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     arrays = {f"{i:06d}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(state))}
@@ -67,7 +110,24 @@ def save_checkpoint(directory: Path, state: Any, meta: dict[str, Any]) -> None:
 
 
 def load_checkpoint(directory: Path, template: Any, meta: dict[str, Any]) -> Any:
-    """The saved state, after checking it was made by the same run configuration."""
+    """The saved state, after checking it was made by the same run configuration.
+
+    Args:
+        directory: the checkpoint directory.
+        template: a tree like the saved state (structure, shapes, dtypes and, on a mesh,
+            shardings to restore onto).
+        meta: this run's description; every key but "step" must equal the saved one.
+
+    Returns:
+        The restored tree.
+
+    Raises:
+        ValueError: the checkpoint was made by another run (naming the setting that
+            differs) or holds another number of arrays.
+
+    Example:
+        >>> state = load_checkpoint(Path("run.checkpoint"), template, meta)  # doctest: +SKIP
+    """
     saved = json.loads((directory / "meta.json").read_text())
     for key in sorted(set(meta) | set(saved)):
         if key != "step" and saved.get(key) != meta.get(key):
@@ -90,6 +150,10 @@ def load_checkpoint(directory: Path, template: Any, meta: dict[str, Any]) -> Any
 
 @dataclasses.dataclass
 class TrainResult:
+    """What `run_training` returns: the trained parameters (trainable form), one record per
+    step run (loss, lm_loss, grad_norm, step, step_s, …) and the step a checkpoint resumed
+    from (0: from the start).
+    """
     params: Any
     history: list[dict[str, float]]
     resumed_from: int
@@ -112,7 +176,38 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
     With a mesh (`placement=Placement.on_mesh(mesh, rules)`, or the older `mesh=` and
     `shard_rules=`), parameters (and the teacher) are placed by the tensor-parallel rules
     and each batch is split over `data`; the optimizer state takes the layouts the
-    compiled step gives it, so the step compiles once."""
+    compiled step gives it, so the step compiles once.
+
+    Args:
+        config: the model's config.
+        params: the parameters to train (their trainable form).
+        options: the `TrainOptions`.
+        ids: the training tokens.
+        batch / seq / seed: sequences per step, tokens per sequence, sampling seed.
+        teacher: the teacher's parameters for distillation (options.distill_weight > 0).
+        checkpoint_dir / checkpoint_every: where and how often to checkpoint (0: never).
+        meta: JSON description of the run, stored with checkpoints and compared on resume.
+        resume: continue from the checkpoint in `checkpoint_dir`.
+        stop_after: end after this step.
+        prune_schedules: gradual pruning schedules (`schedule.prune_schedules`).
+        mesh / shard_rules: the older way to give a mesh (prefer `placement`).
+        placement: where to train (default one device).
+        on_step: called with (step, record) after every step.
+
+    Returns:
+        A `TrainResult`.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> result = run_training(config, init_params(config, jax.random.key(0)),
+        ...                       TrainOptions(steps=2), np.arange(200) % 64, batch=2, seq=16)
+        >>> [record["step"] for record in result.history]
+        [1, 2]
+    """
     import time
 
     placement = Placement.resolve(placement, mesh=mesh, rules=shard_rules)

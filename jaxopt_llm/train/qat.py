@@ -29,7 +29,22 @@ _FAKE_QUANT_KEYS = ("bits", "symmetric", "granularity", "group_size", "partial_g
 
 
 def convert_leaf(leaf: FakeQuantWeight) -> QuantizedWeight:
-    """The integer weight on the grid `leaf` was trained on."""
+    """The integer weight on the grid `leaf` was trained on.
+
+    Args:
+        leaf: a trained `FakeQuantWeight` (learned step sizes are used as they are; else
+            the grid is recomputed from the weight's range, as in training).
+
+    Returns:
+        The `QuantizedWeight` computing what the fake-quantized forward computed.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.weights import FakeQuantWeight
+        >>> fake = FakeQuantWeight(w=jnp.array([[0.2, -2.0], [1.0, 1.0]]), bits=8)
+        >>> bool(jnp.allclose(convert_leaf(fake).materialize(), fake.materialize()))
+        True
+    """
     if leaf.learned:  # the learned step sizes define the grid
         return quantize_with_scale(leaf.w, leaf.spec, leaf.step_sizes(), leaf.zero,
                                    axis=leaf.axis)
@@ -38,7 +53,21 @@ def convert_leaf(leaf: FakeQuantWeight) -> QuantizedWeight:
 
 
 def convert(params: Any) -> Any:
-    """Every FakeQuantWeight → QuantizedWeight (other leaves unchanged)."""
+    """Every FakeQuantWeight → QuantizedWeight (other leaves unchanged).
+
+    Args:
+        params: a parameter tree after quantization-aware training.
+
+    Returns:
+        The tree with integer weights.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.weights import FakeQuantWeight
+        >>> out = convert({"kernel": FakeQuantWeight(w=jnp.ones((4, 2)), bits=4), "b": jnp.ones(2)})
+        >>> type(out["kernel"]).__name__
+        'QuantizedWeight'
+    """
     return jax.tree_util.tree_map(
         lambda leaf: convert_leaf(leaf) if isinstance(leaf, FakeQuantWeight) else leaf,
         params, is_leaf=is_weight_leaf)
@@ -46,7 +75,20 @@ def convert(params: Any) -> Any:
 
 def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:
     """The trainable form of a recipe: quantize → fake_quant (same grid; with LSQ step
-    sizes if `learn_scale`), N:M masked."""
+    sizes if `learn_scale`), N:M masked.
+
+    Args:
+        recipe: the recipe to train towards.
+        learn_scale: also learn the quantization step sizes (LSQ).
+
+    Returns:
+        A new recipe named "<name>-qat".
+
+    Example:
+        >>> from jaxopt_llm.recipes import load_recipe
+        >>> qat_recipe(load_recipe("w4")).stages[0].rules[0].describe()
+        'fake_quant(bits=4, symmetric=False)'
+    """
     stages = []
     for stage in recipe.stages:
         rules = []

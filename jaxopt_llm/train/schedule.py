@@ -20,7 +20,21 @@ from jaxopt_llm.transforms.prune import MagnitudeOptions, magnitude_prune
 
 
 def polynomial_sparsity(step: int, final: float, start: int, end: int) -> float:
-    """s_t = s_f·(1 − (1 − (t − t₀)/(T − t₀))³), 0 before t₀ and s_f after T."""
+    """s_t = s_f·(1 − (1 − (t − t₀)/(T − t₀))³), 0 before t₀ and s_f after T.
+
+    Args:
+        step: t.
+        final: s_f, in [0, 1).
+        start: t₀.
+        end: T (> t₀).
+
+    Returns:
+        The sparsity at `step`.
+
+    Example:
+        >>> polynomial_sparsity(50, 0.5, 0, 100)
+        0.4375
+    """
     if not 0.0 <= final < 1.0:
         raise ValueError(f"final sparsity must be in [0, 1), got {final}")
     if not 0 <= start < end:
@@ -33,7 +47,23 @@ def polynomial_sparsity(step: int, final: float, start: int, end: int) -> float:
 
 def reprune(params: Any, paths: list[str], sparsity: float, scope: str = "layer") -> Any:
     """Recompute magnitude masks of `paths` at `sparsity` (already-pruned zeros stay pruned:
-    they are the smallest magnitudes)."""
+    they are the smallest magnitudes).
+
+    Args:
+        params: the parameter tree (the paths hold `MaskedWeight`s or arrays).
+        paths: the parameters to re-mask.
+        sparsity: the new sparsity.
+        scope: "layer", "row" or "global", as the `prune` op.
+
+    Returns:
+        A new tree with `MaskedWeight`s at `paths`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> out = reprune({"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])}, ["w"], 0.5)
+        >>> out["w"].materialize().tolist()
+        [[0.0, -4.0], [3.0, 0.0]]
+    """
     flat = tree.flatten(params)
     _, flat = magnitude_prune(flat, paths, None,
                               MagnitudeOptions(sparsity=sparsity, scope=scope, format="masked"))
@@ -44,7 +74,13 @@ def reprune(params: Any, paths: list[str], sparsity: float, scope: str = "layer"
 class PruneSchedule:
     """Gradual magnitude pruning of `paths` (MaskedWeight leaves) to `final` sparsity:
     the schedule of `polynomial_sparsity` from step `start` to `end`,
-    masks recomputed before every `every`-th step."""
+    masks recomputed before every `every`-th step.
+
+    Example:
+        >>> schedule = PruneSchedule(paths=("w",), final=0.5, start=0, end=100, every=25)
+        >>> schedule.target(50), schedule.target(51)
+        (0.4375, None)
+    """
 
     paths: tuple[str, ...]
     final: float
@@ -59,7 +95,14 @@ class PruneSchedule:
             raise ValueError(f"every must be a positive number of steps, got {self.every}")
 
     def target(self, step: int) -> float | None:
-        """The sparsity to impose before `step` (0-based), or None if not a mask step."""
+        """The sparsity to impose before `step` (0-based), or None if not a mask step.
+
+        Args:
+            step: the step about to run.
+
+        Returns:
+            The sparsity, or None.
+        """
         if not self.start <= step <= self.end:
             return None
         if (step - self.start) % self.every and step != self.end:
@@ -70,7 +113,22 @@ class PruneSchedule:
 def gradual_recipe(recipe: Recipe, steps: int) -> tuple[Recipe, list[dict[str, Any]]]:
     """Split a recipe's `prune` rules into a start at sparsity 0 (masks of all ones) and
     the schedules that reach each rule's sparsity by 3/4 of the run (Zhu & Gupta's
-    shape, masks recomputed 20 times)."""
+    shape, masks recomputed 20 times).
+
+    Args:
+        recipe: a recipe with at least one `prune` rule.
+        steps: the run's steps.
+
+    Returns:
+        (the recipe "<name>-gradual" at sparsity 0, one target dict per prune rule for
+        `prune_schedules`).
+
+    Example:
+        >>> from jaxopt_llm.recipes import load_recipe
+        >>> form, targets = gradual_recipe(load_recipe("magnitude-50"), 100)
+        >>> targets[0]["final"], targets[0]["end"], targets[0]["every"]
+        (0.5, 75, 3)
+    """
     stages, targets = [], []
     for stage in recipe.stages:
         rules = []
@@ -95,7 +153,21 @@ def gradual_recipe(recipe: Recipe, steps: int) -> tuple[Recipe, list[dict[str, A
 
 def prune_schedules(recipe: Recipe, targets: list[dict[str, Any]], params: Any
                     ) -> list[PruneSchedule]:
-    """The schedules of `gradual_recipe`'s targets on the parameters their rules select."""
+    """The schedules of `gradual_recipe`'s targets on the parameters their rules select.
+
+    Args:
+        recipe: the gradual recipe `gradual_recipe` returned.
+        targets: its targets.
+        params: the parameters after that recipe was applied.
+
+    Returns:
+        One `PruneSchedule` per target.
+
+    Example:
+        >>> form, targets = gradual_recipe(load_recipe("magnitude-50"), 100)  # doctest: +SKIP
+        >>> config, params = form(config, params)  # doctest: +SKIP
+        >>> schedules = prune_schedules(form, targets, params)  # doctest: +SKIP
+    """
     flat = tree.flatten(params)
     schedules = []
     for target in targets:

@@ -35,6 +35,26 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainOptions:
+    """What one training run does (the step's settings; `TrainSettings` builds them for
+    `train_recipe`).
+
+    Attributes:
+        steps: micro-batch steps (optimizer updates × accumulation).
+        learning_rate: peak AdamW learning rate.
+        warmup_steps: linear warmup steps, then cosine decay to 0 at `steps`.
+        weight_decay: AdamW's decoupled weight decay.
+        clip_norm: global-norm gradient clipping (None: off).
+        accumulation: micro-batches per optimizer update.
+        trainable: regex (`re.fullmatch`) on "/"-joined array paths of what trains
+            (typed leaves flattened: "…/kernel/w", "…/kernel/a"); integer arrays never do.
+        distill_weight: 0: LM loss only; 1: KL to the teacher only.
+        distill_temperature: the KL's softmax temperature T (the loss is scaled by T²).
+        compute_dtype: "float32" or "bfloat16" matmuls (master weights stay float32).
+
+    Example:
+        >>> TrainOptions(steps=100, warmup_steps=10).trainable
+        '.*'
+    """
     steps: int
     learning_rate: float = 1e-4
     warmup_steps: int = 0
@@ -75,7 +95,19 @@ class TrainOptions:
 
 
 def default_optimizer(options: TrainOptions) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, global-norm clipping, accumulation."""
+    """AdamW with linear warmup then cosine decay, global-norm clipping, accumulation.
+
+    Args:
+        options: the run's `TrainOptions`.
+
+    Returns:
+        The optax transformation.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> optimizer = default_optimizer(TrainOptions(steps=10))
+        >>> state = optimizer.init({"w": jnp.zeros(3)})
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0 if options.warmup_steps else options.learning_rate,
         peak_value=options.learning_rate, warmup_steps=options.warmup_steps,
@@ -97,7 +129,20 @@ def _array_path(path: tuple) -> str:
 
 
 def trainable_mask(params: Any, pattern: str) -> Any:
-    """Bool per array of `params` (typed leaves flattened into their children)."""
+    """Bool per array of `params` (typed leaves flattened into their children).
+
+    Args:
+        params: the parameter tree.
+        pattern: a regex `re.fullmatch`ed against each array's "/"-joined path.
+
+    Returns:
+        A tree of bools like `params`: True for floating arrays the pattern matches.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> trainable_mask({"a": jnp.zeros(2), "b": jnp.zeros(2, jnp.int8)}, ".*")
+        {'a': True, 'b': False}
+    """
     def decide(path, leaf):
         return bool(jnp.issubdtype(leaf.dtype, jnp.floating)
                     and re.fullmatch(pattern, _array_path(path)))
@@ -106,13 +151,38 @@ def trainable_mask(params: Any, pattern: str) -> Any:
 
 
 def split(params: Any, mask: Any) -> tuple[Any, Any]:
-    """(trainable, frozen) trees with None where the other one holds the array."""
+    """(trainable, frozen) trees with None where the other one holds the array.
+
+    Args:
+        params: the parameter tree.
+        mask: `trainable_mask(params, …)`.
+
+    Returns:
+        (trainable, frozen); `merge` puts them back together.
+
+    Example:
+        >>> split({"a": 1.0, "b": 2.0}, {"a": True, "b": False})
+        ({'a': 1.0, 'b': None}, {'a': None, 'b': 2.0})
+    """
     trainable = jax.tree_util.tree_map(lambda m, a: a if m else None, mask, params)
     frozen = jax.tree_util.tree_map(lambda m, a: None if m else a, mask, params)
     return trainable, frozen
 
 
 def merge(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `split`: each array from whichever tree holds it.
+
+    Args:
+        trainable: the trainable tree (None where frozen).
+        frozen: the frozen tree (None where trainable).
+
+    Returns:
+        The full parameter tree.
+
+    Example:
+        >>> merge({"a": 1.0, "b": None}, {"a": None, "b": 2.0})
+        {'a': 1.0, 'b': 2.0}
+    """
     return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
                                   is_leaf=lambda x: x is None)
 
@@ -135,7 +205,21 @@ def _enforce_masks(trainable: Any, frozen: Any) -> Any:
 def cast_for_compute(params: Any, dtype: str) -> Any:
     """Floating arrays → `dtype`, except those named `scale` (norm scales, LSQ step
     sizes), which stay float32. The cast is differentiable: gradients reach the f32
-    master weights."""
+    master weights.
+
+    Args:
+        params: the parameter tree.
+        dtype: "float32" (no change) or "bfloat16".
+
+    Returns:
+        The cast tree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> out = cast_for_compute({"kernel": jnp.ones(2), "scale": jnp.ones(2)}, "bfloat16")
+        >>> out["kernel"].dtype, out["scale"].dtype
+        (dtype(bfloat16), dtype('float32'))
+    """
     if dtype == "float32":
         return params
 
@@ -149,13 +233,29 @@ def cast_for_compute(params: Any, dtype: str) -> Any:
 
 
 class TrainState(NamedTuple):
+    """What the jitted step carries: the trainable arrays (None where frozen), the optimizer
+    state and the int32 count of micro-batches seen.
+    """
     trainable: Any  # arrays that train (None elsewhere)
     opt_state: Any
     step: jax.Array  # int32 scalar: micro-batches seen
 
 
 def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy: logits (B, T, V) predict tokens[:, 1:]."""
+    """Mean next-token cross-entropy: logits (B, T, V) predict tokens[:, 1:].
+
+    Args:
+        logits: (B, T, V) model outputs.
+        tokens: (B, T) the input tokens.
+
+    Returns:
+        A float32 scalar (nats per predicted token).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(lm_loss(jnp.zeros((1, 3, 4)), jnp.zeros((1, 3), jnp.int32))), 4)  # ln 4
+        1.3863
+    """
     logits = logits[:, :-1].astype(jnp.float32)
     targets = tokens[:, 1:]
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
@@ -164,7 +264,21 @@ def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
-    """Mean KL(teacher ‖ student) over positions of temperature-softened distributions, ·T²."""
+    """Mean KL(teacher ‖ student) over positions of temperature-softened distributions, ·T².
+
+    Args:
+        student: (B, T, V) student logits.
+        teacher: (B, T, V) teacher logits.
+        temperature: the softmax temperature T.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(distill_kl(jnp.ones((1, 2, 5)), jnp.ones((1, 2, 5)), 2.0))
+        0.0
+    """
     log_p = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
     log_q = jax.nn.log_softmax(student.astype(jnp.float32) / temperature, axis=-1)
     kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
@@ -172,6 +286,10 @@ def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> ja
 
 
 class Trainer(NamedTuple):
+    """What `make_trainer` returns: `init(params) -> TrainState`, the jitted
+    `step(state, frozen, tokens[, teacher_params]) -> (state, metrics)` and
+    `params(state, frozen) -> full params`.
+    """
     init: Any  # params -> TrainState
     step: Any  # (TrainState, frozen, tokens[, teacher_params]) -> (TrainState, metrics)
     params: Any  # (TrainState, frozen) -> full params
@@ -181,7 +299,30 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
                  optimizer: optax.GradientTransformation | None = None) -> tuple[Trainer, Any]:
     """A jitted train step for `config`; returns (trainer, frozen part of `params`).
 
-    Raises ValueError when the `trainable` rule selects no floating array.
+    Args:
+        config: the model's config.
+        params: the parameter tree to train (any representation).
+        options: the `TrainOptions`.
+        optimizer: any optax transformation (default `default_optimizer(options)`).
+
+    Returns:
+        (Trainer, frozen): the step functions and the arrays that do not train.
+
+    Raises:
+        ValueError: the `trainable` rule selects no floating array.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> params = init_params(config, jax.random.key(0))
+        >>> trainer, frozen = make_trainer(config, params, TrainOptions(steps=2))
+        >>> state, metrics = trainer.step(trainer.init(params), frozen,
+        ...                               jnp.zeros((2, 8), jnp.int32))
+        >>> sorted(metrics)
+        ['grad_norm', 'lm_loss', 'loss']
     """
     mask = trainable_mask(params, options.trainable)
     if not any(jax.tree_util.tree_leaves(mask)):

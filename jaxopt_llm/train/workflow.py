@@ -58,6 +58,10 @@ class TrainSettings:
         merge_lora: fold the trained adapters into the weights at the end (needs
             lora_rank).
         seed: seed of the batch sampler.
+
+    Example:
+        >>> TrainSettings(steps=100, lora_rank=16).train_options().trainable
+        '.*/kernel/(a|b)'
     """
 
     steps: int = 100
@@ -90,7 +94,11 @@ class TrainSettings:
         self.train_options()  # validates steps, rates, weights and dtype now
 
     def train_options(self) -> TrainOptions:
-        """The options of the train step these settings describe."""
+        """The options of the train step these settings describe.
+
+        Returns:
+            The `TrainOptions`.
+        """
         warmup = self.warmup_steps
         if warmup is None:
             warmup = min(self.steps - 1, self.steps // 10)
@@ -107,6 +115,12 @@ class TrainedModel:
     `params` hold integer weights (fake-quant leaves converted, adapters merged if asked)
     when `finished`; a run ended early by `stop_after` returns its trainable form
     unconverted, and its checkpoint holds the state to resume from.
+
+    Example:
+        >>> trained = train_recipe(loaded, "w4", ids, TrainSettings(steps=100))  # doctest: +SKIP
+        >>> trained.loss_first, trained.loss_last  # doctest: +SKIP
+        (3.1, 2.4)
+        >>> trained.save("smol-w4-qat")  # doctest: +SKIP
     """
 
     config: ModelConfig  # after the recipe
@@ -123,14 +137,17 @@ class TrainedModel:
 
     @property
     def steps_done(self) -> int:
+        """The last step run (the resumed-from step if none ran)."""
         return int(self.history[-1]["step"]) if self.history else self.resumed_from
 
     @property
     def loss_first(self) -> float | None:
+        """The first step's loss, or None."""
         return self.history[0]["loss"] if self.history else None
 
     @property
     def loss_last(self) -> float | None:
+        """The last step's loss, or None."""
         return self.history[-1]["loss"] if self.history else None
 
     @property
@@ -140,7 +157,17 @@ class TrainedModel:
 
     def save(self, directory: str | Path) -> Path:
         """Write the integer artifact to `directory` (atomically), then remove the
-        checkpoint: the run is complete. Returns the artifact's path."""
+        checkpoint: the run is complete.
+
+        Args:
+            directory: the artifact directory.
+
+        Returns:
+            The artifact's path.
+
+        Raises:
+            ValueError: the run has not finished (resume it first).
+        """
         from jaxopt_llm.io.artifact import save_artifact
 
         if not self.finished:
@@ -156,7 +183,18 @@ class TrainedModel:
 
 def training_ids(tokenizer: Any, text: str | None = None) -> np.ndarray:
     """Token ids to train on: `text`, or the embedded pydoc text without its first
-    EVAL_TOKENS tokens (never train on the evaluation tokens)."""
+    EVAL_TOKENS tokens (never train on the evaluation tokens).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        text: the training text, or None for the default.
+
+    Returns:
+        int32 token ids.
+
+    Example:
+        >>> ids = training_ids(load_model("smollm2-135m").tokenizer)  # doctest: +SKIP
+    """
     from jaxopt_llm.data import pydoc_text
 
     ids = np.asarray(tokenizer.encode(pydoc_text() if text is None else text), np.int32)
@@ -210,6 +248,13 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
     Raises:
         ParameterError: a recipe-less run asks for gradual pruning or learned scales, or
             `settings.seq` does not fit the model or the tokens.
+
+    Example:
+        >>> import jaxopt_llm as jl
+        >>> m = jl.load_model("smollm2-135m")  # doctest: +SKIP
+        >>> trained = jl.train_recipe(m, "w4", jl.training_ids(m.tokenizer),  # doctest: +SKIP
+        ...                           jl.TrainSettings(steps=100, distill_weight=1.0))
+        >>> trained.save("smol-w4-qat")  # doctest: +SKIP
     """
     from jaxopt_llm.recipes import load_recipe
 
