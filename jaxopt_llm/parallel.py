@@ -42,12 +42,42 @@ LAYOUTS = ("column", "row", "vocab", "replicated")
 
 
 def default_rules(config: ModelConfig) -> tuple[tuple[str, str], ...]:
-    """The family's tensor-parallel rules (`FamilySpec.shard_rules`)."""
+    """The family's tensor-parallel rules (`FamilySpec.shard_rules`).
+
+    Args:
+        config: the model's config.
+
+    Returns:
+        (regex, layout) pairs, first match wins.
+
+    Example:
+        >>> from jaxopt_llm.models import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> default_rules(config)[0]
+        ('(.*/)?attn/(q_proj|k_proj|v_proj)/kernel', 'column')
+    """
     return family_spec(config).shard_rules
 
 
 def parse_mesh(spec: str | dict[str, int]) -> dict[str, int]:
-    """"data=2,model=4" → {"data": 2, "model": 4}; an axis left out has size 1."""
+    """"data=2,model=4" → {"data": 2, "model": 4}; an axis left out has size 1.
+
+    Args:
+        spec: the text (the CLI's --mesh), or a dict of axis sizes.
+
+    Returns:
+        {"data": A, "model": B}.
+
+    Raises:
+        ParameterError: on `spec`: malformed text, an unknown axis, a size that is not a
+            positive integer.
+
+    Example:
+        >>> parse_mesh("model=3")
+        {'data': 1, 'model': 3}
+    """
     if isinstance(spec, dict):
         sizes = dict(spec)
     else:
@@ -73,7 +103,23 @@ def parse_mesh(spec: str | dict[str, int]) -> dict[str, int]:
 
 def make_mesh(spec: str | dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """A ("data", "model") mesh on the first data·model devices (model varies fastest,
-    so a model group stays within one host when hosts own consecutive devices)."""
+    so a model group stays within one host when hosts own consecutive devices).
+
+    Args:
+        spec: "data=A,model=B" or {"data": A, "model": B} (see `parse_mesh`).
+        devices: the devices to use (default `jax.devices()`).
+
+    Returns:
+        The `jax.sharding.Mesh`.
+
+    Raises:
+        ParameterError: on `spec`, when it needs more devices than there are (with the
+            XLA flag that makes fake CPU devices).
+
+    Example:
+        >>> dict(make_mesh("data=1").shape)
+        {'data': 1, 'model': 1}
+    """
     sizes = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
     needed = sizes["data"] * sizes["model"]
@@ -91,7 +137,23 @@ def _divisors(n: int) -> list[int]:
 
 def check_mesh(config: ModelConfig, mesh: Mesh, *, batch: int | None = None,
                rules: Sequence[tuple[str, str]] = ()) -> None:
-    """Raise an actionable ValueError when the model (or batch) cannot use this mesh."""
+    """Raise an actionable ValueError when the model (or batch) cannot use this mesh.
+
+    Args:
+        config: the model's config (heads, kv heads, MLP width and, for a vocab-parallel
+            table, the vocabulary must divide `model`).
+        mesh: the mesh.
+        batch: a batch size that must divide over `data`, or None.
+        rules: user shard rules (they decide whether the table is vocab-parallel).
+
+    Raises:
+        ValueError: naming the size that does not divide and the `model` sizes that would.
+
+    Example:
+        >>> check_mesh(config, make_mesh("model=2"))  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: num_kv_heads=3 is not divisible by model=2; use model=1 or 3
+    """
     model = mesh.shape["model"]
     sizes = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
              "intermediate_size": config.intermediate_size}
@@ -111,7 +173,16 @@ def check_mesh(config: ModelConfig, mesh: Mesh, *, batch: int | None = None,
 
 
 def check_batch(batch: int, mesh: Mesh) -> None:
-    """Raise an actionable ValueError when `batch` rows do not split evenly over `data`."""
+    """Raise an actionable ValueError when `batch` rows do not split evenly over `data`.
+
+    Args:
+        batch: the batch size.
+        mesh: the mesh.
+
+    Example:
+        >>> mesh = make_mesh("data=1")
+        >>> check_batch(3, mesh)  # any batch divides over data=1
+    """
     if batch % mesh.shape["data"]:
         raise ValueError(f"batch={batch} is not divisible by data={mesh.shape['data']}; "
                          f"use a batch that is a multiple of {mesh.shape['data']}")
@@ -130,10 +201,26 @@ def layouts(config: ModelConfig, paths: Sequence[str],
     """The layout of every path: the first user rule whose regex fullmatches it, else the
     first matching rule of the family's defaults, else "replicated".
 
+    Args:
+        config: the model's config (its family gives the default rules).
+        paths: "/"-joined parameter paths.
+        rules: user (regex, layout) rules, tried first.
+
+    Returns:
+        path → layout ("column", "row", "vocab" or "replicated").
+
     Raises:
         ValueError: a user rule is malformed or selects no parameter (it matches none, or
             every parameter it matches is taken by an earlier rule): a typo never silently
             leaves a weight replicated.
+
+    Example:
+        >>> from jaxopt_llm.models import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> layouts(config, ["layers_0/attn/o_proj/kernel", "norm/scale"])
+        {'layers_0/attn/o_proj/kernel': 'row', 'norm/scale': 'replicated'}
     """
     check_rules(rules)
     user = tuple(Rule(match=pattern, op=layout) for pattern, layout in rules)
@@ -145,6 +232,17 @@ def layouts(config: ModelConfig, paths: Sequence[str],
 
 
 def check_rules(rules: Sequence[tuple[str, str]]) -> None:
+    """Raise a ValueError for a rule whose layout is unknown or whose regex does not compile.
+
+    Args:
+        rules: (regex, layout) pairs.
+
+    Example:
+        >>> check_rules([(".*", "diagonal")])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: shard rule '.*': layout must be one of (...), got 'diagonal'
+    """
     for pattern, layout in rules:
         if layout not in LAYOUTS:
             raise ValueError(f"shard rule {pattern!r}: layout must be one of {LAYOUTS}, "
@@ -156,7 +254,21 @@ def check_rules(rules: Sequence[tuple[str, str]]) -> None:
 
 
 def parse_shard_rule(text: str) -> tuple[str, str]:
-    """"REGEX=LAYOUT" (the CLI's --shard) → (regex, layout)."""
+    """"REGEX=LAYOUT" (the CLI's --shard) → (regex, layout).
+
+    Args:
+        text: the rule (split at its last "=").
+
+    Returns:
+        (regex, layout).
+
+    Raises:
+        ParameterError / ValueError: malformed text, unknown layout or bad regex.
+
+    Example:
+        >>> parse_shard_rule("embed_tokens/embedding=replicated")
+        ('embed_tokens/embedding', 'replicated')
+    """
     pattern, sep, layout = text.rpartition("=")
     if not sep or not pattern:
         raise ParameterError("text", text, f"expected REGEX=LAYOUT with LAYOUT one of "
@@ -174,7 +286,22 @@ def _dense_axes(layout: str) -> tuple[str | None, str | None]:
 def leaf_specs(leaf: Any, layout: str, mesh: Mesh) -> Any:
     """The PartitionSpec of every array of `leaf` (same tree structure as the leaf): a typed
     weight lays out its own arrays; a plain 1-D array (a bias) follows the output dim
-    (norm scales are replicated)."""
+    (norm scales are replicated).
+
+    Args:
+        leaf: a parameter (array or typed leaf).
+        layout: "column", "row", "vocab" or "replicated" (of the dense weight).
+        mesh: the mesh.
+
+    Returns:
+        A PartitionSpec, or the leaf's class holding one per array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mesh = make_mesh("data=1")
+        >>> leaf_specs(jnp.zeros((4, 8)), "column", mesh)
+        P(None, 'model')
+    """
     rows, cols = _dense_axes(layout)
     if not is_weight_leaf(leaf) and leaf.ndim == 1:
         return axis_spec(leaf.shape, {0: cols if layout == "column" else None}, mesh)
@@ -183,7 +310,27 @@ def leaf_specs(leaf: Any, layout: str, mesh: Mesh) -> Any:
 
 def param_specs(config: ModelConfig, params: Any, mesh: Mesh,
                 rules: Sequence[tuple[str, str]] = ()) -> Any:
-    """PartitionSpec for every array of `params` from the rules (user rules first)."""
+    """PartitionSpec for every array of `params` from the rules (user rules first).
+
+    Args:
+        config: the model's config.
+        params: the parameter tree.
+        mesh: the mesh.
+        rules: user (regex, layout) rules.
+
+    Returns:
+        A tree like `params` holding PartitionSpecs.
+
+    Example:
+        >>> import jax
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> specs = param_specs(config, init_params(config, jax.random.key(0)), make_mesh("data=1"))
+        >>> specs["layers_0"]["mlp"]["down_proj"]["kernel"]
+        P('model',)
+    """
     flat = flat_params(params)
     layout = layouts(config, list(flat), rules)
     return nested_params({path: leaf_specs(leaf, layout[path], mesh)
@@ -192,6 +339,20 @@ def param_specs(config: ModelConfig, params: Any, mesh: Mesh,
 
 def param_shardings(config: ModelConfig, params: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, str]] = ()) -> Any:
+    """`param_specs` as `NamedSharding`s on `mesh`.
+
+    Args:
+        config: the model's config.
+        params: the parameter tree.
+        mesh: the mesh.
+        rules: user (regex, layout) rules.
+
+    Returns:
+        A tree like `params` holding NamedShardings.
+
+    Example:
+        >>> shardings = param_shardings(config, params, mesh)  # doctest: +SKIP
+    """
     specs = param_specs(config, params, mesh, rules)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -203,6 +364,26 @@ def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
 
     Each array is built with `jax.make_array_from_callback`, so a process only transfers
     the slices its own devices hold (on many hosts: per-host loading of local shards).
+
+    Args:
+        config: the model's config.
+        params: the parameter tree (host or device arrays, typed leaves included).
+        mesh: the mesh.
+        rules: user (regex, layout) rules, tried before the family's defaults.
+
+    Returns:
+        The placed tree.
+
+    Example:
+        >>> import jax
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> placed = shard_params(config, init_params(config, jax.random.key(0)),
+        ...                       make_mesh("data=1"), rules=[("norm/scale", "replicated")])
+        >>> placed["norm"]["scale"].sharding.spec
+        P()
     """
     check_mesh(config, mesh, rules=rules)
     return place_tree(params, param_shardings(config, params, mesh, rules))
@@ -210,7 +391,18 @@ def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
 
 def place_tree(tree: Any, shardings: Any) -> Any:
     """Every array of `tree` placed by the matching sharding (same tree structure); a
-    process transfers only the slices its own devices hold."""
+    process transfers only the slices its own devices hold.
+
+    Args:
+        tree: a tree of arrays.
+        shardings: a matching tree of shardings.
+
+    Returns:
+        The placed tree.
+
+    Example:
+        >>> placed = place_tree(params, param_shardings(config, params, mesh))  # doctest: +SKIP
+    """
 
     def place(array, sharding):
         if isinstance(array, jax.Array) and sharding.is_fully_addressable:
@@ -223,14 +415,40 @@ def place_tree(tree: Any, shardings: Any) -> Any:
 
 def global_batch(array: Any, mesh: Mesh) -> jax.Array:
     """A host array (the same on every process) → a global array, batch on `data`; each
-    process transfers only its devices' rows."""
+    process transfers only its devices' rows.
+
+    Args:
+        array: rows (leading axis the batch).
+        mesh: the mesh.
+
+    Returns:
+        The sharded jax array.
+
+    Example:
+        >>> import numpy as np
+        >>> mesh = make_mesh("data=1")
+        >>> global_batch(np.zeros((2, 8), np.int32), mesh).shape
+        (2, 8)
+    """
     host = np.asarray(array)
     return jax.make_array_from_callback(host.shape, batch_sharding(mesh, host.ndim),
                                         lambda index: host[index])
 
 
 def to_host(array: Any) -> np.ndarray:
-    """The whole value of a (possibly multi-process) array as numpy, on every process."""
+    """The whole value of a (possibly multi-process) array as numpy, on every process.
+
+    Args:
+        array: any array.
+
+    Returns:
+        A numpy array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> to_host(jnp.arange(3)).tolist()
+        [0, 1, 2]
+    """
     if isinstance(array, jax.Array) and not array.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -239,12 +457,37 @@ def to_host(array: Any) -> np.ndarray:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch (leading dim) on `data`, the rest replicated."""
+    """Batch (leading dim) on `data`, the rest replicated.
+
+    Args:
+        mesh: the mesh.
+        ndim: the arrays' rank.
+
+    Returns:
+        The `NamedSharding`.
+
+    Example:
+        >>> mesh = make_mesh("data=1")
+        >>> batch_sharding(mesh, 3).spec
+        P('data', None, None)
+    """
     return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
-    """KV cache (B, S, Hkv, D): batch on `data`, kv heads on `model`."""
+    """KV cache (B, S, Hkv, D): batch on `data`, kv heads on `model`.
+
+    Args:
+        mesh: the mesh.
+
+    Returns:
+        The `NamedSharding`.
+
+    Example:
+        >>> mesh = make_mesh("data=1")
+        >>> cache_sharding(mesh).spec
+        P('data', None, 'model', None)
+    """
     return NamedSharding(mesh, PartitionSpec("data", None, "model", None))
 
 
