@@ -214,6 +214,13 @@ def dispatch_standard_layers() -> Iterator[None]:
 
     Must be active while the model is traced (inside or around the `jax.jit`-ed function).
     Layers whose weights are plain arrays run Flax's own code, bit for bit.
+
+    Returns:
+        A context manager.
+
+    Example:
+        >>> with dispatch_standard_layers():  # doctest: +SKIP
+        ...     y = model.apply({"params": typed_params}, x)
     """
     with nn.intercept_methods(_interceptor):
         yield
@@ -224,10 +231,22 @@ def linen_apply(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     """`model.apply(variables, *args, method=method, **kwargs)` that accepts typed leaves.
 
     Args:
-      model: any Linen module built from standard layers; not modified.
-      variables: {"params": tree, ...}; kernels (d_in, d_out) and embedding tables
-        (vocab, d) may be typed leaves (`jaxopt_llm.weights.WeightLeaf`).
-      *args, method, **kwargs: as for `model.apply` (`rngs`, `mutable`, ... included).
+        model: any Linen module built from standard layers; not modified.
+        variables: {"params": tree, ...}; kernels (d_in, d_out) and embedding tables
+            (vocab, d) may be typed leaves (`jaxopt_llm.weights.WeightLeaf`).
+        *args, method, **kwargs: as for `model.apply` (`rngs`, `mutable`, ... included).
+
+    Returns:
+        What `model.apply` returns.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from jaxopt_llm.weights import quantize_weight, QuantSpec
+        >>> model = nn.Dense(4)
+        >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+        >>> typed = {**params, "kernel": quantize_weight(params["kernel"], QuantSpec(bits=8))}
+        >>> linen_apply(model, {"params": typed}, jnp.ones((1, 8))).shape
+        (1, 4)
     """
     with dispatch_standard_layers():
         return model.apply(variables, *args, method=method, **kwargs)
@@ -259,7 +278,15 @@ class DispatchLinear(nnx.Module):
 
     @classmethod
     def from_linear(cls, layer: nnx.Linear, kernel: Any) -> DispatchLinear:
-        """`layer` with `kernel` (its bias Variable is reused, not copied)."""
+        """`layer` with `kernel` (its bias Variable is reused, not copied).
+
+        Args:
+            layer: the `nnx.Linear` being replaced.
+            kernel: the typed (d_in, d_out) kernel.
+
+        Returns:
+            The stand-in.
+        """
         return cls(kernel, layer.bias, in_features=layer.in_features,
                    out_features=layer.out_features, dtype=layer.dtype,
                    param_dtype=layer.param_dtype)
@@ -284,6 +311,15 @@ class DispatchEmbed(nnx.Module):
 
     @classmethod
     def from_embed(cls, layer: nnx.Embed, embedding: Any) -> DispatchEmbed:
+        """`layer` with `embedding` in place of its table.
+
+        Args:
+            layer: the `nnx.Embed` being replaced.
+            embedding: the typed (vocab, features) table.
+
+        Returns:
+            The stand-in.
+        """
         return cls(embedding, num_embeddings=layer.num_embeddings, features=layer.features,
                    dtype=layer.dtype, param_dtype=layer.param_dtype)
 
@@ -292,7 +328,15 @@ class DispatchEmbed(nnx.Module):
         return _lookup(self.embedding.get_value(), inputs, self.num_embeddings, self.dtype)
 
     def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
-        """query (..., features) -> logits (..., num_embeddings) (tied output head)."""
+        """query (..., features) -> logits (..., num_embeddings) (tied output head).
+
+        Args:
+            query: the hidden states.
+            out_sharding: must be None (not supported).
+
+        Returns:
+            The logits.
+        """
         _no_out_sharding(out_sharding, self)
         return _logits(query, self.embedding.get_value(), dtype=self.dtype,
                        param_dtype=self.param_dtype)
@@ -303,6 +347,17 @@ def nnx_params(model: nnx.Module) -> dict[Any, Any]:
 
     Keys are NNX's own (attribute names; ints for list items); a shared module appears once,
     under its first path. Join with "/" for the rule paths ("layers/0/kernel").
+
+    Args:
+        model: an NNX module.
+
+    Returns:
+        The nested dict of arrays.
+
+    Example:
+        >>> from flax import nnx
+        >>> sorted(nnx_params(nnx.Linear(8, 4, rngs=nnx.Rngs(0))))
+        ['bias', 'kernel']
     """
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
@@ -343,9 +398,25 @@ def nnx_with_params(model: nnx.Module, params: Mapping[Any, Any]) -> nnx.Module:
     whose embedding (vocab, d), is a typed leaf becomes a `DispatchLinear` / `DispatchEmbed`
     (bias and hyper-parameters kept), at every place the layer is referenced from.
 
+    Args:
+        model: an NNX module.
+        params: the new parameter values (typed leaves allowed as above).
+
+    Returns:
+        The new model.
+
     Raises:
-      ValueError: `params` does not have the model's paths, or a typed leaf sits anywhere
-        but the kernel of an `nnx.Linear` or the embedding of an `nnx.Embed`.
+        ValueError: `params` does not have the model's paths, or a typed leaf sits anywhere
+            but the kernel of an `nnx.Linear` or the embedding of an `nnx.Embed`.
+
+    Example:
+        >>> from flax import nnx
+        >>> from jaxopt_llm.weights import quantize_weight, QuantSpec
+        >>> layer = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+        >>> params = nnx_params(layer)
+        >>> params["kernel"] = quantize_weight(params["kernel"], QuantSpec(bits=8))
+        >>> type(nnx_with_params(layer, params)).__name__
+        'DispatchLinear'
     """
     new = nnx.clone(model)
     have = set(tree.flatten_keys(nnx_params(new)))
@@ -397,5 +468,16 @@ def nnx_with_params(model: nnx.Module, params: Mapping[Any, Any]) -> nnx.Module:
 
 def nnx_transform(model: nnx.Module,
                   transform: Callable[[dict[Any, Any]], Mapping[Any, Any]]) -> nnx.Module:
-    """`nnx_with_params(model, transform(nnx_params(model)))`: a pass applied to an NNX model."""
+    """`nnx_with_params(model, transform(nnx_params(model)))`: a pass applied to an NNX model.
+
+    Args:
+        model: an NNX module (not modified).
+        transform: maps the parameter dict to a new one (e.g. a recipe's params step).
+
+    Returns:
+        The new model.
+
+    Example:
+        >>> new = nnx_transform(model, lambda params: recipe(None, params)[1])  # doctest: +SKIP
+    """
     return nnx_with_params(model, transform(nnx_params(model)))

@@ -163,6 +163,17 @@ def _model(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm eval`: perplexity of --model (with --recipe) on a text.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The JSON record (`runs.evaluate_text`).
+
+    Example:
+        >>> main(["eval", "--model", "smollm2-135m", "--tokens", "4096"])  # doctest: +SKIP
+    """
     from jaxopt_llm.data import pydoc_text
     from jaxopt_llm.runs import evaluate_text
 
@@ -183,6 +194,17 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm generate`: a continuation of --prompt.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The JSON record (`runs.generate_text`).
+
+    Example:
+        >>> main(["generate", "--model", "smollm2-135m", "--prompt", "Hi"])  # doctest: +SKIP
+    """
     from jaxopt_llm.generation import Sampling
     from jaxopt_llm.runs import generate_text
 
@@ -202,6 +224,18 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm optimize`: apply --recipe and write the artifact --out.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The JSON record (`runs.optimize_model`).
+
+    Example:
+        >>> main(["optimize", "--model", "smollm2-135m", "--recipe", "w8",  # doctest: +SKIP
+        ...       "--out", "smol-w8"])
+    """
     from jaxopt_llm.runs import optimize_model
 
     recipe = _recipe(args.recipe)
@@ -218,6 +252,17 @@ def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm plan`: the dry run of --recipe on --model.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        `Plan.to_dict()`.
+
+    Example:
+        >>> main(["plan", "--model", "smollm2-135m", "--recipe", "w4g128"])  # doctest: +SKIP
+    """
     from jaxopt_llm.plan import plan
 
     recipe = _recipe(args.recipe)
@@ -229,6 +274,17 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm recipes`: the built-in recipes.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        {"recipes": {name: recipe as a dict}}.
+
+    Example:
+        >>> main(["recipes"])  # doctest: +SKIP
+    """
     from jaxopt_llm.recipes import BUILTIN_RECIPES
 
     if not args.json:
@@ -238,6 +294,18 @@ def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm train`: `train.train_recipe` with the flags' settings, then the artifact.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The JSON record (out, log, steps, losses, step time, mesh), or where it stopped.
+
+    Example:
+        >>> main(["train", "--model", "smollm2-135m", "--recipe", "w4",  # doctest: +SKIP
+        ...       "--steps", "10", "--out", "smol-w4-qat"])
+    """
     from jaxopt_llm.runs import mesh_shape
     from jaxopt_llm.train import TrainSettings, train_recipe, training_ids
 
@@ -293,6 +361,17 @@ _DEMO_FLAGS = {"num_tokens": "--tokens", "max_new_tokens": "--max-new-tokens",
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm demo`: `demo.run_demo` printed as one table.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        `run_demo`'s result.
+
+    Example:
+        >>> main(["demo", "--recipes", "fp32,w8"])  # doctest: +SKIP
+    """
     from jaxopt_llm.demo import run_demo
 
     started = time.perf_counter()
@@ -333,6 +412,16 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (each sets `func`, the function to run).
+
+    Returns:
+        The `argparse.ArgumentParser`.
+
+    Example:
+        >>> args = build_parser().parse_args(["eval", "--model", "m.gguf", "--tokens", "4096"])
+        >>> args.command, args.tokens, args.func.__name__
+        ('eval', 4096, 'cmd_eval')
+    """
     parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -447,6 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `jaxopt-llm` command; library errors become one line on stderr.
+
+    Args:
+        argv: the arguments (default `sys.argv[1:]`).
+
+    Returns:
+        The exit status: 0, 2 for a ValueError (bad input), 130 when interrupted.
+
+    Example:
+        >>> main(["recipes", "--json"])  # doctest: +SKIP
+        0
+    """
     args = build_parser().parse_args(argv)
     try:
         out = args.func(args)

@@ -79,6 +79,11 @@ def run_demo(
         {"rows": [{"recipe", "ppl", "param_bytes", "prefill_tok_s", "decode_tok_s",
         "text"}, ...] in the order of `recipes`, "model", "tokens" (tokens scored in
         windows, after flooring), "window", "prompt", "text_sha256" (of the eval text)}.
+
+    Example:
+        >>> out = run_demo(recipes=("fp32", "w8"))  # doctest: +SKIP
+        >>> [row["recipe"] for row in out["rows"]]  # doctest: +SKIP
+        ['fp32', 'w8']
     """
     _check_positive_int("num_tokens", num_tokens)
     _check_positive_int("max_new_tokens", max_new_tokens)

@@ -73,7 +73,23 @@ def _env_int(name: str) -> int | None:
 def resolve_settings(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> tuple[str, int, int] | None:
     """(coordinator, num_processes, process_id) from the arguments, else the env vars;
-    None when none is set (single process). Raises ValueError on partial or bad settings."""
+    None when none is set (single process).
+
+    Args:
+        coordinator: host:port of process 0 (else JAXOPT_COORDINATOR).
+        num_processes: the number of processes (else JAXOPT_NUM_PROCESSES).
+        process_id: this process, 0..N-1 (else JAXOPT_PROCESS_ID).
+
+    Returns:
+        The three settings, or None.
+
+    Raises:
+        ValueError: partial or bad settings, naming what is missing or wrong.
+
+    Example:
+        >>> resolve_settings("10.0.0.1:1234", 2, 1)
+        ('10.0.0.1:1234', 2, 1)
+    """
     if coordinator is None:
         coordinator = os.environ.get(ENV_COORDINATOR, "").strip() or None
     if num_processes is None:
@@ -111,12 +127,26 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
     Settings come from the arguments, else from JAXOPT_COORDINATOR (host:port of process
     0), JAXOPT_NUM_PROCESSES and JAXOPT_PROCESS_ID. With none of them set this is a single
-    process: nothing happens and it returns False. Partial settings raise a ValueError
-    naming what is missing. `local_device_count` sets the number of CPU devices of this
-    process (`jax_num_cpu_devices`, like XLA_FLAGS=--xla_force_host_platform_device_count);
-    accelerators use every visible device (restrict them with JAX_LOCAL_DEVICE_IDS or
-    CUDA_VISIBLE_DEVICES). Must run before any JAX computation (see the module docstring).
-    Calling it again once initialized returns True and changes nothing.
+    process: nothing happens and it returns False. Must run before any JAX computation
+    (see the module docstring). Calling it again once initialized returns True and
+    changes nothing.
+
+    Args:
+        coordinator / num_processes / process_id: see `resolve_settings`.
+        local_device_count: the number of CPU devices of this process
+            (`jax_num_cpu_devices`, like XLA_FLAGS=--xla_force_host_platform_device_count);
+            accelerators use every visible device (restrict them with
+            JAX_LOCAL_DEVICE_IDS or CUDA_VISIBLE_DEVICES).
+
+    Returns:
+        True when the process joined a multi-host job.
+
+    Raises:
+        ValueError: partial settings (naming what is missing) or a bad local_device_count.
+
+    Example:
+        >>> initialize("10.0.0.1:1234", num_processes=2, process_id=0)  # doctest: +SKIP
+        True
     """
     settings = resolve_settings(coordinator, num_processes, process_id)
     if local_device_count is not None and (isinstance(local_device_count, bool) or not

@@ -24,7 +24,19 @@ from jaxopt_llm.weights import param_bytes
 
 
 def mesh_shape(placement: Placement | None) -> dict[str, int] | None:
-    """{"data": A, "model": B} of a placement on a mesh; None on one device."""
+    """{"data": A, "model": B} of a placement on a mesh; None on one device.
+
+    Args:
+        placement: a Placement, or None.
+
+    Returns:
+        The axis sizes, or None.
+
+    Example:
+        >>> from jaxopt_llm.placement import Placement
+        >>> mesh_shape(Placement.single()) is None
+        True
+    """
     if placement is None or not placement.is_mesh:
         return None
     return {k: int(v) for k, v in placement.mesh.shape.items()}
@@ -49,6 +61,12 @@ def evaluate_text(loaded: LoadedModel, text: str, *, num_tokens: int = DEFAULT_T
     Returns:
         The perplexity result's fields plus model, param_bytes, dense_param_bytes (float32
         size, when known), recipe, text_sha256, text_tokens, seconds, eval_tok_s, mesh.
+
+    Example:
+        >>> from jaxopt_llm import load_model, pydoc_text
+        >>> record = evaluate_text(load_model("smollm2-135m"), pydoc_text())  # doctest: +SKIP
+        >>> round(record["ppl"], 4)  # doctest: +SKIP
+        14.2858
     """
     from jaxopt_llm.data import text_sha256
 
@@ -88,9 +106,21 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
                   placement: Placement | None = None) -> dict[str, Any]:
     """Up to `max_new_tokens` after `prompt`, stopping at the tokenizer's end tokens.
 
+    Args:
+        loaded: the model (params already placed by `placement`).
+        prompt: the text to continue.
+        max_new_tokens: the most tokens to generate.
+        sampling: greedy by default.
+        seed: the sampling seed.
+        placement: where to run (default one device).
+
     Returns:
         model, recipe, prompt, prompt_ids, new_ids, text (the decoded new tokens), the
         prefill and decode speeds (tok/s) and seconds, compile_seconds, mesh.
+
+    Example:
+        >>> record = generate_text(load_model("smollm2-135m"), "def add(a, b):",  # doctest: +SKIP
+        ...                        max_new_tokens=16)
     """
     ids = loaded.tokenizer.encode(prompt)
     result = generate(loaded.config, loaded.params, [ids], max_new_tokens=max_new_tokens,
@@ -119,9 +149,19 @@ def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path
     """Apply `recipe` to `loaded` (continuing an artifact's own recipe) and save the
     result as an artifact in `out_dir`.
 
+    Args:
+        loaded: the model.
+        recipe: the recipe.
+        out_dir: the artifact directory to write.
+
     Returns:
         model, recipe (the applied name), out, param_bytes, dense_param_bytes,
         weights_file_bytes, transform_seconds.
+
+    Example:
+        >>> from jaxopt_llm import load_model, load_recipe
+        >>> record = optimize_model(load_model("smollm2-135m"), load_recipe("w8"),  # doctest: +SKIP
+        ...                         "smol-w8")
     """
     from jaxopt_llm.io.artifact import WEIGHTS_FILE, save_artifact
     from jaxopt_llm.recipes import apply_recipe

@@ -52,7 +52,18 @@ _NATIVE = frozenset(
 
 
 def is_artifact_dir(path: str | Path) -> bool:
-    """True when `path` is a directory holding an `artifact.json`."""
+    """True when `path` is a directory holding an `artifact.json`.
+
+    Args:
+        path: any path.
+
+    Returns:
+        Whether it is an artifact directory.
+
+    Example:
+        >>> is_artifact_dir("/nonexistent")
+        False
+    """
     path = Path(path)
     return path.is_dir() and (path / ARTIFACT_FILE).is_file()
 
@@ -192,8 +203,31 @@ def save_artifact(
     """Write config, params (typed leaves included), tokenizer and recipe to `out_dir`.
 
     Atomic: a previous artifact at `out_dir` is replaced only once the new one is
-    complete; a non-empty directory that is not an artifact is never touched. `tokenizer`
-    may be None (then none is saved). Returns `out_dir` as a Path.
+    complete; a non-empty directory that is not an artifact is never touched.
+
+    Args:
+        out_dir: the artifact directory.
+        config: the model's config.
+        params: the parameter tree (every array in its own dtype; typed leaves described
+            by class name and static fields).
+        tokenizer: the tokenizer, or None (then none is saved).
+        recipe: the recipe that made the params (`Recipe.to_dict()`), or None.
+        extra: provenance (source model, dense bytes, training settings, …).
+
+    Returns:
+        `out_dir` as a Path.
+
+    Example:
+        >>> import jax, pathlib, tempfile
+        >>> from jaxopt_llm.models import ModelConfig, init_params
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "tiny"
+        >>> path = save_artifact(out, config=config, params=init_params(config, jax.random.key(0)),
+        ...                      tokenizer=None, recipe=None)
+        >>> load_artifact(path).config == config
+        True
     """
     out_dir = Path(out_dir)
     replace = _check_target(out_dir)
@@ -339,16 +373,16 @@ def load_artifact(directory: str | Path) -> LoadedModel:
     arrays in their stored dtype.
 
     Args:
-      directory: the artifact directory (holding artifact.json and model.safetensors).
+        directory: the artifact directory (holding artifact.json and model.safetensors).
 
     Returns:
-      A `LoadedModel` (the same type `load_model` returns) with the recipe, provenance
-      (`extra`), format version and writer version; `tokenizer` is None if none was saved.
+        A `LoadedModel` (the same type `load_model` returns) with the recipe, provenance
+        (`extra`), format version and writer version; `tokenizer` is None if none was saved.
 
     Example:
-      >>> loaded = load_artifact("smollm2-w8")  # doctest: +SKIP
-      >>> loaded.config.num_layers, loaded.recipe["name"]  # doctest: +SKIP
-      (30, 'w8')
+        >>> loaded = load_artifact("smollm2-w8")  # doctest: +SKIP
+        >>> loaded.config.num_layers, loaded.recipe["name"]  # doctest: +SKIP
+        (30, 'w8')
     """
     from jaxopt_llm.io.tokenizer import TOKENIZER_FILE, load_tokenizer_dir
 

@@ -49,6 +49,20 @@ _GPT2_NAMES = {
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """A `gguf.GGUFReader` on `path`, with a clear error for a damaged file.
+
+    Args:
+        path: the .gguf file.
+
+    Returns:
+        The reader (memory-mapped).
+
+    Raises:
+        ValueError: the file is not a readable GGUF file.
+
+    Example:
+        >>> reader = open_gguf("model.gguf")  # doctest: +SKIP
+    """
     path = Path(path)
     try:
         return gguf.GGUFReader(path)
@@ -63,6 +77,21 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 
 
 def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
+    """Our `ModelConfig` from a GGUF file's metadata (llama and gpt2 architectures).
+
+    Args:
+        reader: the open GGUF file.
+        source: the file's name, for error messages.
+
+    Returns:
+        The config.
+
+    Raises:
+        ValueError: an unsupported architecture or missing metadata, naming `source`.
+
+    Example:
+        >>> config = config_from_gguf(open_gguf("model.gguf"), "model.gguf")  # doctest: +SKIP
+    """
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; "
@@ -144,7 +173,23 @@ def _unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
-    """(config, float32 params, reader) from a GGUF file."""
+    """(config, float32 params, reader) from a GGUF file.
+
+    Quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K–Q6_K) are dequantized to float32.
+
+    Args:
+        path: the .gguf file.
+
+    Returns:
+        (ModelConfig, parameter tree, the open reader (its tokenizer metadata is read by
+        `io.tokenizer.tokenizer_from_gguf`)).
+
+    Example:
+        >>> from jaxopt_llm.io.loader import resolve_model_path
+        >>> config, params, reader = load_gguf(resolve_model_path("smollm2-135m"))  # doctest: +SKIP
+        >>> config.num_layers  # doctest: +SKIP
+        30
+    """
     source = str(path)
     reader = open_gguf(path)
     config = config_from_gguf(reader, source)

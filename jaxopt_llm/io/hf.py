@@ -35,7 +35,25 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 
 def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
-    """Translate an HF config.json dict into our ModelConfig."""
+    """Translate an HF config.json dict into our ModelConfig.
+
+    Args:
+        hf: the parsed config.json.
+        source: the file's name, for error messages.
+
+    Returns:
+        The config (family from `HF_MODEL_TYPES`).
+
+    Raises:
+        ValueError: an unsupported model_type or option, naming `source`.
+
+    Example:
+        >>> hf = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        ...           max_position_embeddings=64)
+        >>> config_from_hf(hf, "config.json").head_dim
+        8
+    """
     model_type = hf.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(
@@ -116,7 +134,23 @@ def _gpt2_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
 
 
 def hf_to_ours(name: str, config: ModelConfig) -> tuple[str, bool] | None:
-    """HF tensor name -> (our path, transpose?) or None for an unknown name."""
+    """HF tensor name -> (our path, transpose?) or None for an unknown name.
+
+    Args:
+        name: the checkpoint's tensor name.
+        config: the model's config (its family decides the mapping).
+
+    Returns:
+        (our "/"-joined path, whether the tensor is stored (d_out, d_in)), or None.
+
+    Example:
+        >>> from jaxopt_llm.models import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> hf_to_ours("model.layers.0.self_attn.q_proj.weight", config)
+        ('layers_0/attn/q_proj/kernel', True)
+    """
     if config.family == "gpt2":
         name = name.removeprefix("transformer.")
         if m := re.fullmatch(r"(wte|wpe)\.weight", name):
@@ -168,7 +202,21 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 
 def load_hf_directory(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """(config, params) from an HF checkpoint directory; weights become float32."""
+    """(config, params) from an HF checkpoint directory; weights become float32.
+
+    Args:
+        directory: holds config.json and *.safetensors (sharded with an index or not).
+
+    Returns:
+        (ModelConfig, parameter tree).
+
+    Raises:
+        ValueError: missing files, unknown or missing tensors, or shapes that disagree
+            with the config, naming the file.
+
+    Example:
+        >>> config, params = load_hf_directory("path/to/hf_dir")  # doctest: +SKIP
+    """
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():

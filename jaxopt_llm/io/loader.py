@@ -27,7 +27,21 @@ REGISTRY = {"smollm2-135m": _smollm2_path}
 
 
 def resolve_model_path(spec: str) -> Path:
-    """Registry name, .gguf file or HF/artifact directory -> a path that exists."""
+    """Registry name, .gguf file or HF/artifact directory -> a path that exists.
+
+    Args:
+        spec: a registry name (`REGISTRY`), a .gguf file or a directory.
+
+    Returns:
+        The path.
+
+    Raises:
+        ParameterError: on `spec`, when it names nothing loadable.
+
+    Example:
+        >>> resolve_model_path("smollm2-135m").suffix  # doctest: +SKIP
+        '.gguf'
+    """
     if spec in REGISTRY:
         return REGISTRY[spec]()
     path = Path(spec).expanduser()
@@ -46,6 +60,21 @@ def load_model(spec: str) -> LoadedModel:
 
     A directory with an `artifact.json` is an artifact (params may hold typed weight
     leaves, and the recipe comes back too); any other directory is read as Hugging Face's.
+
+    Args:
+        spec: "smollm2-135m", a .gguf file, an HF checkpoint directory or an artifact.
+
+    Returns:
+        A `LoadedModel`.
+
+    Raises:
+        ParameterError: `spec` names nothing loadable; ValueError for a damaged or
+            unsupported checkpoint.
+
+    Example:
+        >>> m = load_model("smollm2-135m")  # doctest: +SKIP
+        >>> m.config.family, m.tokenizer.encode("Hello")  # doctest: +SKIP
+        ('llama', [19556])
     """
     from jaxopt_llm.io.artifact import ARTIFACT_FILE, load_artifact
     from jaxopt_llm.io.gguf_file import load_gguf

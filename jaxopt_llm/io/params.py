@@ -16,7 +16,22 @@ from jaxopt_llm.models import ModelConfig, param_shapes
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """"/"-joined parameter path -> shape, as the model defines them (no compute)."""
+    """"/"-joined parameter path -> shape, as the model defines them (no compute).
+
+    Args:
+        config: the model's config.
+
+    Returns:
+        path → shape, in the model's parameter order.
+
+    Example:
+        >>> from jaxopt_llm.models import ModelConfig
+        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
+        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> expected_shapes(config)["layers_0/attn/k_proj/kernel"]
+        (32, 16)
+    """
     return {path: tuple(leaf.shape) for path, leaf in tree.flatten(param_shapes(config)).items()}
 
 
@@ -26,9 +41,22 @@ def assemble_params(
 ) -> dict[str, Any]:
     """Check `flat` against the config and build the nested tree of float32 jax arrays.
 
-    origin maps each of our paths to the tensor name in the source file, and
-    `transposed` names the paths the file stores (d_out, d_in): messages quote
-    shapes as the file has them.
+    Args:
+        config: the model's config.
+        flat: our "/"-joined path → array, as read from the file.
+        source: the file's name, for error messages.
+        origin: each of our paths → the tensor name in the source file.
+        transposed: the paths the file stores (d_out, d_in), so that messages quote
+            shapes as the file has them.
+
+    Returns:
+        The nested parameter tree.
+
+    Raises:
+        ValueError: missing or unexpected tensors, or shapes that disagree with the config.
+
+    Example:
+        >>> params = assemble_params(config, flat, "model.safetensors", origin)  # doctest: +SKIP
     """
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(flat))

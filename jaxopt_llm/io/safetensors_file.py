@@ -25,7 +25,21 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one file as read-only numpy arrays backed by a memory map."""
+    """All tensors of one file as read-only numpy arrays backed by a memory map.
+
+    Args:
+        path: the .safetensors file.
+
+    Returns:
+        name → array.
+
+    Example:
+        >>> import numpy as np, pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "t.safetensors"
+        >>> write_safetensors(path, {"w": np.arange(3, dtype=np.int8)})
+        >>> read_safetensors(path)["w"].tolist()
+        [0, 1, 2]
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -72,7 +86,20 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
-    """Write tensors atomically: a temp file in the same folder, then rename."""
+    """Write tensors atomically: a temp file in the same folder, then rename.
+
+    Args:
+        path: the file to write.
+        tensors: name → numpy array (dtypes safetensors names).
+        metadata: optional string → string header metadata.
+
+    Example:
+        >>> import numpy as np, pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "t.safetensors"
+        >>> write_safetensors(path, {"w": np.zeros((2, 2), np.float32)})
+        >>> path.stat().st_size > 16
+        True
+    """
     path = Path(path)
     header: dict = {}
     if metadata:

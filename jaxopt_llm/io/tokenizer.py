@@ -60,7 +60,17 @@ TOKENIZER_FILE = "tokenizer.json"
 
 @dataclass
 class Tokenizer:
-    """Thin wrapper around a `tokenizers.Tokenizer`."""
+    """Thin wrapper around a `tokenizers.Tokenizer`, with the model's special token ids.
+
+    Example:
+        >>> import tokenizers
+        >>> backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        ...     {"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+        >>> backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        >>> tok = Tokenizer(backend=backend, eos_token_ids=(0,))
+        >>> tok.encode("hello world"), tok.decode([2, 1])
+        ([1, 2], 'world hello')
+    """
 
     backend: tokenizers.Tokenizer
     bos_token_id: int | None = None
@@ -72,17 +82,38 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Vocabulary size, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no special tokens (no BOS) are added."""
+        """Token ids of `text`; no special tokens (no BOS) are added.
+
+        Args:
+            text: the text.
+
+        Returns:
+            The ids.
+        """
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`.
+
+        Args:
+            ids: token ids.
+            skip_special_tokens: leave special tokens (BOS, EOS, …) out of the text.
+
+        Returns:
+            The decoded text.
+        """
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | Path) -> None:
-        """Write `tokenizer.json` and `tokenizer_meta.json` (bos/eos/pad ids) into `directory`."""
+        """Write `tokenizer.json` and `tokenizer_meta.json` (bos/eos/pad ids) into `directory`.
+
+        Args:
+            directory: created if missing; `load_tokenizer_dir` reads it back.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / TOKENIZER_FILE))
@@ -164,6 +195,17 @@ def tokenizer_from_gguf(reader: Any, path_for_errors: str) -> Tokenizer:
     Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are supported.
     Tokens typed CONTROL become special added tokens and USER_DEFINED ones plain added tokens,
     so each is matched whole in the text and encodes to its one id.
+
+    Args:
+        reader: the open GGUF file.
+        path_for_errors: the file's name, for error messages.
+
+    Returns:
+        The `Tokenizer`.
+
+    Example:
+        >>> from jaxopt_llm.io.gguf_file import open_gguf
+        >>> tok = tokenizer_from_gguf(open_gguf("model.gguf"), "model.gguf")  # doctest: +SKIP
     """
     path = path_for_errors
     if "tokenizer.ggml.model" not in reader.fields:
@@ -302,6 +344,15 @@ def load_tokenizer_dir(directory: str | Path) -> Tokenizer:
 
     bos/eos/pad ids come from `tokenizer_meta.json` if present, else from
     `generation_config.json`, then `config.json`, then `tokenizer_config.json`, first found wins.
+
+    Args:
+        directory: the directory.
+
+    Returns:
+        The `Tokenizer`.
+
+    Example:
+        >>> tok = load_tokenizer_dir("path/to/hf_dir")  # doctest: +SKIP
     """
     directory = Path(directory)
     file = directory / TOKENIZER_FILE
