@@ -17,6 +17,11 @@ class ParameterError(ValueError):
         parameter: the Python parameter's name, e.g. "num_tokens".
         value: the value it was given.
         problem: what is wrong with it and, where possible, what to do instead.
+
+    Example:
+        >>> err = ParameterError("window", 1, "must be at least 2")
+        >>> str(err), err.for_flag("--window")
+        ('window=1: must be at least 2', '--window 1: must be at least 2')
     """
 
     def __init__(self, parameter: str, value: Any, problem: str) -> None:
@@ -26,5 +31,12 @@ class ParameterError(ValueError):
         super().__init__(f"{parameter}={value!r}: {problem}")
 
     def for_flag(self, flag: str) -> str:
-        """The same message naming a command-line flag: `--flag value: problem`."""
+        """The same message naming a command-line flag: `--flag value: problem`.
+
+        Args:
+            flag: the flag the value came from.
+
+        Returns:
+            The re-worded message.
+        """
         return f"{flag} {self.value!r}: {self.problem}"
