@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,13 @@ PENDING_NAMES = {"default_calibration", "linear_statistics", "quantize_weight"}
 PENDING_MODULES = {"jaxopt_llm.calibration", "jaxopt_llm.transforms.gptq",
                    "jaxopt_llm.transforms.quantize", "jaxopt_llm.weights.quant_math",
                    "jaxopt_llm.weights.quantized"}
+
+
+def _package_modules() -> list[str]:
+    import jaxopt_llm
+
+    return ["jaxopt_llm", *(m.name for m in pkgutil.walk_packages(jaxopt_llm.__path__,
+                                                                  "jaxopt_llm."))]
 
 
 def _docstring_gaps(name: str, obj) -> list[str]:
@@ -93,10 +102,7 @@ def test_public_api_is_documented():
 
 
 def test_every_public_function_of_the_package_is_documented():
-    import jaxopt_llm
-
-    names = ["jaxopt_llm", *(m.name for m in pkgutil.walk_packages(jaxopt_llm.__path__,
-                                                                   "jaxopt_llm."))]
+    names = _package_modules()
     gaps: dict[str, dict[str, list[str]]] = {}
     for module_name in names:
         module = importlib.import_module(module_name)
@@ -111,3 +117,16 @@ def test_every_public_function_of_the_package_is_documented():
     assert not missing, f"public functions / classes with incomplete docstrings: {missing}"
     done = sorted(PENDING_MODULES & set(names) - set(gaps))
     assert not done, f"{done} are fully documented now: remove them from PENDING_MODULES"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module_name", _package_modules())
+def test_docstring_examples_run(module_name):
+    """Every `>>>` example runs and prints what its docstring says (those that need the
+    real model or files are marked `# doctest: +SKIP`)."""
+    import doctest
+
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                             report=True)
+    assert result.failed == 0, f"{result.failed} docstring example(s) of {module_name} failed"
