@@ -114,10 +114,11 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
     }
 
 
-def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path
-                   ) -> dict[str, Any]:
-    """Apply `recipe` to `loaded` (continuing an artifact's own recipe) and save the
-    result as an artifact in `out_dir`.
+def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path, *,
+                   calibration: Any = None) -> dict[str, Any]:
+    """Apply `recipe` to `loaded` (continuing an artifact's own recipe; calibrated ops run on
+    `calibration`, see `recipes.apply_recipe`) and save the result as an artifact in
+    `out_dir`.
 
     Returns:
         model, recipe (the applied name), out, param_bytes, dense_param_bytes,
@@ -127,7 +128,7 @@ def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path
     from jaxopt_llm.recipes import apply_recipe
 
     start = time.perf_counter()
-    optimized = apply_recipe(loaded, recipe)
+    optimized = apply_recipe(loaded, recipe, calibration=calibration)
     seconds = time.perf_counter() - start
     extra = {**(optimized.extra or {}),
              "source": (loaded.extra or {}).get("source", loaded.source)}
