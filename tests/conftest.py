@@ -1,4 +1,5 @@
-"""Test settings: strict dtype promotion (silent upcasts fail loudly), fake CPU devices.
+"""Test settings: strict dtype and rank promotion (silent upcasts and implicit broadcasts
+fail loudly), fake CPU devices.
 
 The XLA flag must be set before JAX initialises its backends, so it lives here.
 """
@@ -15,6 +16,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture(scope="session")
