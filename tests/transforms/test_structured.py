@@ -31,7 +31,7 @@ def configs(tiny_config):
     """Llama with MHA, GQA, GQA with every bias, MQA with tied embeddings (MLP 40), GPT-2."""
 
     def llama(heads, kv_heads, **extra):
-        return tiny_config("llama", intermediate_size=40, num_heads=heads,
+        return tiny_config("llama", vocab_size=VOCAB, intermediate_size=40, num_heads=heads,
                            num_kv_heads=kv_heads, **extra)
 
     return {
@@ -39,7 +39,7 @@ def configs(tiny_config):
         "llama-gqa-2x4": llama(8, 2),
         "llama-gqa-3x3-bias": llama(9, 3, qkv_bias=True, o_bias=True, mlp_bias=True),
         "llama-mqa": llama(4, 1, tie_word_embeddings=True),
-        "gpt2": tiny_config("gpt2"),
+        "gpt2": tiny_config("gpt2", vocab_size=VOCAB),
     }
 
 
