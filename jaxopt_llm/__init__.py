@@ -11,19 +11,17 @@ from jaxopt_llm.io.artifact import load_artifact, save_artifact
 from jaxopt_llm.io.loader import LoadedModel, load_model
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.pipeline import (
-    Op,
     Recipe,
     Stage,
-    available_ops,
     chain,
     named_chain,
     read_recipe_file,
-    register_op,
     save_recipe,
 )
 from jaxopt_llm.plan import Plan, plan
 from jaxopt_llm.recipes import BUILTIN_RECIPES, load_recipe
 from jaxopt_llm.rules import BLOCK_LINEARS, KEEP, Rule, rule
+from jaxopt_llm.transforms import Op, OpOptions, available_ops, register_op
 from jaxopt_llm.weights import (
     FakeQuantWeight,
     LowRankWeight,
@@ -53,6 +51,7 @@ __all__ = [
     "ModelConfig",
     "NMSparseWeight",
     "Op",
+    "OpOptions",
     "PerplexityResult",
     "Plan",
     "QuantSpec",

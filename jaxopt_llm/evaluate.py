@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models import ModelConfig, forward
+from jaxopt_llm.placement import Placement
 
 DEFAULT_TOKENS = 65_536
 DEFAULT_WINDOW = 512
@@ -40,10 +40,7 @@ class PerplexityResult:
 @functools.partial(jax.jit, static_argnames=("config",))
 def window_nll(params: Any, windows: jax.Array, *, config: ModelConfig) -> jax.Array:
     """Summed NLL of tokens 1..W-1 of each window given its prefix: (B, W) -> (B,)."""
-    batch, length = windows.shape
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    mask = attention_mask(jnp.ones((batch, length), bool), 0, length, config.sliding_window)
-    logits, _ = build_model(config).apply({"params": params}, windows, positions, mask)
+    logits, _ = forward(config, params, windows)
     logits = logits[:, :-1].astype(jnp.float32)  # (B, W-1, V): predicts tokens 1..W-1
     target_logits = jnp.take_along_axis(logits, windows[:, 1:, None], axis=-1)[..., 0]
     # NLL = logsumexp - target logit; cheaper than materialising log_softmax over the vocab
@@ -67,23 +64,18 @@ def perplexity(
     batch_size: int = 1,
     on_window: Callable[[int], None] | None = None,
     mesh: Any = None,
+    placement: Placement | None = None,
 ) -> PerplexityResult:
     """Perplexity of the first num_tokens of token_ids (floored to whole windows).
 
-    With a ("data", "model") `mesh` (params placed by `parallel.shard_params`), each batch
-    of windows is spread over `data`; batch_size is rounded up to a multiple of it.
+    With a mesh (`placement=Placement.on_mesh(...)`, or the older `mesh=`; params placed
+    by `placement.place_params`), each batch of windows is spread over `data`; batch_size
+    is rounded up to a multiple of it.
     """
     check_eval_args(num_tokens, window)
-    place = jnp.asarray
-    if mesh is not None:
-        from jaxopt_llm.parallel import check_mesh, global_batch, to_host
-
-        check_mesh(config, mesh)
-        data = mesh.shape["data"]
-        batch_size = -(-batch_size // data) * data
-
-        def place(chunk):
-            return global_batch(chunk, mesh)
+    placement = Placement.resolve(placement, mesh=mesh)
+    placement.check(config)
+    batch_size = placement.round_batch(batch_size)
     if window > config.max_position_embeddings:
         raise ValueError(f"--window {window} exceeds the model's context of "
                          f"{config.max_position_embeddings} tokens")
@@ -100,9 +92,9 @@ def perplexity(
     for start in range(0, num_windows, batch_size):
         chunk = windows[start:start + batch_size]
         pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)  # fixed compiled shape
-        sums = window_nll(params, place(np.concatenate([chunk, pad])), config=config)
-        sums = to_host(sums) if mesh is not None else np.asarray(sums)
-        sums = sums[: len(chunk)]
+        sums = window_nll(params, placement.place_batch(np.concatenate([chunk, pad])),
+                          config=config)
+        sums = placement.gather(sums)[: len(chunk)]
         nll += float(np.sum(sums, dtype=np.float64))
         if on_window is not None:
             on_window(len(chunk))

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models import ModelConfig, family_spec, forward
+from jaxopt_llm.models import init_cache as init_cache  # re-exported: callers size the cache
+from jaxopt_llm.placement import Placement
 
 MIN_BUCKET = 16
 NEW_TOKEN_BUCKET = 64
@@ -73,22 +74,9 @@ def prompt_bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> tuple:
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                 for _ in range(config.num_layers))
-
-
-def activation_dtype(params: Any) -> Any:
-    """The dtype activations run in: the embedding table's (a bf16 model keeps a bf16 KV
-    cache, so attention does not promote the residual stream to float32)."""
-    from jaxopt_llm.rules import flat_params
-
-    for path, leaf in flat_params(params).items():
-        if path.endswith("embedding") and not path.startswith("wpe"):
-            dtype = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
-            return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
-    return jnp.dtype(jnp.float32)
+def activation_dtype(config: ModelConfig, params: Any) -> Any:
+    """The dtype activations run in: the token table's (`FamilySpec.activation_dtype`)."""
+    return family_spec(config).activation_dtype(params)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -113,11 +101,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("cache",))
 def _prefill(params, tokens, positions, key_valid, cache, key, *, config, sampling):
-    model = build_model(config)
-    length = tokens.shape[1]
-    mask = attention_mask(key_valid, 0, length, config.sliding_window)
-    logits, cache = model.apply({"params": params}, tokens, positions, mask, cache, 0,
-                                last_only=True)
+    logits, cache = forward(config, params, tokens, positions=positions, key_valid=key_valid,
+                            cache=cache, cache_index=0, last_only=True)
     first = sample_logits(logits[:, -1], key, sampling)
     return first, cache
 
@@ -131,7 +116,6 @@ def _decode(params, first, positions, key_valid, cache, key, start_slot, max_new
     key_valid (B, S) with the prompt slots set; start_slot: the first free cache
     slot (the prompt bucket); max_new: traced int32 scalar. Returns (B, S) ids.
     """
-    model = build_model(config)
     batch, capacity = key_valid.shape
     out = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
@@ -145,10 +129,9 @@ def _decode(params, first, positions, key_valid, cache, key, start_slot, max_new
         slot = start_slot + step - 1  # the previous token goes here
         key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((batch, 1), bool),
                                                  (0, slot))
-        mask = attention_mask(key_valid, slot, 1, config.sliding_window)
         token = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # (B, 1)
-        logits, cache = model.apply({"params": params}, token, positions[:, None], mask,
-                                    cache, slot)
+        logits, cache = forward(config, params, token, positions=positions[:, None],
+                                key_valid=key_valid, cache=cache, cache_index=slot)
         key, subkey = jax.random.split(key)
         nxt = jnp.where(done, eos_ids[0], sample_logits(logits[:, 0], subkey, sampling))
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
@@ -213,13 +196,14 @@ def generate(
     seed: int = 0,
     eos_token_ids: Sequence[int] | None = None,
     mesh: Any = None,
+    placement: Placement | None = None,
 ) -> GenerationResult:
     """Generate up to max_new_tokens for each prompt (lists of token ids).
 
-    With a ("data", "model") `mesh` (params placed by `parallel.shard_params`), prompts
-    are spread over `data` (padded to a multiple of it with copies of the last prompt,
-    whose outputs are dropped) and the KV cache is sharded: batch on `data`, kv heads on
-    `model`.
+    With a mesh (`placement=Placement.on_mesh(...)`, or the older `mesh=`; params placed
+    by `placement.place_params`), prompts are spread over `data` (padded to a multiple of
+    it with copies of the last prompt, whose outputs are dropped) and the KV cache is
+    sharded: batch on `data`, kv heads on `model`.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -234,11 +218,9 @@ def generate(
         )
     eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids) or (-1,)
     requested = len(prompts)
-    if mesh is not None:
-        from jaxopt_llm.parallel import check_mesh
-
-        check_mesh(config, mesh)
-        prompts = list(prompts) + [prompts[-1]] * (-len(prompts) % mesh.shape["data"])
+    placement = Placement.resolve(placement, mesh=mesh)
+    placement.check(config)
+    prompts = list(prompts) + [prompts[-1]] * (placement.round_batch(requested) - requested)
     batch = len(prompts)
     bucket = prompt_bucket(longest)
     capacity = bucket + _round_up(max_new_tokens, NEW_TOKEN_BUCKET)
@@ -251,23 +233,10 @@ def generate(
 
     key = jax.random.PRNGKey(seed)
     key, prefill_key = jax.random.split(key)
-    cache = init_cache(config, batch, capacity, activation_dtype(params))
-    place = constant = jnp.asarray
-    if mesh is not None:
-        from jaxopt_llm.parallel import cache_sharding, global_batch
-
-        cache = jax.tree_util.tree_map(  # built per device: works across processes too
-            lambda a: jax.make_array_from_callback(
-                a.shape, cache_sharding(mesh), lambda index, a=a: np.zeros(a.shape, a.dtype)[
-                    index]), cache)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        key, prefill_key = jax.device_put((key, prefill_key), replicated)
-
-        def place(array):  # per-row arrays: batch on `data`
-            return global_batch(array, mesh)
-
-        def constant(array):  # the same on every device
-            return jax.device_put(np.asarray(array), replicated)
+    cache = placement.new_cache(config, batch, capacity, activation_dtype(config, params))
+    key, prefill_key = placement.replicate((key, prefill_key))
+    place = placement.place_batch  # per-row arrays: batch on `data`
+    constant = placement.replicate  # the same on every device
     prefill_args = (params, place(tokens), place(positions), place(key_valid), cache,
                     prefill_key)
     first_positions = place(positions[:, -1] + 1)
@@ -283,14 +252,10 @@ def generate(
     start = time.perf_counter()
     key_valid_arg, *rest = decode_tail
     decode_args = (params, first, first_positions, key_valid_arg, cache, *rest)
-    if mesh is not None:  # hand decode exactly the layouts it was compiled for
-        decode_args = jax.device_put(decode_args, decode.input_shardings[0])
+    # hand decode exactly the layouts it was compiled for
+    decode_args = placement.put(decode_args, decode.input_shardings[0])
     out, steps, cache = decode(*decode_args)
-    if mesh is not None:
-        from jaxopt_llm.parallel import to_host
-
-        out = to_host(out)
-    out = np.asarray(out)
+    out = placement.gather(out)
     decode_seconds = time.perf_counter() - start
     steps = int(steps)
 

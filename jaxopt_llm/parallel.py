@@ -14,8 +14,10 @@ so that column-parallel needs no collective, …), so a new representation needs
 here.
 
 Rules are (regex, layout) pairs matched with re.fullmatch on "/"-joined parameter paths,
-the first match winning; user rules go first. Nothing here changes a computation: XLA's
-SPMD partitioner inserts the collectives, so sharded results equal single-device ones.
+the first match winning; user rules go first, then the family's defaults
+(`models.FamilySpec.shard_rules`). A user rule that selects no parameter is an error.
+Nothing here changes a computation: XLA's SPMD partitioner inserts the collectives, so
+sharded results equal single-device ones.
 """
 
 from __future__ import annotations
@@ -29,32 +31,18 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxopt_llm.models import ModelConfig
-from jaxopt_llm.rules import flat_params, nested_params
+from jaxopt_llm.models import ModelConfig, family_spec
+from jaxopt_llm.rules import Rule, assign, flat_params, nested_params
 from jaxopt_llm.weights import is_weight_leaf
 from jaxopt_llm.weights.base import axis_spec, specs_of
 
 MESH_AXES = ("data", "model")
 LAYOUTS = ("column", "row", "vocab", "replicated")
 
-LLAMA_RULES: tuple[tuple[str, str], ...] = (
-    (r"(.*/)?attn/(q_proj|k_proj|v_proj)/kernel", "column"),
-    (r"(.*/)?attn/(q_proj|k_proj|v_proj)/bias", "column"),
-    (r"(.*/)?mlp/(gate_proj|up_proj)/kernel", "column"),
-    (r"(.*/)?(attn/o_proj|mlp/down_proj)/kernel", "row"),
-    (r"embed_tokens/embedding", "vocab"),
-    (r"lm_head/kernel", "column"),
-)
-GPT2_RULES: tuple[tuple[str, str], ...] = (
-    (r"(.*/)?attn/c_attn/(kernel|bias)", "column"),
-    (r"(.*/)?mlp/c_fc/(kernel|bias)", "column"),
-    (r"(.*/)?(attn|mlp)/c_proj/kernel", "row"),
-    (r"wte/embedding", "vocab"),
-)
-
 
 def default_rules(config: ModelConfig) -> tuple[tuple[str, str], ...]:
-    return GPT2_RULES if config.family == "gpt2" else LLAMA_RULES
+    """The family's tensor-parallel rules (`FamilySpec.shard_rules`)."""
+    return family_spec(config).shard_rules
 
 
 def parse_mesh(spec: str | dict[str, int]) -> dict[str, int]:
@@ -106,7 +94,7 @@ def check_mesh(config: ModelConfig, mesh: Mesh, *, batch: int | None = None,
     model = mesh.shape["model"]
     sizes = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
              "intermediate_size": config.intermediate_size}
-    table = "wte/embedding" if config.family == "gpt2" else "embed_tokens/embedding"
+    table = family_spec(config).embedding
     if _layout(table, rules, config) == "vocab":
         sizes["vocab_size"] = config.vocab_size
     if model > 1:
@@ -117,16 +105,42 @@ def check_mesh(config: ModelConfig, mesh: Mesh, *, batch: int | None = None,
                 if name == "vocab_size":
                     hint += f" (or replicate the table: --shard '{table}=replicated')"
                 raise ValueError(f"{name}={size} is not divisible by model={model}; {hint}")
-    if batch is not None and batch % mesh.shape["data"]:
+    if batch is not None:
+        check_batch(batch, mesh)
+
+
+def check_batch(batch: int, mesh: Mesh) -> None:
+    """Raise an actionable ValueError when `batch` rows do not split evenly over `data`."""
+    if batch % mesh.shape["data"]:
         raise ValueError(f"batch={batch} is not divisible by data={mesh.shape['data']}; "
                          f"use a batch that is a multiple of {mesh.shape['data']}")
 
 
 def _layout(path: str, rules: Sequence[tuple[str, str]], config: ModelConfig) -> str:
+    """The first rule (user rules, then the family's) that matches `path`, else replicated."""
     for pattern, layout in (*rules, *default_rules(config)):
         if re.fullmatch(pattern, path):
             return layout
     return "replicated"
+
+
+def layouts(config: ModelConfig, paths: Sequence[str],
+            rules: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """The layout of every path: the first user rule whose regex fullmatches it, else the
+    first matching rule of the family's defaults, else "replicated".
+
+    Raises:
+        ValueError: a user rule is malformed or selects no parameter (it matches none, or
+            every parameter it matches is taken by an earlier rule): a typo never silently
+            leaves a weight replicated.
+    """
+    check_rules(rules)
+    user = tuple(Rule(match=pattern, op=layout) for pattern, layout in rules)
+    chosen = {path: candidate.op
+              for candidate, taken in zip(user, assign(user, list(paths), where="shard rules"),
+                                          strict=True)
+              for path in taken}
+    return {path: chosen.get(path) or _layout(path, (), config) for path in paths}
 
 
 def check_rules(rules: Sequence[tuple[str, str]]) -> None:
@@ -168,9 +182,9 @@ def leaf_specs(leaf: Any, layout: str, mesh: Mesh) -> Any:
 def param_specs(config: ModelConfig, params: Any, mesh: Mesh,
                 rules: Sequence[tuple[str, str]] = ()) -> Any:
     """PartitionSpec for every array of `params` from the rules (user rules first)."""
-    check_rules(rules)
     flat = flat_params(params)
-    return nested_params({path: leaf_specs(leaf, _layout(path, rules, config), mesh)
+    layout = layouts(config, list(flat), rules)
+    return nested_params({path: leaf_specs(leaf, layout[path], mesh)
                           for path, leaf in flat.items()})
 
 
@@ -189,7 +203,12 @@ def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
     the slices its own devices hold (on many hosts: per-host loading of local shards).
     """
     check_mesh(config, mesh, rules=rules)
-    shardings = param_shardings(config, params, mesh, rules)
+    return place_tree(params, param_shardings(config, params, mesh, rules))
+
+
+def place_tree(tree: Any, shardings: Any) -> Any:
+    """Every array of `tree` placed by the matching sharding (same tree structure); a
+    process transfers only the slices its own devices hold."""
 
     def place(array, sharding):
         if isinstance(array, jax.Array) and sharding.is_fully_addressable:
@@ -197,7 +216,7 @@ def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
         host = np.asarray(array)  # many processes: each builds only its devices' slices
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree_util.tree_map(place, params, shardings)
+    return jax.tree_util.tree_map(place, tree, shardings)
 
 
 def global_batch(array: Any, mesh: Mesh) -> jax.Array:
@@ -228,8 +247,7 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
 
 
 __all__ = [
-    "GPT2_RULES", "LAYOUTS", "LLAMA_RULES", "MESH_AXES", "batch_sharding", "cache_sharding",
-    "check_mesh", "default_rules", "global_batch", "leaf_specs", "make_mesh",
-    "param_shardings", "param_specs", "parse_mesh", "parse_shard_rule", "shard_params",
-    "to_host",
+    "LAYOUTS", "MESH_AXES", "batch_sharding", "cache_sharding", "check_batch", "check_mesh",
+    "default_rules", "global_batch", "layouts", "leaf_specs", "make_mesh", "param_shardings",
+    "param_specs", "parse_mesh", "parse_shard_rule", "place_tree", "shard_params", "to_host",
 ]

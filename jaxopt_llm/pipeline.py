@@ -7,78 +7,53 @@ one registered op with its options. A `Recipe` is a named chain of stages and is
 data: it loads from and saves to YAML or JSON, exactly round-tripping, and travels
 with every artifact so a result can be rebuilt from the artifact alone.
 
-Ops are registered by the transform modules (jaxopt_llm/transforms/*):
-  op.apply(flat_params, selected_paths, config, options) -> (config, flat_params)
-Options are validated for every rule of a recipe before any work starts.
+Ops and their typed options are defined in jaxopt_llm.transforms (the op contract is in
+transforms/base.py): an op gets a read-only view of the parameters and returns new ones.
+Options are validated for every rule of a recipe before any work starts, and stage names
+within a recipe are unique (errors name the stage).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxopt_llm.rules import KEEP, Rule, assign, flat_params, nested_params, thaw
+from jaxopt_llm import tree
+from jaxopt_llm.rules import KEEP, Rule, assign
+from jaxopt_llm.transforms import Op, OpOptions, available_ops
+from jaxopt_llm.tree import thaw
 
 Pass = Callable[[Any, Any], tuple[Any, Any]]
-ApplyFn = Callable[[dict[str, Any], list[str], Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Op:
-    """A registered transform a rule can name."""
-
-    name: str
-    apply: ApplyFn
-    defaults: Mapping[str, Any]  # every accepted option with its default
-    check: Callable[[dict[str, Any]], None]  # raises ValueError on bad options (no work done)
-    doc: str = ""
-    traceable: bool = True  # plan() may run it under jax.eval_shape
-    plan: ApplyFn | None = None  # shape-only version for ops that are not traceable
-
-
-_OPS: dict[str, Op] = {}
-
-
-def register_op(op: Op) -> Op:
-    _OPS[op.name] = op
-    return op
-
-
-def available_ops() -> dict[str, Op]:
-    import jaxopt_llm.transforms  # noqa: F401  (registers the built-in ops)
-
-    return dict(_OPS)
 
 
 def get_op(name: str) -> Op:
+    """The op a rule names; an unknown name is an error listing the ops."""
     ops = available_ops()
     if name not in ops:
         raise ValueError(f"unknown op {name!r}; available ops: {sorted([KEEP, *ops])}")
     return ops[name]
 
 
-def resolved_options(candidate: Rule, where: str) -> dict[str, Any]:
-    """The rule's options merged over the op's defaults, validated."""
+def resolved_options(candidate: Rule, where: str) -> OpOptions:
+    """The rule's options as the op's typed options (defaults filled in), validated."""
     try:
         op = get_op(candidate.op)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    given = candidate.option_dict
-    unknown = sorted(set(given) - set(op.defaults))
+    given = {k: thaw(v) for k, v in candidate.option_dict.items()}
+    unknown = sorted(set(given) - set(op.options.names()))
     if unknown:
-        raise ValueError(
-            f"{where}: op {candidate.op!r} has no option(s) {unknown}; "
-            f"options: {sorted(op.defaults)}"
-        )
-    options = {**op.defaults, **{k: thaw(v) for k, v in given.items()}}
+        raise ValueError(f"{where}: op {candidate.op!r} has no option(s) {unknown}; "
+                         f"options: {op.options.names()}")
     try:
-        op.check(options)
-    except ValueError as err:
+        return op.options(**given)
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: op {candidate.op!r}: {err}") from None
-    return options
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,26 +68,33 @@ class Stage:
         if not self.rules:
             raise ValueError(f"stage {self.name!r} has no rules")
 
-    def check(self) -> list[dict[str, Any] | None]:
-        """Validate every rule's op and options up front; returns the resolved options."""
+    def check(self) -> list[OpOptions | None]:
+        """Validate every rule's op and options up front; returns the typed options."""
         return [
             None if r.op == KEEP else resolved_options(r, f"stage {self.name!r} rule {i}")
             for i, r in enumerate(self.rules)
         ]
 
-    def selections(self, flat: Mapping[str, Any]) -> list[tuple[Rule, Op, list[str], dict]]:
-        """(rule, op, selected paths, resolved options) for each rule that transforms."""
+    def selections(self, flat: Mapping[str, Any]) -> list[tuple[Rule, Op, list[str], OpOptions]]:
+        """(rule, op, selected paths, typed options) for each rule that transforms."""
         options = self.check()
         selection = assign(self.rules, list(flat), where=f"stage {self.name!r}")
         return [(candidate, get_op(candidate.op), paths, opts)
                 for candidate, paths, opts in zip(self.rules, selection, options, strict=True)
                 if candidate.op != KEEP]
 
-    def __call__(self, config: Any, params: Any) -> tuple[Any, Any]:
-        flat = flat_params(params)
-        for _, op, paths, opts in self.selections(flat):
-            config, flat = op.apply(dict(flat), paths, config, opts)
-        return config, nested_params(flat)
+    def __call__(self, config: Any, params: Any, *, calibration: Any = None) -> tuple[Any, Any]:
+        flat = tree.flatten(params)
+        for candidate, op, paths, opts in self.selections(flat):
+            view = types.MappingProxyType(flat)  # ops return new parameters, never edit these
+            if op.needs_calibration:
+                if calibration is None:
+                    raise ValueError(f"stage {self.name!r}: op {candidate.op!r} needs "
+                                     "calibration data; pass calibration=")
+                config, flat = op.apply(view, paths, config, opts, calibration=calibration)
+            else:
+                config, flat = op.apply(view, paths, config, opts)
+        return config, tree.unflatten(flat)
 
 
 def chain(*passes: Pass) -> Pass:
@@ -150,14 +132,21 @@ class Recipe:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"recipe {self.name!r}: stage name {stage.name!r} is used "
+                                 "twice; stage names must be unique")
+            seen.add(stage.name)
 
     def check(self) -> None:
         for stage in self.stages:
             stage.check()
 
-    def __call__(self, config: Any, params: Any) -> tuple[Any, Any]:
+    def __call__(self, config: Any, params: Any, *, calibration: Any = None) -> tuple[Any, Any]:
         self.check()
-        return named_chain(*((s.name, s) for s in self.stages))(config, params)
+        return named_chain(*((s.name, functools.partial(s, calibration=calibration))
+                             for s in self.stages))(config, params)
 
     def to_dict(self) -> dict[str, Any]:
         return {

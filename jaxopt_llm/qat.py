@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from jaxopt_llm.rules import flat_params, nested_params
-from jaxopt_llm.transforms.prune import magnitude_prune
+from jaxopt_llm.transforms.prune import MagnitudeOptions, magnitude_prune
 from jaxopt_llm.weights import (
     FakeQuantWeight,
     QuantizedWeight,
@@ -60,5 +60,5 @@ def reprune(params: Any, paths: list[str], sparsity: float, scope: str = "layer"
     they are the smallest magnitudes)."""
     flat = flat_params(params)
     _, flat = magnitude_prune(flat, paths, None,
-                              {"sparsity": sparsity, "scope": scope, "format": "masked"})
+                              MagnitudeOptions(sparsity=sparsity, scope=scope, format="masked"))
     return nested_params(flat)

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxopt_llm.models.family import blocks_regex
 from jaxopt_llm.pipeline import Recipe, Stage, read_recipe_file
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
 
-ATTENTION = r"(layers|h)_\d+/attn/.*"
-MLP = r"(layers|h)_\d+/mlp/.*"
+# Every block's attention / MLP parameters, in every family (a built-in recipe is
+# family-independent)
+ATTENTION = blocks_regex("attention")
+MLP = blocks_regex("mlp")
 
 
 def _one(name: str, description: str, stage: str, match: str, op: str, **options) -> Recipe:

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models import ModelConfig
+from jaxopt_llm.models import forward as model_forward
 from jaxopt_llm.weights import MaskedWeight, is_weight_leaf
 
 # Every floating array of the model trains by default (norms included).
@@ -188,15 +188,10 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
         raise ValueError(f"trainable {options.trainable!r} selects no floating-point "
                          f"parameter; nothing would train")
     optimizer = optimizer or default_optimizer(options)
-    model = build_model(config)
     _, frozen = split(params, mask)
 
     def forward(full, tokens):
-        full = cast_for_compute(full, options.compute_dtype)
-        length = tokens.shape[1]
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-        causal = attention_mask(jnp.ones(tokens.shape, bool), 0, length, config.sliding_window)
-        return model.apply({"params": full}, tokens, positions, causal)[0]
+        return model_forward(config, cast_for_compute(full, options.compute_dtype), tokens)[0]
 
     def loss_fn(trainable, frozen, tokens, teacher_logits):
         logits = forward(merge(trainable, frozen), tokens)

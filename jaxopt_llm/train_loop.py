@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.pipeline import Recipe, Stage
+from jaxopt_llm.placement import Placement
 from jaxopt_llm.qat import polynomial_sparsity, reprune
 from jaxopt_llm.rules import Rule, flat_params
 from jaxopt_llm.train import TrainOptions, make_trainer, split
@@ -192,7 +193,7 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
                  meta: dict[str, Any] | None = None, resume: bool = False,
                  stop_after: int | None = None,
                  prune_schedules: list[PruneSchedule] = (),
-                 mesh: Any = None, shard_rules: Any = (),
+                 mesh: Any = None, shard_rules: Any = (), placement: Placement | None = None,
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train `params` for options.steps micro-batch steps (optionally stopping early after
     `stop_after`, as an interruption would); resume from `checkpoint_dir` if asked.
@@ -200,23 +201,18 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
     The checkpoint holds the train state and the frozen arrays (masks recomputed by a
     gradual schedule live there), so a resumed run continues exactly.
 
-    With a ("data", "model") `mesh`, parameters (and the teacher) are placed by the
-    tensor-parallel rules (`parallel.shard_params`, plus `shard_rules`) and each batch is
-    split over `data`; the optimizer state takes the layouts the compiled step gives it,
-    so the step compiles once."""
+    With a mesh (`placement=Placement.on_mesh(mesh, rules)`, or the older `mesh=` and
+    `shard_rules=`), parameters (and the teacher) are placed by the tensor-parallel rules
+    and each batch is split over `data`; the optimizer state takes the layouts the
+    compiled step gives it, so the step compiles once."""
     import time
 
-    place_tokens = jnp.asarray
-    if mesh is not None:
-        from jaxopt_llm.parallel import check_mesh, global_batch, shard_params
-
-        check_mesh(config, mesh, batch=batch, rules=shard_rules)
-        params = shard_params(config, params, mesh, shard_rules)
-        if teacher is not None:
-            teacher = shard_params(config, teacher, mesh, shard_rules)
-
-        def place_tokens(tokens):
-            return global_batch(tokens, mesh)
+    placement = Placement.resolve(placement, mesh=mesh, rules=shard_rules)
+    placement.check(config, batch=batch)
+    params = placement.place_params(config, params)
+    if teacher is not None:
+        teacher = placement.place_params(config, teacher)
+    place_tokens = placement.place_batch
     trainer, frozen = make_trainer(config, params, options)
     state = trainer.init(params)
     meta = dict(meta or {})
@@ -224,10 +220,9 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
     if resume and checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists():
         state, frozen = load_checkpoint(checkpoint_dir, (state, frozen), meta)
         start = int(state.step)
-    if mesh is not None and start < options.steps:
-        tokens = place_tokens(batch_at(ids, start, batch, seq, seed))
-        compiled = trainer.step.lower(state, frozen, tokens, teacher).compile()
-        state = jax.device_put(state, compiled.output_shardings[0])
+    if start < options.steps:
+        state = placement.settle(trainer.step, state, frozen,
+                                 place_tokens(batch_at(ids, start, batch, seq, seed)), teacher)
     history = []
     last = options.steps if stop_after is None else min(options.steps, stop_after)
     mask = None
@@ -241,11 +236,9 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
                 current = reprune(trainer.params(state, frozen), list(schedule.paths),
                                   target, schedule.scope)
                 trainable, new_frozen = split(current, mask)
-                if mesh is not None:  # keep the layouts the step was compiled for
-                    trainable, new_frozen = jax.device_put(
-                        (trainable, new_frozen), jax.tree_util.tree_map(
-                            lambda a: a.sharding, (state.trainable, frozen)))
-                frozen = new_frozen
+                # keep the layouts the step was compiled for
+                trainable, frozen = placement.like((trainable, new_frozen),
+                                                   (state.trainable, frozen))
                 state = state._replace(trainable=trainable)
         tokens = place_tokens(batch_at(ids, step, batch, seq, seed))
         began = time.perf_counter()

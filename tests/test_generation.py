@@ -140,7 +140,7 @@ def test_bfloat16_weights_decode_with_a_bfloat16_cache():
     from tests.test_parallel import _params as parallel_params
 
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), parallel_params())
-    assert activation_dtype(params) == jnp.bfloat16
-    assert activation_dtype(parallel_params()) == jnp.float32
+    assert activation_dtype(PCONFIG, params) == jnp.bfloat16
+    assert activation_dtype(PCONFIG, parallel_params()) == jnp.float32
     out = gen.generate(PCONFIG, params, [[5, 6, 7]], max_new_tokens=4, eos_token_ids=(-1,))
     assert len(out.new_ids[0]) == 4

@@ -171,6 +171,22 @@ def test_user_rules_override_the_defaults():
     assert specs["layers_1/mlp/up_proj/kernel"] == P("model")
 
 
+def test_user_shard_rule_that_selects_nothing_is_an_error():
+    mesh = make_mesh("data=1,model=4")
+    typo = [parse_shard_rule("embed_tokenz/embedding=replicated")]
+    with pytest.raises(ValueError, match=r"shard rules: rule 0 \(match 'embed_tokenz/embedding', "
+                                         r"op 'replicated'\) matches no parameter"):
+        param_specs(CONFIG, _params(), mesh, typo)
+    with pytest.raises(ValueError, match="embed_tokenz/embedding"):
+        shard_params(CONFIG, _params(), mesh, typo)
+    shadowed = [parse_shard_rule(".*/mlp/.*=replicated"),
+                parse_shard_rule("layers_0/mlp/up_proj/kernel=row")]
+    with pytest.raises(ValueError, match=r"shard rules: rule 1 \(match "
+                                         r"'layers_0/mlp/up_proj/kernel', op 'row'\) selects "
+                                         r"nothing: every parameter it matches"):
+        param_specs(CONFIG, _params(), mesh, shadowed)
+
+
 def test_mesh_parsing():
     assert parse_mesh("data=2,model=4") == {"data": 2, "model": 4}
     assert parse_mesh("model=2") == {"data": 1, "model": 2}

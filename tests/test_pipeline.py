@@ -27,10 +27,10 @@ from pipeline_helpers import (
 
 import jaxopt_llm.transforms.prune as prune_module
 import jaxopt_llm.transforms.quantize as quantize_module
-from jaxopt_llm import pipeline
 from jaxopt_llm.pipeline import Stage, available_ops, chain, named_chain
 from jaxopt_llm.plan import plan
 from jaxopt_llm.rules import BLOCK_LINEARS, Rule, assign, flat_params, rule
+from jaxopt_llm.transforms import base as transforms_base
 from jaxopt_llm.weights import (
     LowRankWeight,
     NMSparseWeight,
@@ -71,7 +71,7 @@ def op_calls(monkeypatch):
             calls.append((_name, tuple(paths)))
             return _apply(flat, paths, config, options)
 
-        monkeypatch.setitem(pipeline._OPS, name, dataclasses.replace(op, apply=apply))
+        monkeypatch.setitem(transforms_base._OPS, name, dataclasses.replace(op, apply=apply))
     return calls
 
 
@@ -272,7 +272,7 @@ SHAPE_ERRORS = [
     ([rule(r"layers_0/.*", "prune")],
      r"layers_0/input_norm/scale has shape \(16,\): pruning selects 2-D kernels only"),
     ([rule(r"layers_0/mlp/.*", "prune_neurons")],
-     r"pruning neurons needs a Llama-family or GPT-2 model config"),
+     r"pruning neurons needs the ModelConfig of a built-in family"),
 ]
 
 

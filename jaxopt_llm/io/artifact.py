@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm import tree
+from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.weights import is_weight_leaf, leaf_classes
@@ -331,14 +332,23 @@ def _read_tensors(directory: Path, described: dict[str, Any], source: Path) -> d
     return arrays
 
 
-def load_artifact(
-    directory: str | Path,
-) -> tuple[ModelConfig, dict[str, Any], Any, dict[str, Any] | None, dict[str, Any]]:
-    """Read an artifact: (config, params, tokenizer, recipe, meta).
+def load_artifact(directory: str | Path) -> LoadedModel:
+    """Read an artifact written by `save_artifact`.
 
-    Typed leaves are rebuilt through `leaf_classes()`; arrays come back as
-    jax arrays in their stored dtype. `tokenizer` is None if none was saved. `meta`
-    holds format_version, jaxopt_llm_version, extra and path.
+    Typed leaves are rebuilt by class name (`leaf_classes()`); arrays come back as jax
+    arrays in their stored dtype.
+
+    Args:
+      directory: the artifact directory (holding artifact.json and model.safetensors).
+
+    Returns:
+      A `LoadedModel` (the same type `load_model` returns) with the recipe, provenance
+      (`extra`), format version and writer version; `tokenizer` is None if none was saved.
+
+    Example:
+      >>> loaded = load_artifact("smollm2-w8")  # doctest: +SKIP
+      >>> loaded.config.num_layers, loaded.recipe["name"]  # doctest: +SKIP
+      (30, 'w8')
     """
     from jaxopt_llm.io.tokenizer import TOKENIZER_FILE, load_tokenizer_dir
 
@@ -378,6 +388,7 @@ def load_artifact(
         if name not in used:
             flat[name] = array
     tokenizer = load_tokenizer_dir(directory) if (directory / TOKENIZER_FILE).is_file() else None
-    info = {"format_version": version, "jaxopt_llm_version": meta.get("jaxopt_llm_version"),
-            "extra": meta.get("extra"), "path": str(directory)}
-    return config, tree.unflatten(flat), tokenizer, meta.get("recipe"), info
+    return LoadedModel(config=config, params=tree.unflatten(flat), tokenizer=tokenizer,
+                       source=str(directory), recipe=meta.get("recipe"), extra=meta.get("extra"),
+                       format_version=version,
+                       jaxopt_llm_version=meta.get("jaxopt_llm_version"))

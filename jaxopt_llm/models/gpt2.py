@@ -12,6 +12,8 @@ Parameter tree (kernels are (d_in, d_out), as in HF's Conv1D):
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,3 +90,14 @@ class GPT2Model(nn.Module):
             x = x[:, -1:]
         logits = wte.attend(LayerNorm(cfg.norm_eps, name="ln_f")(x))
         return logits, (None if cache is None else tuple(new_cache))
+
+
+def block_inputs(config: ModelConfig, params: Any, tokens: jax.Array,
+                 positions: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """What block 0 receives, as `GPT2Model` computes it: token plus position embeddings
+    (B, T, D); GPT-2 blocks take no other argument before the mask."""
+    positions = jnp.clip(positions, 0, config.max_position_embeddings - 1)
+    x = Embed(config.vocab_size, config.hidden_size).apply({"params": params["wte"]}, tokens)
+    x = x + Embed(config.max_position_embeddings, config.hidden_size).apply(
+        {"params": params["wpe"]}, positions)
+    return x, ()

@@ -17,6 +17,8 @@ Parameter tree (kernels are (d_in, d_out)):
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
@@ -113,3 +115,15 @@ class LlamaModel(nn.Module):
         else:
             logits = Linear(cfg.vocab_size, False, name="lm_head")(x)
         return logits, (None if cache is None else tuple(new_cache))
+
+
+def block_inputs(config: ModelConfig, params: Any, tokens: jax.Array,
+                 positions: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """What block 0 receives, as `LlamaModel` computes it: the embedded tokens (B, T, D) and
+    the per-block arguments before the mask, RoPE's (cos, sin). Layer-wise passes run the
+    blocks one by one from here (`Block(config).apply`)."""
+    x = Embed(config.vocab_size, config.hidden_size).apply(
+        {"params": params["embed_tokens"]}, tokens)
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta,
+                                        config.rope_scaling_dict)
+    return x, rope_cos_sin(positions, inv_freq)

@@ -1,3 +1,31 @@
-"""Transform families; importing this package registers their ops with the pipeline."""
+"""Transform families and the ops recipes can name.
 
-from jaxopt_llm.transforms import lowrank, prune, quantize, structured  # noqa: F401
+The built-in ops are registered here, from an explicit list (no import side effects
+elsewhere); `register_op` adds a user's own op under a new name.
+"""
+
+from jaxopt_llm.transforms import lowrank, prune, quantize, structured
+from jaxopt_llm.transforms.base import (
+    Op,
+    OpOptions,
+    per_parameter,
+    register_op,
+    registered_ops,
+)
+
+BUILTIN_OPS: tuple[Op, ...] = (*quantize.OPS, *prune.OPS, *lowrank.OPS, *structured.OPS)
+for _op in BUILTIN_OPS:
+    register_op(_op)
+
+
+def available_ops() -> dict[str, Op]:
+    """Every op a recipe rule can name (built-ins and registered ones), by name.
+
+    Example:
+      >>> sorted(available_ops())[:3]
+      ['fake_quant', 'nm', 'prune']
+    """
+    return registered_ops()
+
+
+__all__ = ["BUILTIN_OPS", "Op", "OpOptions", "available_ops", "per_parameter", "register_op"]

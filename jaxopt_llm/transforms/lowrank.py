@@ -20,6 +20,7 @@ The rank is given one of three ways:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm.pipeline import Op, register_op
+from jaxopt_llm.transforms.base import Op, OpOptions
 from jaxopt_llm.weights import LowRankWeight
 
 
@@ -59,6 +60,18 @@ def _check_options(rank: Any, ratio: Any, energy: Any) -> str:
         raise ValueError(f"energy must be in (0, 1] (the share of sum(sigma^2) kept), "
                          f"got {energy!r}")
     return f"{name}={value}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SVDOptions(OpOptions):
+    """Truncated SVD: exactly one of a rank, a parameter ratio removed, or an energy kept."""
+
+    rank: int | None = None
+    ratio: float | None = None  # fraction of the kernel's parameters removed
+    energy: float | None = None  # share of sum(sigma^2) kept
+
+    def validate(self) -> None:
+        _check_options(self.rank, self.ratio, self.energy)
 
 
 def svd_rank(
@@ -160,26 +173,28 @@ def _svd_kernels(flat, paths):
 
 def _svd_apply(flat, paths, config, options):
     kernels = _svd_kernels(flat, paths)
-    if options["energy"] is None:  # every rank first: a bad shape fails before any SVD
+    flat = dict(flat)
+    if options.energy is None:  # every rank first: a bad shape fails before any SVD
         for path, w in zip(paths, kernels, strict=True):
             try:
-                svd_rank(w.shape, rank=options["rank"], ratio=options["ratio"])
+                svd_rank(w.shape, rank=options.rank, ratio=options.ratio)
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from None
     for path, w in zip(paths, kernels, strict=True):
         try:
-            flat[path] = factorize_svd(w, **options)
+            flat[path] = factorize_svd(w, **options.to_dict())
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     return config, flat
 
 
 def _svd_plan(flat, paths, config, options):
-    if options["energy"] is not None:  # the rank depends on the values: compute it
+    flat = dict(flat)
+    if options.energy is not None:  # the rank depends on the values: compute it
         return _svd_apply(flat, paths, config, options)
     for path, w in zip(paths, _svd_kernels(flat, paths), strict=True):
         try:
-            k = svd_rank(w.shape, rank=options["rank"], ratio=options["ratio"])
+            k = svd_rank(w.shape, rank=options.rank, ratio=options.ratio)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
         m, n = w.shape
@@ -188,11 +203,9 @@ def _svd_plan(flat, paths, config, options):
     return config, flat
 
 
-register_op(Op(
-    name="svd", apply=_svd_apply, plan=_svd_plan, traceable=False,
-    defaults={"rank": None, "ratio": None, "energy": None},
-    check=lambda o: _check_options(o["rank"], o["ratio"], o["energy"]),
-    doc="truncated SVD into LowRankWeight (by rank, parameter ratio removed, or energy)",
-))
+OPS = (
+    Op(name="svd", options=SVDOptions, apply=_svd_apply, plan=_svd_plan, traceable=False,
+       doc="truncated SVD into LowRankWeight (by rank, parameter ratio removed, or energy)"),
+)
 
 __all__ = ["factorize_svd", "svd_rank"]

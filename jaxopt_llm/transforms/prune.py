@@ -15,6 +15,8 @@ zeros survive training) or, for N:M, the compressed `NMSparseWeight`.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -22,19 +24,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm.pipeline import Op, register_op
-from jaxopt_llm.transforms.quantize import per_parameter
+from jaxopt_llm.transforms.base import Op, OpOptions, per_parameter
 from jaxopt_llm.weights import MaskedWeight, masked_weight, nm_sparse_weight
 
 SCOPES = ("layer", "row", "global")
 FORMATS = ("masked", "dense")
 
 
-def _check_sparsity(sparsity: Any) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
-        0.0 <= sparsity < 1.0
-    ):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MagnitudeOptions(OpOptions):
+    """Magnitude pruning: the fraction zeroed, where it is counted, how it is stored."""
+
+    sparsity: float = 0.5
+    scope: str = "layer"  # layer | row (each output loses the same count) | global
+    format: str = "masked"  # MaskedWeight, or a dense array with zeros
+
+    def validate(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NMOptions(OpOptions):
+    """N:M pruning: n of every m consecutive inputs are zeroed."""
+
+    n: int = 2
+    m: int = 4
+    format: str = "compressed"  # NMSparseWeight, or "masked" (MaskedWeight)
+
+    def validate(self) -> None:
+        n, m = self.n, self.m
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)):
+            raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}")
+        if not 0 < n < m:
+            raise ValueError(f"n:m needs 0 < n < m (n of every m inputs are zeroed), got {n}:{m}")
+        if m > 256:
+            raise ValueError(f"m must be at most 256, got {m}")
+        if self.format not in ("compressed", "masked"):
+            raise ValueError(f"format must be 'compressed' or 'masked', got {self.format!r}")
 
 
 def _dense_kernel(leaf: Any, path: str) -> jax.Array:
@@ -77,10 +109,12 @@ def _finish(w: jax.Array, keep: jax.Array, fmt: str) -> Any:
     return masked_weight(w, keep)
 
 
-def magnitude_prune(flat: dict[str, Any], paths: list[str], config: Any,
-                    options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    sparsity, scope, fmt = options["sparsity"], options["scope"], options["format"]
+def magnitude_prune(flat: Mapping[str, Any], paths: list[str], config: Any,
+                    options: MagnitudeOptions) -> tuple[Any, dict[str, Any]]:
+    """Magnitude-prune `paths` of a flat parameter mapping; returns (config, new mapping)."""
+    sparsity, scope, fmt = options.sparsity, options.scope, options.format
     kernels = {p: _dense_kernel(flat[p], p) for p in paths}
+    flat = dict(flat)
     if scope == "global":
         scores = jnp.concatenate([jnp.abs(w).reshape(-1) for w in kernels.values()])
         keep_all = lowest_mask(scores, round(sparsity * scores.size))
@@ -118,13 +152,13 @@ def nm_keep_mask(w: jax.Array, n: int, m: int) -> jax.Array:
     return lowest_mask(groups, n, axis=1).reshape(k, cols)
 
 
-def _nm_leaf(leaf: Any, path: str, options: dict[str, Any]) -> Any:
-    n, m = options["n"], options["m"]
+def _nm_leaf(leaf: Any, path: str, options: NMOptions) -> Any:
+    n, m = options.n, options.m
     w = _dense_kernel(leaf, path)
     if w.shape[0] % m:
         raise ValueError(f"{path} {w.shape}: m={m} does not divide the input dimension "
                          f"{w.shape[0]}")
-    return _nm_one(w, n, m, options["format"])
+    return _nm_one(w, n, m, options.format)
 
 
 @partial(jax.jit, static_argnames=("n", "m", "fmt"))
@@ -135,26 +169,6 @@ def _nm_one(w: jax.Array, n: int, m: int, fmt: str) -> Any:
     return nm_sparse_weight(w, keep, m - n, m)
 
 
-def _check_magnitude(options: dict[str, Any]) -> None:
-    _check_sparsity(options["sparsity"])
-    if options["scope"] not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {options['scope']!r}")
-    if options["format"] not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {options['format']!r}")
-
-
-def _check_nm(options: dict[str, Any]) -> None:
-    n, m = options["n"], options["m"]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)):
-        raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}")
-    if not 0 < n < m:
-        raise ValueError(f"n:m needs 0 < n < m (n of every m inputs are zeroed), got {n}:{m}")
-    if m > 256:
-        raise ValueError(f"m must be at most 256, got {m}")
-    if options["format"] not in ("compressed", "masked"):
-        raise ValueError(f"format must be 'compressed' or 'masked', got {options['format']!r}")
-
-
 def _magnitude_apply(flat, paths, config, options):
     for path in paths:  # shapes first: no work on a bad selection
         if not isinstance(flat[path], MaskedWeight):
@@ -162,9 +176,9 @@ def _magnitude_apply(flat, paths, config, options):
     return magnitude_prune(flat, paths, config, options)
 
 
-register_op(Op(name="prune", apply=_magnitude_apply,
-               defaults={"sparsity": 0.5, "scope": "layer", "format": "masked"},
-               check=_check_magnitude, doc="magnitude pruning (per layer, per row or global)"))
-register_op(Op(name="nm", apply=per_parameter(_nm_leaf),
-               defaults={"n": 2, "m": 4, "format": "compressed"}, check=_check_nm,
-               doc="N:M pruning: zero the n smallest |w| of every m consecutive inputs"))
+OPS = (
+    Op(name="prune", options=MagnitudeOptions, apply=_magnitude_apply,
+       doc="magnitude pruning (per layer, per row or global)"),
+    Op(name="nm", options=NMOptions, apply=per_parameter(_nm_leaf),
+       doc="N:M pruning: zero the n smallest |w| of every m consecutive inputs"),
+)

@@ -8,10 +8,13 @@ matrices, and the model config shrinks to match (fewer heads, smaller
 intermediate size). Unlike unstructured masks, the result is a smaller dense
 model that runs faster with no special kernels.
 
-What belongs to one unit (kernels are stored (d_in, d_out)):
-  query head h   q columns h*hd:(h+1)*hd (+ q bias), o rows h*hd:(h+1)*hd
-  whole head h   the above plus k and v columns of kv head h (MHA, GPT-2)
-  MLP neuron j   gate/up columns j (+ biases), down row j;  GPT-2: c_fc column j, c_proj row j
+What belongs to one unit comes from the family's `models.FamilySpec` (kernels
+are stored (d_in, d_out)):
+  query head h   columns h*hd:(h+1)*hd of the q part of the attention input
+                 projections (+ bias), rows h*hd:(h+1)*hd of the output projection
+  whole head h   the above plus the k and v columns of kv head h (MHA)
+  MLP neuron j   column j of every MLP input projection (+ bias), row j of the output
+A fused q/k/v projection is cut into its q, k and v column blocks first.
 
 Grouped-query attention: query head h reads kv head h // (H / Hkv). With
 Hkv < H every kv head is kept and the same number r of query heads is removed
@@ -36,12 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm import tree
 from jaxopt_llm.models.config import ModelConfig
-from jaxopt_llm.pipeline import Op, register_op
+from jaxopt_llm.models.family import FAMILIES as FAMILY_SPECS
+from jaxopt_llm.models.family import FamilySpec, family_spec
+from jaxopt_llm.transforms.base import Op, OpOptions
 
 SCORES = ("l2", "l1")
 KINDS = ("heads", "neurons")
-FAMILIES = ("llama", "gpt2")
+FAMILIES = tuple(FAMILY_SPECS)
 
 
 def _removed_count(fraction: float, total: int, unit: str) -> int:
@@ -176,52 +182,60 @@ def _check_width(array: np.ndarray, axis: int, expected: int, path: str) -> None
 # ---------------------------------------------------------------------------- passes
 
 
+def _scope(params: dict[str, Any], spec: FamilySpec, layer: int,
+           scope: str) -> tuple[dict[str, Any], str]:
+    """(the `scope` dict of block `layer`, its path); an empty dict when absent."""
+    block = spec.block(layer)
+    return params.get(block, {}).get(scope, {}), f"{block}/{scope}"
+
+
+def _part_widths(config: ModelConfig) -> dict[str, int]:
+    """Columns of each attention part: q has one block per query head, k and v per kv head."""
+    kv = config.num_kv_heads * config.head_dim
+    return {"q": config.num_heads * config.head_dim, "k": kv, "v": kv}
+
+
 def prune_attention_heads(
     config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2"
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Remove the lowest-scoring `fraction` of attention heads in every layer.
 
-    Llama family: q_proj (D, H*hd) columns, k/v_proj (D, Hkv*hd) columns (MHA
-    only), o_proj (H*hd, D) rows and the matching q/k/v biases shrink.
-    GPT-2: the q, k and v blocks of c_attn (D, 3*H*hd) and c_proj (H*hd, D) rows.
+    The columns of the removed heads leave every attention input projection (kernel and
+    bias; k/v only with MHA), their rows leave the output projection; which linears
+    those are is the family's (`FamilySpec.qkv` / `attn_out`).
     Returns (new config, new params); the input params are not modified.
     """
     removed = _validate(config, "heads", fraction, score)
     new_config = _shrunk_config(config, "heads", removed)
+    spec = family_spec(config)
     out = _copy_tree(params)
-    hd, width = config.head_dim, config.num_heads * config.head_dim
+    hd, widths = config.head_dim, _part_widths(config)
     for i in range(config.num_layers):
-        if config.family == "llama":
-            path = f"layers_{i}/attn"
-            attn = out.get(f"layers_{i}", {}).get("attn", {})
-            q, k, v = (_array(attn.get(n, {}), "kernel", f"{path}/{n}")
-                       for n in ("q_proj", "k_proj", "v_proj"))
-            o = _array(attn.get("o_proj", {}), "kernel", f"{path}/o_proj")
-            _check_width(q, 1, width, f"{path}/q_proj/kernel")
-            _check_width(o, 0, width, f"{path}/o_proj/kernel")
-            kept_q, kept_kv = _kept_heads(config, q, k, v, o, removed, score)
-            q_cols = _columns(kept_q, hd)
-            kv_cols = _columns(kept_kv, hd)
-            for name, cols in (("q_proj", q_cols), ("k_proj", kv_cols), ("v_proj", kv_cols)):
-                for leaf in ("kernel", "bias"):
-                    if leaf in attn[name]:
-                        _take(attn[name], leaf, cols, axis=-1)
-            _take(attn["o_proj"], "kernel", q_cols, axis=0)
-        else:
-            path = f"h_{i}/attn"
-            attn = out.get(f"h_{i}", {}).get("attn", {})
-            qkv = _array(attn.get("c_attn", {}), "kernel", f"{path}/c_attn")
-            o = _array(attn.get("c_proj", {}), "kernel", f"{path}/c_proj")
-            _check_width(qkv, 1, 3 * width, f"{path}/c_attn/kernel")
-            _check_width(o, 0, width, f"{path}/c_proj/kernel")
-            q, k, v = np.split(qkv, 3, axis=1)
-            kept, _ = _kept_heads(config, q, k, v, o, removed, score)
-            cols = _columns(kept, hd)
-            qkv_cols = np.concatenate([cols, cols + width, cols + 2 * width])
+        attn, path = _scope(out, spec, i, spec.attention)
+        kernels = [_array(attn.get(p.name, {}), "kernel", f"{path}/{p.name}") for p in spec.qkv]
+        o = _array(attn.get(spec.attn_out, {}), "kernel", f"{path}/{spec.attn_out}")
+        for projection, kernel in zip(spec.qkv, kernels, strict=True):
+            _check_width(kernel, 1, sum(widths[part] for part in projection.parts),
+                         f"{path}/{projection.name}/kernel")
+        _check_width(o, 0, widths["q"], f"{path}/{spec.attn_out}/kernel")
+        columns = {}  # part -> its (D, width) column block
+        for projection, kernel in zip(spec.qkv, kernels, strict=True):
+            offset = 0
+            for part in projection.parts:
+                columns[part] = kernel[:, offset:offset + widths[part]]
+                offset += widths[part]
+        kept_q, kept_kv = _kept_heads(config, columns["q"], columns["k"], columns["v"], o,
+                                      removed, score)
+        kept = {"q": kept_q, "k": kept_kv, "v": kept_kv}
+        for projection in spec.qkv:
+            cols, offset = [], 0
+            for part in projection.parts:
+                cols.append(_columns(kept[part], hd, offset))
+                offset += widths[part]
             for leaf in ("kernel", "bias"):
-                if leaf in attn["c_attn"]:
-                    _take(attn["c_attn"], leaf, qkv_cols, axis=-1)
-            _take(attn["c_proj"], "kernel", cols, axis=0)
+                if leaf in attn[projection.name]:
+                    _take(attn[projection.name], leaf, np.concatenate(cols), axis=-1)
+        _take(attn[spec.attn_out], "kernel", _columns(kept_q, hd), axis=0)
     return new_config, out
 
 
@@ -230,21 +244,18 @@ def prune_mlp_neurons(
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Remove the lowest-scoring `fraction` of MLP neurons in every layer.
 
-    Llama family: gate/up_proj (D, F) columns (+ biases) and down_proj (F, D)
-    rows. GPT-2: c_fc (D, F) columns and bias, c_proj (F, D) rows. The output
-    bias is untouched. Returns (new config, new params); input not modified.
+    Their columns leave every MLP input projection (kernel and bias), their rows the
+    output projection (`FamilySpec.mlp_in` / `mlp_out`); the output bias is untouched.
+    Returns (new config, new params); input not modified.
     """
     removed = _validate(config, "neurons", fraction, score)
     new_config = _shrunk_config(config, "neurons", removed)
-    if config.family == "llama":
-        prefix, inputs, output = "layers", ("gate_proj", "up_proj"), "down_proj"
-    else:
-        prefix, inputs, output = "h", ("c_fc",), "c_proj"
+    spec = family_spec(config)
+    inputs, output = spec.mlp_in, spec.mlp_out
     out = _copy_tree(params)
     size = config.intermediate_size
     for i in range(config.num_layers):
-        path = f"{prefix}_{i}/mlp"
-        mlp = out.get(f"{prefix}_{i}", {}).get("mlp", {})
+        mlp, path = _scope(out, spec, i, spec.mlp)
         ins = [_array(mlp.get(n, {}), "kernel", f"{path}/{n}") for n in inputs]
         down = _array(mlp.get(output, {}), "kernel", f"{path}/{output}")
         for name, kernel in zip(inputs, ins, strict=True):
@@ -265,7 +276,23 @@ __all__ = ["prune_attention_heads", "prune_mlp_neurons", "structured_config"]
 # ---------------------------------------------------------------------------- pipeline ops
 
 
-def _structured_op(kind: str):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StructuredOptions(OpOptions):
+    """Structured pruning: the share of units removed and how units are scored."""
+
+    fraction: float = 0.25
+    score: str = "l2"  # l2 | l1 norm of a unit's weights
+
+    def validate(self) -> None:
+        fraction = self.fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+                0.0 < fraction < 1.0):
+            raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+
+
+def _structured_op(kind: str) -> Op:
     prune = prune_attention_heads if kind == "heads" else prune_mlp_neurons
 
     def changed(flat, paths, config, options):
@@ -273,9 +300,9 @@ def _structured_op(kind: str):
         from jaxopt_llm.io.params import expected_shapes
 
         if not isinstance(config, ModelConfig):
-            raise ValueError(f"pruning {kind} needs a Llama-family or GPT-2 model config "
-                             f"(not available for a user's own model)")
-        new = structured_config(config, kind, options["fraction"], score=options["score"])
+            raise ValueError(f"pruning {kind} needs the ModelConfig of a built-in family "
+                             f"{FAMILIES} (not available for a user's own model)")
+        new = structured_config(config, kind, options.fraction, score=options.score)
         old_shapes, new_shapes = expected_shapes(config), expected_shapes(new)
         moving = {p: s for p, s in new_shapes.items() if old_shapes.get(p) != s and p in flat}
         missing = sorted(set(moving) - set(paths))
@@ -287,31 +314,21 @@ def _structured_op(kind: str):
 
     def apply(flat, paths, config, options):
         changed(flat, paths, config, options)
-        from jaxopt_llm.rules import flat_params, nested_params
-
-        config, params = prune(config, nested_params(flat), fraction=options["fraction"],
-                               score=options["score"])
-        return config, flat_params(params)
+        config, params = prune(config, tree.unflatten(flat), fraction=options.fraction,
+                               score=options.score)
+        return config, tree.flatten(params)
 
     def plan(flat, paths, config, options):
         new, moving = changed(flat, paths, config, options)
+        flat = dict(flat)
         for path, shape in moving.items():
             flat[path] = jax.ShapeDtypeStruct(shape, flat[path].dtype)
         return new, flat
 
-    def check(options):
-        fraction = options["fraction"]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-                0.0 < fraction < 1.0):
-            raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
-        if options["score"] not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {options['score']!r}")
-
-    return Op(name=f"prune_{kind}", apply=apply, plan=plan, traceable=False, check=check,
-              defaults={"fraction": 0.25, "score": "l2"},
+    return Op(name=f"prune_{kind}", options=StructuredOptions, apply=apply, plan=plan,
+              traceable=False,
               doc=f"structured pruning of {'attention heads' if kind == 'heads' else 'MLP neurons'}"
                   " (physically smaller matrices, config updated)")
 
 
-register_op(_structured_op("heads"))
-register_op(_structured_op("neurons"))
+OPS = (_structured_op("heads"), _structured_op("neurons"))

@@ -16,6 +16,7 @@ from flax import struct
 
 from jaxopt_llm.io import artifact
 from jaxopt_llm.io.artifact import FORMAT_VERSION, is_artifact_dir, load_artifact, save_artifact
+from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.io.loader import load_model
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.io.tokenizer import Tokenizer
@@ -140,9 +141,11 @@ def _leftovers(parent: Path) -> list[str]:
 def test_round_trip_is_exact(typed_params, tokenizer, tmp_path, save, config):
     out = save(tmp_path / "art", typed_params, extra={"note": "tiny"})
     assert is_artifact_dir(out) and not is_artifact_dir(tmp_path)
-    loaded_config, params, tok, recipe, meta = load_artifact(out)
-    assert loaded_config == config and recipe == RECIPE
-    assert meta["format_version"] == FORMAT_VERSION and meta["extra"] == {"note": "tiny"}
+    loaded = load_artifact(out)
+    assert isinstance(loaded, LoadedModel) and loaded.source == str(out)
+    params, tok, recipe = loaded.params, loaded.tokenizer, loaded.recipe
+    assert loaded.config == config and recipe == RECIPE
+    assert loaded.format_version == FORMAT_VERSION and loaded.extra == {"note": "tiny"}
     _assert_same_tree(typed_params, params)
     q = params["layers_0"]["attn"]["q_proj"]["kernel"]
     assert isinstance(q, ArtifactTestInt8Weight) and q.offset is None
@@ -159,7 +162,7 @@ def test_round_trip_is_exact(typed_params, tokenizer, tmp_path, save, config):
 
 def test_loaded_logits_are_bit_identical(typed_params, dense_params, tmp_path, save, config):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 12)), jnp.int32)
-    _, params, *_ = load_artifact(save(tmp_path / "art", typed_params))
+    params = load_artifact(save(tmp_path / "art", typed_params)).params
     expected = _logits(config, typed_params, tokens)
     # the leaves are used
     assert not np.array_equal(expected, _logits(config, dense_params, tokens))
@@ -190,7 +193,7 @@ def test_every_dtype_round_trips(tmp_path, save):
         "empty": np.zeros((0, 3), np.float16),
     }
     params = {"group": {k: jnp.asarray(v) for k, v in arrays.items()}}
-    _, loaded, *_ = load_artifact(save(tmp_path / "art", params))
+    loaded = load_artifact(save(tmp_path / "art", params)).params
     _assert_same_tree(params, loaded)
     assert loaded["group"]["u32"].dtype == jnp.uint32
 
@@ -255,7 +258,8 @@ def test_failed_overwrite_keeps_previous(typed_params, dense_params, tmp_path, m
 def test_overwrite_previous_artifact(typed_params, dense_params, tmp_path, save):
     out = save(tmp_path / "art", dense_params, recipe=None)
     save(out, typed_params)
-    _, params, _, recipe, _ = load_artifact(out)
+    loaded = load_artifact(out)
+    params, recipe = loaded.params, loaded.recipe
     _assert_same_tree(typed_params, params)
     assert recipe == RECIPE and _leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
@@ -386,7 +390,7 @@ def test_real_weight_classes_logits(config, dense_params, tmp_path, save):
     params = unflatten(flat)
 
     out = save(tmp_path / "art", params)
-    _, loaded, *_ = load_artifact(out)
+    loaded = load_artifact(out).params
     _assert_same_tree(params, loaded)
     assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].zero_point is None
     assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].act_bits == 8
@@ -409,7 +413,7 @@ def test_real_packed_weights_round_trip(tmp_path, save):
         "bf16": w.astype(jnp.bfloat16),
     }
     out = save(tmp_path / "art", params)
-    _, loaded, *_ = load_artifact(out)
+    loaded = load_artifact(out).params
     _assert_same_tree(params, loaded)
     packed = loaded["packed"]
     assert packed.qvalue.dtype == jnp.uint8 and packed.qvalue.shape == (32, 24)

@@ -1,0 +1,190 @@
+"""What each model family calls its parameters, in one place.
+
+A `FamilySpec` is the only thing outside a family's module file that knows its
+parameter names: sharding (default tensor-parallel rules), structured pruning
+(which kernel slices belong to one head or one MLP neuron), the built-in
+recipes (which parameters are attention / MLP), generation (which table sets
+the activation dtype) and `build_model` all ask the spec of `config.family`.
+
+Adding a third family touches only `jaxopt_llm/models/`:
+  1. write `models/<family>.py` with a Flax module taking
+     `(tokens, positions, mask, cache=None, cache_index=0, last_only=False)` and
+     returning `(logits, cache)` (see `models/forward.py`);
+  2. add its name to `config.SUPPORTED_FAMILIES` (and its HF `model_type`s to
+     `config.HF_MODEL_TYPES`);
+  3. add a `FamilySpec` to `FAMILIES` below.
+(Reading a new checkpoint format's tensor names is the loaders' business, in `io/`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxopt_llm.models import gpt2, llama
+from jaxopt_llm.models.config import SUPPORTED_FAMILIES, ModelConfig
+
+# The three kinds of attention columns a projection can hold, in their fused order.
+QKV_PARTS = ("q", "k", "v")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Projection:
+    """An attention input projection as structured pruning sees it.
+
+    `name` is the linear inside the attention scope; `parts` says what its output
+    columns hold, in order: ("q",) for a separate query projection, ("q", "k", "v")
+    for a fused one (q has num_heads·head_dim columns, k and v num_kv_heads·head_dim).
+    """
+
+    name: str
+    parts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts or any(p not in QKV_PARTS for p in self.parts):
+            raise ValueError(f"projection {self.name!r}: parts must be a non-empty subset of "
+                             f"{QKV_PARTS}, got {self.parts!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FamilySpec:
+    """A model family's parameter names and the knowledge derived from them.
+
+    Paths are "/"-joined like `rules.flat_params` keys. A block's parameters live
+    under `block(i)` = f"{block_prefix}_{i}"; inside it, attention under
+    `attention`, the MLP under `mlp`. Kernels are stored (d_in, d_out).
+
+    Structured-pruning units (what belongs to one head / one neuron):
+      query head h  columns h·hd:(h+1)·hd of every "q" part of `qkv` (+ bias),
+                    rows h·hd:(h+1)·hd of `attn_out`;
+      kv head g     the same columns of every "k" and "v" part;
+      MLP neuron j  column j of every `mlp_in` kernel (+ bias), row j of `mlp_out`.
+    """
+
+    name: str
+    model: Callable[[ModelConfig], nn.Module]
+    block_prefix: str
+    attention: str  # scope of the attention linears inside a block
+    mlp: str  # scope of the MLP linears inside a block
+    qkv: tuple[Projection, ...]  # attention input projections, column-sliced per head
+    attn_out: str  # attention output projection, row-sliced per query head
+    mlp_in: tuple[str, ...]  # MLP input projections, column-sliced per neuron
+    mlp_out: str  # MLP output projection, row-sliced per neuron
+    embedding: str  # the token table: vocab-parallel, and the dtype activations run in
+    position_table: str | None  # learned absolute positions, if any
+    # Layer-wise execution (calibration, GPTQ/AWQ/SparseGPT): the block module, called as
+    # block(x, *args, mask) -> (x, cache), and what block 0 receives: block_inputs(config,
+    # params, tokens, positions) -> (x (B, T, D), args).
+    block_module: Callable[[ModelConfig], nn.Module]
+    block_inputs: Callable[..., tuple[Any, tuple[Any, ...]]]
+    shard_rules: tuple[tuple[str, str], ...]  # default (regex, layout), first match wins
+
+    def __post_init__(self) -> None:
+        parts = [p for projection in self.qkv for p in projection.parts]
+        if sorted(parts) != sorted(QKV_PARTS):
+            raise ValueError(f"family {self.name!r}: qkv projections must hold q, k and v "
+                             f"exactly once, got {parts}")
+
+    def block(self, index: int) -> str:
+        """Path of block `index`, e.g. "layers_3"."""
+        return f"{self.block_prefix}_{index}"
+
+    @property
+    def block_regex(self) -> str:
+        return rf"{re.escape(self.block_prefix)}_\d+"
+
+    def activation_dtype(self, params: Mapping[str, Any]) -> Any:
+        """The dtype activations run in: the token table's when it is a floating array
+        (a bf16 model keeps a bf16 KV cache, so attention does not promote the residual
+        stream to float32), float32 otherwise (absent, typed or integer table)."""
+        node: Any = params
+        for key in self.embedding.split("/"):
+            if not isinstance(node, Mapping) or key not in node:
+                return jnp.dtype(jnp.float32)
+            node = node[key]
+        dtype = jnp.dtype(getattr(node, "dtype", jnp.float32))
+        return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+LLAMA = FamilySpec(
+    name="llama",
+    model=llama.LlamaModel,
+    block_prefix="layers",
+    attention="attn",
+    mlp="mlp",
+    qkv=(Projection(name="q_proj", parts=("q",)), Projection(name="k_proj", parts=("k",)),
+         Projection(name="v_proj", parts=("v",))),
+    attn_out="o_proj",
+    mlp_in=("gate_proj", "up_proj"),
+    mlp_out="down_proj",
+    embedding="embed_tokens/embedding",
+    position_table=None,
+    block_module=llama.Block,
+    block_inputs=llama.block_inputs,
+    shard_rules=(
+        (r"(.*/)?attn/(q_proj|k_proj|v_proj)/kernel", "column"),
+        (r"(.*/)?attn/(q_proj|k_proj|v_proj)/bias", "column"),
+        (r"(.*/)?mlp/(gate_proj|up_proj)/kernel", "column"),
+        (r"(.*/)?(attn/o_proj|mlp/down_proj)/kernel", "row"),
+        (r"embed_tokens/embedding", "vocab"),
+        (r"lm_head/kernel", "column"),
+    ),
+)
+
+GPT2 = FamilySpec(
+    name="gpt2",
+    model=gpt2.GPT2Model,
+    block_prefix="h",
+    attention="attn",
+    mlp="mlp",
+    qkv=(Projection(name="c_attn", parts=("q", "k", "v")),),
+    attn_out="c_proj",
+    mlp_in=("c_fc",),
+    mlp_out="c_proj",
+    embedding="wte/embedding",
+    position_table="wpe/embedding",
+    block_module=gpt2.Block,
+    block_inputs=gpt2.block_inputs,
+    shard_rules=(
+        (r"(.*/)?attn/c_attn/(kernel|bias)", "column"),
+        (r"(.*/)?mlp/c_fc/(kernel|bias)", "column"),
+        (r"(.*/)?(attn|mlp)/c_proj/kernel", "row"),
+        (r"wte/embedding", "vocab"),
+    ),
+)
+
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (LLAMA, GPT2)}
+if tuple(FAMILIES) != SUPPORTED_FAMILIES:  # the config validates against SUPPORTED_FAMILIES
+    raise ImportError(f"models/family.py FAMILIES {tuple(FAMILIES)} must list "
+                      f"config.SUPPORTED_FAMILIES {SUPPORTED_FAMILIES} in the same order")
+
+
+def family_spec(config: ModelConfig) -> FamilySpec:
+    """The spec of `config.family`.
+
+    Raises:
+        ValueError: for a family without a spec.
+    """
+    spec = FAMILIES.get(config.family)
+    if spec is None:
+        raise ValueError(f"unknown family {config.family!r}; supported: {tuple(FAMILIES)}")
+    return spec
+
+
+def blocks_regex(part: Literal["attention", "mlp"]) -> str:
+    """A regex for the `part` parameters of every block of every family (built-in recipes
+    do not know the family): r"(layers|h)_\\d+/attn/.*" for attention."""
+    scopes = {getattr(spec, part) for spec in FAMILIES.values()}
+    if len(scopes) == 1:
+        prefixes = "|".join(re.escape(spec.block_prefix) for spec in FAMILIES.values())
+        return rf"({prefixes})_\d+/{re.escape(scopes.pop())}/.*"
+    return "|".join(rf"{spec.block_regex}/{re.escape(getattr(spec, part))}/.*"
+                    for spec in FAMILIES.values())
+
+
+__all__ = ["FAMILIES", "FamilySpec", "Projection", "blocks_regex", "family_spec"]

@@ -1,0 +1,84 @@
+"""One forward pass for every caller: evaluation, training, generation and loading.
+
+Every family's module takes `(tokens, positions, mask, cache, cache_index, last_only)`;
+`forward` builds the default positions and the attention mask so callers say only
+what differs from a plain causal pass over a full window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxopt_llm.models.config import ModelConfig
+from jaxopt_llm.models.family import family_spec
+from jaxopt_llm.models.layers import KVCache, attention_mask
+
+
+def build_model(config: ModelConfig):
+    """The Flax module of `config`'s family."""
+    return family_spec(config).model(config)
+
+
+def forward(
+    config: ModelConfig,
+    params: Any,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    key_valid: jax.Array | None = None,
+    cache: tuple[KVCache, ...] | None = None,
+    cache_index: jax.Array | int = 0,
+    last_only: bool = False,
+) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
+    """Logits of `tokens` under `params`.
+
+    Args:
+        config: the model configuration (static under jit).
+        params: the parameter tree (dense arrays or typed weight leaves).
+        tokens: (B, T) int32 token ids.
+        positions: (B, T) int32 positions; default 0..T-1 in every row.
+        key_valid: (B, S) bool, which key slots hold a real token; default all T slots
+            of the tokens themselves (S = T). Required with a cache (S = its length).
+        cache: per-layer (keys, values), each (B, S, Hkv, D), written at `cache_index`.
+        cache_index: the slot of the first token; a static 0 marks a prefix (prefill).
+        last_only: return the logits of the last position only.
+
+    Returns:
+        (logits (B, T or 1, V), the updated cache or None).
+    """
+    batch, length = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if key_valid is None:
+        if cache is not None:
+            raise ValueError("key_valid is required with a cache (which slots hold tokens)")
+        key_valid = jnp.ones((batch, length), bool)
+    mask = attention_mask(key_valid, cache_index, length, config.sliding_window)
+    return build_model(config).apply({"params": params}, tokens, positions, mask, cache,
+                                     cache_index, last_only=last_only)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int,
+               dtype: Any = jnp.float32) -> tuple[KVCache, ...]:
+    """A zeroed KV cache: per layer (keys, values), each (batch, length, Hkv, head_dim)."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(config.num_layers))
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Any:
+    """Freshly initialised parameters of `config` (values depend only on `key`)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = attention_mask(jnp.ones((1, 1), bool), 0, 1)
+    return build_model(config).init(key, tokens, tokens, mask)["params"]
+
+
+def param_shapes(config: ModelConfig) -> Any:
+    """The parameter tree of `config` as `jax.ShapeDtypeStruct`s (nothing computed)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+__all__ = ["build_model", "forward", "init_cache", "init_params", "param_shapes"]
