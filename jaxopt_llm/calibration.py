@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.models import ModelConfig, family_spec
 from jaxopt_llm.models.layers import Linear, attention_mask
 from jaxopt_llm.placement import Placement
@@ -148,20 +149,22 @@ def calibration_windows(token_ids: Any, *, num_tokens: int | None = None,
     Raises:
       ValueError: fewer tokens than one window, or bad sizes (each error names its parameter).
     """
-    for name, value in (("window", window), ("max_windows", max_windows)):
+    for name, value in (("window", window), ("max_windows", max_windows),
+                        ("num_tokens", num_tokens)):
+        if value is None and name == "num_tokens":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(
-            num_tokens, int) or num_tokens <= 0):
-        raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+            raise ParameterError(name, value, "must be a positive integer")
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)[skip:]
+    if num_tokens is not None and num_tokens < window:
+        raise ParameterError("num_tokens", num_tokens, f"calibration needs at least one "
+                             f"window of {window} tokens")
     if num_tokens is not None:
         ids = ids[:num_tokens]
     count = min(len(ids) // window, max_windows)
     if count == 0:
-        raise ValueError(f"calibration needs at least one window of {window} tokens, got "
-                         f"{len(ids)} tokens (num_tokens={num_tokens}, skip={skip}); give "
-                         f"more calibration text or a smaller window")
+        raise ValueError(f"calibration needs at least one window of {window} tokens, the "
+                         f"calibration text has {len(ids)}; give more calibration text")
     return ids[:count * window].reshape(count, window).astype(np.int32)
 
 

@@ -121,6 +121,40 @@ def _out_dir(out: str):
     return Path(out)
 
 
+def _calib_text(args: argparse.Namespace) -> str | None:
+    """--calib-text read up front (a missing or empty file fails before any work)."""
+    calib = getattr(args, "calib_text", None)
+    if calib is None:
+        return None
+    from jaxopt_llm.data import read_text_file
+
+    with _flags(path="--calib-text"):
+        return read_text_file(calib)
+
+
+@contextlib.contextmanager
+def _calibrated(args: argparse.Namespace, loaded, recipe, text: str | None):
+    """The Calibration a calibrated --recipe runs on (None for other recipes), with a
+    progress bar over the model's blocks."""
+    if recipe is None or not recipe.needs_calibration:
+        yield None
+        return
+    from jaxopt_llm.calibration import default_calibration
+
+    with _bar("calibrating", "blocks", args.json) as update:
+        done = [0]
+
+        def progress(line: str) -> None:
+            if line.endswith("compressing"):
+                done[0] += 1
+            update(total=loaded.config.num_layers, completed=done[0], note=line)
+
+        with _flags(num_tokens="--calib-tokens"):
+            calibration = default_calibration(loaded.tokenizer, text=text,
+                                              num_tokens=args.calib_tokens, progress=progress)
+        yield calibration
+
+
 def _parallel_setup(args: argparse.Namespace) -> None:
     """Before JAX starts: join a multi-host job (--coordinator … or JAXOPT_* env), and on
     CPU provide as many devices as --mesh asks for (fake CPU devices on one host)."""
@@ -153,10 +187,13 @@ def _model(args: argparse.Namespace):
     from jaxopt_llm.recipes import apply_recipe
 
     recipe = _recipe(args.recipe)
+    text = _calib_text(args)
     _parallel_setup(args)  # after the cheap checks: bad input fails fast
     loaded = _load(args.model, args.json)
-    with _spinner(f"applying recipe {getattr(recipe, 'name', '')}", args.json or not recipe):
-        loaded = apply_recipe(loaded, recipe)
+    with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
+            f"applying recipe {getattr(recipe, 'name', '')}",
+            args.json or not recipe or calibration is not None):
+        loaded = apply_recipe(loaded, recipe, calibration=calibration)
     placement = _placement(args)
     params = placement.place_params(loaded.config, loaded.params)
     return dataclasses.replace(loaded, params=params), placement
@@ -240,9 +277,12 @@ def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe = _recipe(args.recipe)
     out_dir = _out_dir(args.out)
+    text = _calib_text(args)
     loaded = _load(args.model, args.json)
-    with _spinner(f"applying recipe {recipe.name}, writing {out_dir}", args.json):
-        out = optimize_model(loaded, recipe, out_dir)
+    with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
+            f"applying recipe {recipe.name}, writing {out_dir}",
+            args.json or calibration is not None):
+        out = optimize_model(loaded, recipe, out_dir, calibration=calibration)
     if not args.json:
         stderr.print(f"wrote {out['out']}: recipe {out['recipe']}, params "
                      f"{out['param_bytes'] / 2**20:.1f} MiB (float32 "
@@ -448,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", required=required,
                        help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
                             "recipe file")
+        p.add_argument("--calib-text", metavar="FILE",
+                       help="calibration text for calibrated recipes (GPTQ, …); default: the "
+                            "embedded text after the 65,536 evaluation tokens")
+        p.add_argument("--calib-tokens", type=_positive_int("--calib-tokens"), default=None,
+                       help="at most this many calibration tokens (windows of 512, ≤ 128)")
 
     from jaxopt_llm.demo import DEMO_NEW_TOKENS, DEMO_PROMPT, DEMO_RECIPES, DEMO_TOKENS
 

@@ -144,10 +144,11 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
     }
 
 
-def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path
-                   ) -> dict[str, Any]:
-    """Apply `recipe` to `loaded` (continuing an artifact's own recipe) and save the
-    result as an artifact in `out_dir`.
+def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path, *,
+                   calibration: Any = None) -> dict[str, Any]:
+    """Apply `recipe` to `loaded` (continuing an artifact's own recipe; calibrated ops run on
+    `calibration`, see `recipes.apply_recipe`) and save the result as an artifact in
+    `out_dir`.
 
     Args:
         loaded: the model.
@@ -167,7 +168,7 @@ def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path
     from jaxopt_llm.recipes import apply_recipe
 
     start = time.perf_counter()
-    optimized = apply_recipe(loaded, recipe)
+    optimized = apply_recipe(loaded, recipe, calibration=calibration)
     seconds = time.perf_counter() - start
     extra = {**(optimized.extra or {}),
              "source": (loaded.extra or {}).get("source", loaded.source)}

@@ -1,9 +1,20 @@
-"""Test settings: strict dtype promotion (silent upcasts fail loudly), fake CPU devices.
+"""Test settings: strict dtype and rank promotion (silent upcasts and implicit broadcasts
+fail loudly), fake CPU devices; shared tiny models and a compilation counter.
 
 The XLA flag must be set before JAX initialises its backends, so it lives here.
+
+Fixtures for tiny models (all factories, so each test keeps its own values as overrides):
+`tiny_config(family="llama", **overrides)`, `tiny_llama_config`, `tiny_gpt2_config`,
+`tiny_params(config, seed=0, scale=1.0)` (Flax init), `random_params(config, seed=0, std=0.1)`
+(numpy normal values, no init to compile) and `count_compiles()` (XLA compilations by
+function name, through `jax.monitoring`).
 """
 
+import collections
+import contextlib
+import dataclasses
 import os
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +26,128 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The tiny models' shapes, per family: every head and kv-head count divides evenly, GQA for
+# Llama (4 query heads over 2 kv heads), plain multi-head attention for GPT-2.
+TINY_SHAPES = {
+    "llama": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, max_position_embeddings=64),
+    "gpt2": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                 num_kv_heads=4, head_dim=8, max_position_embeddings=64),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """make(family="llama", **overrides) -> a tiny ModelConfig of that family; any field
+    (sizes, biases, tied embeddings, special token ids) can be overridden."""
+    from jaxopt_llm.models import ModelConfig
+
+    def make(family="llama", **overrides):
+        return ModelConfig(**{"family": family, "model_type": family, **TINY_SHAPES[family],
+                              **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config(tiny_config):
+    """The tiny Llama (GQA, untied, no biases)."""
+    return tiny_config("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_config(tiny_config):
+    """The tiny GPT-2 (multi-head attention, untied embeddings)."""
+    return tiny_config("gpt2")
+
+
+def _init_inputs():
+    import jax.numpy as jnp
+
+    from jaxopt_llm.models.layers import attention_mask
+
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    return tokens, tokens, attention_mask(jnp.ones((1, 4), bool), 0, 4)
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    """make(config, seed=0, scale=1.0) -> the model's Flax-initialised params (key `seed`),
+    2-D weights multiplied by `scale` (a larger scale gives sharper logits)."""
+    from jaxopt_llm.models import build_model
+
+    def make(config, seed=0, scale=1.0):
+        params = build_model(config).init(jax.random.key(seed), *_init_inputs())["params"]
+        if scale == 1.0:
+            return params
+        return jax.tree_util.tree_map(lambda a: a * scale if a.ndim == 2 else a, params)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def random_params():
+    """make(config, seed=0, std=0.1) -> numpy float32 params of the model's shapes, every
+    value (biases and norms too) drawn from N(0, std²) in tree order; nothing compiled."""
+    import numpy as np
+
+    from jaxopt_llm.models import build_model
+
+    def make(config, seed=0, std=0.1):
+        shapes = jax.eval_shape(
+            lambda: build_model(config).init(jax.random.key(0), *_init_inputs())["params"])
+        rng = np.random.default_rng(seed)
+        return jax.tree.map(lambda s: (std * rng.standard_normal(s.shape)).astype(np.float32),
+                            shapes)
+
+    return make
+
+
+@dataclasses.dataclass
+class Compiles:
+    """XLA compilations seen by `count_compiles()`: `compiles["step"]` is how many times the
+    jitted function named `step` was compiled (0 if never), `total` all of them."""
+
+    names: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __getitem__(self, name: str) -> int:
+        return self.names[name]
+
+    @property
+    def total(self) -> int:
+        return sum(self.names.values())
+
+
+# jax.monitoring reports each backend compilation with fun_name "jit(<python name>)".
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_JIT_NAME = re.compile(r"jit\((.*)\)")
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    compiles = Compiles()
+
+    def listener(event, duration_secs, **kwargs):
+        if event == _BACKEND_COMPILE_EVENT:
+            name = kwargs.get("fun_name", "")
+            match = _JIT_NAME.fullmatch(name)
+            compiles.names[match.group(1) if match else name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
+def count_compiles():
+    """`with count_compiles() as compiles: ...` counts the XLA compilations inside the block
+    by jitted function name (a public-API recompile guard: `compiles["step"] == 1`)."""
+    return _count_compiles
 
 
 @pytest.fixture(scope="session")
@@ -55,21 +188,14 @@ def word_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, word_tokenizer):
+def tiny_model_dir(tmp_path_factory, word_tokenizer, tiny_params):
     """make(config, text, seed=0, scale=1.0) → (artifact dir of a random tiny model with the
     word tokenizer, text file); `scale` multiplies its 2-D weights (sharper logits)."""
 
     def make(config, text, seed=0, scale=1.0):
-        import jax.numpy as jnp
-
         from jaxopt_llm.io.artifact import save_artifact
-        from jaxopt_llm.models import build_model
-        from jaxopt_llm.models.layers import attention_mask
 
-        tokens = jnp.zeros((1, 4), jnp.int32)
-        mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
-        params = build_model(config).init(jax.random.key(seed), tokens, tokens, mask)["params"]
-        params = jax.tree_util.tree_map(lambda a: a * scale if a.ndim == 2 else a, params)
+        params = tiny_params(config, seed=seed, scale=scale)
         directory = tmp_path_factory.mktemp("tiny") / "model"
         save_artifact(directory, config=config, params=params, tokenizer=word_tokenizer,
                       recipe=None)

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxopt_llm.parallel import batch_sharding, make_mesh, shard_params
 
     jax.config.update("jax_numpy_dtype_promotion", "strict")  # as tests/conftest.py
+    jax.config.update("jax_numpy_rank_promotion", "raise")
     config = tiny_config()
     mesh = make_mesh(MESH)
     params = shard_params(config, tiny_params(config), mesh)

@@ -122,15 +122,19 @@ def test_windows_and_bad_input(word_tokenizer):
     np.testing.assert_array_equal(calibration_windows(ids, window=16, skip=10, max_windows=3),
                                   np.arange(10, 58).reshape(3, 16))
     assert calibration_windows(ids, window=16, num_tokens=40).shape == (2, 16)
-    with pytest.raises(ValueError, match=r"at least one window of 512 tokens, got 100"):
+    with pytest.raises(ValueError, match=r"at least one window of 512 tokens, the "
+                                         r"calibration text has 100"):
         calibration_windows(ids)
-    with pytest.raises(ValueError, match=r"num_tokens must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"num_tokens=0: must be a positive integer"):
         calibration_windows(ids, num_tokens=0)
-    with pytest.raises(ValueError, match=r"window must be a positive integer"):
+    with pytest.raises(ValueError, match=r"num_tokens=100: calibration needs at least one "
+                                         r"window of 512 tokens"):
+        calibration_windows(np.arange(2000), num_tokens=100)
+    with pytest.raises(ValueError, match=r"window=-1: must be a positive integer"):
         calibration_windows(ids, window=-1)
     with pytest.raises(ValueError, match=r"text: calibration text is empty"):
         default_calibration(word_tokenizer, text="  \n")
-    with pytest.raises(ValueError, match=r"at least one window of 512 tokens, got 2"):
+    with pytest.raises(ValueError, match=r"the calibration text has 2; give more"):
         default_calibration(word_tokenizer, text="hello world")
     with pytest.raises(ValueError, match=r"calibration windows must be a \(windows, tokens\)"):
         Calibration(windows=np.zeros((0, 16), np.int32))

@@ -44,15 +44,16 @@ STRUCTURED = ("heads-25", "mlp-25")
 TRACEABLE = ("w8", "w8a8", "w4", "w4g128", "w3g128", "magnitude-50", "nm-2:4")  # run under jit
 VOCAB, LENGTH = 64, 8
 
-# hidden 128 / intermediate 256: group 128 divides every input dimension.
-CONFIGS = {
-    "llama": ModelConfig(family="llama", model_type="llama", vocab_size=VOCAB, hidden_size=128,
-                         intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2,
-                         head_dim=32, max_position_embeddings=64),  # untied: has lm_head
-    "gpt2": ModelConfig(family="gpt2", model_type="gpt2", vocab_size=VOCAB, hidden_size=128,
-                        intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=4,
-                        head_dim=32, max_position_embeddings=64, tie_word_embeddings=True),
-}
+FAMILIES = ("llama", "gpt2")
+
+
+@pytest.fixture(scope="module")
+def configs(tiny_config):
+    # hidden 128 / intermediate 256: group 128 divides every input dimension.
+    wide = {"vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 256, "num_layers": 1,
+            "head_dim": 32}
+    return {"llama": tiny_config("llama", **wide),  # untied: has lm_head
+            "gpt2": tiny_config("gpt2", **wide, tie_word_embeddings=True)}
 UP_KERNEL = {"llama": "layers_0/mlp/up_proj/kernel", "gpt2": "h_0/mlp/c_fc/kernel"}  # (128, 256)
 # Hand-computed bytes of a (128, 256) float32 kernel after each built-in.
 UP_BYTES = {
@@ -87,11 +88,10 @@ def _random_params(init, seed=0):
 class TinyModel:
     """A family's config and random params; each built-in applied once, forwards jitted."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, config: ModelConfig, params):
         self.family = family
-        self.config = CONFIGS[family]
-        self.params = _random_params(lambda: build_model(self.config).init(
-            jax.random.PRNGKey(0), *_inputs())["params"])
+        self.config = config
+        self.params = params
         self._forward: dict[ModelConfig, object] = {}
         self._runs: dict[str, tuple] = {}
 
@@ -129,8 +129,9 @@ class TinyModel:
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {family: TinyModel(family) for family in CONFIGS}
+def models(configs, random_params):
+    return {family: TinyModel(family, config, jax.tree.map(jnp.asarray, random_params(config)))
+            for family, config in configs.items()}
 
 
 # -------------------------------------------------------------------------------- built-ins
@@ -162,7 +163,7 @@ def _is_block_kernel(path: str) -> bool:
 
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_builtin_runs_under_jit_and_matches_materialized(models, family, name):
     model = models[family]
     config, out, logits, reference = model.run(name)
@@ -200,7 +201,7 @@ def test_builtin_runs_under_jit_and_matches_materialized(models, family, name):
 
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_builtin_leaves_norms_biases_embeddings_and_head_alone(models, family, name):
     model = models[family]
     _, out, _, _ = model.run(name)
@@ -222,7 +223,7 @@ def test_builtin_leaves_norms_biases_embeddings_and_head_alone(models, family, n
 
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_plan_predicts_the_real_run(models, family, name):
     model = models[family]
     config, out, _, _ = model.run(name)
@@ -295,7 +296,7 @@ def test_recipe_files_round_trip_exactly(tmp_path, name, suffix):
     assert list(tmp_path.iterdir()) == [path]  # the temporary file is gone
 
 
-def test_custom_recipe_data_and_plan_after_loading(tmp_path):
+def test_custom_recipe_data_and_plan_after_loading(tmp_path, configs):
     data = CUSTOM.to_dict()
     assert data["stages"][2]["rules"][1] == {
         "match": "(.*/)?embedding", "op": "quantize",
@@ -304,7 +305,7 @@ def test_custom_recipe_data_and_plan_after_loading(tmp_path):
                                              "op": "keep", "options": {}}
     assert data["stages"][0]["rules"][0]["options"] == {"rank": 4}
     loaded = read_recipe_file(save_recipe(CUSTOM, tmp_path / "custom.yaml"))
-    config = dataclasses.replace(CONFIGS["llama"], hidden_size=64, intermediate_size=128,
+    config = dataclasses.replace(configs["llama"], hidden_size=64, intermediate_size=128,
                                  head_dim=16)
     shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0),
                                                              *_inputs())["params"])

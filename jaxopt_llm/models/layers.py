@@ -40,7 +40,8 @@ class Linear(nn.Module):
                          (x.shape[-1], self.features))
         y = linear(x, kernel)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + jnp.broadcast_to(bias, y.shape)
         return y
 
 
@@ -79,7 +80,7 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+        return (normed * jnp.broadcast_to(scale.astype(jnp.float32), normed.shape)).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -95,7 +96,8 @@ class LayerNorm(nn.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        scale, bias = (jnp.broadcast_to(p.astype(jnp.float32), normed.shape) for p in (scale, bias))
+        return (normed * scale + bias).astype(x.dtype)
 
 
 def rope_inverse_frequencies(
@@ -161,6 +163,7 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, 
         >>> cos.shape, float(cos[0, 0, 0])
         ((1, 3, 4), 1.0)
     """
+    inv_freq = jnp.expand_dims(inv_freq, tuple(range(positions.ndim)))  # (1, 1, D/2)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, D/2)
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

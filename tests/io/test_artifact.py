@@ -20,7 +20,7 @@ from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.io.loader import load_model
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.io.tokenizer import Tokenizer
-from jaxopt_llm.models import ModelConfig, build_model
+from jaxopt_llm.models import build_model
 from jaxopt_llm.models.layers import attention_mask
 from jaxopt_llm.tree import flatten, unflatten
 from jaxopt_llm.weights import WeightLeaf, linear, param_bytes
@@ -71,9 +71,10 @@ def _int8(w: jax.Array, with_offset: bool) -> ArtifactTestInt8Weight:
 # ----------------------------------------------------------------- fixtures
 
 
-CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=32,
-                     intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                     max_position_embeddings=64, bos_token_id=1, eos_token_ids=(2,))
+@pytest.fixture(scope="module")
+def config(tiny_config):
+    """The tiny Llama with the word tokenizer's special ids."""
+    return tiny_config(bos_token_id=1, eos_token_ids=(2,))
 
 
 def _mask(length: int) -> jax.Array:
@@ -81,9 +82,8 @@ def _mask(length: int) -> jax.Array:
 
 
 @pytest.fixture(scope="module")
-def dense_params() -> dict[str, Any]:
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    return build_model(CONFIG).init(jax.random.PRNGKey(0), tokens, tokens, _mask(4))["params"]
+def dense_params(config, tiny_params) -> dict[str, Any]:
+    return tiny_params(config)
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +104,21 @@ def tokenizer(word_tokenizer) -> Tokenizer:
     return word_tokenizer
 
 
-def _save(directory: Path, params: Any, tokenizer: Tokenizer, **kwargs) -> Path:
-    return save_artifact(directory, config=CONFIG, params=params, tokenizer=tokenizer,
-                         recipe=kwargs.pop("recipe", RECIPE), **kwargs)
+@pytest.fixture(scope="module")
+def save(config, tokenizer):
+    """save(directory, params, **kwargs): the tiny config and word tokenizer, RECIPE unless
+    recipe= is given; returns the artifact directory."""
+
+    def save(directory: Path, params: Any, **kwargs) -> Path:
+        return save_artifact(directory, config=config, params=params, tokenizer=tokenizer,
+                             recipe=kwargs.pop("recipe", RECIPE), **kwargs)
+
+    return save
 
 
-def _logits(params: Any, tokens: jax.Array) -> np.ndarray:
+def _logits(config, params: Any, tokens: jax.Array) -> np.ndarray:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    apply = jax.jit(build_model(CONFIG).apply)
+    apply = jax.jit(build_model(config).apply)
     return np.asarray(apply({"params": params}, tokens, positions, _mask(tokens.shape[1]))[0])
 
 
@@ -131,13 +138,13 @@ def _leftovers(parent: Path) -> list[str]:
 # ----------------------------------------------------------------- round trip
 
 
-def test_round_trip_is_exact(typed_params, tokenizer, tmp_path):
-    out = _save(tmp_path / "art", typed_params, tokenizer, extra={"note": "tiny"})
+def test_round_trip_is_exact(typed_params, tokenizer, tmp_path, save, config):
+    out = save(tmp_path / "art", typed_params, extra={"note": "tiny"})
     assert is_artifact_dir(out) and not is_artifact_dir(tmp_path)
     loaded = load_artifact(out)
     assert isinstance(loaded, LoadedModel) and loaded.source == str(out)
-    config, params, tok, recipe = loaded.config, loaded.params, loaded.tokenizer, loaded.recipe
-    assert config == CONFIG and recipe == RECIPE
+    params, tok, recipe = loaded.params, loaded.tokenizer, loaded.recipe
+    assert loaded.config == config and recipe == RECIPE
     assert loaded.format_version == FORMAT_VERSION and loaded.extra == {"note": "tiny"}
     _assert_same_tree(typed_params, params)
     q = params["layers_0"]["attn"]["q_proj"]["kernel"]
@@ -153,23 +160,24 @@ def test_round_trip_is_exact(typed_params, tokenizer, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_loaded_logits_are_bit_identical(typed_params, dense_params, tokenizer, tmp_path):
+def test_loaded_logits_are_bit_identical(typed_params, dense_params, tmp_path, save, config):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 12)), jnp.int32)
-    params = load_artifact(_save(tmp_path / "art", typed_params, tokenizer)).params
-    expected = _logits(typed_params, tokens)
-    assert not np.array_equal(expected, _logits(dense_params, tokens))  # the leaves are used
-    np.testing.assert_array_equal(_logits(params, tokens), expected)
+    params = load_artifact(save(tmp_path / "art", typed_params)).params
+    expected = _logits(config, typed_params, tokens)
+    # the leaves are used
+    assert not np.array_equal(expected, _logits(config, dense_params, tokens))
+    np.testing.assert_array_equal(_logits(config, params, tokens), expected)
 
 
-def test_load_model_recognises_artifact(typed_params, tokenizer, tmp_path):
-    out = _save(tmp_path / "art", typed_params, tokenizer)
+def test_load_model_recognises_artifact(typed_params, tmp_path, save, config):
+    out = save(tmp_path / "art", typed_params)
     loaded = load_model(str(out))
-    assert loaded.config == CONFIG and loaded.recipe == RECIPE and loaded.source == str(out)
+    assert loaded.config == config and loaded.recipe == RECIPE and loaded.source == str(out)
     _assert_same_tree(typed_params, loaded.params)
     assert loaded.tokenizer.encode("hello world") == [3, 4]
 
 
-def test_every_dtype_round_trips(tokenizer, tmp_path):
+def test_every_dtype_round_trips(tmp_path, save):
     rng = np.random.default_rng(0)
     arrays = {
         "f32": rng.normal(size=(3, 4)).astype(np.float32),
@@ -185,13 +193,13 @@ def test_every_dtype_round_trips(tokenizer, tmp_path):
         "empty": np.zeros((0, 3), np.float16),
     }
     params = {"group": {k: jnp.asarray(v) for k, v in arrays.items()}}
-    loaded = load_artifact(_save(tmp_path / "art", params, tokenizer)).params
+    loaded = load_artifact(save(tmp_path / "art", params)).params
     _assert_same_tree(params, loaded)
     assert loaded["group"]["u32"].dtype == jnp.uint32
 
 
-def test_file_size_matches_param_bytes(typed_params, dense_params, tokenizer, tmp_path):
-    out = _save(tmp_path / "art", typed_params, tokenizer)
+def test_file_size_matches_param_bytes(typed_params, dense_params, tmp_path, save):
+    out = save(tmp_path / "art", typed_params)
     data = (out / "model.safetensors").read_bytes()
     (header_len,) = pystruct.unpack("<Q", data[:8])
     assert len(data) - 8 - header_len == param_bytes(typed_params)
@@ -204,14 +212,14 @@ def test_file_size_matches_param_bytes(typed_params, dense_params, tokenizer, tm
 # ----------------------------------------------------------------- atomic writes
 
 
-def test_failed_write_leaves_nothing(typed_params, tokenizer, tmp_path, monkeypatch):
+def test_failed_write_leaves_nothing(typed_params, tmp_path, monkeypatch, save):
     def half_write(path, tensors, metadata=None):
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(artifact, "write_safetensors", half_write)
     with pytest.raises(OSError, match="disk full"):
-        _save(tmp_path / "art", typed_params, tokenizer)
+        save(tmp_path / "art", typed_params)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -219,9 +227,9 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_failed_overwrite_keeps_previous(typed_params, dense_params, tokenizer, tmp_path,
-                                         monkeypatch):
-    out = _save(tmp_path / "art", dense_params, tokenizer)
+def test_failed_overwrite_keeps_previous(typed_params, dense_params, tmp_path, monkeypatch,
+                                         save):
+    out = save(tmp_path / "art", dense_params)
     before = _snapshot(out)
 
     def failing_save(self, directory):
@@ -231,7 +239,7 @@ def test_failed_overwrite_keeps_previous(typed_params, dense_params, tokenizer, 
     with monkeypatch.context() as patch:
         patch.setattr(Tokenizer, "save", failing_save)
         with pytest.raises(RuntimeError, match="tokenizer exploded"):
-            _save(out, typed_params, tokenizer)
+            save(out, typed_params)
     assert _snapshot(out) == before and _leftovers(tmp_path) == []
 
     real_rename = artifact.os.rename
@@ -243,13 +251,13 @@ def test_failed_overwrite_keeps_previous(typed_params, dense_params, tokenizer, 
 
     monkeypatch.setattr(artifact.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
-        _save(out, typed_params, tokenizer)
+        save(out, typed_params)
     assert _snapshot(out) == before and _leftovers(tmp_path) == []
 
 
-def test_overwrite_previous_artifact(typed_params, dense_params, tokenizer, tmp_path):
-    out = _save(tmp_path / "art", dense_params, tokenizer, recipe=None)
-    _save(out, typed_params, tokenizer)
+def test_overwrite_previous_artifact(typed_params, dense_params, tmp_path, save):
+    out = save(tmp_path / "art", dense_params, recipe=None)
+    save(out, typed_params)
     loaded = load_artifact(out)
     params, recipe = loaded.params, loaded.recipe
     _assert_same_tree(typed_params, params)
@@ -257,47 +265,47 @@ def test_overwrite_previous_artifact(typed_params, dense_params, tokenizer, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def test_empty_directory_is_used(dense_params, tokenizer, tmp_path):
+def test_empty_directory_is_used(dense_params, tmp_path, save):
     (tmp_path / "art").mkdir()
-    _save(tmp_path / "art", dense_params, tokenizer)
+    save(tmp_path / "art", dense_params)
     assert is_artifact_dir(tmp_path / "art")
 
 
-def test_refuses_user_directory(dense_params, tokenizer, tmp_path):
+def test_refuses_user_directory(dense_params, tmp_path, save):
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not a jaxopt-llm artifact.*refusing to overwrite"):
-        _save(user, dense_params, tokenizer)
+        save(user, dense_params)
     assert (user / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
 
 
-def test_refuses_artifact_with_foreign_files(dense_params, tokenizer, tmp_path):
-    out = _save(tmp_path / "art", dense_params, tokenizer)
+def test_refuses_artifact_with_foreign_files(dense_params, tmp_path, save):
+    out = save(tmp_path / "art", dense_params)
     (out / "results.csv").write_text("1,2")
     with pytest.raises(ValueError, match=r"files it did not write \(\['results.csv'\]\)"):
-        _save(out, dense_params, tokenizer)
+        save(out, dense_params)
     assert (out / "results.csv").read_text() == "1,2"
 
 
-def test_refuses_file_target(dense_params, tokenizer, tmp_path):
+def test_refuses_file_target(dense_params, tmp_path, save):
     target = tmp_path / "art"
     target.write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):
-        _save(target, dense_params, tokenizer)
+        save(target, dense_params)
     assert target.read_text() == "x"
 
 
-def test_unsaveable_values(dense_params, tokenizer, tmp_path):
+def test_unsaveable_values(dense_params, tmp_path, save):
     bad = ArtifactTestInt8Weight(q=jnp.zeros((2, 2), jnp.int8), scale=jnp.ones((1, 2), jnp.float16),
                                  offset=None, bits=8, shape=[2, 2])  # a list, not a tuple
     with pytest.raises(ValueError, match="shape.*static value \\[2, 2\\].*tuples"):
-        _save(tmp_path / "a", {"w": bad}, tokenizer)
+        save(tmp_path / "a", {"w": bad})
     with pytest.raises(ValueError, match="w: cannot save a list"):
-        _save(tmp_path / "b", {"w": [1, 2]}, tokenizer)
+        save(tmp_path / "b", {"w": [1, 2]})
     with pytest.raises(ValueError, match="recipe must be JSON data"):
-        _save(tmp_path / "c", dense_params, tokenizer, recipe={"x": object()})
+        save(tmp_path / "c", dense_params, recipe={"x": object()})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -330,17 +338,17 @@ def _edit_json(directory: Path, edit) -> None:
         (lambda m: m["config"].update(hidden_sizes=3), "bad or missing model config"),
     ],
 )
-def test_bad_artifact_json(edit, message, typed_params, tokenizer, tmp_path):
-    out = _save(tmp_path / "art", typed_params, tokenizer)
+def test_bad_artifact_json(edit, message, typed_params, tmp_path, save):
+    out = save(tmp_path / "art", typed_params)
     _edit_json(out, edit)
     with pytest.raises(ValueError, match=message):
         load_artifact(out)
 
 
-def test_missing_files_and_tensors(dense_params, tokenizer, tmp_path):
+def test_missing_files_and_tensors(dense_params, tmp_path, save):
     with pytest.raises(ValueError, match="artifact.json: missing"):
         load_artifact(tmp_path)
-    out = _save(tmp_path / "art", dense_params, tokenizer)
+    out = save(tmp_path / "art", dense_params)
     weights = out / "model.safetensors"
     tensors = {k: np.array(v) for k, v in read_safetensors(weights).items()}
     del tensors["norm/scale"]
@@ -365,7 +373,7 @@ def _real_classes():
     return LowRankWeight, QuantSpec, quantize_weight
 
 
-def test_real_weight_classes_logits(dense_params, tokenizer, tmp_path):
+def test_real_weight_classes_logits(config, dense_params, tmp_path, save):
     LowRankWeight, QuantSpec, quantize_weight = _real_classes()
     q8 = QuantSpec(bits=8, symmetric=True, granularity="channel")
     q8g = QuantSpec(bits=8, symmetric=True, granularity="group", group_size=16)
@@ -381,18 +389,18 @@ def test_real_weight_classes_logits(dense_params, tokenizer, tmp_path):
         u=quantize_weight(jnp.asarray(u * s), q8), v=quantize_weight(jnp.asarray(vt), q8))
     params = unflatten(flat)
 
-    out = _save(tmp_path / "art", params, tokenizer)
+    out = save(tmp_path / "art", params)
     loaded = load_artifact(out).params
     _assert_same_tree(params, loaded)
     assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].zero_point is None
     assert loaded["layers_0"]["attn"]["k_proj"]["kernel"].act_bits == 8
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (1, 10)), jnp.int32)
-    expected = _logits(params, tokens)
-    assert not np.array_equal(expected, _logits(dense_params, tokens))
-    np.testing.assert_array_equal(_logits(loaded, tokens), expected)
+    expected = _logits(config, params, tokens)
+    assert not np.array_equal(expected, _logits(config, dense_params, tokens))
+    np.testing.assert_array_equal(_logits(config, loaded, tokens), expected)
 
 
-def test_real_packed_weights_round_trip(tokenizer, tmp_path):
+def test_real_packed_weights_round_trip(tmp_path, save):
     LowRankWeight, QuantSpec, quantize_weight = _real_classes()
     rng = np.random.default_rng(2)
     q4 = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16)
@@ -404,7 +412,7 @@ def test_real_packed_weights_round_trip(tokenizer, tmp_path):
                                  v=quantize_weight(w[:16], q4)),
         "bf16": w.astype(jnp.bfloat16),
     }
-    out = _save(tmp_path / "art", params, tokenizer)
+    out = save(tmp_path / "art", params)
     loaded = load_artifact(out).params
     _assert_same_tree(params, loaded)
     packed = loaded["packed"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxopt_llm.generation import generate
-from jaxopt_llm.models import ModelConfig, build_model
+from jaxopt_llm.models import build_model
 from jaxopt_llm.models.layers import attention_mask
 from jaxopt_llm.transforms.structured import (
     prune_attention_heads,
@@ -26,21 +26,21 @@ from jaxopt_llm.weights import LowRankWeight
 VOCAB, LENGTH = 64, 12
 
 
-def _llama(heads, kv_heads, **extra):
-    return ModelConfig(family="llama", model_type="llama", vocab_size=VOCAB, hidden_size=32,
-                       intermediate_size=40, num_layers=2, num_heads=heads,
-                       num_kv_heads=kv_heads, head_dim=8, max_position_embeddings=64, **extra)
+@pytest.fixture(scope="module")
+def configs(tiny_config):
+    """Llama with MHA, GQA, GQA with every bias, MQA with tied embeddings (MLP 40), GPT-2."""
 
+    def llama(heads, kv_heads, **extra):
+        return tiny_config("llama", vocab_size=VOCAB, intermediate_size=40, num_heads=heads,
+                           num_kv_heads=kv_heads, **extra)
 
-CONFIGS = {
-    "llama-mha": _llama(4, 4),
-    "llama-gqa-2x4": _llama(8, 2),
-    "llama-gqa-3x3-bias": _llama(9, 3, qkv_bias=True, o_bias=True, mlp_bias=True),
-    "llama-mqa": _llama(4, 1, tie_word_embeddings=True),
-    "gpt2": ModelConfig(family="gpt2", model_type="gpt2", vocab_size=VOCAB, hidden_size=32,
-                        intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=4,
-                        head_dim=8, max_position_embeddings=64),
-}
+    return {
+        "llama-mha": llama(4, 4),
+        "llama-gqa-2x4": llama(8, 2),
+        "llama-gqa-3x3-bias": llama(9, 3, qkv_bias=True, o_bias=True, mlp_bias=True),
+        "llama-mqa": llama(4, 1, tie_word_embeddings=True),
+        "gpt2": tiny_config("gpt2", vocab_size=VOCAB),
+    }
 
 
 def _inputs(batch=2):
@@ -49,13 +49,11 @@ def _inputs(batch=2):
     return tokens, positions, attention_mask(jnp.ones((batch, LENGTH), bool), 0, LENGTH)
 
 
-def _random_params(config, seed=0):
-    """Random numpy params (biases and norms too, so a dropped bias cannot hide)."""
-    shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0),
-                                                             *_inputs(1))["params"])
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
-                        shapes)
+@pytest.fixture(scope="module")
+def params_of(random_params):
+    """params_of(config, seed=0): random numpy params (biases and norms too, so a dropped bias
+    cannot hide)."""
+    return lambda config, seed=0: random_params(config, seed=seed, std=0.3)
 
 
 def _logits(config, params):
@@ -106,9 +104,9 @@ HEAD_CASES = [("llama-mha", 0.5), ("llama-gqa-2x4", 0.25), ("llama-gqa-3x3-bias"
 
 
 @pytest.mark.parametrize(("name", "fraction"), HEAD_CASES)
-def test_pruned_heads_equal_masked_heads(name, fraction):
-    config = CONFIGS[name]
-    params = _random_params(config)
+def test_pruned_heads_equal_masked_heads(name, fraction, configs, params_of):
+    config = configs[name]
+    params = params_of(config)
     new_config, pruned = prune_attention_heads(config, params, fraction=fraction)
     assert new_config == structured_config(config, "heads", fraction)
 
@@ -133,10 +131,10 @@ def test_pruned_heads_equal_masked_heads(name, fraction):
                          [("llama-mha", 0.25, 3, 3), ("llama-gqa-2x4", 0.5, 4, 2),
                           ("llama-gqa-3x3-bias", 0.34, 6, 3), ("llama-mqa", 0.75, 1, 1),
                           ("gpt2", 0.5, 2, 2)])
-def test_kept_slices_are_the_highest_scoring(name, fraction, heads, kv_heads):
+def test_kept_slices_are_the_highest_scoring(name, fraction, heads, kv_heads, configs, params_of):
     """Pruned kernels are exactly the reference-kept slices (checks selection and slicing)."""
-    config = CONFIGS[name]
-    params = _random_params(config, seed=5)
+    config = configs[name]
+    params = params_of(config, seed=5)
     new_config, pruned = prune_attention_heads(config, params, fraction=fraction)
     assert (new_config.num_heads, new_config.num_kv_heads) == (heads, kv_heads)
     hd = config.head_dim
@@ -155,9 +153,9 @@ def test_kept_slices_are_the_highest_scoring(name, fraction, heads, kv_heads):
                                           layer["attn"]["o_proj"]["bias"])
 
 
-def test_each_layer_picks_its_own_heads():
-    config = CONFIGS["llama-gqa-2x4"]
-    params = _random_params(config)
+def test_each_layer_picks_its_own_heads(configs, params_of):
+    config = configs["llama-gqa-2x4"]
+    params = params_of(config)
     planted = {0: [1, 6], 1: [3, 4]}  # one weak head per kv group, different per layer
     for i, heads in planted.items():
         attn = params[f"layers_{i}"]["attn"]
@@ -182,9 +180,9 @@ def _mlp_blocks(config, layer):
 
 @pytest.mark.parametrize(("name", "fraction"),
                          [("llama-gqa-2x4", 0.6), ("llama-gqa-3x3-bias", 0.25), ("gpt2", 0.25)])
-def test_pruned_neurons_equal_masked_neurons(name, fraction):
-    config = CONFIGS[name]
-    params = _random_params(config, seed=2)
+def test_pruned_neurons_equal_masked_neurons(name, fraction, configs, params_of):
+    config = configs[name]
+    params = params_of(config, seed=2)
     new_config, pruned = prune_mlp_neurons(config, params, fraction=fraction)
     size = config.intermediate_size
     removed_count = round(fraction * size)
@@ -208,8 +206,8 @@ def test_pruned_neurons_equal_masked_neurons(name, fraction):
 @pytest.mark.parametrize(("name", "kinds"),
                          [("llama-gqa-3x3-bias", ("heads", "neurons")), ("gpt2", ("neurons",)),
                           ("gpt2", ("heads",))])
-def test_pruned_model_generates(name, kinds):
-    config, params = CONFIGS[name], _random_params(CONFIGS[name])
+def test_pruned_model_generates(name, kinds, configs, params_of):
+    config, params = configs[name], params_of(configs[name])
     for kind in kinds:
         prune = prune_attention_heads if kind == "heads" else prune_mlp_neurons
         config, params = prune(config, params, fraction=0.5)
@@ -217,9 +215,9 @@ def test_pruned_model_generates(name, kinds):
     assert [len(ids) for ids in result.new_ids] == [4, 4]
 
 
-def test_pure_dtype_kept_and_jax_arrays_out():
-    config = CONFIGS["llama-gqa-3x3-bias"]
-    params = _random_params(config)
+def test_pure_dtype_kept_and_jax_arrays_out(configs, params_of):
+    config = configs["llama-gqa-3x3-bias"]
+    params = params_of(config)
     before = copy.deepcopy(params)
     bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     for prune in (prune_attention_heads, prune_mlp_neurons):
@@ -230,9 +228,9 @@ def test_pure_dtype_kept_and_jax_arrays_out():
     jax.tree.map(np.testing.assert_array_equal, params, before)  # input untouched
 
 
-def test_l1_score_selects_by_absolute_sum():
-    config = CONFIGS["llama-mha"]
-    params = _random_params(config)
+def test_l1_score_selects_by_absolute_sum(configs, params_of):
+    config = configs["llama-mha"]
+    params = params_of(config)
     q = params["layers_0"]["attn"]["q_proj"]["kernel"]
     q[:, 0:8] = 0.0  # head 0: large L2 but small L1 (one spike)
     q[0, 0] = 30.0
@@ -259,8 +257,8 @@ def test_l1_score_selects_by_absolute_sum():
      ("llama-mha", "heads", {"fraction": 0.5, "score": "taylor"},
       r"score must be one of \('l2', 'l1'\), got 'taylor'")],
 )
-def test_bad_options(name, kind, kwargs, message):
-    config = CONFIGS[name]
+def test_bad_options(name, kind, kwargs, message, configs):
+    config = configs[name]
     prune = prune_attention_heads if kind == "heads" else prune_mlp_neurons
     with pytest.raises(ValueError, match=message):
         prune(config, {}, **kwargs)  # options are checked before the params are looked at
@@ -268,15 +266,15 @@ def test_bad_options(name, kind, kwargs, message):
         structured_config(config, kind, **kwargs)
 
 
-def test_bad_kind_family_and_params():
-    config = CONFIGS["llama-mha"]
+def test_bad_kind_family_and_params(configs, params_of):
+    config = configs["llama-mha"]
     with pytest.raises(ValueError, match=r"kind must be one of \('heads', 'neurons'\)"):
         structured_config(config, "layers", 0.5)
     other = copy.copy(config)
     object.__setattr__(other, "family", "t5")  # ModelConfig itself refuses unknown families
     with pytest.raises(ValueError, match=r"supports families \('llama', 'gpt2'\), not 't5'"):
         prune_attention_heads(other, {}, fraction=0.5)
-    params = _random_params(config)
+    params = params_of(config)
     params["layers_1"]["attn"]["q_proj"]["kernel"] = LowRankWeight(u=jnp.ones((32, 2)),
                                                                   v=jnp.ones((2, 32)))
     with pytest.raises(ValueError, match="layers_1/attn/q_proj/kernel is a LowRankWeight; "
@@ -286,7 +284,7 @@ def test_bad_kind_family_and_params():
         prune_mlp_neurons(config, {"layers_0": {"mlp": {"gate_proj": {"kernel": np.ones((32, 40))},
                                                         "up_proj": {"kernel": np.ones((32, 40))}}}},
                           fraction=0.5)
-    wrong = _random_params(_llama(2, 2))
+    wrong = params_of(dataclasses.replace(config, num_heads=2, num_kv_heads=2))
     with pytest.raises(ValueError, match=r"layers_0/attn/q_proj/kernel has shape \(32, 16\), "
                                          r"expected 32 along axis 1"):
         prune_attention_heads(config, wrong, fraction=0.5)
