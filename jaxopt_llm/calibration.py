@@ -81,6 +81,19 @@ class LinearStats:
             self.tokens / max(self.tokens - 1, 1))
 
     def merge(self, other: LinearStats) -> LinearStats:
+        """Statistics of both token sets together (sums add, maxima take the larger).
+
+        Args:
+          other: statistics of other tokens of the same linear.
+
+        Returns:
+          The combined LinearStats.
+
+        Example:
+          >>> a = input_stats(jnp.ones((2, 3)))
+          >>> a.merge(a).tokens
+          4
+        """
         return LinearStats(tokens=self.tokens + other.tokens, gram=self.gram + other.gram,
                            total=self.total + other.total,
                            abs_total=self.abs_total + other.abs_total,
@@ -88,7 +101,19 @@ class LinearStats:
 
 
 def input_stats(x: jax.Array) -> LinearStats:
-    """Statistics of inputs x (..., K) (every leading position is one token)."""
+    """Statistics of a linear's inputs.
+
+    Args:
+      x: inputs (..., K); every leading position is one token.
+
+    Returns:
+      LinearStats with XᵀX (computed in float32 at highest precision) and per-channel sums.
+
+    Example:
+      >>> stats = input_stats(jnp.array([[1.0, -2.0], [3.0, 0.0]]))
+      >>> stats.gram.tolist(), stats.abs_max.tolist()
+      ([[10.0, -2.0], [-2.0, 4.0]], [3.0, 2.0])
+    """
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     return LinearStats(tokens=int(x2.shape[0]),
                        gram=jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST),
@@ -133,6 +158,7 @@ class Calibration:
 
     @property
     def num_tokens(self) -> int:
+        """Calibration tokens in all windows."""
         return int(self.windows.size)
 
     def _say(self, line: str) -> None:
@@ -143,11 +169,24 @@ class Calibration:
 def calibration_windows(token_ids: Any, *, num_tokens: int | None = None,
                         window: int = DEFAULT_WINDOW, skip: int = 0,
                         max_windows: int = DEFAULT_MAX_WINDOWS) -> np.ndarray:
-    """Non-overlapping windows of `window` tokens from token_ids[skip:] (at most
-    `max_windows`, at most `num_tokens` tokens), shape (W, window).
+    """Non-overlapping windows of `window` tokens from token_ids[skip:].
+
+    Args:
+      token_ids: a 1-D sequence of token ids.
+      num_tokens: use at most this many tokens (after `skip`); None: all.
+      window: tokens per window.
+      skip: tokens left out at the start (the evaluation tokens).
+      max_windows: at most this many windows.
+
+    Returns:
+      int32 array (W, window).
 
     Raises:
       ValueError: fewer tokens than one window, or bad sizes (each error names its parameter).
+
+    Example:
+      >>> calibration_windows(range(10), window=4, skip=1).tolist()
+      [[1, 2, 3, 4], [5, 6, 7, 8]]
     """
     for name, value in (("window", window), ("max_windows", max_windows),
                         ("num_tokens", num_tokens)):
@@ -173,6 +212,16 @@ def default_calibration(tokenizer: Any, *, num_tokens: int | None = None,
                         **kwargs: Any) -> Calibration:
     """Calibration windows from `text`, or by default from the embedded pydoc text after its
     first 65,536 tokens (the evaluation tokens are never seen).
+
+    Args:
+      tokenizer: anything with `encode(text) -> list[int]` (the model's tokenizer).
+      num_tokens: use at most this many calibration tokens; None: all (≤ 128 windows).
+      window: tokens per window.
+      text: calibration text; None: the embedded text after the evaluation tokens.
+      **kwargs: `Calibration` fields (batch_size, placement, progress).
+
+    Returns:
+      A Calibration whose `source` names the text, its sha256 and the token count.
 
     Example:
       >>> calib = default_calibration(loaded.tokenizer)  # doctest: +SKIP
@@ -337,8 +386,21 @@ def layer_sequential(
 
 def linear_statistics(config: ModelConfig, params: Mapping[str, Any],
                       calibration: Calibration) -> dict[str, LinearStats]:
-    """Input statistics of every block linear ("layers_0/attn/q_proj" → stats) of the
-    model as it is (no compression between blocks)."""
+    """Input statistics of every block linear of the model as it is (no compression).
+
+    Args:
+      config: the model's config.
+      params: its parameter tree.
+      calibration: the calibration windows.
+
+    Returns:
+      {"layers_0/attn/q_proj": LinearStats, …} (linears fed the same input share one).
+
+    Example:
+      >>> stats = linear_statistics(config, params, calibration)  # doctest: +SKIP
+      >>> stats["layers_0/mlp/down_proj"].gram.shape  # doctest: +SKIP
+      (1536, 1536)
+    """
     found: dict[str, LinearStats] = {}
 
     def keep(context: BlockContext) -> Any:

@@ -85,9 +85,11 @@ class GPTQOptions(GridOptions):
 
     @property
     def spec(self) -> QuantSpec:
+        """The grid these options describe (validated)."""
         return self._spec(self.zero)
 
     def validate(self) -> None:
+        """Raise a ValueError naming the first bad option."""
         self.spec  # noqa: B018  (validates bits, granularity, group size and zero)
         check_scale_dtype(self.scale_dtype)
         _check_block_size(self.block_size)
@@ -139,6 +141,13 @@ def gptq_quantize(
     Returns:
       A QuantizedWeight laid out exactly as `quantize_weight`'s (codes in the original
       input order).
+
+    Example:
+      >>> x = jax.random.normal(jax.random.key(0), (256, 16))
+      >>> w = jax.random.normal(jax.random.key(1), (16, 8))
+      >>> leaf = gptq_quantize(w, x.T @ x, QuantSpec(bits=4))
+      >>> leaf.bits, leaf.shape
+      (4, (16, 8))
     """
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"{name}: spec must be a QuantSpec, got {type(spec).__name__}")
@@ -193,6 +202,12 @@ def gptq_leaf(leaf: Any, path: str, options: GPTQOptions, hessian: jax.Array) ->
 
     Returns:
       The QuantizedWeight.
+
+    Example:
+      >>> w = jax.random.normal(jax.random.key(1), (16, 8))
+      >>> gptq_leaf(w, "layers_0/mlp/up_proj/kernel", GPTQOptions(bits=4),
+      ...           jnp.eye(16)).bits
+      4
     """
     if not hasattr(leaf, "ndim") or leaf.ndim < 2:
         raise ValueError(f"{path}: gptq needs a float kernel or table, got "

@@ -33,14 +33,33 @@ SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def check_scale_dtype(value: Any) -> None:
-    """`scale_dtype` is null (float16 for group scales, float32 otherwise) or a float name."""
+    """`scale_dtype` is null (float16 for group scales, float32 otherwise) or a float name.
+
+    Args:
+        value: the option's value.
+
+    Raises:
+        ValueError: naming `scale_dtype` and the accepted names.
+
+    Example:
+        >>> check_scale_dtype("float16")
+        >>> check_scale_dtype("int8")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: scale_dtype must be one of ('float32', ...) or null, got 'int8'
+    """
     if value is not None and value not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES} or null, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GridOptions(OpOptions):
-    """The integer grid an op quantizes onto (`quantize`, `fake_quant`, GPTQ)."""
+    """The integer grid an op quantizes onto (`quantize`, `fake_quant`, GPTQ).
+
+    Example:
+        >>> GridOptions(bits=4, group_size=128).spec.granularity
+        'group'
+    """
 
     bits: int = 8
     symmetric: bool = True
@@ -50,6 +69,17 @@ class GridOptions(OpOptions):
 
     @property
     def spec(self) -> QuantSpec:
+        """The grid as a `QuantSpec`, with an integer zero point.
+
+        The granularity defaults to "group" when a group size is given, else "channel".
+
+        Returns:
+            The QuantSpec (its construction validates bits, granularity and group size).
+
+        Example:
+            >>> GridOptions(bits=4).spec.granularity, GridOptions(bits=4).spec.qmax
+            ('channel', 7)
+        """
         return self._spec("integer")
 
     def _spec(self, zero: str) -> QuantSpec:
@@ -68,7 +98,12 @@ class _GridOptions(GridOptions):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizeOptions(_GridOptions):
-    """Round-to-nearest integer weights (`QuantizedWeight`)."""
+    """Round-to-nearest integer weights (`QuantizedWeight`).
+
+    Example:
+        >>> QuantizeOptions(bits=4, symmetric=False, zero="float", group_size=32).spec.zero
+        'float'
+    """
 
     percentile: float = 99.9
     mse_grid: int = 100
@@ -81,9 +116,32 @@ class QuantizeOptions(_GridOptions):
 
     @property
     def spec(self) -> QuantSpec:
+        """The grid as a `QuantSpec`, with this option's zero kind ("integer" or "float").
+
+        Returns:
+            The QuantSpec `quantize_weight` runs with.
+
+        Example:
+            >>> QuantizeOptions(bits=4, symmetric=False, zero="float").spec.float_zero
+            True
+        """
         return self._spec(self.zero)
 
     def validate(self) -> None:
+        """Check every option (run at construction); a bad one is a ValueError naming it.
+
+        Raises:
+            ValueError: naming the bad option, or the combination W8A8 cannot run
+                (act_bits 8 with asymmetric 8-bit weights or a float zero).
+
+        Example:
+            >>> QuantizeOptions(bits=4, act_bits=8).validate()
+            >>> float_offset = dict(bits=4, symmetric=False, zero="float")
+            >>> QuantizeOptions(**float_offset, act_bits=8)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: zero 'float' cannot run W8A8 (act_bits: 8 needs integer zero ...
+        """
         self.spec  # noqa: B018  (validates bits, granularity, group size and zero)
         if self.method not in (None, *RANGE_METHODS):
             raise ValueError(f"method must be one of {RANGE_METHODS}, got {self.method!r}")
@@ -108,13 +166,36 @@ class QuantizeOptions(_GridOptions):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FakeQuantOptions(_GridOptions):
-    """Quantize-dequantize in the forward pass, straight-through gradient (QAT)."""
+    """Quantize-dequantize in the forward pass, straight-through gradient (QAT).
+
+    The straight-through estimator is Bengio et al. (2013); `learn_scale` trains the step
+    sizes as in LSQ (Esser et al., ICLR 2020); see docs/algorithms.md.
+
+    Example:
+        >>> FakeQuantOptions(bits=4, ste="clipped").spec.bits
+        4
+    """
 
     ste: str = "identity"
     clip_ratio: float = 1.0
     learn_scale: bool = False  # LSQ: trainable step sizes initialised from the range
 
     def validate(self) -> None:
+        """Check every option (run at construction); a bad one is a ValueError naming it.
+
+        Range calibration is absmax or min-max only, the methods `FakeQuantWeight`
+        runs (it recomputes the range from the weight at every forward pass).
+
+        Raises:
+            ValueError: naming the bad option.
+
+        Example:
+            >>> FakeQuantOptions(bits=4, clip_ratio=0.9).validate()
+            >>> FakeQuantOptions(method="mse")
+            Traceback (most recent call last):
+            ...
+            ValueError: fake_quant method must be absmax or minmax, got 'mse'
+        """
         self.spec  # noqa: B018
         if self.method not in (None, "absmax", "minmax"):
             raise ValueError(f"fake_quant method must be absmax or minmax, got {self.method!r}")
@@ -126,7 +207,21 @@ class FakeQuantOptions(_GridOptions):
 
 
 def table_axis(path: str) -> int:
-    """Embedding tables (…/embedding, (V, D)) contract along D; kernels along their input."""
+    """Embedding tables (…/embedding, (V, D)) contract along D; kernels along their input.
+
+    Quantizing a table along D keeps one scale row per token, so a lookup dequantizes
+    only its rows and a tied head reads the same codes.
+
+    Args:
+        path: the parameter's "/"-joined path.
+
+    Returns:
+        1 when the last path component is "embedding", else 0.
+
+    Example:
+        >>> table_axis("embed_tokens/embedding"), table_axis("layers_0/mlp/up_proj/kernel")
+        (1, 0)
+    """
     return 1 if path.rsplit("/", 1)[-1] == "embedding" else 0
 
 
@@ -141,7 +236,26 @@ def _quantize_jit(w, spec, axis, method, act_bits, scale_dtype, percentile, mse_
 
 
 def quantize_leaf(leaf: Any, path: str, options: QuantizeOptions) -> Any:
-    """One parameter → its quantized form (see module docstring for composition)."""
+    """One parameter → its quantized form (see module docstring for composition).
+
+    Args:
+        leaf: a float kernel or table, or a masked / N:M / low-rank / fake-quant leaf.
+        path: the parameter's path (chooses the axis: see `table_axis`; names errors).
+        options: the `quantize` op's options.
+
+    Returns:
+        A QuantizedWeight, or for a LowRankWeight one with both factors quantized.
+
+    Raises:
+        ValueError: for an already quantized leaf, one below 2-D, or a group size that
+            does not divide its contraction axis.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> leaf = quantize_leaf(jnp.ones((4, 2)), "mlp/kernel", QuantizeOptions(bits=4))
+        >>> type(leaf).__name__, leaf.bits, leaf.axis
+        ('QuantizedWeight', 4, 0)
+    """
     spec = options.spec
     if isinstance(leaf, LowRankWeight):
         return LowRankWeight(u=quantize_leaf(leaf.u, f"{path}/u", options),
@@ -164,7 +278,28 @@ def quantize_leaf(leaf: Any, path: str, options: QuantizeOptions) -> Any:
 
 
 def fake_quant_leaf(leaf: Any, path: str, options: FakeQuantOptions) -> FakeQuantWeight:
-    """One kernel or table → its fake-quant (QAT) form."""
+    """One kernel or table → its fake-quant (QAT) form.
+
+    Args:
+        leaf: a float kernel or table (at least 2-D).
+        path: the parameter's path (chooses the axis: see `table_axis`; names errors).
+        options: the `fake_quant` op's options.
+
+    Returns:
+        A FakeQuantWeight on the options' grid, with learned step sizes when
+        `learn_scale` is set.
+
+    Raises:
+        ValueError: for a non-array or 1-D leaf, or a group size that does not divide its
+            contraction axis.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> fake = fake_quant_leaf(jnp.ones((6, 4)), "embed_tokens/embedding",
+        ...                        FakeQuantOptions(bits=4))
+        >>> type(fake).__name__, fake.axis, fake.method
+        ('FakeQuantWeight', 1, 'absmax')
+    """
     spec = options.spec
     if not hasattr(leaf, "ndim") or leaf.ndim < 2:
         raise ValueError(f"{path}: fake_quant needs a float kernel or table, got "

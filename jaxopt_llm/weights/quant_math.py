@@ -32,7 +32,14 @@ ZERO_KINDS = ("integer", "float")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
-    """How a weight is quantized: width, symmetry and the groups that share a scale."""
+    """How a weight is quantized: width, symmetry and the groups that share a scale.
+
+    Invalid combinations are a ValueError at construction, so a spec that exists is usable.
+
+    Example:
+        >>> QuantSpec(bits=4, granularity="group", group_size=128).num_groups(512)
+        4
+    """
 
     bits: int = 8
     symmetric: bool = True
@@ -74,19 +81,64 @@ class QuantSpec:
 
     @property
     def float_zero(self) -> bool:
-        """True when the grid's zero is a float offset (w = u·d + m)."""
+        """True when the grid's zero is a float offset (w = u·d + m).
+
+        Returns:
+            Whether `zero` is "float" (llama.cpp's Q4_1/Q5_1 layout), not an integer zero point.
+
+        Example:
+            >>> QuantSpec(bits=4, symmetric=False, zero="float").float_zero
+            True
+        """
         return self.zero == "float"
 
     @property
     def qmin(self) -> int:
+        """The smallest integer code: -2^(b-1) when symmetric, 0 otherwise.
+
+        Returns:
+            The lower clamp bound of `quantize_codes`.
+
+        Example:
+            >>> QuantSpec(bits=4).qmin, QuantSpec(bits=4, symmetric=False).qmin
+            (-8, 0)
+        """
         return -(1 << (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
+        """The largest integer code: 2^(b-1) - 1 when symmetric, 2^b - 1 otherwise.
+
+        It is also the divisor of the range in `scale_and_zero`: a symmetric grid spends
+        its extra negative code (-2^(b-1)) on nothing, so [-m, m] maps onto ±qmax.
+
+        Returns:
+            The upper clamp bound of `quantize_codes`.
+
+        Example:
+            >>> QuantSpec(bits=4).qmax, QuantSpec(bits=4, symmetric=False).qmax
+            (7, 15)
+        """
         return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
 
     def num_groups(self, length: int, where: str = "weight") -> int:
-        """Groups along a contraction axis of `length`; a group size must divide it."""
+        """Groups along a contraction axis of `length`; a group size must divide it.
+
+        Args:
+            length: the contraction axis' length (K of a kernel, D of a table).
+            where: what is quantized, for the error message.
+
+        Returns:
+            1 per tensor or per channel; K / g per group, rounded up with `partial_groups`.
+
+        Raises:
+            ValueError: when `group_size` does not divide `length` and `partial_groups` is off.
+
+        Example:
+            >>> spec = QuantSpec(granularity="group", group_size=4, partial_groups=True)
+            >>> spec.num_groups(8), spec.num_groups(10)
+            (2, 3)
+        """
         if self.granularity != "group":
             return 1
         if length % self.group_size:
@@ -107,6 +159,19 @@ def grouped(w2: jax.Array, spec: QuantSpec) -> jax.Array:
     quantize to exactly 0. A float offset's range need not include 0, so its pads repeat
     the last row, which lies in the same group and leaves its min and max unchanged.
     Either way `ungrouped` drops the pads.
+
+    Args:
+        w2: the weight as a (K, N) matrix, K the contraction axis groups run along.
+        spec: the grid (its granularity and group size set G and g).
+
+    Returns:
+        The (G, g, N) view: (1, K, N) per tensor or per channel, (⌈K/g⌉, g, N) per group.
+
+    Example:
+        >>> spec = QuantSpec(granularity="group", group_size=2, partial_groups=True)
+        >>> wg = grouped(jnp.arange(6.0).reshape(3, 2), spec)
+        >>> wg.shape, wg[1].tolist()
+        ((2, 2, 2), [[4.0, 5.0], [0.0, 0.0]])
     """
     k, n = w2.shape
     groups = spec.num_groups(k)
@@ -122,7 +187,20 @@ def grouped(w2: jax.Array, spec: QuantSpec) -> jax.Array:
 
 
 def ungrouped(wg: jax.Array, length: int) -> jax.Array:
-    """(G, g, N) → (K, N), dropping the padding of a partial last group."""
+    """(G, g, N) → (K, N), dropping the padding of a partial last group.
+
+    Args:
+        wg: a grouped view (G, g, N), e.g. from `grouped` or `dequantize_codes`.
+        length: K, the contraction axis' real length.
+
+    Returns:
+        The (K, N) matrix.
+
+    Example:
+        >>> spec = QuantSpec(granularity="group", group_size=2, partial_groups=True)
+        >>> ungrouped(grouped(jnp.ones((3, 2)), spec), 3).shape
+        (3, 2)
+    """
     return wg.reshape(-1, wg.shape[-1])[:length]
 
 
@@ -143,7 +221,36 @@ def group_range(
     """(lo, hi) per group, shapes (G, 1, N) or (1, 1, 1).
 
     lo = -hi when symmetric; lo ≤ 0 ≤ hi with an integer zero; a float offset's range is
-    the group's own (not widened to include 0).
+    the group's own (not widened to include 0). The range-setting methods are those of
+    Nagel et al., "A White Paper on Neural Network Quantization" (2021); "mse" searches a
+    clip ratio per group as GPTQ's reference quantizer does (docs/algorithms.md, "RTN").
+
+    Args:
+        wg: the grouped view (G, g, N) (see `grouped`).
+        spec: the grid (symmetry, zero kind and granularity choose the reduction).
+        method: "absmax" ([-max|w|, max|w|] in any scheme), "minmax", "percentile" or
+            "mse".
+        percentile: for "percentile", the percentile p in (0, 100] of |w| (symmetric),
+            or the (100 - p)-th and p-th percentiles of w (asymmetric).
+        mse_grid: for "mse", how many clip ratios are tried.
+        mse_max_shrink: for "mse", the largest shrink: ratios run over [1 - shrink, 1].
+        mse_norm: for "mse", the exponent p of the error Σ|w - q(w)|^p.
+
+    Returns:
+        (lo, hi), float32 arrays of shape (G, 1, N) ((1, 1, 1) per tensor).
+
+    Raises:
+        ValueError: for an unknown `method` or an out-of-range `percentile` or MSE option.
+
+    Example:
+        >>> w = jnp.array([[1.0, -2.0], [-3.0, 0.5]])  # per channel: columns [1, -3], [-2, 0.5]
+        >>> lo, hi = group_range(grouped(w, QuantSpec()), QuantSpec())
+        >>> lo.shape, lo.ravel().tolist(), hi.ravel().tolist()
+        ((1, 1, 2), [-3.0, -2.0], [3.0, 2.0])
+        >>> spec = QuantSpec(symmetric=False)
+        >>> lo, hi = group_range(grouped(w, spec), spec, "minmax")
+        >>> lo.ravel().tolist(), hi.ravel().tolist()
+        ([-3.0, -2.0], [1.0, 0.5])
     """
     axes = _reduce_axes(spec)
     wg = wg.astype(jnp.float32)
@@ -178,7 +285,30 @@ def scale_and_zero(
     lo: jax.Array, hi: jax.Array, spec: QuantSpec, scale_dtype: jnp.dtype = jnp.float32
 ) -> tuple[jax.Array, jax.Array | None]:
     """Scale (in `scale_dtype`, never 0) and zero: a uint8 zero point, the float offset m = lo
-    (in `scale_dtype`) when spec.zero is "float", None when symmetric."""
+    (in `scale_dtype`) when spec.zero is "float", None when symmetric.
+
+    The scale is floored at the dtype's smallest normal number, so an all-zero group
+    divides safely (its codes are 0). The integer zero point is computed against the
+    scale as stored (after the cast), so dequantization reproduces what was rounded.
+
+    Args:
+        lo: the lower end of each group's range, e.g. (G, 1, N) from `group_range`.
+        hi: the upper end, same shape.
+        spec: the grid: symmetric uses hi / qmax, asymmetric (hi - lo) / qmax.
+        scale_dtype: the dtype the scale (and a float offset) is stored in.
+
+    Returns:
+        (scale, zero): scale in `scale_dtype`; zero uint8, or in `scale_dtype` for a
+        float offset, or None when symmetric. Both have lo's shape.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, symmetric=False)  # 16 codes over [-1, 14]: step 1
+        >>> scale, zero = scale_and_zero(jnp.array(-1.0), jnp.array(14.0), spec)
+        >>> float(scale), int(zero), zero.dtype
+        (1.0, 1, dtype('uint8'))
+        >>> scale_and_zero(jnp.array(-7.0), jnp.array(7.0), QuantSpec(bits=4))[1] is None
+        True
+    """
     tiny = jnp.float32(jnp.finfo(scale_dtype).tiny)
     if spec.symmetric:
         scale = hi / spec.qmax
@@ -199,6 +329,22 @@ def quantize_codes(
     """Integer codes in [qmin, qmax] as int32 (symmetric: signed q; asymmetric: unsigned u).
 
     Against the stored (rounded) scale and zero; a float offset m: u = round((w - m)/d).
+    Rounding is jnp.round (half to even); values beyond the grid clamp to its ends.
+
+    Args:
+        wg: the weights, grouped view (G, g, N) (or anything broadcasting with the grid).
+        scale: the step per group, (G, 1, N).
+        zero: the uint8 zero point or float offset per group (same shape), None when
+            symmetric.
+        spec: the grid (its zero kind and code range).
+
+    Returns:
+        int32 codes of wg's shape.
+
+    Example:
+        >>> w = jnp.array([-9.0, -0.4, 2.6, 20.0])
+        >>> quantize_codes(w, jnp.float32(1.0), None, QuantSpec(bits=4)).tolist()
+        [-8, 0, 3, 7]
     """
     if spec.float_zero:
         shifted = wg.astype(jnp.float32) - zero.astype(jnp.float32)
@@ -211,14 +357,41 @@ def quantize_codes(
 
 
 def is_float_offset(zero: jax.Array | None) -> bool:
-    """A float zero is an offset m (w = u·d + m); an integer one a zero point (u - z)·d."""
+    """A float zero is an offset m (w = u·d + m); an integer one a zero point (u - z)·d.
+
+    Args:
+        zero: a stored zero (uint8 zero point or float offset), or None (symmetric).
+
+    Returns:
+        True only for a floating-point `zero`.
+
+    Example:
+        >>> is_float_offset(jnp.zeros(2, jnp.uint8)), is_float_offset(jnp.zeros(2, jnp.float16))
+        (False, True)
+    """
     return zero is not None and jnp.issubdtype(zero.dtype, jnp.floating)
 
 
 def dequantize_codes(
     codes: jax.Array, scale: jax.Array, zero: jax.Array | None
 ) -> jax.Array:
-    """Codes (G, g, N) → float32 values; `zero` is told apart by dtype (`is_float_offset`)."""
+    """Codes (G, g, N) → float32 values; `zero` is told apart by dtype (`is_float_offset`).
+
+    Args:
+        codes: integer codes, e.g. from `quantize_codes`.
+        scale: the step per group, broadcasting with `codes` ((G, 1, N)).
+        zero: a uint8 zero point ((u - z)·d), a float offset (u·d + m), or None (q·d).
+
+    Returns:
+        float32 values of codes' shape.
+
+    Example:
+        >>> codes = jnp.array([0, 3, 15])
+        >>> dequantize_codes(codes, jnp.float32(0.5), jnp.uint8(1)).tolist()
+        [-0.5, 1.0, 7.0]
+        >>> dequantize_codes(codes, jnp.float32(0.5), jnp.float16(-1.0)).tolist()
+        [-1.0, 0.5, 6.5]
+    """
     if is_float_offset(zero):
         return codes.astype(jnp.float32) * scale.astype(jnp.float32) + zero.astype(jnp.float32)
     centered = codes.astype(jnp.int32)
@@ -230,7 +403,27 @@ def dequantize_codes(
 def quantize_dequantize_grouped(
     wg: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec
 ) -> jax.Array:
-    """Float32 round trip of a grouped view through the integer grid given by (lo, hi)."""
+    """Float32 round trip of a grouped view through the integer grid given by (lo, hi).
+
+    The scale stays float32 here: this is the error model of the MSE range search, not
+    the storage path (which rounds the scale to its stored dtype first).
+
+    Args:
+        wg: the weights, grouped view (G, g, N).
+        lo: the lower end of each group's range, (G, 1, N).
+        hi: the upper end, same shape.
+        spec: the grid.
+
+    Returns:
+        float32 dequantized weights of wg's shape.
+
+    Example:
+        >>> wg = jnp.array([0.4, 1.6, -3.0]).reshape(1, 3, 1)  # 3 bits over [-3, 3]: step 1
+        >>> out = quantize_dequantize_grouped(wg, jnp.float32(-3.0), jnp.float32(3.0),
+        ...                                   QuantSpec(bits=3))
+        >>> out.ravel().tolist()
+        [0.0, 2.0, -3.0]
+    """
     scale, zero = scale_and_zero(lo, hi, spec)
     return dequantize_codes(quantize_codes(wg, scale, zero, spec), scale, zero)
 

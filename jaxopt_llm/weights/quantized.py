@@ -46,6 +46,14 @@ class QuantizedWeight(WeightLeaf):
 
     axis 0: a kernel (K, ...) contracted along K (trailing dims flattened to N);
     axis 1: an embedding table (V, D) contracted along D (a tied head).
+
+    Build one with `quantize_weight` (RTN), `quantize_with_scale` (a given grid, e.g.
+    LSQ's) or GPTQ; all of them go through `assemble_codes`.
+
+    Example:
+        >>> qw = quantize_weight(jnp.array([[7.0, -14.0], [-3.0, 2.0]]), QuantSpec(bits=4))
+        >>> qw.qvalue.dtype, qw.scale.tolist(), qw.materialize().tolist()
+        (dtype('uint8'), [[1.0, 2.0]], [[7.0, -14.0], [-3.0, 2.0]])
     """
 
     qvalue: jax.Array  # packed uint8 codes, or int8 codes for symmetric 8-bit
@@ -67,22 +75,66 @@ class QuantizedWeight(WeightLeaf):
 
     @property
     def spec(self) -> QuantSpec:
+        """The integer grid as a `QuantSpec` (bits, symmetry, granularity, groups, zero kind).
+
+        Returns:
+            A QuantSpec equal to the one the weight was quantized with.
+
+        Example:
+            >>> qw = quantize_weight(jnp.ones((4, 2)), QuantSpec(bits=4, granularity="tensor"))
+            >>> qw.spec.bits, qw.spec.granularity
+            (4, 'tensor')
+        """
         return QuantSpec(bits=self.bits, symmetric=self.symmetric,
                          granularity=self.granularity, group_size=self.group_size,
                          partial_groups=self.partial_groups, zero=self.zero)
 
     @property
     def shape2d(self) -> tuple[int, int]:
+        """The logical weight as a matrix: (K, prod(rest)) for a kernel, (V, D) for a table.
+
+        Returns:
+            (rows, columns) of the 2-D view the codes are stored in.
+
+        Example:
+            >>> quantize_weight(jnp.ones((2, 3, 4)), QuantSpec()).shape2d
+            (2, 12)
+        """
         if self.axis == 0:
             return self.shape[0], math.prod(self.shape[1:])
         return self.shape[0], self.shape[1]
 
     @property
     def stored_as_int8(self) -> bool:
+        """True for symmetric 8-bit codes, kept as plain int8 rather than packed.
+
+        The W8A8 path contracts such codes directly, with no unpacking pass.
+
+        Returns:
+            Whether `qvalue` holds int8 codes (otherwise packed unsigned uint8).
+
+        Example:
+            >>> quantize_weight(jnp.ones((2, 2)), QuantSpec(bits=8)).stored_as_int8
+            True
+            >>> quantize_weight(jnp.ones((2, 2)), QuantSpec(bits=4)).stored_as_int8
+            False
+        """
         return self.bits == 8 and self.symmetric
 
     def codes(self) -> jax.Array:
-        """Signed integer codes (K, N) canonical layout (axis 0 is the contraction axis), int32."""
+        """Signed integer codes (K, N) canonical layout (axis 0 is the contraction axis), int32.
+
+        Unpacked and, for symmetric grids narrower than 8 bits, shifted back from the
+        stored unsigned offset; asymmetric codes stay unsigned (u, not u - z).
+
+        Returns:
+            int32 codes of shape `codes_shape_canonical`.
+
+        Example:
+            >>> qw = quantize_weight(jnp.array([[7.0, -14.0], [-3.0, 2.0]]), QuantSpec(bits=4))
+            >>> qw.codes().tolist()
+            [[7, -7], [-3, 1]]
+        """
         k_axis_len = self.shape2d[self.axis]
         codes = packing.unpack(self.qvalue, self.bits, k_axis_len, axis=self.axis)
         codes = codes.astype(jnp.int32)
@@ -98,7 +150,16 @@ class QuantizedWeight(WeightLeaf):
         return scale[:, None, :], (None if zero is None else zero[:, None, :])  # (G, 1, N)
 
     def materialize(self) -> jax.Array:
-        """Dequantized float weight of shape `shape`."""
+        """Dequantized float weight of shape `shape`.
+
+        Returns:
+            The weight in its original dtype (`dtype`).
+
+        Example:
+            >>> qw = quantize_weight(jnp.array([[7.0, -14.0], [-3.0, 2.0]]), QuantSpec(bits=4))
+            >>> qw.materialize().tolist()
+            [[7.0, -14.0], [-3.0, 2.0]]
+        """
         scale, zero = self._canonical_scale_zero()
         codes = grouped(self.codes(), self.spec)
         values = ungrouped(dequantize_codes(codes, scale, zero), self.codes_shape_canonical[0])
@@ -108,28 +169,123 @@ class QuantizedWeight(WeightLeaf):
 
     @property
     def codes_shape_canonical(self) -> tuple[int, int]:
+        """(K, N) of the canonical codes: `shape2d` for a kernel, transposed for a table.
+
+        Returns:
+            (contraction length, output count).
+
+        Example:
+            >>> table = quantize_weight(jnp.ones((5, 4)), QuantSpec(), axis=1)
+            >>> table.shape2d, table.codes_shape_canonical
+            ((5, 4), (4, 5))
+        """
         k, n = self.shape2d
         return (k, n) if self.axis == 0 else (n, k)
 
     def linear(self, x: jax.Array) -> jax.Array:
+        """x (..., K) @ this kernel → (..., *shape[1:]), weight-only or W8A8.
+
+        Weight-only dequantizes and runs one matmul (bfloat16 with float32 accumulation
+        for ≥ `BF16_MIN_ROWS` float32 rows under compute="auto"); act_bits=8 quantizes x
+        per token and contracts int8 × int8 into int32 (SmoothQuant's W8A8 scheme, Xiao
+        et al., 2023).
+
+        Args:
+            x: the activations (..., K).
+
+        Returns:
+            The projection, in x's dtype.
+
+        Raises:
+            ValueError: for a table (axis=1), which is not a kernel.
+
+        Example:
+            >>> qw = quantize_weight(jnp.array([[7.0, -14.0], [-3.0, 2.0]]), QuantSpec(bits=4))
+            >>> qw.linear(jnp.array([[1.0, 1.0]])).tolist()
+            [[4.0, -12.0]]
+        """
         return _linear(x, self)
 
     def embed(self, ids: jax.Array) -> jax.Array:
+        """Rows of this table for integer ids; only the looked-up rows are dequantized.
+
+        Args:
+            ids: integer token ids of any shape.
+
+        Returns:
+            The rows, shape ids.shape + (D,), in the table's dtype.
+
+        Raises:
+            ValueError: for a kernel (axis=0).
+
+        Example:
+            >>> table = jnp.array([[1.0, -2.0, 7.0], [0.5, -3.5, 1.0]])
+            >>> qt = quantize_weight(table, QuantSpec(bits=4), axis=1)
+            >>> qt.embed(jnp.array([1])).tolist()
+            [[0.5, -3.5, 1.0]]
+        """
         return _embed(self, ids)
 
     def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: x (..., D) against this (V, D) table → logits (..., V).
+
+        Args:
+            x: the hidden states (..., D).
+
+        Returns:
+            The logits x · tableᵀ, in x's dtype.
+
+        Raises:
+            ValueError: for a kernel (axis=0).
+
+        Example:
+            >>> table = jnp.array([[1.0, -2.0, 7.0], [0.5, -3.5, 1.0]])
+            >>> qt = quantize_weight(table, QuantSpec(bits=4), axis=1)
+            >>> qt.attend(jnp.array([[0.0, 0.0, 1.0]])).tolist()
+            [[7.0, 1.0]]
+        """
         if self.axis != 1:
             raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
         return jnp.einsum("...d,vd->...v", x, self.materialize().astype(x.dtype))
 
     def viewed_as(self, shape: tuple[int, ...]) -> QuantizedWeight:
-        """Codes are stored as the 2-D view (K, prod(rest)) already: only the shape changes."""
+        """Codes are stored as the 2-D view (K, prod(rest)) already: only the shape changes.
+
+        Args:
+            shape: the new logical shape; same first dim and size (kernels only).
+
+        Returns:
+            The same codes and scales under the new `shape`.
+
+        Raises:
+            ValueError: when `shape` changes K or the size, or for a table.
+
+        Example:
+            >>> qw = quantize_weight(jnp.ones((2, 6)), QuantSpec())
+            >>> qw.viewed_as((2, 2, 3)).materialize().shape
+            (2, 2, 3)
+        """
         if self.axis != 0 or shape[0] != self.shape[0] or math.prod(shape) != math.prod(self.shape):
             raise ValueError(f"cannot view a QuantizedWeight of shape {self.shape} as {shape}")
         return self.replace(shape=tuple(shape))
 
     def add_dense(self, delta: jax.Array) -> QuantizedWeight:
-        """Re-quantized with its own settings (the grid cannot hold the delta exactly)."""
+        """Re-quantized with its own settings (the grid cannot hold the delta exactly).
+
+        Used to merge a LoRA delta; the range is recalibrated from the sum.
+
+        Args:
+            delta: a dense update of the weight's shape.
+
+        Returns:
+            A new QuantizedWeight of materialize() + delta, same grid, scale dtype and
+            execution settings.
+
+        Example:
+            >>> qw = quantize_weight(jnp.array([[7.0, -14.0], [-3.0, 2.0]]), QuantSpec(bits=4))
+            >>> qw.add_dense(jnp.array([[0.0, 0.0], [1.0, 0.0]])).materialize().tolist()
+            [[7.0, -14.0], [-2.0, 2.0]]
+        """
         return quantize_weight(self.materialize() + delta, self.spec, axis=self.axis,
                                act_bits=self.act_bits, compute=self.compute,
                                scale_dtype=jnp.dtype(self.scale.dtype).name)
@@ -155,7 +311,41 @@ def quantize_weight(
 
     `method` (range calibration) defaults to absmax when symmetric, min-max otherwise.
     `scale_dtype` defaults to float16 for group scales (as GPTQ/llama.cpp store them) and
-    float32 otherwise; codes are computed against the stored (rounded) scale.
+    float32 otherwise; codes are computed against the stored (rounded) scale. RTN is the
+    baseline of GPTQ (Frantar et al., 2023) and AWQ (Lin et al., 2024); the math is in
+    docs/algorithms.md, "RTN".
+
+    Args:
+        w: the weight: a kernel (K, ...) (trailing dims flattened to N) or a table (V, D).
+        spec: the grid (bits, symmetry, granularity, group size, zero kind).
+        axis: 0 for a kernel (contracted along K), 1 for a table (quantized along D).
+        method: range calibration, one of `quant_math.RANGE_METHODS`, or None (default).
+        act_bits: 8 for W8A8 (dynamic per-token int8 activations), None for weight-only.
+        scale_dtype: "float32", "float16" or "bfloat16", or None (default).
+        percentile: see `group_range`.
+        mse_grid: see `group_range`.
+        mse_max_shrink: see `group_range`.
+        mse_norm: see `group_range`.
+        compute: "auto" (bfloat16 matmuls for ≥ `BF16_MIN_ROWS` rows) or "float32".
+        clip_ratio: a fixed shrink of the calibrated range in (0, 1] (what a
+            `FakeQuantWeight` trained with).
+        name: what is quantized, for error messages.
+
+    Returns:
+        The QuantizedWeight.
+
+    Raises:
+        ValueError: naming the bad argument (shape, axis, act_bits, compute, scale dtype,
+            clip ratio, a group size that does not divide K, or a grid W8A8 cannot run).
+
+    Example:
+        >>> qw = quantize_weight(jnp.array([[7.0, -14.0], [-3.0, 2.0]]), QuantSpec(bits=4))
+        >>> qw.codes().tolist(), qw.scale.tolist()
+        ([[7, -7], [-3, 1]], [[1.0, 2.0]])
+        >>> w4 = quantize_weight(jnp.ones((256, 8)), QuantSpec(bits=4, granularity="group",
+        ...                                                   group_size=128))
+        >>> w4.scale.shape, w4.scale.dtype
+        ((2, 8), dtype('float16'))
     """
     w = jnp.asarray(w)
     if w.ndim < 2 or (axis == 1 and w.ndim != 2):
@@ -199,7 +389,28 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
                         zero: jax.Array | None, *, axis: int = 0) -> QuantizedWeight:
     """Round-to-nearest onto a given grid: `scale` (and `zero` when asymmetric: uint8, or
     the float offset when spec.zero is "float") in the grouped view's (G, 1, N) layout,
-    e.g. step sizes learned by QAT (LSQ)."""
+    e.g. step sizes learned by QAT (LSQ, Esser et al., "Learned Step Size Quantization",
+    ICLR 2020). The scale is stored as float32.
+
+    Args:
+        w: the weight: a kernel (K, ...) or, with axis=1, a table (V, D).
+        spec: the grid the scale belongs to.
+        scale: the step per group, (G, 1, N) in the canonical grouped view.
+        zero: the zero per group (same shape) when asymmetric, None when symmetric.
+        axis: 0 for a kernel, 1 for a table.
+
+    Returns:
+        The QuantizedWeight (weight-only, compute="auto").
+
+    Raises:
+        ValueError: when `scale` has the wrong shape, or `zero` does not match the symmetry.
+
+    Example:
+        >>> w = jnp.array([[1.0, 4.0], [-2.0, 3.0]])
+        >>> qw = quantize_with_scale(w, QuantSpec(bits=4), jnp.full((1, 1, 2), 0.5), None)
+        >>> qw.codes().tolist()  # 4 / 0.5 = 8 clamps to qmax = 7
+        [[2, 7], [-4, 6]]
+    """
     w = jnp.asarray(w)
     shape = tuple(int(d) for d in w.shape)
     w2 = w.reshape(shape[0], -1) if axis == 0 else w
@@ -223,13 +434,26 @@ def assemble_codes(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec
     codes, packing and scale layout are the same whichever chose the grid.
 
     Args:
-      wg: the weights to round, canonical grouped view (G, g, N) (see `grouped`).
-      scale, zero: the grid in the (G, 1, N) layout (`scale_and_zero`'s output).
-      spec: the grid's settings; axis, shape, dtype: the weight's (axis 1: a table).
-      act_bits, compute: execution settings stored on the leaf.
+        wg: the weights to round, canonical grouped view (G, g, N) (see `grouped`).
+        scale: the step per group, (G, 1, N) (`scale_and_zero`'s layout).
+        zero: the zero per group (same shape), None when symmetric.
+        spec: the grid's settings.
+        axis: 0 for a kernel, 1 for a table (codes and scales are then transposed).
+        shape: the weight's logical shape.
+        dtype: the weight's dtype name, restored by `materialize`.
+        act_bits: 8 for W8A8, None for weight-only (stored on the leaf).
+        compute: "auto" or "float32" (stored on the leaf).
 
     Returns:
-      The QuantizedWeight.
+        The QuantizedWeight.
+
+    Example:
+        >>> spec = QuantSpec(bits=4)
+        >>> wg = grouped(jnp.array([[3.0], [-1.0]]), spec)
+        >>> qw = assemble_codes(wg, jnp.ones((1, 1, 1)), None, spec, axis=0, shape=(2, 1),
+        ...                     dtype="float32", act_bits=None, compute="auto")
+        >>> qw.codes().tolist()
+        [[3], [-1]]
     """
     length = shape[0] if axis == 0 else shape[1]
     codes = ungrouped(quantize_codes(wg, scale, zero, spec), length)
@@ -251,7 +475,23 @@ def assemble_codes(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec
 
 
 def quantize_activations_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Dynamic symmetric int8 per token: x (..., K) → (int8 codes, float32 scales (..., 1))."""
+    """Dynamic symmetric int8 per token: x (..., K) → (int8 codes, float32 scales (..., 1)).
+
+    Each token's scale is max|x| / 127 (LLM.int8()'s per-token activation scales, as
+    SmoothQuant's W8A8 uses them); codes stay in [-127, 127], so negating one never
+    overflows int8.
+
+    Args:
+        x: the activations (..., K), any float dtype.
+
+    Returns:
+        (codes, scale): int8 codes (..., K) and float32 scales (..., 1), never 0.
+
+    Example:
+        >>> codes, scale = quantize_activations_per_token(jnp.array([[254.0, -126.0, 4.0]]))
+        >>> codes.tolist(), scale.tolist()
+        ([[127, -63, 2]], [[2.0]])
+    """
     x = x.astype(jnp.float32)
     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
     scale = jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
