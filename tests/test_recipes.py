@@ -38,8 +38,11 @@ from jaxopt_llm.weights import (
     param_bytes,
 )
 
-BUILTIN_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "magnitude-50", "nm-2:4",
-                 "heads-25", "mlp-25", "svd-20")
+BUILTIN_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g32-float", "magnitude-50",
+                 "nm-2:4", "heads-25", "mlp-25", "svd-20")  # recipes that need no calibration
+CALIBRATED_NAMES = ("w4g128-gptq", "w3g128-gptq", "w4-gptq")  # tests/transforms/test_gptq_op
+ALL_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g128-gptq", "w3g128-gptq",
+             "w4-gptq", "w4g32-float", "magnitude-50", "nm-2:4", "heads-25", "mlp-25", "svd-20")
 STRUCTURED = ("heads-25", "mlp-25")
 TRACEABLE = ("w8", "w8a8", "w4", "w4g128", "w3g128", "magnitude-50", "nm-2:4")  # run under jit
 VOCAB, LENGTH = 64, 8
@@ -63,6 +66,7 @@ UP_BYTES = {
     "w4": 128 * 256 // 2 + 256 * 4 + 256,  # 4-bit codes + float32 scale + uint8 zero point
     "w4g128": 128 * 256 // 2 + 256 * 2 + 256,  # one group of 128: float16 scales
     "w3g128": 128 * 256 * 3 // 8 + 256 * 2 + 256,
+    "w4g32-float": 128 * 256 // 2 + 4 * 256 * 2 * 2,  # 4 groups: float16 scale + float16 offset
     "magnitude-50": 128 * 256 * 4 + 128 * 256 // 8,  # dense float + 1-bit mask
     "nm-2:4": 64 * 256 * 4 + 64 * 256 * 2 // 8,  # half the values + 2-bit positions
     "svd-20": 68 * (128 + 256) * 4,  # rank floor(0.8 * 128 * 256 / 384) = 68
@@ -138,7 +142,9 @@ def models(configs, random_params):
 
 
 def test_builtin_names():
-    assert tuple(BUILTIN_RECIPES) == BUILTIN_NAMES
+    assert tuple(BUILTIN_RECIPES) == ALL_NAMES
+    assert [n for n in ALL_NAMES if BUILTIN_RECIPES[n].needs_calibration] == list(
+        CALIBRATED_NAMES)
     for name, recipe in BUILTIN_RECIPES.items():
         assert recipe.name == name
         assert load_recipe(name) is recipe
@@ -152,6 +158,8 @@ EXPECTED_LEAF = {
     "w4": (QuantizedWeight, {"bits": 4, "symmetric": False, "granularity": "channel"}),
     "w4g128": (QuantizedWeight, {"bits": 4, "symmetric": False, "group_size": 128}),
     "w3g128": (QuantizedWeight, {"bits": 3, "symmetric": False, "group_size": 128}),
+    "w4g32-float": (QuantizedWeight, {"bits": 4, "symmetric": False, "group_size": 32,
+                                      "zero": "float"}),
     "magnitude-50": (MaskedWeight, {}),
     "nm-2:4": (NMSparseWeight, {"kept": 2, "m": 4}),
     "svd-20": (LowRankWeight, {}),
@@ -411,7 +419,7 @@ def test_recipe_file_option_errors_name_the_file(tmp_path, rule_text):
 
 
 def test_load_recipe_unknown_name_lists_the_builtins():
-    message = re.escape("unknown recipe 'w5'; built-in recipes: " + ", ".join(BUILTIN_NAMES)
+    message = re.escape("unknown recipe 'w5'; built-in recipes: " + ", ".join(ALL_NAMES)
                         + " (or give a path to a .yaml/.json recipe file)")
     with pytest.raises(ValueError, match=f"^{message}$"):
         load_recipe("w5")

@@ -137,7 +137,8 @@ def test_recipes_and_plan_commands(capsys, cached_model):
     code, out, _ = _run(capsys, "recipes", "--json")
     assert code == 0
     names = list(json.loads(out)["recipes"])
-    assert names == ["fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "magnitude-50", "nm-2:4",
+    assert names == ["fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g128-gptq",
+                     "w3g128-gptq", "w4-gptq", "w4g32-float", "magnitude-50", "nm-2:4",
                      "heads-25", "mlp-25", "svd-20"]
     code, out, _ = _run(capsys, "plan", "--model", "smollm2-135m", "--recipe", "w4g128",
                         "--json")
