@@ -36,10 +36,11 @@ def log(message: str) -> None:
 def _linear_bytes(params: Any) -> int:
     import re
 
-    from jaxopt_llm.rules import BLOCK_LINEARS, flat_params
+    from jaxopt_llm.rules import BLOCK_LINEARS
+    from jaxopt_llm.tree import flatten
     from jaxopt_llm.weights import param_bytes
 
-    return sum(param_bytes(leaf) for path, leaf in flat_params(params).items()
+    return sum(param_bytes(leaf) for path, leaf in flatten(params).items()
                if re.fullmatch(BLOCK_LINEARS, path))
 
 

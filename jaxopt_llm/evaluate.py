@@ -130,9 +130,7 @@ def perplexity(
     Example:
         >>> import jax, numpy as np
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> ids = np.arange(256) % 64
         >>> result = perplexity(config, init_params(config, jax.random.key(0)), ids,
         ...                     num_tokens=256, window=64)

@@ -115,9 +115,7 @@ def activation_dtype(config: ModelConfig, params: Any) -> Any:
     Example:
         >>> import jax.numpy as jnp
         >>> from jaxopt_llm.models import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> table = jnp.ones((64, 32), jnp.bfloat16)
         >>> activation_dtype(config, {"embed_tokens": {"embedding": table}})
         dtype(bfloat16)
@@ -295,9 +293,7 @@ def generate(
     Example:
         >>> import jax
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> out = generate(config, init_params(config, jax.random.key(0)), [[1, 2, 3], [4]],
         ...                max_new_tokens=5, eos_token_ids=())
         >>> [len(ids) for ids in out.new_ids]

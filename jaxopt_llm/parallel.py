@@ -31,9 +31,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxopt_llm import tree
 from jaxopt_llm.errors import ParameterError
 from jaxopt_llm.models import ModelConfig, family_spec
-from jaxopt_llm.rules import Rule, assign, flat_params, nested_params
+from jaxopt_llm.rules import Rule, assign
 from jaxopt_llm.weights import is_weight_leaf
 from jaxopt_llm.weights.base import axis_spec, specs_of
 
@@ -52,9 +53,7 @@ def default_rules(config: ModelConfig) -> tuple[tuple[str, str], ...]:
 
     Example:
         >>> from jaxopt_llm.models import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> default_rules(config)[0]
         ('(.*/)?attn/(q_proj|k_proj|v_proj)/kernel', 'column')
     """
@@ -216,9 +215,7 @@ def layouts(config: ModelConfig, paths: Sequence[str],
 
     Example:
         >>> from jaxopt_llm.models import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> layouts(config, ["layers_0/attn/o_proj/kernel", "norm/scale"])
         {'layers_0/attn/o_proj/kernel': 'row', 'norm/scale': 'replicated'}
     """
@@ -324,16 +321,14 @@ def param_specs(config: ModelConfig, params: Any, mesh: Mesh,
     Example:
         >>> import jax
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> specs = param_specs(config, init_params(config, jax.random.key(0)), make_mesh("data=1"))
         >>> specs["layers_0"]["mlp"]["down_proj"]["kernel"]
         P('model',)
     """
-    flat = flat_params(params)
+    flat = tree.flatten(params)
     layout = layouts(config, list(flat), rules)
-    return nested_params({path: leaf_specs(leaf, layout[path], mesh)
+    return tree.unflatten({path: leaf_specs(leaf, layout[path], mesh)
                           for path, leaf in flat.items()})
 
 
@@ -377,9 +372,7 @@ def shard_params(config: ModelConfig, params: Any, mesh: Mesh,
     Example:
         >>> import jax
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> placed = shard_params(config, init_params(config, jax.random.key(0)),
         ...                       make_mesh("data=1"), rules=[("norm/scale", "replicated")])
         >>> placed["norm"]["scale"].sharding.spec

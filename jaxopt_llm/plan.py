@@ -14,8 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt_llm import tree
 from jaxopt_llm.pipeline import Recipe
-from jaxopt_llm.rules import KEEP, flat_params, nested_params
+from jaxopt_llm.rules import KEEP
 from jaxopt_llm.weights import is_weight_leaf, materialize, param_bytes
 
 
@@ -104,9 +105,9 @@ def dense_param_bytes(params: Any) -> int:
 
 def _shapes(params: Any) -> Any:
     """Shape-only copy in the tree's own key order (tree_map would sort dict keys)."""
-    return nested_params({
+    return tree.unflatten({
         path: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), leaf)
-        for path, leaf in flat_params(params).items()})
+        for path, leaf in tree.flatten(params).items()})
 
 
 def _shape_of(leaf: Any) -> tuple[int, ...]:
@@ -141,11 +142,11 @@ def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
     recipe.check()
     current = _shapes(params)
     before_total = param_bytes(current)
-    origin = {path: param_bytes(leaf) for path, leaf in flat_params(current).items()}
-    shape0 = {path: _shape_of(leaf) for path, leaf in flat_params(current).items()}
+    origin = {path: param_bytes(leaf) for path, leaf in tree.flatten(current).items()}
+    shape0 = {path: _shape_of(leaf) for path, leaf in tree.flatten(current).items()}
     touched: dict[str, list[tuple[str, str]]] = {}
     for stage in recipe.stages:
-        flat = flat_params(current)
+        flat = tree.flatten(current)
         for candidate, op, paths, opts in stage.selections(flat):
             if op.traceable:
                 box: dict[str, Any] = {}
@@ -161,9 +162,9 @@ def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
                 config, flat = op.plan(dict(flat), paths, config, opts)
             for path in paths:
                 touched.setdefault(path, []).append((stage.name, candidate.describe()))
-        current = nested_params(flat)
+        current = tree.unflatten(flat)
     rows = []
-    for path, leaf in flat_params(current).items():
+    for path, leaf in tree.flatten(current).items():
         steps = touched.get(path, [("-", KEEP)])
         stage = " → ".join(step[0] for step in steps)
         op = " → ".join(step[1] for step in steps)

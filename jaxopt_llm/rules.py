@@ -89,11 +89,6 @@ def rule(match: str, op: str, **options: Any) -> Rule:
     return Rule(match=match, op=op, options=tuple(options.items()))
 
 
-# Older names of the tree helpers (the one implementation lives in jaxopt_llm.tree).
-flat_params = tree.flatten
-nested_params = tree.unflatten
-
-
 def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") -> list[list[str]]:
     """For each rule, the paths it takes (first match wins); error on a rule that takes none.
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt_llm.rules import flat_params
 from jaxopt_llm.train import TrainOptions, convert, convert_leaf
+from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import FakeQuantWeight, QuantizedWeight
 from tests.test_train import CONFIG, _batches, _params, _recipe, _train
 
@@ -89,11 +89,11 @@ def test_training_moves_the_step_sizes_and_conversion_is_exact(count_compiles):
     moved = trained["layers_0"]["mlp"]["up_proj"]["kernel"].scale
     assert not np.allclose(np.asarray(moved), np.asarray(leaf.scale))
     real = convert(trained)
-    for path, value in flat_params(real).items():
+    for path, value in flatten(real).items():
         if path.endswith("kernel") and not path.startswith("lm_head"):
             assert isinstance(value, QuantizedWeight), path
             np.testing.assert_allclose(np.asarray(value.materialize()),
-                                       np.asarray(flat_params(trained)[path].materialize()),
+                                       np.asarray(flatten(trained)[path].materialize()),
                                        rtol=1e-6, atol=1e-6)
 
 

@@ -20,7 +20,7 @@ from jaxopt_llm.parallel import (
     shard_params,
 )
 from jaxopt_llm.recipes import load_recipe
-from jaxopt_llm.rules import flat_params
+from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import LowRankWeight, NMSparseWeight, QuantizedWeight
 
 CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=256, hidden_size=64,
@@ -114,11 +114,11 @@ def test_layouts_per_weight_form():
                  "embed_tokens/embedding": P("model"),
                  "layers_0/input_norm/scale": P()},
     }
-    specs = flat_params(param_specs(CONFIG, _params(), mesh))
+    specs = flatten(param_specs(CONFIG, _params(), mesh))
     for path, spec in expect["fp32"].items():
         assert specs[path] == spec, path
     config, params = _model("w4g128")
-    specs = flat_params(param_specs(config, params, mesh))
+    specs = flatten(param_specs(config, params, mesh))
     up, down = specs["layers_0/mlp/up_proj/kernel"], specs["layers_0/mlp/down_proj/kernel"]
     assert isinstance(up, QuantizedWeight)
     assert up.qvalue == P(None, "model") and up.scale == P(None, "model")
@@ -126,14 +126,14 @@ def test_layouts_per_weight_form():
     # codes by whole bytes, group scales replicated (2 groups do not split 4 ways)
     assert down.qvalue == P("model") and down.scale == P() and down.zero_point == P()
     config, params = _model("svd-20")
-    specs = flat_params(param_specs(config, params, mesh))
+    specs = flatten(param_specs(config, params, mesh))
     low = specs["layers_0/mlp/up_proj/kernel"]
     assert isinstance(low, LowRankWeight)
     assert low.u == P() and low.v == P(None, "model")  # column: u replicated, v local
     low = specs["layers_0/mlp/down_proj/kernel"]
     assert low.u == P("model") and low.v == P()  # row: one all-reduce of the rank-r act
     config, params = _model("nm-2:4")
-    nm = flat_params(param_specs(config, params, mesh))["layers_0/mlp/down_proj/kernel"]
+    nm = flatten(param_specs(config, params, mesh))["layers_0/mlp/down_proj/kernel"]
     assert isinstance(nm, NMSparseWeight) and nm.values == P("model")
 
 
@@ -153,7 +153,7 @@ def test_gpt2_rules_shard_the_fused_projection():
                          head_dim=8, max_position_embeddings=64, norm_eps=1e-5)
     params = _params(config)
     mesh = make_mesh("data=2,model=4")
-    specs = flat_params(param_specs(config, params, mesh))
+    specs = flatten(param_specs(config, params, mesh))
     assert specs["h_0/attn/c_attn/kernel"] == P(None, "model")
     assert specs["h_0/attn/c_attn/bias"] == P("model")
     assert specs["h_0/mlp/c_proj/kernel"] == P("model")
@@ -166,7 +166,7 @@ def test_user_rules_override_the_defaults():
     mesh = make_mesh("data=1,model=4")
     rules = [parse_shard_rule("embed_tokens/embedding=replicated"),
              parse_shard_rule(r".*/mlp/up_proj/kernel=row")]
-    specs = flat_params(param_specs(CONFIG, _params(), mesh, rules))
+    specs = flatten(param_specs(CONFIG, _params(), mesh, rules))
     assert specs["embed_tokens/embedding"] == P()
     assert specs["layers_1/mlp/up_proj/kernel"] == P("model")
 
@@ -255,7 +255,7 @@ def test_sharded_training_equals_one_device_and_compiles_once(recipe, mesh_spec,
     for a, b in zip(jax.tree_util.tree_leaves(sharded.params),
                     jax.tree_util.tree_leaves(single.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=5e-4)
-    q = flat_params(sharded.params)["layers_0/attn/q_proj/kernel"]
+    q = flatten(sharded.params)["layers_0/attn/q_proj/kernel"]
     assert q.w.sharding.spec == P(None, "model")
     # an interrupted sharded run resumes on the mesh and ends where the straight one did
     ckpt = tmp_path / "ckpt"

@@ -29,8 +29,9 @@ import jaxopt_llm.transforms.prune as prune_module
 import jaxopt_llm.transforms.quantize as quantize_module
 from jaxopt_llm.pipeline import Stage, available_ops, chain, named_chain
 from jaxopt_llm.plan import plan
-from jaxopt_llm.rules import BLOCK_LINEARS, Rule, assign, flat_params, rule
+from jaxopt_llm.rules import BLOCK_LINEARS, Rule, assign, rule
 from jaxopt_llm.transforms import base as transforms_base
+from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import (
     LowRankWeight,
     NMSparseWeight,
@@ -44,14 +45,14 @@ ALL_OPS = ["fake_quant", "keep", "nm", "prune", "prune_heads", "prune_neurons", 
 
 def _snapshot(tree):
     """Structure, leaf identities and copied values, to prove a tree was not touched."""
-    flat = flat_params(tree)
+    flat = flatten(tree)
     return jax.tree.structure(tree), {p: (id(v), np.array(v)) for p, v in flat.items()}
 
 
 def _assert_untouched(tree, snapshot):
     structure, leaves = snapshot
     assert jax.tree.structure(tree) == structure
-    flat = flat_params(tree)
+    flat = flatten(tree)
     assert list(flat) == list(leaves)
     for path, leaf in flat.items():
         assert id(leaf) == leaves[path][0], path
@@ -87,13 +88,13 @@ def test_block_linears_selects_every_kernel_but_an_untied_head():
 def test_first_match_wins_keep_rule_excludes():
     params = mini_tree()
     stage = make_stage(rule(r"layers_0/mlp/.*", "keep"), rule(BLOCK_LINEARS, "quantize", bits=8))
-    assert assign(stage.rules, list(flat_params(params))) == [
+    assert assign(stage.rules, list(flatten(params))) == [
         ["layers_0/mlp/up_proj/kernel", "layers_0/mlp/up_proj/bias",
          "layers_0/mlp/down_proj/kernel"],
         ["layers_0/attn/q_proj/kernel", "layers_0/attn/o_proj/kernel"],
     ]
     _, out = stage(None, params)
-    before, after = flat_params(params), flat_params(out)
+    before, after = flatten(params), flatten(out)
     assert list(after) == list(before)
     for path in before:
         if path.startswith("layers_0/attn/"):
@@ -353,11 +354,11 @@ def test_svd_then_quantize_gives_quantized_factors():
     _, factored = recipe.stages[0](None, params)
     _, out = recipe(None, params)
     for path in ("layers_0/mlp/up_proj/kernel",):
-        leaf = flat_params(out)[path]
+        leaf = flatten(out)[path]
         assert isinstance(leaf, LowRankWeight)
         assert isinstance(leaf.u, QuantizedWeight) and isinstance(leaf.v, QuantizedWeight)
         assert leaf.rank == 3 and leaf.shape == SHAPES[path]
-        lowrank = flat_params(factored)[path]
+        lowrank = flatten(factored)[path]
         u, v = np.asarray(lowrank.u), np.asarray(lowrank.v)
         du, dv = _dense(leaf.u), _dense(leaf.v)
         np.testing.assert_allclose(du, rtn_reference(u, 8, True, 0), rtol=0, atol=1e-6)

@@ -16,7 +16,7 @@ from jaxopt_llm.evaluate import perplexity
 from jaxopt_llm.generation import generate
 from jaxopt_llm.parallel import make_mesh
 from jaxopt_llm.placement import Placement, ensure_cpu_devices
-from jaxopt_llm.rules import flat_params
+from jaxopt_llm.tree import flatten
 from tests.test_parallel import CONFIG, TOKENS, _params
 
 
@@ -65,7 +65,7 @@ def test_mesh_placement_lays_out_params_batches_and_cache(params):
     placement = Placement.on_mesh(make_mesh("data=4,model=2"),
                                   rules=[("embed_tokens/embedding", "replicated")])
     assert placement.is_mesh and placement.data_size == 4 and placement.round_batch(5) == 8
-    placed = flat_params(placement.place_params(CONFIG, params))
+    placed = flatten(placement.place_params(CONFIG, params))
     assert placed["embed_tokens/embedding"].sharding.spec == P()  # the user rule won
     assert placed["layers_0/attn/q_proj/kernel"].sharding.spec == P(None, "model")
     batch = placement.place_batch(TOKENS)

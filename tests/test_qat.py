@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt_llm.rules import BLOCK_LINEARS, flat_params
+from jaxopt_llm.rules import BLOCK_LINEARS
 from jaxopt_llm.train import (
     TrainOptions,
     convert,
@@ -15,6 +15,7 @@ from jaxopt_llm.train import (
     split,
     trainable_mask,
 )
+from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import (
     LoRAWeight,
     MaskedWeight,
@@ -46,7 +47,7 @@ def test_converted_model_computes_what_the_fake_quant_model_computed(options):
                                        _batches(5))
     trained = trainer.params(state, frozen)
     real = convert(trained)
-    kernels = [leaf for path, leaf in flat_params(real).items() if path.endswith("kernel")]
+    kernels = [leaf for path, leaf in flatten(real).items() if path.endswith("kernel")]
     assert kernels and all(isinstance(k, QuantizedWeight) for k in kernels)
     tokens = jnp.asarray(_batches(1, batch=2, length=16)[0], jnp.int32)  # < 128 rows: f32 path
     np.testing.assert_allclose(_logits(CONFIG, real, tokens), _logits(CONFIG, trained, tokens),
@@ -67,7 +68,7 @@ def test_polynomial_schedule_hand_computed():
 
 def test_gradual_pruning_keeps_pruned_weights_exactly_zero(count_compiles):
     _, params = _recipe("prune", sparsity=0.0)(CONFIG, _params())  # masks, nothing pruned yet
-    paths = [p for p in flat_params(params) if isinstance(flat_params(params)[p], MaskedWeight)]
+    paths = [p for p in flatten(params) if isinstance(flatten(params)[p], MaskedWeight)]
     options = TrainOptions(steps=40, learning_rate=1e-2)
     trainer, frozen = make_trainer(CONFIG, params, options)
     state = trainer.init(params)
@@ -80,7 +81,7 @@ def test_gradual_pruning_keeps_pruned_weights_exactly_zero(count_compiles):
                 trainable, frozen = split(current, mask)
                 state = state._replace(trainable=trainable)
             state, _ = trainer.step(state, frozen, jnp.asarray(tokens, jnp.int32))
-    final = flat_params(trainer.params(state, frozen))
+    final = flatten(trainer.params(state, frozen))
     for path in paths:
         w, keep = np.asarray(final[path].w), np.asarray(final[path].dense_mask())
         assert (~keep).sum() == round(polynomial_sparsity(30, 0.5, 0, 30) * keep.size)

@@ -27,7 +27,8 @@ from jaxopt_llm.models.layers import attention_mask
 from jaxopt_llm.pipeline import Recipe, Stage, read_recipe_file, save_recipe
 from jaxopt_llm.plan import plan
 from jaxopt_llm.recipes import BUILTIN_RECIPES, load_recipe
-from jaxopt_llm.rules import BLOCK_LINEARS, flat_params, rule
+from jaxopt_llm.rules import BLOCK_LINEARS, rule
+from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import (
     LowRankWeight,
     MaskedWeight,
@@ -188,13 +189,13 @@ def test_builtin_runs_under_jit_and_matches_materialized(models, family, name):
         else:
             assert config.intermediate_size == 192
             assert (config.num_heads, config.num_kv_heads) == (4, model.config.num_kv_heads)
-        shapes = {p: tuple(v.shape) for p, v in flat_params(out).items()}
+        shapes = {p: tuple(v.shape) for p, v in flatten(out).items()}
         assert shapes == expected_shapes(config)
         assert not np.allclose(logits, base)
         return
     assert config == model.config
     leaf_type, fields = EXPECTED_LEAF[name]
-    for path, leaf in flat_params(out).items():
+    for path, leaf in flatten(out).items():
         if _is_block_kernel(path):
             assert isinstance(leaf, leaf_type), path
             assert {k: getattr(leaf, k) for k in fields} == fields, path
@@ -213,7 +214,7 @@ def test_builtin_runs_under_jit_and_matches_materialized(models, family, name):
 def test_builtin_leaves_norms_biases_embeddings_and_head_alone(models, family, name):
     model = models[family]
     _, out, _, _ = model.run(name)
-    before, after = flat_params(model.params), flat_params(out)
+    before, after = flatten(model.params), flatten(out)
     block = re.compile(r"(layers|h)_\d+/(attn|mlp)/.*")
     untouched = [p for p in before if not _is_block_kernel(p)
                  and not (name in STRUCTURED and block.fullmatch(p))]
@@ -237,10 +238,10 @@ def test_plan_predicts_the_real_run(models, family, name):
     config, out, _, _ = model.run(name)
     recipe = BUILTIN_RECIPES[name]
     result = plan(recipe, model.config, model.params)
-    real = flat_params(out)
+    real = flatten(out)
     assert result.config_after == config
     assert result.bytes_before == param_bytes(model.params) == 4 * sum(
-        int(np.prod(v.shape)) for v in flat_params(model.params).values())
+        int(np.prod(v.shape)) for v in flatten(model.params).values())
     assert result.bytes_after == param_bytes(out)
     assert param_bytes(real[UP_KERNEL[family]]) == UP_BYTES[name]
     rows = {r.path: r for r in result.rows}
@@ -248,7 +249,7 @@ def test_plan_predicts_the_real_run(models, family, name):
     selected = {p for p in rows for s in recipe.stages for r in s.rules if r.matches(p)}
     for path, row in rows.items():
         assert row.bytes_after == param_bytes(real[path]), path
-        assert row.shape == tuple(flat_params(model.params)[path].shape)
+        assert row.shape == tuple(flatten(model.params)[path].shape)
         if path in selected:
             op = recipe.stages[0].rules[0].op
             assert (row.stage, row.op.split("(")[0]) == (recipe.stages[0].name, op), path
@@ -455,7 +456,7 @@ def _ids():
 def test_builtins_on_a_user_linen_model():
     model = UserNet()
     params = _random_params(lambda: model.init(jax.random.key(0), _ids())["params"])
-    assert set(flat_params(params)) == {"Embed_0/embedding", "DenseGeneral_0/kernel",
+    assert set(flatten(params)) == {"Embed_0/embedding", "DenseGeneral_0/kernel",
                                         "DenseGeneral_0/bias", "Dense_0/kernel", "Dense_0/bias"}
     plain = jax.jit(lambda p: model.apply({"params": p}, _ids()))
 
@@ -473,7 +474,7 @@ def test_builtins_on_a_user_linen_model():
         else:
             out, ours, reference = jax.jit(
                 lambda p, recipe=recipe: (out := recipe(None, p)[1], *both(out)))(params)
-        flat, before = flat_params(out), flat_params(params)
+        flat, before = flatten(out), flatten(params)
         for path in ("DenseGeneral_0/kernel", "Dense_0/kernel"):
             assert isinstance(flat[path], BYO_LEAF[name]), (name, path)
         for path in ("Embed_0/embedding", "DenseGeneral_0/bias", "Dense_0/bias"):
@@ -561,7 +562,7 @@ def test_builtins_on_a_user_nnx_model():
     forward = nnx.jit(lambda m: m(_ids()))
     before = np.asarray(forward(model))
     params = nnx_params(model)
-    assert set(flat_params(params)) == {"embed/embedding", "up/kernel", "up/bias",
+    assert set(flatten(params)) == {"embed/embedding", "up/kernel", "up/bias",
                                         "down/kernel", "down/bias"}
     for name in BYO_RECIPES:
         out, dense = _transformed(name, params)

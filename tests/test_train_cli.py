@@ -133,8 +133,8 @@ def _sparsity(leaf):
 def test_gradual_pruning_resume_equals_uninterrupted(model_dir, tmp_path):
     """Masks recomputed during the run live in the checkpoint: a resumed gradual run ends
     exactly where the uninterrupted one does, at the recipe's sparsity, zeros exact."""
-    from jaxopt_llm.rules import flat_params
     from jaxopt_llm.train import gradual_recipe, prune_schedules
+    from jaxopt_llm.tree import flatten
 
     loaded = load_model(str(model_dir[0]))
     recipe, targets = gradual_recipe(qat_recipe(BUILTIN_RECIPES["magnitude-50"]), 8)
@@ -155,7 +155,7 @@ def test_gradual_pruning_resume_equals_uninterrupted(model_dir, tmp_path):
                     jax.tree_util.tree_leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for path in schedules[0].paths:
-        sparsity, pruned = _sparsity(flat_params(straight.params)[path])
+        sparsity, pruned = _sparsity(flatten(straight.params)[path])
         assert sparsity == pytest.approx(0.5, abs=1e-3) and np.all(pruned == 0.0)
 
 

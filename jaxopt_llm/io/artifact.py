@@ -220,9 +220,7 @@ def save_artifact(
     Example:
         >>> import jax, pathlib, tempfile
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> out = pathlib.Path(tempfile.mkdtemp()) / "tiny"
         >>> path = save_artifact(out, config=config, params=init_params(config, jax.random.key(0)),
         ...                      tokenizer=None, recipe=None)

@@ -145,9 +145,7 @@ def hf_to_ours(name: str, config: ModelConfig) -> tuple[str, bool] | None:
 
     Example:
         >>> from jaxopt_llm.models import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> hf_to_ours("model.layers.0.self_attn.q_proj.weight", config)
         ('layers_0/attn/q_proj/kernel', True)
     """

@@ -26,9 +26,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     Example:
         >>> from jaxopt_llm.models import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> expected_shapes(config)["layers_0/attn/k_proj/kernel"]
         (32, 16)
     """

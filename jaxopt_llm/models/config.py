@@ -31,9 +31,7 @@ class ModelConfig:
     from an HF config.json or GGUF metadata; structured pruning returns a new one.
 
     Example:
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> config.num_heads // config.num_kv_heads  # query heads per kv head
         2
     """
@@ -72,6 +70,28 @@ class ModelConfig:
                 f"config num_heads={self.num_heads} must be a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
+
+    @classmethod
+    def tiny(cls, family: str = "llama", **overrides: Any) -> ModelConfig:
+        """A tiny config of `family` (vocab 64, width 32, 2 layers, 4 heads of 8) for examples
+        and tests.
+
+        Args:
+          family: "llama" (2 kv heads) or "gpt2" (4 kv heads, tied embeddings).
+          **overrides: any other field.
+
+        Returns:
+          The config.
+
+        Example:
+          >>> ModelConfig.tiny(num_layers=1).num_layers
+          1
+        """
+        fields = {"family": family, "model_type": family, "vocab_size": 64, "hidden_size": 32,
+                  "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+                  "num_kv_heads": 2 if family == "llama" else 4, "head_dim": 8,
+                  "max_position_embeddings": 64, "tie_word_embeddings": family == "gpt2"}
+        return cls(**{**fields, **overrides})
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

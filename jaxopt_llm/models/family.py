@@ -55,7 +55,7 @@ class Projection:
 class FamilySpec:
     """A model family's parameter names and the knowledge derived from them.
 
-    Paths are "/"-joined like `rules.flat_params` keys. A block's parameters live
+    Paths are "/"-joined like `tree.flatten` keys. A block's parameters live
     under `block(i)` = f"{block_prefix}_{i}"; inside it, attention under
     `attention`, the MLP under `mlp`. Kernels are stored (d_in, d_out).
 
@@ -179,9 +179,7 @@ def family_spec(config: ModelConfig) -> FamilySpec:
 
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> family_spec(config).block(3), family_spec(config).mlp_out
         ('layers_3', 'down_proj')
     """

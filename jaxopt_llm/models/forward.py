@@ -28,9 +28,7 @@ def build_model(config: ModelConfig):
 
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> type(build_model(config)).__name__
         'LlamaModel'
     """
@@ -67,9 +65,7 @@ def forward(
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> params = init_params(config, jax.random.key(0))
         >>> logits, _ = forward(config, params, jnp.zeros((2, 5), jnp.int32))
         >>> logits.shape
@@ -102,9 +98,7 @@ def init_cache(config: ModelConfig, batch: int, length: int,
 
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> cache = init_cache(config, 1, 16)
         >>> len(cache), cache[0][0].shape
         (2, (1, 16, 2, 8))
@@ -127,9 +121,7 @@ def init_params(config: ModelConfig, key: jax.Array) -> Any:
     Example:
         >>> import jax
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> params = init_params(config, jax.random.key(0))
         >>> params["layers_0"]["attn"]["q_proj"]["kernel"].shape
         (32, 32)
@@ -150,9 +142,7 @@ def param_shapes(config: ModelConfig) -> Any:
 
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> param_shapes(config)["embed_tokens"]["embedding"].shape
         (64, 32)
     """

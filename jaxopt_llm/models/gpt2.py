@@ -112,9 +112,7 @@ def block_inputs(config: ModelConfig, params: Any, tokens: jax.Array,
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from jaxopt_llm.models import init_params
-        >>> config = ModelConfig(family="gpt2", model_type="gpt2", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=128, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=4, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny("gpt2")
         >>> tokens = jnp.zeros((1, 4), jnp.int32)
         >>> x, args = block_inputs(config, init_params(config, jax.random.key(0)), tokens, tokens)
         >>> x.shape, args

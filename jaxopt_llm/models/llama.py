@@ -137,9 +137,7 @@ def block_inputs(config: ModelConfig, params: Any, tokens: jax.Array,
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from jaxopt_llm.models import init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> tokens = jnp.zeros((1, 4), jnp.int32)
         >>> x, (cos, sin) = block_inputs(config, init_params(config, jax.random.key(0)),
         ...                              tokens, tokens)

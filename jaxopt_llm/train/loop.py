@@ -200,9 +200,7 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
     Example:
         >>> import jax, numpy as np
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> result = run_training(config, init_params(config, jax.random.key(0)),
         ...                       TrainOptions(steps=2), np.arange(200) % 64, batch=2, seq=16)
         >>> [record["step"] for record in result.history]

@@ -314,9 +314,7 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> params = init_params(config, jax.random.key(0))
         >>> trainer, frozen = make_trainer(config, params, TrainOptions(steps=2))
         >>> state, metrics = trainer.step(trainer.init(params), frozen,

@@ -104,9 +104,7 @@ def structured_config(
 
     Example:
         >>> from jaxopt_llm.models import ModelConfig
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> structured_config(config, "neurons", 0.25).intermediate_size
         48
     """
@@ -233,9 +231,7 @@ def prune_attention_heads(
     Example:
         >>> import jax
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> new, _ = prune_attention_heads(config, init_params(config, jax.random.key(0)),
         ...                                fraction=0.5)
         >>> new.num_heads
@@ -295,9 +291,7 @@ def prune_mlp_neurons(
     Example:
         >>> import jax
         >>> from jaxopt_llm.models import ModelConfig, init_params
-        >>> config = ModelConfig(family="llama", model_type="llama", vocab_size=64,
-        ...                      hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        ...                      num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+        >>> config = ModelConfig.tiny()
         >>> new, params = prune_mlp_neurons(config, init_params(config, jax.random.key(0)),
         ...                                 fraction=0.25)
         >>> new.intermediate_size, params["layers_0"]["mlp"]["down_proj"]["kernel"].shape

@@ -11,7 +11,7 @@ import pytest
 from jaxopt_llm.models import ModelConfig, build_model, family_spec, forward, init_params
 from jaxopt_llm.models.family import FAMILIES, blocks_regex
 from jaxopt_llm.recipes import ATTENTION, MLP
-from jaxopt_llm.rules import flat_params
+from jaxopt_llm.tree import flatten
 
 CONFIGS = {
     "llama": ModelConfig(family="llama", model_type="llama", vocab_size=40, hidden_size=16,
@@ -32,7 +32,7 @@ def test_every_family_has_a_test_config():
 def test_spec_paths_exist_with_the_shapes_the_spec_implies(family):
     config = CONFIGS[family]
     spec = family_spec(config)
-    flat = flat_params(init_params(config, jax.random.key(0)))
+    flat = flatten(init_params(config, jax.random.key(0)))
     hidden, heads, kv_heads, hd = (config.hidden_size, config.num_heads, config.num_kv_heads,
                                    config.head_dim)
     assert flat[spec.embedding].shape == (config.vocab_size, hidden)
@@ -61,7 +61,7 @@ def test_spec_paths_exist_with_the_shapes_the_spec_implies(family):
 def test_recipe_regexes_select_exactly_the_attention_and_mlp_blocks(family):
     config = CONFIGS[family]
     spec = family_spec(config)
-    paths = list(flat_params(init_params(config, jax.random.key(0))))
+    paths = list(flatten(init_params(config, jax.random.key(0))))
     for regex, scope in ((ATTENTION, spec.attention), (MLP, spec.mlp)):
         expected = {p for p in paths for i in range(config.num_layers)
                     if p.startswith(f"{spec.block(i)}/{scope}/")}

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 from pipeline_helpers import KERNELS, jit_run, make_recipe, make_stage, mini_tree
 
-from jaxopt_llm.rules import BLOCK_LINEARS, flat_params, rule
+from jaxopt_llm.rules import BLOCK_LINEARS, rule
+from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import MaskedWeight, NMSparseWeight
 
 # ----------------------------------------------------------------------- magnitude pruning
@@ -18,7 +19,7 @@ def _prune(*sparsities, scope, fmt="masked"):
     params = mini_tree()
     stages = [make_stage(rule(BLOCK_LINEARS, "prune", sparsity=s, scope=scope, format=fmt))
               for s in sparsities]
-    before = {p: np.asarray(v) for p, v in flat_params(params).items()}
+    before = {p: np.asarray(v) for p, v in flatten(params).items()}
     return [(before, out, dense) for out, dense in jit_run(*stages, params=params)]
 
 
@@ -47,7 +48,7 @@ def test_magnitude_per_layer_matches_argsort():
 
 def test_magnitude_per_row_and_dense_format():
     params = mini_tree()
-    before = {p: np.asarray(v) for p, v in flat_params(params).items()}
+    before = {p: np.asarray(v) for p, v in flatten(params).items()}
     sparsities = (0.25, 0.6)
     stages = [make_stage(rule(BLOCK_LINEARS, "prune", sparsity=s, scope="row")) for s in sparsities]
     results = jit_run(*stages, make_stage(rule(BLOCK_LINEARS, "prune", sparsity=0.6, scope="row",
@@ -114,7 +115,7 @@ def test_nm_pruning_matches_reference():
     stages = [make_stage(rule(attn, "nm", n=n, m=m)) for n, m in patterns]
     stages.append(make_stage(rule(attn, "nm", n=2, m=4, format="masked")))
     *results, (masked, masked_dense) = jit_run(*stages, params=params)
-    before = flat_params(params)
+    before = flatten(params)
     for (n, m), (compressed, dense) in zip(patterns, results, strict=True):
         for path in ("layers_0/attn/q_proj/kernel", "layers_0/attn/o_proj/kernel"):
             w = np.asarray(before[path])

@@ -11,7 +11,8 @@ from pipeline_helpers import KERNELS, jit_run, make_recipe, make_stage, mini_tre
 
 from jaxopt_llm.models import build_model
 from jaxopt_llm.models.layers import attention_mask
-from jaxopt_llm.rules import BLOCK_LINEARS, flat_params, rule
+from jaxopt_llm.rules import BLOCK_LINEARS, rule
+from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import QuantizedWeight, materialize, param_bytes
 
 
@@ -20,7 +21,7 @@ def test_partial_groups_opt_in_against_reference():
     params = mini_tree()
     ((after, dense),) = jit_run(make_stage(rule(BLOCK_LINEARS, "quantize", bits=4, symmetric=False,
                                                 group_size=5, partial_groups=True)), params=params)
-    before = flat_params(params)
+    before = flatten(params)
     for path in KERNELS:
         leaf, w = after[path], np.asarray(before[path])
         assert isinstance(leaf, QuantizedWeight)
@@ -39,7 +40,7 @@ def test_quantize_kernels_and_embeddings_against_reference():
     stages = [make_stage(rule(BLOCK_LINEARS, "quantize", bits=b, symmetric=sym),
                          rule(r"(.*/)?embedding", "quantize", bits=b, symmetric=sym))
               for b, sym in variants]
-    before = flat_params(params)
+    before = flatten(params)
     for (bits, symmetric), (after, dense) in zip(variants, jit_run(*stages, params=params),
                                                  strict=True):
         for path in [*KERNELS, "embed_tokens/embedding"]:
