@@ -20,31 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from jaxopt_llm.cli_parser import build_parser
+
 stderr = Console(stderr=True)
-
-
-def _number(name: str, cast: type = int, *, allow_zero: bool = False,
-            at_most: float | None = None):
-    """argparse type: a number of `cast` type, > 0 (>= 0 with allow_zero; <= at_most),
-    named in errors."""
-    kind = "an integer" if cast is int else "a number"
-    bound = f"in [0, {at_most:g}]" if at_most is not None else \
-        ">= 0" if allow_zero else "positive"
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
-        low_ok = value > 0 or (allow_zero and value == 0)  # NaN fails both
-        if not low_ok or (at_most is not None and not value <= at_most):
-            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {value}")
-        return value
-    return parse
-
-
-def _positive_int(name: str):
-    return _number(name, int, allow_zero=False)
 
 
 @contextlib.contextmanager
@@ -386,15 +364,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _recipe_list(text: str) -> tuple[str, ...]:
-    """argparse type for --recipes: comma-separated names (checked by run_demo)."""
-    names = tuple(name.strip() for name in text.split(","))
-    if not all(names):
-        raise argparse.ArgumentTypeError(
-            f"--recipes must be comma-separated recipe names, got {text!r}")
-    return names
-
-
 # run_demo's parameters and the demo flags that set them (its errors name the parameter)
 _DEMO_FLAGS = {"num_tokens": "--tokens", "max_new_tokens": "--max-new-tokens",
                "recipes": "--recipes", "prompt": "--prompt"}
@@ -451,133 +420,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand (each sets `func`, the function to run).
-
-    Returns:
-        The `argparse.ArgumentParser`.
-
-    Example:
-        >>> args = build_parser().parse_args(["eval", "--model", "m.gguf", "--tokens", "4096"])
-        >>> args.command, args.tokens, args.func.__name__
-        ('eval', 4096, 'cmd_eval')
-    """
-    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
-        p.add_argument("--model", required=default is None, default=default,
-                       help="registry name (smollm2-135m), .gguf file, HF checkpoint or "
-                            "artifact directory")
-
-    def add_parallel(p: argparse.ArgumentParser) -> None:
-        g = p.add_argument_group("parallel execution")
-        g.add_argument("--mesh", help="device mesh 'data=A,model=B': batch over A, tensor "
-                                      "parallel over B (on CPU, A·B fake devices are made)")
-        g.add_argument("--shard", action="append", default=[], metavar="REGEX=LAYOUT",
-                       help="override a sharding rule (layouts: column, row, vocab, "
-                            "replicated); repeatable, first match wins")
-        g.add_argument("--coordinator", help="multi-host: host:port of process 0 "
-                                             "(or JAXOPT_COORDINATOR)")
-        g.add_argument("--num-processes", type=_positive_int("--num-processes"),
-                       help="multi-host: number of processes (or JAXOPT_NUM_PROCESSES)")
-        g.add_argument("--process-id", type=_number("--process-id", int, allow_zero=True),
-                       help="multi-host: this process, 0..N-1 (or JAXOPT_PROCESS_ID)")
-
-    def add_recipe(p: argparse.ArgumentParser, required: bool = False) -> None:
-        p.add_argument("--recipe", required=required,
-                       help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
-                            "recipe file")
-        p.add_argument("--calib-text", metavar="FILE",
-                       help="calibration text for calibrated recipes (GPTQ, …); default: the "
-                            "embedded text after the 65,536 evaluation tokens")
-        p.add_argument("--calib-tokens", type=_positive_int("--calib-tokens"), default=None,
-                       help="at most this many calibration tokens (windows of 512, ≤ 128)")
-
-    from jaxopt_llm.demo import DEMO_NEW_TOKENS, DEMO_PROMPT, DEMO_RECIPES, DEMO_TOKENS
-
-    demo = sub.add_parser("demo", help="compare recipes on the embedded SmolLM2: perplexity, "
-                                       "size, speed and a greedy sample each")
-    add_model(demo, "smollm2-135m")
-    demo.add_argument("--recipes", type=_recipe_list, default=DEMO_RECIPES,
-                      help=f"comma-separated recipes to compare (default: "
-                           f"{','.join(DEMO_RECIPES)})")
-    demo.add_argument("--tokens", type=_positive_int("--tokens"), default=DEMO_TOKENS,
-                      help="pydoc tokens to score per recipe (whole windows of 512)")
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"),
-                      default=DEMO_NEW_TOKENS)
-    demo.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    demo.set_defaults(func=cmd_demo)
-
-    def command(name: str, func: Callable, help_text: str, recipe_required: bool = False):
-        """A subcommand of a model (--model, --recipe) that can print JSON (--json, last)."""
-        p = sub.add_parser(name, help=help_text)
-        add_model(p)
-        add_recipe(p, recipe_required)
-        p.set_defaults(func=func)
-        return p
-
-    ev = command("eval", cmd_eval, "perplexity (docs/evaluation.md protocol)")
-    ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
-    ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
-    ev.add_argument("--window", type=_positive_int("--window"), default=512)
-    ev.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1,
-                    help="windows per forward pass (rounded up to a multiple of data)")
-    add_parallel(ev)
-
-    gen = command("generate", cmd_generate, "generate text from a prompt")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
-    gen.add_argument("--temperature", type=_number("--temperature", float, allow_zero=True),
-                     default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=_number("--top-k", int, allow_zero=True), default=0,
-                     help="0 disables top-k")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
-    gen.add_argument("--seed", type=int, default=0)
-    add_parallel(gen)
-
-    opt = command("optimize", cmd_optimize, "apply a recipe and save an artifact directory",
-                  recipe_required=True)
-    opt.add_argument("--out", required=True, help="artifact directory to write (atomically)")
-    pl = command("plan", cmd_plan, "dry run: per parameter, the op and bytes before/after",
-                 recipe_required=True)
-
-    tr = command("train", cmd_train, "QAT / sparse / low-rank training of a recipe")
-    tr.add_argument("--out", required=True, help="artifact directory written at the end")
-    tr.add_argument("--steps", type=_positive_int("--steps"), default=100)
-    tr.add_argument("--batch", type=_positive_int("--batch"), default=4)
-    tr.add_argument("--seq", type=_positive_int("--seq"), default=256)
-    tr.add_argument("--lr", type=_number("--lr", float, allow_zero=False), default=1e-4)
-    tr.add_argument("--text", help="UTF-8 training text (default: pydoc minus the eval tokens)")
-    tr.add_argument("--distill", action="store_true",
-                    help="mix the LM loss with a KL to the float model's logits")
-    tr.add_argument("--distill-weight", default=0.5,
-                    type=_number("--distill-weight", float, allow_zero=True, at_most=1),
-                    help="weight of the KL in the loss with --distill (default 0.5)")
-    tr.add_argument("--compute", choices=("float32", "bfloat16"), default="float32",
-                    help="matmul dtype of the train step (master weights stay float32)")
-    tr.add_argument("--learn-scale", action="store_true",
-                    help="LSQ: learn the quantization step sizes along with the weights")
-    tr.add_argument("--gradual", action="store_true",
-                    help="reach the recipe's pruning sparsity gradually (cubic schedule over "
-                         "the first 3/4 of the steps) instead of pruning at step 0")
-    tr.add_argument("--lora", type=_positive_int("--lora"), default=None, metavar="RANK",
-                    help="QLoRA-style recovery: LoRA adapters of RANK on the recipe's real "
-                         "frozen weights; only the adapters train")
-    tr.add_argument("--merge-lora", action="store_true",
-                    help="with --lora, fold the adapters into the weights of the artifact "
-                         "(re-quantizing quantized ones) instead of keeping them separate")
-    add_parallel(tr)
-    tr.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=50)
-    tr.add_argument("--stop-after", type=_positive_int("--stop-after"), default=None,
-                    help=argparse.SUPPRESS)  # simulate an interruption (tests)
-
-    rec = sub.add_parser("recipes", help="list the built-in recipes")
-    rec.set_defaults(func=cmd_recipes)
-    for p in (ev, gen, opt, pl, tr, rec):
-        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    return parser
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "generate": cmd_generate,
+            "optimize": cmd_optimize, "plan": cmd_plan, "recipes": cmd_recipes,
+            "train": cmd_train}  # name → function, for cli_parser.build_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -593,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["recipes", "--json"])  # doctest: +SKIP
         0
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser(COMMANDS).parse_args(argv)
     try:
         out = args.func(args)
     except ValueError as err:
