@@ -1,14 +1,18 @@
-"""Calibrated post-training quantization on SmolLM2-135M: round-to-nearest vs GPTQ.
+"""Calibrated post-training quantization on SmolLM2-135M: RTN vs GPTQ vs AWQ, W8A8 vs
+SmoothQuant.
 
-For each grid (W4 g128, W3 g128, W4 per channel) the RTN recipe and its GPTQ recipe are
-applied to the float model and scored by the evaluation protocol (docs/evaluation.md:
-first `--tokens` pydoc tokens, windows of 512); `w4g32-float` (the embedded weights'
-own Q4_1 grid) and fp32 are the anchors. Calibration data: the pydoc text after the
-65,536 evaluation tokens (92 windows of 512), never the evaluation tokens. Wall times:
-applying each recipe (for GPTQ: layer-sequential calibration plus the algorithm).
+For each grid (W4 g128, W3 g128, W4 per channel) the round-to-nearest recipe and its
+`-gptq` and `-awq` recipes are applied to the float model and scored by the evaluation
+protocol (docs/evaluation.md: first `--tokens` pydoc tokens, windows of 512); naive `w8a8`
+is compared with `w8a8-smoothquant`; `w4g32-float` (the embedded weights' own Q4_1 grid)
+and fp32 are the anchors. Calibration data: the pydoc text after the 65,536 evaluation
+tokens (92 windows of 512), never the evaluation tokens. Wall times: one layer-sequential
+statistics pass alone ("calibration"), and applying each recipe (for calibrated recipes:
+their own calibration pass plus the algorithm).
 
 Run:  python benchmarks/bench_calibrated.py [--tokens 65536] [--calib-tokens N]
-          [--pairs w4g128,w3g128,w4] [--json benchmarks/results/calibrated.json]
+          [--pairs w4g128,w3g128,w4] [--recipes NAME,…]
+          [--json benchmarks/results/calibrated.json] [--plot benchmarks/results/calibrated.png]
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65_536)
     parser.add_argument("--calib-tokens", type=int, default=None)
     parser.add_argument("--pairs", default="w4g128,w3g128,w4",
-                        help="RTN recipes, each compared with its '-gptq' recipe")
+                        help="RTN recipes, each compared with its '-gptq' and '-awq' recipes")
+    parser.add_argument("--recipes", default=None,
+                        help="exactly these recipes instead (comma-separated)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
 
     import numpy as np
@@ -46,9 +53,18 @@ def main() -> None:
     calibration = default_calibration(loaded.tokenizer, num_tokens=args.calib_tokens,
                                       progress=lambda line: None)
     log(f"calibration: {calibration.source}")
-    names = ["fp32", "w4g32-float"]
-    for rtn in args.pairs.split(","):
-        names += [rtn, f"{rtn}-gptq"]
+    from jaxopt_llm.calibration import linear_statistics
+
+    if args.recipes:
+        names = args.recipes.split(",")
+    else:
+        names = ["fp32", "w4g32-float", "w8a8", "w8a8-smoothquant"]
+        for rtn in args.pairs.split(","):
+            names += [rtn, f"{rtn}-gptq", f"{rtn}-awq"]
+    start = time.perf_counter()
+    linear_statistics(loaded.config, loaded.params, calibration)
+    calibration_s = time.perf_counter() - start
+    log(f"calibration pass alone: {calibration_s:.1f} s")
     rows = []
     for name in names:
         recipe = load_recipe(name)
@@ -63,6 +79,7 @@ def main() -> None:
     fp32 = rows[0]["ppl"]
     print(f"SmolLM2-135M, {rows[0]['tokens_scored']} scored tokens, text sha256 "
           f"{text_sha256(text)[:12]}…, calibration {calibration.source}\n")
+    print(f"calibration (one layer-sequential statistics pass): {calibration_s:.1f} s\n")
     print("| recipe | ppl | ΔPPL | MiB | apply s (calibration + algorithm) |")
     print("|---|---|---|---|---|")
     for row in rows:
@@ -74,8 +91,34 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "command": "python " + " ".join(sys.argv), "machine": platform.processor()
             or platform.machine(), "text_sha256": text_sha256(text),
-            "calibration": calibration.source, "tokens": args.tokens, "rows": rows},
+            "calibration": calibration.source, "calibration_seconds": calibration_s,
+            "tokens": args.tokens, "rows": rows},
             indent=1) + "\n")
+    if args.plot:
+        _plot(rows, args.plot, rows[0]["tokens_scored"])
+
+
+def _plot(rows: list[dict], path: Path, scored: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    shown = [r for r in rows if r["recipe"] != "fp32"]
+    colors = ["tab:red" if r["recipe"].endswith("-gptq") else "tab:green"
+              if r["recipe"].endswith(("-awq", "-smoothquant")) else "tab:gray" for r in shown]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.barh([r["recipe"] for r in shown], [100 * r["delta_ppl"] for r in shown], color=colors)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ΔPPL vs fp32, % ({scored:,} scored tokens; gray RTN, red GPTQ, "
+                  "green AWQ/SmoothQuant)")
+    ax.set_title("SmolLM2-135M: calibrated vs round-to-nearest quantization")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

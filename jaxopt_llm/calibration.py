@@ -304,6 +304,27 @@ class BlockContext:
         """The block's outputs for every calibration batch under `block_params`."""
         return [self.runner.run(block_params, x, args, mask) for x, args, mask in self.inputs]
 
+    def sample(self, windows: int) -> tuple[jax.Array, tuple[Any, ...], jax.Array]:
+        """The block's inputs (x, args, mask) for the first `windows` calibration windows
+        (all of them if there are fewer), as one batch — what a search runs the block on.
+
+        Args:
+          windows: how many windows (a positive int).
+
+        Returns:
+          (x (W, T, D), args, mask), every array cut along its leading (window) axis.
+        """
+        parts = []
+        count = 0
+        for batch in self.inputs:
+            parts.append(batch)
+            count += batch[0].shape[0]
+            if count >= windows:
+                break
+        joined = jax.tree_util.tree_map(lambda *arrays: jnp.concatenate(arrays, axis=0)[:windows],
+                                        *parts)
+        return joined[0], tuple(joined[1]), joined[2]
+
 
 def layer_sequential(
     config: ModelConfig,

@@ -117,8 +117,6 @@ def _calibrated(args: argparse.Namespace, loaded, recipe, text: str | None):
     if recipe is None or not recipe.needs_calibration:
         yield None
         return
-    from jaxopt_llm.calibration import default_calibration
-
     with _bar("calibrating", "blocks", args.json) as update:
         done = [0]
 
@@ -127,10 +125,19 @@ def _calibrated(args: argparse.Namespace, loaded, recipe, text: str | None):
                 done[0] += 1
             update(total=loaded.config.num_layers, completed=done[0], note=line)
 
-        with _flags(num_tokens="--calib-tokens"):
-            calibration = default_calibration(loaded.tokenizer, text=text,
-                                              num_tokens=args.calib_tokens, progress=progress)
-        yield calibration
+        yield _calibration(args, loaded, recipe, text, progress)
+
+
+def _calibration(args: argparse.Namespace, loaded, recipe, text: str | None,
+                 progress: Callable[[str], None]):
+    """--calib-text / --calib-tokens as a Calibration (None unless the recipe needs one)."""
+    if recipe is None or not recipe.needs_calibration:
+        return None
+    from jaxopt_llm.calibration import default_calibration
+
+    with _flags(num_tokens="--calib-tokens"):
+        return default_calibration(loaded.tokenizer, text=text, num_tokens=args.calib_tokens,
+                                   progress=progress)
 
 
 def _parallel_setup(args: argparse.Namespace) -> None:
@@ -340,17 +347,21 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     text = None if args.text is None else _read_text(args.text)  # None: pydoc minus eval
     _parallel_setup(args)
     placement = _placement(args)
+    calib_text = _calib_text(args)
     loaded = _load(args.model, args.json)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
     with _bar("training", "steps", args.json) as update, _flags(seq="--seq"):
         update(total=args.steps)
+        calibration = _calibration(args, loaded, recipe, calib_text,
+                                   lambda line: update(note=f"calibrating: {line}"))
         trained = train_recipe(
             loaded, recipe, training_ids(loaded.tokenizer, text), settings,
             checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
             log_path=log_path, stop_after=args.stop_after, placement=placement,
             on_step=lambda step, record: update(completed=step,
-                                                note=f"loss {record['loss']:.3f}"))
+                                                note=f"loss {record['loss']:.3f}"),
+            calibration=calibration)
     if not trained.finished:
         return {"stopped_at": trained.steps_done, "checkpoint": str(checkpoint_dir)}
     path = trained.save(out_dir)

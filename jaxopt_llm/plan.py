@@ -170,7 +170,7 @@ def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
         op = " → ".join(step[1] for step in steps)
         rows.append(PlanRow(stage=stage, path=path, op=op, shape=shape0.get(path, ()),
                             bytes_before=origin.get(path, 0), bytes_after=param_bytes(leaf),
-                            representation=type(leaf).__name__ if is_weight_leaf(leaf)
+                            representation=leaf.describe() if is_weight_leaf(leaf)
                             else str(leaf.dtype)))
     return Plan(recipe=recipe.name, rows=tuple(rows), bytes_before=before_total,
                 bytes_after=param_bytes(current), config_after=config)

@@ -15,6 +15,12 @@ Llama-family and GPT-2 models only.
                 where 128 does not divide the input (SmolLM2: 576 = 4·128 + 64) the last
                 group is shorter, as GPTQ does
   w3g128        int3 asymmetric, groups of 128 inputs (same layout)
+  w4g128-gptq   w4g128's grid by GPTQ (act order, static groups), calibrated
+  w3g128-gptq   w3g128's grid by GPTQ; w4-gptq: w4's grid by GPTQ
+  w4g128-awq    w4g128's grid by AWQ (scales searched on block outputs, folded; clipping)
+  w3g128-awq    w3g128's grid by AWQ; w4-awq: w4's grid by AWQ
+  w8a8-smoothquant  SmoothQuant smoothing (α 0.5, folded into the norms) then w8a8
+  w4g32-float   int4 groups of 32 with float offsets (w = q·d + m, llama.cpp Q4_1's grid)
   magnitude-50  50% unstructured magnitude pruning per layer (MaskedWeight)
   nm-2:4        2:4 semi-structured pruning (compressed NMSparseWeight)
   heads-25      25% of query heads per kv group removed (rounded; physically)
@@ -65,6 +71,21 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
              partial_groups=True, act_order=True),
         _one("w4-gptq", "int4 asymmetric per-channel, GPTQ (act order)", "quantize",
              BLOCK_LINEARS, "gptq", bits=4, symmetric=False, act_order=True),
+        _one("w4g128-awq", "int4 asymmetric, groups of 128, AWQ (searched scales, clipping)",
+             "quantize", BLOCK_LINEARS, "awq", bits=4, symmetric=False, group_size=128,
+             partial_groups=True),
+        _one("w3g128-awq", "int3 asymmetric, groups of 128, AWQ (searched scales, clipping)",
+             "quantize", BLOCK_LINEARS, "awq", bits=3, symmetric=False, group_size=128,
+             partial_groups=True),
+        _one("w4-awq", "int4 asymmetric per-channel, AWQ (searched scales, clipping)",
+             "quantize", BLOCK_LINEARS, "awq", bits=4, symmetric=False),
+        Recipe(name="w8a8-smoothquant",
+               description="SmoothQuant (α 0.5) then int8 per-channel weights with dynamic "
+                           "per-token int8 activations",
+               stages=(Stage(name="smooth", rules=(rule(BLOCK_LINEARS, "smoothquant",
+                                                        alpha=0.5),)),
+                       Stage(name="quantize", rules=(rule(BLOCK_LINEARS, "quantize", bits=8,
+                                                          act_bits=8),)))),
         _one("w4g32-float", "int4 groups of 32 with float offsets (w = q·d + m, llama.cpp "
              "Q4_1's grid)", "quantize", BLOCK_LINEARS, "quantize", bits=4, symmetric=False,
              group_size=32, zero="float"),

@@ -41,9 +41,11 @@ from jaxopt_llm.weights import (
 
 BUILTIN_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g32-float", "magnitude-50",
                  "nm-2:4", "heads-25", "mlp-25", "svd-20")  # recipes that need no calibration
-CALIBRATED_NAMES = ("w4g128-gptq", "w3g128-gptq", "w4-gptq")  # tests/transforms/test_gptq_op
-ALL_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g128-gptq", "w3g128-gptq",
-             "w4-gptq", "w4g32-float", "magnitude-50", "nm-2:4", "heads-25", "mlp-25", "svd-20")
+# calibrated: tests/transforms/test_gptq_op.py, test_awq.py, test_smoothquant.py
+CALIBRATED_NAMES = ("w4g128-gptq", "w3g128-gptq", "w4-gptq", "w4g128-awq", "w3g128-awq",
+                    "w4-awq", "w8a8-smoothquant")
+ALL_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", *CALIBRATED_NAMES, "w4g32-float",
+             "magnitude-50", "nm-2:4", "heads-25", "mlp-25", "svd-20")
 STRUCTURED = ("heads-25", "mlp-25")
 TRACEABLE = ("w8", "w8a8", "w4", "w4g128", "w3g128", "magnitude-50", "nm-2:4")  # run under jit
 VOCAB, LENGTH = 64, 8

@@ -100,3 +100,51 @@ def test_errors_name_python_parameters(loaded, recipe, settings, message):
     with pytest.raises(ValueError, match=message):
         train_recipe(loaded, recipe, training_ids(loaded.tokenizer, TEXT),
                      TrainSettings(**{"steps": 2, "batch": 2, "seq": 16, **settings}))
+
+
+@pytest.mark.parametrize("name", ["w4-gptq", "w4-awq", "w8a8-smoothquant"])
+def test_qat_starts_from_the_calibrated_weights(loaded, name):
+    """Step 0 of QAT holds the calibrated recipe's weights (and, weight-only, computes what
+    it computes; QAT does not simulate W8A8's activation rounding); training then moves
+    them and the result is integer again (inside scale wrappers too)."""
+    from jaxopt_llm.calibration import Calibration
+    from jaxopt_llm.models import forward
+    from jaxopt_llm.train import trainable_quantized
+    from jaxopt_llm.tree import flatten
+    from jaxopt_llm.weights import ScaledInputWeight, materialize
+
+    ids = training_ids(loaded.tokenizer, TEXT)
+    calibration = Calibration(windows=np.asarray(ids[:256]).reshape(4, 64))
+    recipe = BUILTIN_RECIPES[name]
+    config, calibrated = recipe(loaded.config, loaded.params, calibration=calibration)
+    start = trainable_quantized(qat_recipe(recipe)(loaded.config, loaded.params,
+                                                   calibration=calibration)[1])
+    for path, leaf in flatten(calibrated).items():
+        np.testing.assert_allclose(np.asarray(materialize(flatten(start)[path])),
+                                   np.asarray(materialize(leaf)), rtol=1e-6, atol=1e-7)
+    if name != "w8a8-smoothquant":
+        tokens = np.asarray(ids[:32]).reshape(2, 16)
+        np.testing.assert_allclose(np.asarray(forward(config, start, tokens)[0]),
+                                   np.asarray(forward(config, calibrated, tokens)[0]),
+                                   rtol=1e-5, atol=1e-5)
+    trained = train_recipe(loaded, name, ids, TrainSettings(steps=3, batch=2, seq=16,
+                                                            learning_rate=1e-3),
+                           calibration=calibration)
+    assert trained.finished and np.isfinite(trained.loss_last)
+    kernels = [leaf for leaf in jax.tree_util.tree_leaves(
+        trained.params, is_leaf=lambda n: isinstance(n, (QuantizedWeight, FakeQuantWeight)))
+        if isinstance(leaf, (QuantizedWeight, FakeQuantWeight))]
+    assert kernels and all(type(k) is QuantizedWeight for k in kernels)
+    o_proj = trained.params["layers_0"]["attn"]["o_proj"]["kernel"]
+    assert isinstance(o_proj, ScaledInputWeight) == (name != "w4-gptq")
+
+
+def test_qat_from_a_float_offset_grid_is_refused():
+    import jax.numpy as jnp
+
+    from jaxopt_llm.train import trainable_quantized
+    from jaxopt_llm.weights import QuantSpec, quantize_weight
+
+    leaf = quantize_weight(jnp.ones((8, 4)), QuantSpec(bits=4, symmetric=False, zero="float"))
+    with pytest.raises(ValueError, match=r"QAT cannot start from a float-offset grid"):
+        trainable_quantized({"k": leaf})

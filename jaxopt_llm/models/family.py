@@ -52,6 +52,38 @@ class Projection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ScalingGroup:
+    """Linears of a block that read the same input, and the layer that produces it.
+
+    Activation-aware scaling (AWQ, SmoothQuant) rewrites x·W as (x/s)·(diag(s)·W) for every
+    linear in `linears` at once; the division by s folds into `source` when it is
+    "norm" (a norm whose `scale` — and `bias`, if any — multiply its output channel-wise)
+    or "linear" (a linear whose output columns reach these linears' inputs through
+    channel-wise linear operations only, e.g. v → attention → o, or up → act(gate)·up →
+    down). `source_part` names the columns of a fused qkv `source` ("v"); a linear source
+    folds only when its column count matches the inputs (not with grouped-query heads).
+    `source` None: nothing to fold into (a nonlinearity is in between).
+
+    Paths are relative to the block, e.g. "input_norm", "attn/q_proj".
+    """
+
+    source: str | None
+    source_kind: Literal["norm", "linear"] | None
+    linears: tuple[str, ...]
+    source_part: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.source is None) != (self.source_kind is None):
+            raise ValueError(f"scaling group {self.linears}: source and source_kind go together")
+        if self.source_kind not in (None, "norm", "linear"):
+            raise ValueError(f"scaling group {self.linears}: source_kind must be 'norm' or "
+                             f"'linear', got {self.source_kind!r}")
+        if self.source_part not in (None, *QKV_PARTS):
+            raise ValueError(f"scaling group {self.linears}: source_part must be one of "
+                             f"{QKV_PARTS}, got {self.source_part!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FamilySpec:
     """A model family's parameter names and the knowledge derived from them.
 
@@ -83,6 +115,9 @@ class FamilySpec:
     block_module: Callable[[ModelConfig], nn.Module]
     block_inputs: Callable[..., tuple[Any, tuple[Any, ...]]]
     shard_rules: tuple[tuple[str, str], ...]  # default (regex, layout), first match wins
+    # Activation-aware scaling (AWQ, SmoothQuant): each block linear's input producer,
+    # in the block's execution order.
+    scaling_groups: tuple[ScalingGroup, ...] = ()
 
     def __post_init__(self) -> None:
         parts = [p for projection in self.qkv for p in projection.parts]
@@ -135,6 +170,14 @@ LLAMA = FamilySpec(
         (r"embed_tokens/embedding", "vocab"),
         (r"lm_head/kernel", "column"),
     ),
+    scaling_groups=(
+        ScalingGroup(source="input_norm", source_kind="norm",
+                     linears=("attn/q_proj", "attn/k_proj", "attn/v_proj")),
+        ScalingGroup(source="attn/v_proj", source_kind="linear", linears=("attn/o_proj",)),
+        ScalingGroup(source="post_attention_norm", source_kind="norm",
+                     linears=("mlp/gate_proj", "mlp/up_proj")),
+        ScalingGroup(source="mlp/up_proj", source_kind="linear", linears=("mlp/down_proj",)),
+    ),
 )
 
 GPT2 = FamilySpec(
@@ -156,6 +199,13 @@ GPT2 = FamilySpec(
         (r"(.*/)?mlp/c_fc/(kernel|bias)", "column"),
         (r"(.*/)?(attn|mlp)/c_proj/kernel", "row"),
         (r"wte/embedding", "vocab"),
+    ),
+    scaling_groups=(
+        ScalingGroup(source="ln_1", source_kind="norm", linears=("attn/c_attn",)),
+        ScalingGroup(source="attn/c_attn", source_kind="linear", source_part="v",
+                     linears=("attn/c_proj",)),
+        ScalingGroup(source="ln_2", source_kind="norm", linears=("mlp/c_fc",)),
+        ScalingGroup(source=None, source_kind=None, linears=("mlp/c_proj",)),  # after GELU
     ),
 )
 
@@ -211,4 +261,4 @@ def blocks_regex(part: Literal["attention", "mlp"]) -> str:
                     for spec in FAMILIES.values())
 
 
-__all__ = ["FAMILIES", "FamilySpec", "Projection", "blocks_regex", "family_spec"]
+__all__ = ["FAMILIES", "FamilySpec", "Projection", "ScalingGroup", "blocks_regex", "family_spec"]

@@ -14,7 +14,13 @@ from jaxopt_llm.train.loop import (
     run_training,
     save_checkpoint,
 )
-from jaxopt_llm.train.qat import convert, convert_leaf, qat_recipe
+from jaxopt_llm.train.qat import (
+    convert,
+    convert_leaf,
+    qat_recipe,
+    trainable_leaf,
+    trainable_quantized,
+)
 from jaxopt_llm.train.schedule import (
     PruneSchedule,
     gradual_recipe,
@@ -72,5 +78,7 @@ __all__ = [
     "split",
     "train_recipe",
     "trainable_mask",
+    "trainable_leaf",
+    "trainable_quantized",
     "training_ids",
 ]

@@ -20,7 +20,6 @@ from jaxopt_llm.rules import Rule
 from jaxopt_llm.weights import (
     FakeQuantWeight,
     QuantizedWeight,
-    is_weight_leaf,
     quantize_weight,
     quantize_with_scale,
 )
@@ -53,7 +52,8 @@ def convert_leaf(leaf: FakeQuantWeight) -> QuantizedWeight:
 
 
 def convert(params: Any) -> Any:
-    """Every FakeQuantWeight → QuantizedWeight (other leaves unchanged).
+    """Every FakeQuantWeight → QuantizedWeight (other leaves unchanged; wrappers such as a
+    `ScaledInputWeight` keep their fake-quantized kernel converted inside).
 
     Args:
         params: a parameter tree after quantization-aware training.
@@ -70,7 +70,62 @@ def convert(params: Any) -> Any:
     """
     return jax.tree_util.tree_map(
         lambda leaf: convert_leaf(leaf) if isinstance(leaf, FakeQuantWeight) else leaf,
-        params, is_leaf=is_weight_leaf)
+        params, is_leaf=lambda node: isinstance(node, FakeQuantWeight))
+
+
+def trainable_leaf(leaf: QuantizedWeight) -> FakeQuantWeight:
+    """A calibrated integer weight as the start of QAT: the fake-quantized float weight
+    holding exactly its dequantized values, with its step sizes (and zero points) as
+    LSQ's learned scales, so training starts from the calibrated model itself.
+
+    Args:
+        leaf: a QuantizedWeight with an integer zero point or none (float offsets have no
+            LSQ form).
+
+    Returns:
+        A FakeQuantWeight whose forward equals `leaf.materialize()`.
+
+    Raises:
+        ValueError: for a float-offset grid.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
+        >>> q = quantize_weight(jnp.array([[0.3, -1.0], [2.0, 0.5]]), QuantSpec(bits=4))
+        >>> bool(jnp.allclose(trainable_leaf(q).materialize(), q.materialize()))
+        True
+    """
+    if leaf.zero == "float":
+        raise ValueError("QAT cannot start from a float-offset grid (zero: float has no "
+                         "learned-scale form); use a recipe with integer zero points")
+    scale, zero = leaf._canonical_scale_zero()
+    return FakeQuantWeight(
+        w=leaf.materialize(), bits=leaf.bits, symmetric=leaf.symmetric,
+        granularity=leaf.granularity, group_size=leaf.group_size,
+        partial_groups=leaf.partial_groups, axis=leaf.axis,
+        method="absmax" if leaf.symmetric else "minmax",
+        scale=scale.astype(jax.numpy.float32), zero=zero)
+
+
+def trainable_quantized(params: Any) -> Any:
+    """Every QuantizedWeight (inside wrappers too) → `trainable_leaf`'s FakeQuantWeight.
+
+    Args:
+        params: a parameter tree after a calibrated recipe.
+
+    Returns:
+        The tree ready for QAT (its forward pass unchanged).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
+        >>> tree = {"k": quantize_weight(jnp.ones((4, 2)), QuantSpec(bits=4))}
+        >>> type(trainable_quantized(tree)["k"]).__name__
+        'FakeQuantWeight'
+    """
+    return jax.tree_util.tree_map(
+        lambda leaf: trainable_leaf(leaf) if isinstance(leaf, QuantizedWeight) else leaf,
+        params, is_leaf=lambda node: isinstance(node, QuantizedWeight))
 
 
 def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:

@@ -4,7 +4,11 @@ The workflow behind `jaxopt-llm train` (and `benchmarks/bench_qat.py`):
 
 1. the recipe in its trainable form: `qat_recipe` (quantize → fake_quant, with learned
    step sizes if asked), its `prune` rules made gradual if asked (`gradual_recipe`), or,
-   for LoRA, the recipe's real weights frozen under trainable adapters (QLoRA);
+   for LoRA, the recipe's real weights frozen under trainable adapters (QLoRA). A
+   calibrated recipe (GPTQ, AWQ, SmoothQuant) runs on its calibration data first and
+   training starts from its result: each integer weight becomes a fake-quantized one
+   holding the calibrated values, with the calibrated step sizes as LSQ's learned scales
+   (`trainable_quantized`);
 2. training (`run_training`): AdamW, optional distillation from the loaded model's
    logits, bf16 compute, checkpoints every `checkpoint_every` steps, resumed
    automatically from `checkpoint_dir` when it holds one;
@@ -32,7 +36,7 @@ from jaxopt_llm.pipeline import Recipe
 from jaxopt_llm.placement import Placement
 from jaxopt_llm.rules import BLOCK_LINEARS
 from jaxopt_llm.train.loop import EVAL_TOKENS, LORA_TRAINABLE, check_data, run_training
-from jaxopt_llm.train.qat import convert, qat_recipe
+from jaxopt_llm.train.qat import convert, qat_recipe, trainable_quantized
 from jaxopt_llm.train.schedule import gradual_recipe, prune_schedules
 from jaxopt_llm.train.step import TRAIN_ALL, TrainOptions
 from jaxopt_llm.weights.lora import add_lora, merge_lora
@@ -201,7 +205,8 @@ def training_ids(tokenizer: Any, text: str | None = None) -> np.ndarray:
     return ids[EVAL_TOKENS:] if text is None else ids
 
 
-def _trainable_form(loaded: LoadedModel, recipe: Recipe | None, settings: TrainSettings):
+def _trainable_form(loaded: LoadedModel, recipe: Recipe | None, settings: TrainSettings,
+                    calibration: Any):
     """(config, params, prune schedules) to start training from."""
     config, params, schedules = loaded.config, loaded.params, []
     if recipe is not None:
@@ -211,7 +216,14 @@ def _trainable_form(loaded: LoadedModel, recipe: Recipe | None, settings: TrainS
             form, targets = qat_recipe(recipe, learn_scale=settings.learn_scale), []
             if settings.gradual:
                 form, targets = gradual_recipe(form, settings.steps)
-        config, params = form(loaded.config, loaded.params)
+        if form.needs_calibration and calibration is None:
+            from jaxopt_llm.calibration import default_calibration
+
+            calibration = default_calibration(loaded.tokenizer)
+        config, params = form(loaded.config, loaded.params,
+                              calibration=calibration if form.needs_calibration else None)
+        if form.needs_calibration and settings.lora_rank is None:
+            params = trainable_quantized(params)
         if targets:
             schedules = prune_schedules(form, targets, params)
     if settings.lora_rank is not None:
@@ -224,8 +236,8 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
                  log_path: str | Path | None = None, stop_after: int | None = None,
                  placement: Placement | None = None,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None
-                 ) -> TrainedModel:
+                 on_step: Callable[[int, dict[str, float]], None] | None = None,
+                 calibration: Any = None) -> TrainedModel:
     """Train `loaded` through `recipe` on `token_ids`.
 
     Args:
@@ -241,6 +253,8 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
         placement: where to train (default: one device; `Placement.on_mesh(mesh, rules)`
             for data and tensor parallelism).
         on_step: called with (step, record) after every step.
+        calibration: a `calibration.Calibration` for a calibrated recipe (GPTQ, AWQ,
+            SmoothQuant); None: `default_calibration` (the text after the evaluation tokens).
 
     Returns:
         A TrainedModel; call `.save(directory)` to write the integer artifact.
@@ -266,7 +280,7 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
     token_ids = np.asarray(token_ids, np.int32)
     check_data(token_ids, settings.batch, settings.seq, loaded.config.max_position_embeddings)
     options = settings.train_options()
-    config, params, schedules = _trainable_form(loaded, recipe, settings)
+    config, params, schedules = _trainable_form(loaded, recipe, settings, calibration)
     meta = {"model": loaded.source, "recipe": recipe.to_dict() if recipe else None,
             "steps": settings.steps, "batch": settings.batch, "seq": settings.seq,
             "lr": settings.learning_rate, "distill": settings.distill_weight,

@@ -36,7 +36,6 @@ output is assembled exactly like round-to-nearest's (`quantize_weight`).
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from collections.abc import Mapping
 from functools import partial
@@ -48,16 +47,15 @@ import numpy as np
 
 from jaxopt_llm import tree
 from jaxopt_llm.calibration import BlockContext, Calibration, layer_sequential
-from jaxopt_llm.models import ModelConfig, family_spec
 from jaxopt_llm.transforms.base import Op, check_finite_number, per_parameter
+from jaxopt_llm.transforms.layerwise import block_selection, inside
 from jaxopt_llm.transforms.quantize import (
     GridOptions,
-    QuantizeOptions,
     check_scale_dtype,
     quantize_leaf,
+    rtn_options,
     table_axis,
 )
-from jaxopt_llm.weights import is_weight_leaf
 from jaxopt_llm.weights.quant_math import (
     QuantSpec,
     dequantize_codes,
@@ -391,33 +389,13 @@ __all__ = ["DAMPENING_RETRIES", "GPTQOptions", "gptq_leaf", "gptq_quantize"]
 # ------------------------------------------------------------------------------------ op
 
 
-def _rtn_options(options: GPTQOptions) -> QuantizeOptions:
-    """The round-to-nearest options of the same grid: GPTQ's leaves have their shapes."""
-    return QuantizeOptions(bits=options.bits, symmetric=options.symmetric,
-                           granularity=options.granularity, group_size=options.group_size,
-                           partial_groups=options.partial_groups, zero=options.zero,
-                           scale_dtype=options.scale_dtype)
-
-
 def _gptq_plan(flat: Mapping[str, Any], paths: list[str], config: Any,
                options: GPTQOptions) -> tuple[Any, dict[str, Any]]:
     """Shapes of the result (those of round-to-nearest on the same grid), and every check
     that needs no calibration: block membership, float weights, group sizes."""
-    if not isinstance(config, ModelConfig):
-        raise ValueError("gptq needs the ModelConfig of a built-in family (it runs the "
-                         "model block by block on calibration data)")
-    spec = family_spec(config)
-    for path in paths:
-        leaf = flat[path]
-        if is_weight_leaf(leaf):
-            raise ValueError(f"{path} is already a {type(leaf).__name__}: calibrated "
-                             "quantization starts from the float weights; apply the recipe to "
-                             "the original model, not to a compressed artifact")
-        if not re.match(rf"{spec.block_regex}/", path):
-            raise ValueError(f"gptq quantizes the linears of the model's blocks; {path} is "
-                             "outside them (exclude it with a keep rule or narrow the match)")
+    block_selection(flat, paths, config, "gptq")
     rtn = per_parameter(quantize_leaf)
-    return config, jax.eval_shape(lambda f: rtn(f, paths, config, _rtn_options(options))[1],
+    return config, jax.eval_shape(lambda f: rtn(f, paths, config, rtn_options(options))[1],
                                   dict(flat))
 
 
@@ -425,26 +403,18 @@ def _gptq_apply(flat: Mapping[str, Any], paths: list[str], config: Any, options:
                 *, calibration: Calibration) -> tuple[Any, dict[str, Any]]:
     """GPTQ on every selected block linear, blocks in order (layer-sequential)."""
     _gptq_plan(flat, paths, config, options)  # every check before any work
-    spec = family_spec(config)
-    by_block: dict[int, list[str]] = {}
-    for path in paths:
-        index = int(re.match(rf"{re.escape(spec.block_prefix)}_(\d+)/", path).group(1))
-        by_block.setdefault(index, []).append(path)
+    by_block = block_selection(flat, paths, config, "gptq")
 
     def compress(context: BlockContext) -> Any:
         block = tree.flatten(context.params)
         for path in by_block[context.index]:
-            inside = path[len(context.path) + 1:]  # "attn/q_proj/kernel"
-            linear_name = inside.rsplit("/", 1)[0]
-            if linear_name not in context.stats:
-                raise ValueError(f"{path}: no calibration statistics for this parameter (gptq "
-                                 "quantizes linear kernels only)")
-            block[inside] = gptq_leaf(block[inside], path, options,
-                                      context.stats[linear_name].gram)
+            name = inside(path, context.path)  # "attn/q_proj/kernel"
+            block[name] = gptq_leaf(block[name], path, options,
+                                    context.stats[name.rsplit("/", 1)[0]].gram)
         return tree.unflatten(block)
 
     params = layer_sequential(config, tree.unflatten(flat), calibration, compress,
-                              blocks=sorted(by_block))
+                              blocks=list(by_block))
     return config, tree.flatten(params)
 
 

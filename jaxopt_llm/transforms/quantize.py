@@ -5,7 +5,8 @@ baseline of "GPTQ" (Frantar et al., 2023) and "AWQ" (Lin et al., 2024). Kernels
 (paths ending in anything but `embedding`) are quantized along their input dim,
 embedding tables along their feature dim, so a tied head reads the same table.
 Already-transformed leaves compose: masked / N:M weights are quantized dense (zeros
-stay exactly zero: 0 is always on the grid), low-rank factors are quantized each.
+stay exactly zero: 0 is always on the grid), low-rank factors are quantized each, a
+smoothed `ScaledInputWeight` gets its scaled kernel quantized (its scales stay).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jaxopt_llm.weights import (
     NMSparseWeight,
     QuantizedWeight,
     QuantSpec,
+    ScaledInputWeight,
     quantize_weight,
 )
 from jaxopt_llm.weights.fake_quant import STE_MODES
@@ -206,6 +208,27 @@ class FakeQuantOptions(_GridOptions):
             raise ValueError(f"learn_scale must be true or false, got {self.learn_scale!r}")
 
 
+def rtn_options(options: GridOptions) -> QuantizeOptions:
+    """Round-to-nearest options on the grid of a calibrated op's options (GPTQ, AWQ): their
+    results have RTN's shapes, which is how their plans are computed.
+
+    Args:
+        options: any GridOptions (its `zero` and `scale_dtype`, where present, carry over).
+
+    Returns:
+        The QuantizeOptions of the same grid.
+
+    Example:
+        >>> rtn_options(GridOptions(bits=4, group_size=32)).spec.group_size
+        32
+    """
+    return QuantizeOptions(bits=options.bits, symmetric=options.symmetric,
+                           granularity=options.granularity, group_size=options.group_size,
+                           partial_groups=options.partial_groups,
+                           zero=getattr(options, "zero", "integer"),
+                           scale_dtype=getattr(options, "scale_dtype", None))
+
+
 def table_axis(path: str) -> int:
     """Embedding tables (…/embedding, (V, D)) contract along D; kernels along their input.
 
@@ -260,6 +283,9 @@ def quantize_leaf(leaf: Any, path: str, options: QuantizeOptions) -> Any:
     if isinstance(leaf, LowRankWeight):
         return LowRankWeight(u=quantize_leaf(leaf.u, f"{path}/u", options),
                              v=quantize_leaf(leaf.v, f"{path}/v", options))
+    if isinstance(leaf, ScaledInputWeight):  # smoothed: the scaled kernel is what rounds
+        return ScaledInputWeight(weight=quantize_leaf(leaf.weight, path, options),
+                                 input_scale=leaf.input_scale)
     if isinstance(leaf, (MaskedWeight, NMSparseWeight)):
         leaf = leaf.materialize()
     elif isinstance(leaf, FakeQuantWeight):
@@ -301,6 +327,9 @@ def fake_quant_leaf(leaf: Any, path: str, options: FakeQuantOptions) -> FakeQuan
         ('FakeQuantWeight', 1, 'absmax')
     """
     spec = options.spec
+    if isinstance(leaf, ScaledInputWeight):  # smoothed: the scaled kernel is what rounds
+        return ScaledInputWeight(weight=fake_quant_leaf(leaf.weight, path, options),
+                                 input_scale=leaf.input_scale)
     if not hasattr(leaf, "ndim") or leaf.ndim < 2:
         raise ValueError(f"{path}: fake_quant needs a float kernel or table, got "
                          f"{type(leaf).__name__} {getattr(leaf, 'shape', '')}")

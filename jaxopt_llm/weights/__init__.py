@@ -20,6 +20,7 @@ from jaxopt_llm.weights.lora import LoRAWeight, add_lora, merge_lora
 from jaxopt_llm.weights.lowrank import LowRankWeight
 from jaxopt_llm.weights.quant_math import QuantSpec
 from jaxopt_llm.weights.quantized import QuantizedWeight, quantize_weight, quantize_with_scale
+from jaxopt_llm.weights.scaled_input import ScaledInputWeight
 from jaxopt_llm.weights.sparse import MaskedWeight, NMSparseWeight, masked_weight, nm_sparse_weight
 
 nbytes = param_bytes
@@ -32,6 +33,7 @@ __all__ = [
     "NMSparseWeight",
     "QuantSpec",
     "QuantizedWeight",
+    "ScaledInputWeight",
     "WeightLeaf",
     "add_lora",
     "attend",

@@ -7,6 +7,7 @@ is static metadata. The class owns everything the rest of the project asks of a 
 * `linear(x)`: x (..., K) against the kernel (K, N...) → (..., N...);
 * `embed(ids)` / `attend(x)`: lookups in an embedding table (V, D) and a tied head;
 * `materialize()`: the dense float weight it stands for;
+* `describe()`: its name in `plan` (wrappers name what they wrap);
 * `nbytes`: bytes really stored (every array child, nested leaves included);
 * `partition_specs(rows, cols, mesh)`: how its arrays shard when the dense weight's rows
   and columns go on mesh axes `rows` / `cols` (None: replicated) — the project's sharding
@@ -58,6 +59,14 @@ class WeightLeaf:
     def materialize(self) -> jax.Array:
         """The dense float weight this leaf stands for."""
         raise TypeError(f"{type(self).__name__} must define materialize()")
+
+    def describe(self) -> str:
+        """What `plan` and reports call this representation; default: the class name.
+
+        Returns:
+            e.g. "QuantizedWeight", or for a wrapper "ScaledInputWeight(QuantizedWeight)".
+        """
+        return type(self).__name__
 
     def linear(self, x: jax.Array) -> jax.Array:
         """x (..., K) @ kernel (K, N...) → (..., N...), through the dense weight."""

@@ -138,7 +138,8 @@ def test_recipes_and_plan_commands(capsys, cached_model):
     assert code == 0
     names = list(json.loads(out)["recipes"])
     assert names == ["fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g128-gptq",
-                     "w3g128-gptq", "w4-gptq", "w4g32-float", "magnitude-50", "nm-2:4",
+                     "w3g128-gptq", "w4-gptq", "w4g128-awq", "w3g128-awq", "w4-awq",
+                     "w8a8-smoothquant", "w4g32-float", "magnitude-50", "nm-2:4",
                      "heads-25", "mlp-25", "svd-20"]
     code, out, _ = _run(capsys, "plan", "--model", "smollm2-135m", "--recipe", "w4g128",
                         "--json")

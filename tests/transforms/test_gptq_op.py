@@ -71,8 +71,8 @@ def test_plan_needs_no_calibration_and_bad_input_fails_before_work(params):
         load_recipe("w4g128-gptq")(CONFIG, params)
     calibration = Calibration(windows=WINDOWS)
     quantized = load_recipe("w8")(CONFIG, params)[1]
-    with pytest.raises(ValueError, match=r"is already a QuantizedWeight: calibrated "
-                                         r"quantization starts from the float weights"):
+    with pytest.raises(ValueError, match=r"is already a QuantizedWeight: gptq starts "
+                                         r"from the float weights"):
         load_recipe("w4g128-gptq")(CONFIG, quantized, calibration=calibration)
     with pytest.raises(ValueError, match=r"group_size=48 does not divide the input dimension"):
         _recipe("gptq", bits=4, symmetric=False, group_size=48)(CONFIG, params,
