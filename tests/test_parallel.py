@@ -27,7 +27,7 @@ CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=256, hidden_
                      intermediate_size=256, num_layers=2, num_heads=16, num_kv_heads=8,
                      head_dim=8, max_position_embeddings=128, bos_token_id=1, eos_token_ids=(2,))
 MESHES = ["data=8,model=1", "data=1,model=8", "data=2,model=4", "data=4,model=2"]
-RECIPES = ["fp32", "w8", "w4g128", "nm-2:4", "svd-20"]
+RECIPES = ["fp32", "w8", "w4g128", "nm-2:4", "svd-20", "w4g128-awq"]  # awq: ScaledInputWeight
 
 
 def setup_module():
@@ -47,7 +47,17 @@ _RECIPE_CACHE = {}
 
 def _model(recipe):
     if recipe not in _RECIPE_CACHE:
-        _RECIPE_CACHE[recipe] = load_recipe(recipe)(CONFIG, _params())
+        from jaxopt_llm.calibration import Calibration
+
+        windows = np.random.default_rng(1).integers(3, 256, (4, 32))
+        config, params = load_recipe(recipe)(CONFIG, _params(),
+                                             calibration=Calibration(windows=windows))
+        # float32 matmuls: the layouts are under test here. (compute="auto" rounds x to
+        # bf16 for ≥128 rows, and a 1-ulp float32 difference between the sharded and the
+        # single-device reductions before it can flip a bf16 rounding: ~1e-3 apart.)
+        _RECIPE_CACHE[recipe] = (config, jax.tree_util.tree_map(
+            lambda leaf: leaf.replace(compute="float32") if isinstance(leaf, QuantizedWeight)
+            else leaf, params, is_leaf=lambda n: isinstance(n, QuantizedWeight)))
     return _RECIPE_CACHE[recipe]
 
 
