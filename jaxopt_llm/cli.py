@@ -92,11 +92,22 @@ def _read_text(path: str) -> str:
 
 
 def _out_dir(out: str):
+    """--out checked before any work: a directory (or nothing yet) whose nearest existing
+    ancestor is a writable directory."""
+    import os
     from pathlib import Path
 
-    if Path(out).exists() and not Path(out).is_dir():
+    path = Path(out)
+    if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
-    return Path(out)
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {ancestor} is not writable")
+    return path
 
 
 def _calib_text(args: argparse.Namespace) -> str | None:
@@ -443,7 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default `sys.argv[1:]`).
 
     Returns:
-        The exit status: 0, 2 for a ValueError (bad input), 130 when interrupted.
+        The exit status: 0; 2 for an anticipated error (bad input: ValueError; a file
+        system error: OSError; non-finite results: FloatingPointError), printed as one
+        line; 130 when interrupted.
 
     Example:
         >>> main(["recipes", "--json"])  # doctest: +SKIP
@@ -452,14 +465,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(COMMANDS).parse_args(argv)
     try:
         out = args.func(args)
-    except ValueError as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         print(f"jaxopt-llm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(out, allow_nan=False))  # strict JSON: NaN is never printed
     return 0
 
 

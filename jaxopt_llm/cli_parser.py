@@ -7,6 +7,7 @@ see `jaxopt_llm.cli`), so this module knows flags, not what the commands do.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Mapping
 
 
@@ -15,8 +16,9 @@ def _number(name: str, cast: type = int, *, allow_zero: bool = False,
     """argparse type: a number of `cast` type, > 0 (>= 0 with allow_zero; <= at_most),
     named in errors."""
     kind = "an integer" if cast is int else "a number"
-    bound = f"in [0, {at_most:g}]" if at_most is not None else \
-        ">= 0" if allow_zero else "positive"
+    bound = f"in {'[' if allow_zero else '('}0, {at_most:g}]" if at_most is not None else \
+        (">= 0" if cast is int else "a finite number >= 0") if allow_zero else \
+        ("positive" if cast is int else "positive and finite")
 
     def parse(text: str):
         try:
@@ -24,7 +26,8 @@ def _number(name: str, cast: type = int, *, allow_zero: bool = False,
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
         low_ok = value > 0 or (allow_zero and value == 0)  # NaN fails both
-        if not low_ok or (at_most is not None and not value <= at_most):
+        if not low_ok or not math.isfinite(value) or (at_most is not None
+                                                       and not value <= at_most):
             raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {value}")
         return value
     return parse
@@ -131,7 +134,8 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
                      default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=_number("--top-k", int, allow_zero=True), default=0,
                      help="0 disables top-k")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
+    gen.add_argument("--top-p", type=_number("--top-p", float, at_most=1), default=1.0,
+                     help="in (0, 1]; 1.0 disables nucleus sampling")
     gen.add_argument("--seed", type=int, default=0)
     add_parallel(gen)
 

@@ -126,6 +126,8 @@ def perplexity(
 
     Raises:
         ParameterError: bad num_tokens or window, or a text shorter than one window.
+        FloatingPointError: non-finite logits, or a perplexity beyond float range (both
+            mean damaged or non-finite weights).
 
     Example:
         >>> import jax, numpy as np
@@ -164,8 +166,17 @@ def perplexity(
         if on_window is not None:
             on_window(len(chunk))
     scored = num_windows * (window - 1)
+    mean = nll / scored
+    if not math.isfinite(mean):
+        raise FloatingPointError(
+            f"the model's log-likelihood is {mean} (non-finite logits): the weights are "
+            "likely non-finite or damaged")
+    if mean > 700.0:  # exp overflows float64 beyond ~709.8
+        raise FloatingPointError(
+            f"perplexity overflows (mean NLL {mean:.1f} nats per token): the weights are "
+            "likely damaged")
     return PerplexityResult(
-        ppl=math.exp(nll / scored), nll_sum=nll, tokens_scored=scored,
+        ppl=math.exp(mean), nll_sum=nll, tokens_scored=scored,
         tokens_used=num_windows * window, windows=num_windows, window=window,
     )
 

@@ -31,8 +31,18 @@ def _run(capsys, *argv):
      (["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "0"],
       "--max-new-tokens must be positive, got 0"),
      (["generate", "--model", "m", "--prompt", "x", "--temperature", "-1"],
-      "--temperature must be >= 0"),
-     (["generate", "--model", "m", "--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0")],
+      "--temperature must be a finite number >= 0"),
+     (["generate", "--model", "m", "--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0"),
+     (["generate", "--model", "m", "--prompt", "x", "--temperature", "nan"],
+      "--temperature must be a finite number >= 0, got nan"),
+     (["generate", "--model", "m", "--prompt", "x", "--temperature", "inf"],
+      "--temperature must be a finite number >= 0, got inf"),
+     (["generate", "--model", "m", "--prompt", "x", "--top-p", "nan"],
+      "--top-p must be in (0, 1], got nan"),
+     (["generate", "--model", "m", "--prompt", "x", "--top-p", "1.5"],
+      "--top-p must be in (0, 1], got 1.5"),
+     (["train", "--model", "m", "--out", "o", "--lr", "inf"],
+      "--lr must be positive and finite, got inf")],
 )
 def test_non_positive_arguments(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -41,10 +51,40 @@ def test_non_positive_arguments(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_bad_top_p(capsys):
-    code, _, err = _run(capsys, "generate", "--model", "nowhere", "--prompt", "x", "--top-p",
-                        "1.5")
-    assert code == 2 and "top_p must be in (0, 1]" in err
+def test_non_finite_sampling_options_from_python():
+    from jaxopt_llm.generation import Sampling
+
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            Sampling(temperature=bad)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        Sampling(top_p=float("nan"))
+
+
+def test_non_finite_perplexity_is_an_error_and_json_stays_valid(capsys, tmp_path,
+                                                                  monkeypatch):
+    import jax.numpy as jnp
+
+    from jaxopt_llm import evaluate
+
+    monkeypatch.setattr(evaluate, "window_nll",
+                        lambda params, windows, config: jnp.full(windows.shape[:1], jnp.nan))
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        evaluate.perplexity(evaluate.ModelConfig.tiny(), {}, list(range(64)), num_tokens=64,
+                            window=32)
+    monkeypatch.setattr(evaluate, "window_nll",
+                        lambda params, windows, config: jnp.full(windows.shape[:1], 1e6))
+    with pytest.raises(FloatingPointError, match="perplexity overflows"):
+        evaluate.perplexity(evaluate.ModelConfig.tiny(), {}, list(range(64)), num_tokens=64,
+                            window=32)
+
+
+def test_file_system_errors_are_one_line(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, out, err = _run(capsys, "optimize", "--model", "nowhere", "--recipe", "w8",
+                          "--out", str(blocker / "sub" / "art"))
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
 
 
 def test_empty_prompt(capsys):
@@ -151,3 +191,13 @@ def test_installed_command_prints_one_json_object(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # nothing but the JSON object on stdout
     assert result["window"] == 128 and result["tokens_scored"] > 0
+
+
+def test_os_errors_during_a_command_are_one_line(capsys, monkeypatch):
+    def fail(args):
+        raise PermissionError(13, "Permission denied", "/readonly/art")
+
+    monkeypatch.setitem(cli.COMMANDS, "recipes", fail)
+    code, out, err = _run(capsys, "recipes")
+    assert code == 2 and out == ""
+    assert err == "jaxopt-llm recipes: error: [Errno 13] Permission denied: '/readonly/art'\n"

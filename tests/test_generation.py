@@ -112,7 +112,8 @@ def test_sampling_is_reproducible_with_seed(params):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"temperature": -1.0}, "temperature must be >= 0"), ({"top_k": -2}, "top_k must be >= 0"),
+    [({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+     ({"top_k": -2}, "top_k must be >= 0"),
      ({"top_p": 0.0}, "top_p must be in")],
 )
 def test_bad_sampling(kwargs, message):
