@@ -37,9 +37,10 @@ import numpy as np
 
 from jaxopt_llm import tree
 from jaxopt_llm.io.loaded import LoadedModel
+from jaxopt_llm.io.params import check_against_config, expected_shapes
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.models import ModelConfig
-from jaxopt_llm.weights import is_weight_leaf, leaf_classes
+from jaxopt_llm.weights import WeightLeaf, is_weight_leaf, leaf_classes
 
 FORMAT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
@@ -323,7 +324,32 @@ def _rebuild(desc: Any, where: str, arrays: dict[str, jax.Array], used: set[str]
     kwargs = {k: tree.freeze(v) for k, v in static.items()}  # JSON lists → tuples
     for field_name, child in children.items():
         kwargs[field_name] = _rebuild(child, f"{where}/{field_name}", arrays, used, source)
-    return klass(**kwargs)
+    try:
+        return klass(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: leaf {where!r} ({name}) cannot be rebuilt from what is "
+                         f"stored: {err}") from None
+
+
+def _dense_shape(leaf: Any, path: str, source: Path,
+                 expected: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The shape of the dense weight a stored leaf stands for (shapes only, no compute).
+
+    A user's leaf that only defines `linear` is traced on an input of the config's width."""
+    if not is_weight_leaf(leaf):
+        return tuple(leaf.shape)
+    if type(leaf).materialize is WeightLeaf.materialize and expected and len(expected) == 2:
+        x = jax.ShapeDtypeStruct((1, expected[0]), jnp.float32)
+        try:
+            return (expected[0], *jax.eval_shape(lambda w, x: w.linear(x), leaf, x).shape[1:])
+        except Exception as err:  # noqa: BLE001  (any failure to trace it is the answer)
+            raise ValueError(f"{source}: leaf {path!r} ({type(leaf).__name__}) does not take "
+                             f"the {expected[0]} inputs the config expects: {err}") from None
+    try:
+        return tuple(jax.eval_shape(lambda w: w.materialize(), leaf).shape)
+    except Exception as err:  # a damaged leaf: any failure to even trace it
+        raise ValueError(f"{source}: leaf {path!r} ({type(leaf).__name__}) is inconsistent "
+                         f"with its stored arrays: {type(err).__name__}: {err}") from None
 
 
 def _read_tensors(directory: Path, described: dict[str, Any], source: Path) -> dict[str, Any]:
@@ -419,6 +445,12 @@ def load_artifact(directory: str | Path) -> LoadedModel:
     for name, array in arrays.items():
         if name not in used:
             flat[name] = array
+    expected = expected_shapes(config)  # presence first, then shapes in the model's order
+    check_against_config(config, {p: expected.get(p, ()) for p in flat}, str(source))
+    for path, shape in expected.items():
+        actual = _dense_shape(flat[path], path, source, shape)
+        if actual != shape:
+            check_against_config(config, {**expected, path: actual}, str(source))
     tokenizer = load_tokenizer_dir(directory) if (directory / TOKENIZER_FILE).is_file() else None
     return LoadedModel(config=config, params=tree.unflatten(flat), tokenizer=tokenizer,
                        source=str(directory), recipe=meta.get("recipe"), extra=meta.get("extra"),

@@ -33,6 +33,63 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in tree.flatten(param_shapes(config)).items()}
 
 
+def check_against_config(
+    config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str,
+    origin: dict[str, str] | None = None, transposed: frozenset[str] = frozenset(),
+) -> None:
+    """Every tensor the config needs is present, none is left over, and every shape is the
+    config's — the one check every loader (HF, GGUF, artifacts) makes.
+
+    Args:
+        config: the model's config.
+        shapes: our "/"-joined path → the (dense) shape read from the source.
+        source: the file's name, for error messages.
+        origin: each of our paths → the tensor name in the source file (default: the path).
+        transposed: the paths the file stores (d_out, d_in), so that messages quote
+            shapes as the file has them.
+
+    Raises:
+        ValueError: naming the source, the tensors and the config values involved.
+
+    Example:
+        >>> config = ModelConfig.tiny()
+        >>> shapes = expected_shapes(config)
+        >>> check_against_config(config, shapes, "model.safetensors")
+        >>> del shapes["layers_0/attn/k_proj/kernel"]
+        >>> check_against_config(config, shapes, "m")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: m: 1 tensors the config needs are missing, e.g. [...] ...
+    """
+    origin = origin or {}
+    flat = shapes
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        names = [origin.get(m, m) for m in missing[:5]]
+        raise ValueError(
+            f"{source}: {len(missing)} tensors the config needs are missing, e.g. {names} "
+            f"(config: {config.num_layers} layers, "
+            f"tie_word_embeddings={config.tie_word_embeddings})"
+        )
+    unexpected = sorted(set(flat) - set(expected))
+    if unexpected:
+        names = [origin.get(u, u) for u in unexpected[:5]]
+        raise ValueError(
+            f"{source}: {len(unexpected)} tensors are not used by the config, e.g. {names}; "
+            "do the config and the weights match?"
+        )
+    for path, shape in expected.items():
+        actual = tuple(flat[path])
+        if actual != shape:
+            if path in transposed:
+                actual, shape = actual[::-1], shape[::-1]
+            raise ValueError(
+                f"{source}: tensor {origin.get(path, path)!r} has shape {actual} but the "
+                f"config expects {shape}"
+            )
+
+
 def assemble_params(
     config: ModelConfig, flat: dict[str, np.ndarray], source: str, origin: dict[str, str],
     transposed: frozenset[str] = frozenset(),
@@ -56,30 +113,7 @@ def assemble_params(
     Example:
         >>> params = assemble_params(config, flat, "model.safetensors", origin)  # doctest: +SKIP
     """
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(flat))
-    if missing:
-        names = [origin.get(m, m) for m in missing[:5]]
-        raise ValueError(
-            f"{source}: {len(missing)} tensors the config needs are missing, e.g. {names} "
-            f"(config: {config.num_layers} layers, "
-            f"tie_word_embeddings={config.tie_word_embeddings})"
-        )
-    unexpected = sorted(set(flat) - set(expected))
-    if unexpected:
-        names = [origin.get(u, u) for u in unexpected[:5]]
-        raise ValueError(
-            f"{source}: {len(unexpected)} tensors are not used by the config, e.g. {names}; "
-            "does config.json match the weights?"
-        )
-    for path, shape in expected.items():
-        actual = tuple(flat[path].shape)
-        if actual != shape:
-            if path in transposed:
-                actual, shape = actual[::-1], shape[::-1]
-            raise ValueError(
-                f"{source}: tensor {origin.get(path, path)!r} has shape {actual} but the "
-                f"config expects {shape}"
-            )
+    check_against_config(config, {p: tuple(a.shape) for p, a in flat.items()}, source,
+                         origin, transposed)
     return tree.unflatten({p: jnp.asarray(np.asarray(a, dtype=np.float32))
                            for p, a in flat.items()})

@@ -60,6 +60,27 @@ class ArtifactTestFactored(WeightLeaf):
         return linear(linear(x, self.u), self.v)
 
 
+@struct.dataclass
+class ArtifactTestAllDtypes(WeightLeaf):
+    """A kernel `w` carrying one array of every dtype an artifact must store."""
+
+    w: jax.Array
+    f32: jax.Array
+    f16: jax.Array
+    bf16: jax.Array
+    i8: jax.Array
+    u8: jax.Array
+    i32: jax.Array
+    flags: jax.Array
+    u32: jax.Array
+    f8: jax.Array
+    scalar: jax.Array
+    empty: jax.Array
+
+    def materialize(self) -> jax.Array:
+        return self.w
+
+
 def _int8(w: jax.Array, with_offset: bool) -> ArtifactTestInt8Weight:
     scale = (jnp.max(jnp.abs(w), axis=0, keepdims=True) / 127).astype(jnp.float16)
     q = jnp.round(w / scale.astype(jnp.float32)).astype(jnp.int8)
@@ -177,7 +198,7 @@ def test_load_model_recognises_artifact(typed_params, tmp_path, save, config):
     assert loaded.tokenizer.encode("hello world") == [3, 4]
 
 
-def test_every_dtype_round_trips(tmp_path, save):
+def test_every_dtype_round_trips(dense_params, tmp_path, save):
     rng = np.random.default_rng(0)
     arrays = {
         "f32": rng.normal(size=(3, 4)).astype(np.float32),
@@ -186,16 +207,20 @@ def test_every_dtype_round_trips(tmp_path, save):
         "i8": rng.integers(-128, 128, (4, 4)).astype(np.int8),
         "u8": rng.integers(0, 256, (7,)).astype(np.uint8),
         "i32": rng.integers(-1000, 1000, (2, 2)).astype(np.int32),
-        "bool": rng.integers(0, 2, (3, 3)).astype(bool),
+        "flags": rng.integers(0, 2, (3, 3)).astype(bool),
         "u32": rng.integers(0, 2**32, (2, 3), dtype=np.uint64).astype(np.uint32),  # as bytes
         "f8": rng.normal(size=(4,)).astype(ml_dtypes.float8_e4m3fn),  # as bytes
         "scalar": np.float32(3.5),
         "empty": np.zeros((0, 3), np.float16),
     }
-    params = {"group": {k: jnp.asarray(v) for k, v in arrays.items()}}
+    flat = dict(flatten(dense_params))  # the arrays ride on a kernel the config expects
+    path = "layers_0/attn/v_proj/kernel"
+    flat[path] = ArtifactTestAllDtypes(w=flat[path], **{k: jnp.asarray(v)
+                                                         for k, v in arrays.items()})
+    params = unflatten(flat)
     loaded = load_artifact(save(tmp_path / "art", params)).params
     _assert_same_tree(params, loaded)
-    assert loaded["group"]["u32"].dtype == jnp.uint32
+    assert loaded["layers_0"]["attn"]["v_proj"]["kernel"].u32.dtype == jnp.uint32
 
 
 def test_file_size_matches_param_bytes(typed_params, dense_params, tmp_path, save):
@@ -345,6 +370,57 @@ def test_bad_artifact_json(edit, message, typed_params, tmp_path, save):
         load_artifact(out)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["config"].update(num_layers=1),  # one block silently dropped, before
+         r"artifact.json: \d+ tensors are not used by the config, e.g. \['layers_1/"),
+        (lambda m: m["config"].update(num_layers=3),
+         r"artifact.json: \d+ tensors the config needs are missing, e.g. \['layers_2/"),
+        (lambda m: m["config"].update(hidden_size=40, head_dim=10),
+         r"artifact.json: tensor '.*' has shape \(.*\) but the config expects"),
+        (lambda m: m["config"].update(intermediate_size=64),
+         r"tensor 'layers_0/mlp/down_proj/kernel' has shape \(48, 32\) but the config "
+         r"expects \(64, 32\)"),
+        (lambda m: m["leaves"].pop("layers_0/mlp/up_proj/kernel"),  # its tensors orphaned
+         r"tensors the config needs are missing, e.g. \['layers_0/mlp/up_proj/kernel'\]"),
+    ],
+)
+def test_config_is_checked_against_the_weights(edit, message, typed_params, tmp_path, save):
+    out = save(tmp_path / "art", typed_params)
+    _edit_json(out, edit)
+    with pytest.raises(ValueError, match=message):
+        load_artifact(out)
+
+
+def test_config_check_covers_the_librarys_leaves(config, dense_params, tmp_path, save):
+    """Quantized, low-rank and scale-wrapped leaves are checked by their dense shapes."""
+    from jaxopt_llm.weights import LowRankWeight, QuantSpec, ScaledInputWeight, quantize_weight
+
+    flat = dict(flatten(dense_params))
+    spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16)
+    flat["layers_0/attn/o_proj/kernel"] = ScaledInputWeight(
+        weight=quantize_weight(flat["layers_0/attn/o_proj/kernel"], spec),
+        input_scale=jnp.ones((32,), jnp.float32))
+    down = flat["layers_1/mlp/down_proj/kernel"]
+    flat["layers_1/mlp/down_proj/kernel"] = LowRankWeight(u=down[:, :8], v=jnp.eye(8, 32))
+    out = save(tmp_path / "art", unflatten(flat))
+    assert isinstance(load_artifact(out).params["layers_0"]["attn"]["o_proj"]["kernel"],
+                      ScaledInputWeight)
+    _edit_json(out, lambda m: m["config"].update(intermediate_size=40))
+    with pytest.raises(ValueError, match=r"'layers_0/mlp/down_proj/kernel' has shape "
+                                         r"\(48, 32\) but the config expects \(40, 32\)"):
+        load_artifact(out)
+    _edit_json(out, lambda m: m["config"].update(intermediate_size=48))
+    load_artifact(out)
+    inner = "layers_0/attn/o_proj/kernel"  # a leaf's stored shape edited
+    _edit_json(out, lambda m: m["leaves"][inner]["children"]["weight"]["static"].update(
+        shape=[32, 16]))
+    with pytest.raises(ValueError, match=r"leaf 'layers_0/attn/o_proj/kernel.*"
+                                         r"(cannot be rebuilt|inconsistent|has shape)"):
+        load_artifact(out)
+
+
 def test_missing_files_and_tensors(dense_params, tmp_path, save):
     with pytest.raises(ValueError, match="artifact.json: missing"):
         load_artifact(tmp_path)
@@ -400,27 +476,29 @@ def test_real_weight_classes_logits(config, dense_params, tmp_path, save):
     np.testing.assert_array_equal(_logits(config, loaded, tokens), expected)
 
 
-def test_real_packed_weights_round_trip(tmp_path, save):
+def test_real_packed_weights_round_trip(dense_params, tmp_path, save):
     LowRankWeight, QuantSpec, quantize_weight = _real_classes()
     rng = np.random.default_rng(2)
     q4 = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16)
     q3 = QuantSpec(bits=3, symmetric=True, granularity="channel")
-    w = jnp.asarray(rng.normal(size=(64, 24)).astype(np.float32))
-    params = {
-        "packed": quantize_weight(w, q4),
-        "lowrank": LowRankWeight(u=quantize_weight(w[:, :16], q3),
-                                 v=quantize_weight(w[:16], q4)),
-        "bf16": w.astype(jnp.bfloat16),
-    }
+    w = jnp.asarray(rng.normal(size=(48, 32)).astype(np.float32))  # down_proj's shape
+    flat = dict(flatten(dense_params))
+    flat["layers_0/mlp/down_proj/kernel"] = quantize_weight(w, q4)
+    flat["layers_1/mlp/down_proj/kernel"] = LowRankWeight(u=quantize_weight(w[:, :16], q3),
+                                                          v=quantize_weight(w[:16], q4))
+    flat["layers_0/mlp/up_proj/kernel"] = flat["layers_0/mlp/up_proj/kernel"].astype(
+        jnp.bfloat16)
+    params = unflatten(flat)
     out = save(tmp_path / "art", params)
     loaded = load_artifact(out).params
     _assert_same_tree(params, loaded)
-    packed = loaded["packed"]
-    assert packed.qvalue.dtype == jnp.uint8 and packed.qvalue.shape == (32, 24)
+    packed = loaded["layers_0"]["mlp"]["down_proj"]["kernel"]
+    assert packed.qvalue.dtype == jnp.uint8 and packed.qvalue.shape == (24, 32)
     assert packed.zero_point is not None and type(packed.shape) is tuple
-    np.testing.assert_array_equal(packed.materialize(), params["packed"].materialize())
-    np.testing.assert_array_equal(loaded["lowrank"].materialize(),
-                                  params["lowrank"].materialize())
+    np.testing.assert_array_equal(packed.materialize(), flat["layers_0/mlp/down_proj/kernel"]
+                                  .materialize())
+    np.testing.assert_array_equal(loaded["layers_1"]["mlp"]["down_proj"]["kernel"].materialize(),
+                                  flat["layers_1/mlp/down_proj/kernel"].materialize())
     data = (out / "model.safetensors").read_bytes()
     (header_len,) = pystruct.unpack("<Q", data[:8])
     assert len(data) - 8 - header_len == param_bytes(params)

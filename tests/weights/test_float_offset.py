@@ -221,12 +221,22 @@ _CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_
 
 
 def test_artifact_round_trip_and_older_leaves_without_zero(tmp_path):
-    w = _weights(12, shape=(64, 24), shift=1.0)
-    params = {"offset": quantize_weight(w, _spec(5, 16)),
+    from jaxopt_llm.models import init_params
+    from jaxopt_llm.tree import flatten, unflatten
+
+    w = _weights(12, shape=(48, 32), shift=1.0)  # down_proj's shape
+    leaves = {"offset": quantize_weight(w, _spec(5, 16)),
               "integer": quantize_weight(w, QuantSpec(bits=4, symmetric=False))}
-    out = save_artifact(tmp_path / "art", config=_CONFIG, params=params, tokenizer=None,
-                        recipe=None)
-    loaded = load_artifact(out).params
+    paths = {"offset": "layers_0/mlp/down_proj/kernel", "integer": "layers_0/attn/q_proj/kernel"}
+    leaves["integer"] = quantize_weight(_weights(13, shape=(32, 32), shift=1.0),
+                                        QuantSpec(bits=4, symmetric=False))
+    flat = flatten(init_params(_CONFIG, jax.random.key(0)))
+    flat.update({paths[name]: leaf for name, leaf in leaves.items()})
+    out = save_artifact(tmp_path / "art", config=_CONFIG, params=unflatten(flat),
+                        tokenizer=None, recipe=None)
+    loaded_flat = flatten(load_artifact(out).params)
+    loaded = {name: loaded_flat[path] for name, path in paths.items()}
+    params = leaves
     for name, leaf in params.items():
         assert loaded[name].zero == leaf.zero
         assert jax.tree_util.tree_structure(loaded[name]) == jax.tree_util.tree_structure(leaf)
@@ -235,9 +245,9 @@ def test_artifact_round_trip_and_older_leaves_without_zero(tmp_path):
     # An artifact written before the field existed lacks "zero": it loads as integer.
     meta_path = out / "artifact.json"
     meta = json.loads(meta_path.read_text())
-    del meta["leaves"]["integer"]["static"]["zero"]
+    del meta["leaves"][paths["integer"]]["static"]["zero"]
     meta_path.write_text(json.dumps(meta))
-    older = load_artifact(out).params["integer"]
+    older = flatten(load_artifact(out).params)[paths["integer"]]
     assert older.zero == "integer"
     np.testing.assert_array_equal(np.asarray(older.materialize()),
                                   np.asarray(params["integer"].materialize()))
