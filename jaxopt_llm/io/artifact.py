@@ -3,7 +3,8 @@
 Layout of an artifact directory::
 
     artifact.json        format_version, jaxopt_llm version, config, recipe, extra,
-                         `tensors` (name -> dtype, shape) and `leaves` (typed weight leaves)
+                         `tensors` (name -> dtype, shape, sha256 of the stored bytes) and
+                         `leaves` (typed weight leaves)
     model.safetensors    every array, in its own dtype (packed uint8 stays uint8)
     tokenizer.json       \
     tokenizer_meta.json  / written by Tokenizer.save
@@ -16,6 +17,9 @@ nested leaf description; plain parameters are the tensors no leaf refers to.
 Dtypes safetensors cannot name (uint32, float8, ...) are stored as their raw bytes,
 uint8 with a trailing itemsize axis, and marked `"stored_as": "bytes"`.
 
+Loading checks every tensor's sha256 (a damaged tensor is named) and the config against
+the weights (every tensor used, every one the config needs present, dense shapes equal).
+
 Writing is atomic: everything goes to a hidden sibling directory that is fsynced
 and then renamed into place, so a crash leaves either the old artifact or the new.
 """
@@ -23,6 +27,7 @@ and then renamed into place, so a crash leaves either the old artifact or the ne
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -127,13 +132,21 @@ def _describe(node: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, 
     )
 
 
+def _digest(array: np.ndarray) -> str:
+    """sha256 of an array's bytes as stored (C order): artifacts record one per tensor."""
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
+
+
 def _encode(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     info: dict[str, Any] = {"dtype": array.dtype.name, "shape": list(array.shape)}
     if array.dtype.name in _NATIVE:
+        info["sha256"] = _digest(array)
         return array, info
     info["stored_as"] = "bytes"
     raw = np.ascontiguousarray(array).reshape(array.shape + (1,))
-    return raw.view(np.uint8).reshape(array.shape + (array.dtype.itemsize,)), info
+    stored = raw.view(np.uint8).reshape(array.shape + (array.dtype.itemsize,))
+    info["sha256"] = _digest(stored)
+    return stored, info
 
 
 def _json_data(value: Any, what: str) -> Any:
@@ -384,6 +397,10 @@ def _read_tensors(directory: Path, described: dict[str, Any], source: Path) -> d
                 f"{weights}: tensor {name!r} is {array.dtype}{list(array.shape)} but "
                 f"{source.name} expects {want_dtype}{list(want_shape)}"
             )
+        digest = info.get("sha256")  # artifacts from before digests have none
+        if digest is not None and _digest(array) != digest:
+            raise ValueError(f"{weights}: tensor {name!r} is damaged (its sha256 differs from "
+                             f"the one {source.name} recorded); re-create the artifact")
         if as_bytes:
             array = np.ascontiguousarray(array).view(dtype).reshape(shape)
         arrays[name] = jnp.asarray(array)

@@ -421,6 +421,21 @@ def test_config_check_covers_the_librarys_leaves(config, dense_params, tmp_path,
         load_artifact(out)
 
 
+def test_a_damaged_tensor_is_named(typed_params, tmp_path, save):
+    out = save(tmp_path / "art", typed_params)
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    (header_len,) = pystruct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    begin, _ = header["layers_0/attn/q_proj/kernel/q"]["data_offsets"]
+    start = 8 + header_len + begin + 4
+    data[start:start + 64] = bytes(b ^ 0x5A for b in data[start:start + 64])  # 64 bytes flipped
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor "
+                                         r"'layers_0/attn/q_proj/kernel/q' is damaged"):
+        load_artifact(out)
+
+
 def test_missing_files_and_tensors(dense_params, tmp_path, save):
     with pytest.raises(ValueError, match="artifact.json: missing"):
         load_artifact(tmp_path)
