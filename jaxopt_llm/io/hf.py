@@ -60,12 +60,36 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
             f"{source}: model_type {model_type!r} is not supported; "
             f"supported: {sorted(HF_MODEL_TYPES)}"
         )
+    gpt2 = HF_MODEL_TYPES[model_type] == "gpt2"
+    _check_positive_ints(hf, source, _GPT2_INTS if gpt2 else _LLAMA_INTS)
     try:
-        if HF_MODEL_TYPES[model_type] == "gpt2":
+        if gpt2:
             return _gpt2_config(hf, model_type)
         return _llama_config(hf, model_type, source)
     except KeyError as err:
         raise ValueError(f"{source}: config.json lacks the required key {err}") from None
+    except ValueError as err:  # ModelConfig's own checks (ranges, divisibility)
+        raise ValueError(f"{source}: {err}") from None
+
+
+# config.json keys that must be positive integers when present (False: optional)
+_LLAMA_INTS = {"vocab_size": True, "hidden_size": True, "intermediate_size": True,
+               "num_hidden_layers": True, "num_attention_heads": True,
+               "num_key_value_heads": False, "head_dim": False,
+               "max_position_embeddings": False, "sliding_window": False}
+_GPT2_INTS = {"vocab_size": True, "n_embd": True, "n_head": True, "n_layer": True,
+              "n_positions": True, "n_inner": False}
+
+
+def _check_positive_ints(hf: dict[str, Any], source: str, keys: dict[str, bool]) -> None:
+    """Each key a positive integer (not a bool, a string or a float), or absent/null if
+    optional; a missing required key is left to the KeyError above."""
+    for key, required in keys.items():
+        if key not in hf or (hf[key] is None and not required):
+            continue
+        value = hf[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
 
 
 def _llama_config(hf: dict[str, Any], model_type: str, source: str) -> ModelConfig:

@@ -7,6 +7,7 @@ Loaders (HF config.json, GGUF metadata) translate their formats into it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from jaxopt_llm.tree import freeze
@@ -62,10 +63,31 @@ class ModelConfig:
             raise ValueError(
                 f"model family {self.family!r} is not supported; supported: {SUPPORTED_FAMILIES}"
             )
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"config {name} must be positive, got {getattr(self, name)}")
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"config {name} must be a finite positive number, got {value!r}")
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config {name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+        if self.sliding_window is not None and (
+                isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
+                or self.sliding_window <= 0):
+            raise ValueError(f"config sliding_window must be null or a positive integer, got "
+                             f"{self.sliding_window!r}")
+        for token in (self.bos_token_id, *self.eos_token_ids):
+            if token is not None and (isinstance(token, bool) or not isinstance(token, int)
+                                      or not 0 <= token):
+                raise ValueError(f"config token ids must be non-negative integers, got "
+                                 f"{token!r}")
+        if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"config num_heads={self.num_heads} must be a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"

@@ -130,3 +130,39 @@ def test_write_is_atomic(tmp_path):
     np.testing.assert_array_equal(read_safetensors(target)["a"], np.ones(3, np.float32))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"num_attention_heads": 0}, r"config.json: num_attention_heads must be a positive integer, "
+                                 r"got 0"),
+    ({"hidden_size": "64"}, r"config.json: hidden_size must be a positive integer, got '64'"),
+    ({"num_hidden_layers": 1.0}, r"num_hidden_layers must be a positive integer, got 1.0"),
+    ({"num_key_value_heads": True}, r"num_key_value_heads must be a positive integer, got True"),
+    ({"vocab_size": -16}, r"vocab_size must be a positive integer, got -16"),
+    ({"num_key_value_heads": 3}, r"config.json: config num_heads=2 must be a multiple of "
+                                 r"num_kv_heads=3"),
+    ({"rms_norm_eps": "tiny"}, r"config.json: config norm_eps must be a finite positive number"),
+    ({"tie_word_embeddings": "yes"}, None),  # HF reads truthiness: bool("yes")
+])
+def test_config_values_are_checked_by_type_and_range(checkpoint, edit, message):
+    (checkpoint / "config.json").write_text(json.dumps({**CONFIG, **edit}))
+    if message is None:
+        load_hf_directory(checkpoint)
+        return
+    with pytest.raises(ValueError, match=message):
+        load_hf_directory(checkpoint)
+
+
+def test_model_config_checks_every_field():
+    from jaxopt_llm.models import ModelConfig
+
+    for field, value, message in [
+        ("hidden_size", "576", "config hidden_size must be a positive integer, got '576'"),
+        ("num_layers", 0, "config num_layers must be a positive integer, got 0"),
+        ("norm_eps", float("nan"), "config norm_eps must be a finite positive number"),
+        ("qkv_bias", 1, "config qkv_bias must be true or false, got 1"),
+        ("sliding_window", 0, "config sliding_window must be null or a positive integer"),
+        ("eos_token_ids", (2, -1), "config token ids must be non-negative integers, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            ModelConfig.tiny(**{field: value})
