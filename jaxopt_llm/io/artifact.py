@@ -20,8 +20,10 @@ uint8 with a trailing itemsize axis, and marked `"stored_as": "bytes"`.
 Loading checks every tensor's sha256 (a damaged tensor is named) and the config against
 the weights (every tensor used, every one the config needs present, dense shapes equal).
 
-Writing is atomic: everything goes to a hidden sibling directory that is fsynced
-and then renamed into place, so a crash leaves either the old artifact or the new.
+Writing is atomic: everything goes to a hidden sibling directory that is fsynced and then
+swapped into place (`io.atomic`: an exchange rename where the OS has one), so the path
+names either the old artifact or the new at every moment; a crashed save's leftovers are
+removed by the next save or load.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm import tree
+from jaxopt_llm.io import atomic
 from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.io.params import check_against_config, expected_shapes
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
@@ -265,9 +267,9 @@ def save_artifact(
     }
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{token}"
-    old = out_dir.parent / f".{out_dir.name}.old-{token}"
+    atomic.clean_stale(out_dir)  # a crashed earlier save's leftovers (and its old version)
+    replace = _check_target(out_dir)
+    tmp = atomic.sibling(out_dir, "tmp")
     try:
         tmp.mkdir()
         write_safetensors(tmp / WEIGHTS_FILE, stored,
@@ -278,18 +280,12 @@ def save_artifact(
         (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         if replace:
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
+            atomic.replace_dir(tmp, out_dir)
         else:
             os.replace(tmp, out_dir)  # also replaces an empty directory
         _fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -428,6 +424,10 @@ def load_artifact(directory: str | Path) -> LoadedModel:
     from jaxopt_llm.io.tokenizer import TOKENIZER_FILE, load_tokenizer_dir
 
     directory = Path(directory)
+    try:
+        atomic.clean_stale(directory)  # restores the last version after a crashed swap
+    except OSError:
+        pass  # a read-only location: nothing to clean
     source = directory / ARTIFACT_FILE
     if not source.is_file():
         raise ValueError(f"{source}: missing; expected a directory written by save_artifact")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm.errors import ParameterError
+from jaxopt_llm.io import atomic
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.placement import Placement
 from jaxopt_llm.train.schedule import PruneSchedule, reprune
@@ -86,7 +87,8 @@ def save_checkpoint(directory: Path, state: Any, meta: dict[str, Any]) -> None:
     """Atomically replace `directory` with the state's arrays and `meta`.
 
     Args:
-        directory: the checkpoint directory (written beside, then renamed into place).
+        directory: the checkpoint directory (written beside, fsynced, then swapped into
+            place by `io.atomic.replace_dir`: the path always names a complete checkpoint).
         state: any tree of arrays (a `TrainState` and the frozen arrays).
         meta: JSON data describing the run (compared on resume).
 
@@ -97,16 +99,24 @@ def save_checkpoint(directory: Path, state: Any, meta: dict[str, Any]) -> None:
         >>> load_checkpoint(where, {"w": jnp.zeros(2)}, {"step": 1})["w"].tolist()
         [1.0, 1.0]
     """
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{i:06d}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(state))}
-    write_safetensors(tmp / "state.safetensors", arrays)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    atomic.clean_stale(directory)
+    tmp = atomic.sibling(directory, "tmp")
+    try:
+        tmp.mkdir()
+        arrays = {f"{i:06d}": np.asarray(a)
+                  for i, a in enumerate(jax.tree_util.tree_leaves(state))}
+        write_safetensors(tmp / "state.safetensors", arrays)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for path in (tmp / "state.safetensors", tmp / "meta.json", tmp):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        atomic.replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint(directory: Path, template: Any, meta: dict[str, Any]) -> Any:

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxopt_llm.errors import ParameterError
+from jaxopt_llm.io import atomic
 from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.pipeline import Recipe
@@ -288,6 +289,8 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
             "gradual": settings.gradual, "lora": settings.lora_rank,
             "text_tokens": int(len(token_ids))}
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if checkpoint_dir is not None:  # a crash mid-swap: the last checkpoint comes back
+        atomic.clean_stale(checkpoint_dir)
     resume = checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists()
     log = None if log_path is None else Path(log_path).open("a" if resume else "w")
 

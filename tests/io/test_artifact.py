@@ -274,8 +274,19 @@ def test_failed_overwrite_keeps_previous(typed_params, dense_params, tmp_path, m
             raise OSError("rename failed")
         real_rename(src, dst)
 
+    from jaxopt_llm.io import atomic
+
     monkeypatch.setattr(artifact.os, "rename", rename)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # the two-rename fallback
     with pytest.raises(OSError, match="rename failed"):
+        save(out, typed_params)
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+    def exchange(a, b):
+        raise OSError("exchange failed")
+
+    monkeypatch.setattr(atomic, "exchange", exchange)
+    with pytest.raises(OSError, match="exchange failed"):
         save(out, typed_params)
     assert _snapshot(out) == before and _leftovers(tmp_path) == []
 
