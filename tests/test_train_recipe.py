@@ -65,12 +65,16 @@ def test_resume_equals_uninterrupted_and_save_writes_the_artifact(loaded, tmp_pa
     with pytest.raises(ValueError, match="stopped at step 3 of 6; resume it"):
         first.save(tmp_path / "early")
     idle = train_recipe(loaded, "w4", ids, SETTINGS, stop_after=2, **common)
-    assert not idle.finished and idle.history == [] and idle.steps_done == 2  # no step ran
+    assert not idle.finished and idle.steps_done == 2  # no step ran
+    assert [h["step"] for h in idle.history] == [1, 2]  # the log up to the checkpoint
     resumed = train_recipe(loaded, "w4", ids, SETTINGS, **common)
     assert resumed.finished and resumed.resumed_from == 2  # the checkpoint of step 2
     _assert_same_leaves(straight.params, resumed.params)
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == [1, 2, 3, 3, 4, 5, 6]  # appended: step 3 ran again after the resume
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # one record per step
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    assert resumed.loss_first == straight.loss_first  # step 1's loss, not the resumed one's
+    assert [r["loss"] for r in records] == [h["loss"] for h in straight.history]
     path = resumed.save(tmp_path / "model")
     assert not ckpt.exists()  # the run is complete
     saved = load_model(str(path))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -206,6 +207,29 @@ def training_ids(tokenizer: Any, text: str | None = None) -> np.ndarray:
     return ids[EVAL_TOKENS:] if text is None else ids
 
 
+def _log_until_checkpoint(log_path: str | Path | None,
+                          checkpoint_dir: Path) -> list[dict[str, float]]:
+    """On resume: the log's records up to the checkpoint's step, the rest (steps run after
+    it before the interruption, about to be run again) cut off, the file rewritten
+    atomically. Returns the kept records (the history before the resumed steps)."""
+    if log_path is None or not Path(log_path).is_file():
+        return []
+    step = json.loads((checkpoint_dir / "meta.json").read_text()).get("step", 0)
+    kept = []
+    for line in Path(log_path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                and record["step"] <= step:
+            kept.append(record)
+    tmp = Path(log_path).with_name(f".{Path(log_path).name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, log_path)
+    return kept
+
+
 def _trainable_form(loaded: LoadedModel, recipe: Recipe | None, settings: TrainSettings,
                     calibration: Any):
     """(config, params, prune schedules) to start training from."""
@@ -292,6 +316,7 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
     if checkpoint_dir is not None:  # a crash mid-swap: the last checkpoint comes back
         atomic.clean_stale(checkpoint_dir)
     resume = checkpoint_dir is not None and (checkpoint_dir / "meta.json").exists()
+    earlier = _log_until_checkpoint(log_path, checkpoint_dir) if resume else []
     log = None if log_path is None else Path(log_path).open("a" if resume else "w")
 
     def step_done(step: int, record: dict[str, float]) -> None:
@@ -314,7 +339,7 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
         if log is not None:
             log.close()
     seconds = time.perf_counter() - began
-    history = result.history
+    history = earlier + result.history  # step 1 onwards when the log was kept
     done = int(history[-1]["step"]) if history else result.resumed_from
     finished = done >= settings.steps  # not when stop_after ended the run early
     final = result.params
