@@ -107,6 +107,10 @@ def _out_dir(out: str):
         raise ValueError(f"--out {out}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {ancestor} is not writable")
+    from jaxopt_llm.io.artifact import check_target
+
+    with _flags(out_dir="--out"):
+        check_target(path)  # a foreign non-empty directory is refused before any work
     return path
 
 

@@ -242,12 +242,12 @@ def check_rules(rules: Sequence[tuple[str, str]]) -> None:
     """
     for pattern, layout in rules:
         if layout not in LAYOUTS:
-            raise ValueError(f"shard rule {pattern!r}: layout must be one of {LAYOUTS}, "
+            raise ValueError(f"shard rule '{pattern}': layout must be one of {LAYOUTS}, "
                              f"got {layout!r}")
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"shard rule {pattern!r} is not a valid regex: {err}") from None
+            raise ValueError(f"shard rule '{pattern}' is not a valid regex: {err}") from None
 
 
 def parse_shard_rule(text: str) -> tuple[str, str]:

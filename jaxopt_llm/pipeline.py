@@ -384,7 +384,11 @@ def read_recipe_file(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe file {path}: no such file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe file {path}: not UTF-8 text (byte {err.start}); a recipe is "
+                         "a .yaml or .json text file") from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)

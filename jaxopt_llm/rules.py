@@ -40,7 +40,7 @@ class Rule:
         try:
             re.compile(self.match)
         except re.error as err:
-            raise ValueError(f"rule match {self.match!r} is not a valid regex: {err}") from None
+            raise ValueError(f"rule match '{self.match}' is not a valid regex: {err}") from None
         if not isinstance(self.op, str) or not self.op:
             raise ValueError(f"rule op must be a non-empty string, got {self.op!r}")
         object.__setattr__(self, "options", freeze(dict(self.options)))
@@ -119,12 +119,12 @@ def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") 
         shadowed = [p for p in paths if candidate.matches(p)]
         if shadowed:
             raise ValueError(
-                f"{where}: rule {index} (match {candidate.match!r}, op {candidate.op!r}) selects "
+                f"{where}: rule {index} (match '{candidate.match}', op {candidate.op!r}) selects "
                 f"nothing: every parameter it matches ({_preview(shadowed)}) is taken by an "
                 f"earlier rule"
             )
         raise ValueError(
-            f"{where}: rule {index} (match {candidate.match!r}, op {candidate.op!r}) matches no "
+            f"{where}: rule {index} (match '{candidate.match}', op {candidate.op!r}) matches no "
             f"parameter; paths look like {_preview(paths)}"
         )
     return taken

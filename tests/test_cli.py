@@ -1,6 +1,7 @@
 """The jaxopt-llm command: JSON outputs and one clear error per bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -201,3 +202,20 @@ def test_os_errors_during_a_command_are_one_line(capsys, monkeypatch):
     code, out, err = _run(capsys, "recipes")
     assert code == 2 and out == ""
     assert err == "jaxopt-llm recipes: error: [Errno 13] Permission denied: '/readonly/art'\n"
+
+
+def test_smaller_bad_inputs_name_what_is_wrong(capsys, tmp_path):
+    binary = tmp_path / "recipe.yaml"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    code, _, err = _run(capsys, "plan", "--model", "nowhere", "--recipe", str(binary))
+    assert code == 2 and f"recipe file {binary}: not UTF-8 text" in err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, err = _run(capsys, "optimize", "--model", "nowhere", "--recipe", "w8", "--out",
+                        str(foreign))  # refused before the (unknown) model is even looked up
+    assert code == 2 and "is a non-empty directory that is not a jaxopt-llm artifact" in err
+    from jaxopt_llm.rules import rule
+
+    with pytest.raises(ValueError, match=re.escape("rule match 'layers_\\d+/(' is not a valid")):
+        rule(r"layers_\d+/(", "quantize", bits=8)

@@ -175,8 +175,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _check_target(out_dir: Path) -> bool:
-    """Whether out_dir holds a previous artifact to replace; refuses anything else non-empty."""
+def check_target(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a previous artifact `save_artifact` may replace.
+
+    Args:
+        out_dir: the artifact's directory (it need not exist).
+
+    Returns:
+        True for a previous artifact, False for nothing or an empty directory.
+
+    Raises:
+        ValueError: a file, or a non-empty directory that is not (only) an artifact.
+
+    Example:
+        >>> check_target(Path("never-written"))
+        False
+    """
     if not out_dir.exists() and not out_dir.is_symlink():
         return False
     if not out_dir.is_dir():
@@ -244,7 +258,7 @@ def save_artifact(
         True
     """
     out_dir = Path(out_dir)
-    replace = _check_target(out_dir)
+    replace = check_target(out_dir)
     arrays: dict[str, np.ndarray] = {}
     leaves: dict[str, Any] = {}
     for path, leaf in tree.flatten(params, strict=True).items():
@@ -268,7 +282,7 @@ def save_artifact(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale(out_dir)  # a crashed earlier save's leftovers (and its old version)
-    replace = _check_target(out_dir)
+    replace = check_target(out_dir)
     tmp = atomic.sibling(out_dir, "tmp")
     try:
         tmp.mkdir()
