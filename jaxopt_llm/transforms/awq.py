@@ -60,6 +60,7 @@ from jaxopt_llm.weights.quant_math import (
     grouped,
     quantize_codes,
     scale_and_zero,
+    shrunk_range,
     ungrouped,
 )
 from jaxopt_llm.weights.quantized import QuantizedWeight, assemble_codes
@@ -192,15 +193,11 @@ def _clipped_leaf(w, gram, *, spec, scale_dtype, grid, max_shrink, dtype):
         g = jnp.pad(gram.astype(jnp.float32), ((0, padded - k), (0, padded - k)))
         diagonal_blocks = jnp.stack([g[i * size:(i + 1) * size, i * size:(i + 1) * size]
                                      for i in range(groups)])  # (G, g, g)
-        center = (lo + hi) / 2
         ratios = 1.0 - max_shrink * jnp.arange(grid, dtype=jnp.float32) / grid
 
         def step(best, ratio):
             best_error, best_lo, best_hi = best
-            if spec.float_zero:
-                lo_r, hi_r = center + (lo - center) * ratio, center + (hi - center) * ratio
-            else:
-                lo_r, hi_r = lo * ratio, hi * ratio
+            lo_r, hi_r = shrunk_range(lo, hi, ratio, spec)
             scale, zero = scale_and_zero(lo_r, hi_r, spec, storage)
             e = wg - dequantize_codes(quantize_codes(wg, scale, zero, spec), scale, zero)
             err = jnp.einsum("gin,gij,gjn->gn", e, diagonal_blocks, e,

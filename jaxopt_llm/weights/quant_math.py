@@ -428,6 +428,31 @@ def quantize_dequantize_grouped(
     return dequantize_codes(quantize_codes(wg, scale, zero, spec), scale, zero)
 
 
+def shrunk_range(lo: jax.Array, hi: jax.Array, ratio: jax.Array,
+                 spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """A range clipped by `ratio` ∈ (0, 1]: toward 0 with an integer zero (0 stays in it),
+    toward its midpoint for a float offset (it stays inside the group's [min, max]).
+
+    Args:
+        lo: the lower ends, e.g. (G, 1, N).
+        hi: the upper ends, same shape.
+        ratio: the shrink factor (1: unchanged).
+        spec: the grid (its zero kind picks the center).
+
+    Returns:
+        (lo', hi').
+
+    Example:
+        >>> lo, hi = shrunk_range(jnp.float32(-2.0), jnp.float32(4.0), 0.5, QuantSpec())
+        >>> float(lo), float(hi)
+        (-1.0, 2.0)
+    """
+    if spec.float_zero:
+        center = (lo + hi) / 2
+        return center + (lo - center) * ratio, center + (hi - center) * ratio
+    return lo * ratio, hi * ratio
+
+
 def _mse_search(wg, lo, hi, spec, grid, max_shrink, norm):
     """Per group, the clip ratio in [1 - max_shrink, 1] with the smallest Σ|w - q(w)|^norm."""
     if not (isinstance(grid, int) and grid >= 1):
@@ -437,16 +462,9 @@ def _mse_search(wg, lo, hi, spec, grid, max_shrink, norm):
     axes = _reduce_axes(spec)
     ratios = 1.0 - max_shrink * jnp.arange(grid, dtype=jnp.float32) / grid
 
-    # Integer zeros shrink toward 0 (kept in the range); a float offset's range shrinks
-    # toward its midpoint, so it stays inside [min, max] of the group.
-    center = (lo + hi) / 2
-
     def step(carry, ratio):
         best_err, best_lo, best_hi = carry
-        if spec.float_zero:
-            lo_r, hi_r = center + (lo - center) * ratio, center + (hi - center) * ratio
-        else:
-            lo_r, hi_r = lo * ratio, hi * ratio
+        lo_r, hi_r = shrunk_range(lo, hi, ratio, spec)
         err = jnp.sum(
             jnp.abs(quantize_dequantize_grouped(wg, lo_r, hi_r, spec) - wg) ** norm,
             axis=axes,
