@@ -482,6 +482,11 @@ def load_artifact(directory: str | Path) -> LoadedModel:
         actual = _dense_shape(flat[path], path, source, shape)
         if actual != shape:
             check_against_config(config, {**expected, path: actual}, str(source))
+    listed = meta.get("files") if isinstance(meta.get("files"), list) else []
+    missing = [name for name in listed if not (directory / str(name)).is_file()]
+    if missing:
+        raise ValueError(f"{source}: lists {missing} but the directory lacks them; the "
+                         "artifact is incomplete (re-create it)")
     tokenizer = load_tokenizer_dir(directory) if (directory / TOKENIZER_FILE).is_file() else None
     return LoadedModel(config=config, params=tree.unflatten(flat), tokenizer=tokenizer,
                        source=str(directory), recipe=meta.get("recipe"), extra=meta.get("extra"),

@@ -432,6 +432,14 @@ def test_config_check_covers_the_librarys_leaves(config, dense_params, tmp_path,
         load_artifact(out)
 
 
+def test_a_listed_file_that_is_gone_is_named(typed_params, tmp_path, save):
+    out = save(tmp_path / "art", typed_params)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"artifact.json: lists \['tokenizer.json'\] but the "
+                                         r"directory lacks them"):
+        load_artifact(out)
+
+
 def test_a_damaged_tensor_is_named(typed_params, tmp_path, save):
     out = save(tmp_path / "art", typed_params)
     weights = out / "model.safetensors"
