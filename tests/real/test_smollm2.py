@@ -39,11 +39,11 @@ def test_greedy_generation_matches_hf(smollm2, smollm2_hf):
     prompts = ["The Python statement for handling exceptions is",
                "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
     ids = [smollm2.tokenizer.encode(p) for p in prompts]
-    ours = generate(smollm2.config, smollm2.params, ids, max_new_tokens=64, eos_token_ids=[-1])
+    ours = generate(smollm2.config, smollm2.params, ids, max_new_tokens=32, eos_token_ids=[-1])
     for prompt_ids, new_ids in zip(ids, ours.new_ids, strict=True):
         with torch.no_grad():
-            out = smollm2_hf.generate(torch.tensor([prompt_ids]), max_new_tokens=64,
-                                      min_new_tokens=64, do_sample=False, pad_token_id=2)
+            out = smollm2_hf.generate(torch.tensor([prompt_ids]), max_new_tokens=32,
+                                      min_new_tokens=32, do_sample=False, pad_token_id=2)
         assert new_ids == out[0, len(prompt_ids):].tolist()
 
 
