@@ -141,6 +141,8 @@ def test_qat_starts_from_the_calibrated_weights(loaded, name):
     assert kernels and all(type(k) is QuantizedWeight for k in kernels)
     o_proj = trained.params["layers_0"]["attn"]["o_proj"]["kernel"]
     assert isinstance(o_proj, ScaledInputWeight) == (name != "w4-gptq")
+    # the artifact computes what its recipe says: W8A8 keeps per-token int8 activations
+    assert {k.act_bits for k in kernels} == ({8} if name == "w8a8-smoothquant" else {None})
 
 
 def test_qat_from_a_float_offset_grid_is_refused():

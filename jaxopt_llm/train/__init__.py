@@ -20,6 +20,7 @@ from jaxopt_llm.train.qat import (
     qat_recipe,
     trainable_leaf,
     trainable_quantized,
+    with_activation_bits,
 )
 from jaxopt_llm.train.schedule import (
     PruneSchedule,
@@ -81,4 +82,5 @@ __all__ = [
     "trainable_leaf",
     "trainable_quantized",
     "training_ids",
+    "with_activation_bits",
 ]

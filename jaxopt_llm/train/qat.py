@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from jaxopt_llm import tree
 from jaxopt_llm.pipeline import Recipe, Stage
 from jaxopt_llm.rules import Rule
 from jaxopt_llm.weights import (
@@ -73,6 +74,44 @@ def convert(params: Any) -> Any:
         params, is_leaf=lambda node: isinstance(node, FakeQuantWeight))
 
 
+def with_activation_bits(recipe: Recipe, params: Any) -> Any:
+    """The recipe's W8A8 back on the converted weights: QAT trains the weights only
+    (`fake_quant` has no activation rounding), so a `quantize` rule with `act_bits: 8`
+    gets its per-token int8 activations again after `convert` — the artifact computes what
+    its recipe says.
+
+    Args:
+        recipe: the recipe trained towards (first matching rule per stage, as applied).
+        params: the converted parameter tree.
+
+    Returns:
+        The tree with `act_bits=8` on the QuantizedWeights (inside wrappers too) whose path
+        a W8A8 `quantize` rule selects.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.recipes import load_recipe
+        >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
+        >>> params = {"layers_0": {"mlp": {"up_proj": {"kernel": quantize_weight(
+        ...     jnp.ones((8, 4)), QuantSpec(bits=8))}}}}
+        >>> out = with_activation_bits(load_recipe("w8a8"), params)
+        >>> out["layers_0"]["mlp"]["up_proj"]["kernel"].act_bits
+        8
+    """
+    flat = tree.flatten(params)
+    w8a8 = set()
+    for stage in recipe.stages:
+        for path in flat:
+            rule = next((r for r in stage.rules if r.matches(path)), None)
+            if rule is not None and rule.op == "quantize" and rule.option_dict.get("act_bits"):
+                w8a8.add(path)
+    for path in w8a8:
+        flat[path] = jax.tree_util.tree_map(
+            lambda leaf: leaf.replace(act_bits=8) if isinstance(leaf, QuantizedWeight) else leaf,
+            flat[path], is_leaf=lambda node: isinstance(node, QuantizedWeight))
+    return tree.unflatten(flat)
+
+
 def trainable_leaf(leaf: QuantizedWeight) -> FakeQuantWeight:
     """A calibrated integer weight as the start of QAT: the fake-quantized float weight
     holding exactly its dequantized values, with its step sizes (and zero points) as
@@ -119,8 +158,8 @@ def trainable_quantized(params: Any) -> Any:
     Example:
         >>> import jax.numpy as jnp
         >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
-        >>> tree = {"k": quantize_weight(jnp.ones((4, 2)), QuantSpec(bits=4))}
-        >>> type(trainable_quantized(tree)["k"]).__name__
+        >>> params = {"k": quantize_weight(jnp.ones((4, 2)), QuantSpec(bits=4))}
+        >>> type(trainable_quantized(params)["k"]).__name__
         'FakeQuantWeight'
     """
     return jax.tree_util.tree_map(

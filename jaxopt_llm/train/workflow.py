@@ -38,7 +38,12 @@ from jaxopt_llm.pipeline import Recipe
 from jaxopt_llm.placement import Placement
 from jaxopt_llm.rules import BLOCK_LINEARS
 from jaxopt_llm.train.loop import EVAL_TOKENS, LORA_TRAINABLE, check_data, run_training
-from jaxopt_llm.train.qat import convert, qat_recipe, trainable_quantized
+from jaxopt_llm.train.qat import (
+    convert,
+    qat_recipe,
+    trainable_quantized,
+    with_activation_bits,
+)
 from jaxopt_llm.train.schedule import gradual_recipe, prune_schedules
 from jaxopt_llm.train.step import TRAIN_ALL, TrainOptions
 from jaxopt_llm.weights.lora import add_lora, merge_lora
@@ -345,6 +350,8 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
     final = result.params
     if finished:  # to host: the integer weights are computed and saved from whole arrays
         final = convert(jax.tree_util.tree_map((placement or Placement.single()).gather, final))
+        if recipe is not None and settings.lora_rank is None:
+            final = with_activation_bits(recipe, final)
         if settings.merge_lora:
             final = merge_lora(final)
     return TrainedModel(config=config, params=final, tokenizer=loaded.tokenizer,
