@@ -135,7 +135,8 @@ def load_recipe(spec: str | Path | Recipe) -> Recipe:
 def apply_recipe(loaded: LoadedModel, recipe: Recipe | None, *,
                  calibration: Any = None) -> LoadedModel:
     """`loaded` with `recipe` applied (None: unchanged), remembering its float32 size in
-    `extra["dense_param_bytes"]` (an artifact keeps the size of the model it came from).
+    `extra["dense_param_bytes"]` (an artifact keeps the size of the model it came from) and,
+    for a calibrated recipe, the calibration tokens' source in `extra["calibration"]`.
 
     A recipe with calibrated ops (GPTQ, …) runs on `calibration`
     (`jaxopt_llm.calibration.Calibration`), by default the embedded text after the
@@ -171,6 +172,8 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | None, *,
         from jaxopt_llm.calibration import default_calibration
 
         calibration = default_calibration(loaded.tokenizer)
+    if recipe.needs_calibration:  # the artifact records which tokens calibrated it
+        extra["calibration"] = getattr(calibration, "source", str(calibration))
     config, params = recipe(loaded.config, loaded.params, calibration=calibration)
     applied = recipe
     if loaded.recipe:

@@ -64,6 +64,8 @@ def test_optimize_calibrated_recipes_on_a_tiny_model(tiny, tmp_path, capsys, nam
     record = json.loads(out)
     assert record["recipe"] == name
     loaded = load_artifact(tmp_path / "art")
+    assert loaded.extra["calibration"].startswith("calibration text (sha256 ")
+    assert loaded.extra["calibration"].endswith(", 1024 tokens)")
     kernel = loaded.params["layers_1"]["mlp"]["down_proj"]["kernel"]
     assert isinstance(kernel, QuantizedWeight) and kernel.bits == bits
     o_proj = loaded.params["layers_1"]["attn"]["o_proj"]["kernel"]  # GQA: scales kept
