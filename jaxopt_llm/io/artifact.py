@@ -478,8 +478,14 @@ def load_artifact(directory: str | Path) -> LoadedModel:
             flat[name] = array
     expected = expected_shapes(config)  # presence first, then shapes in the model's order
     check_against_config(config, {p: expected.get(p, ()) for p in flat}, str(source))
+    traced: dict[Any, tuple[int, ...]] = {}  # blocks repeat: one trace per kind of leaf
     for path, shape in expected.items():
-        actual = _dense_shape(flat[path], path, source, shape)
+        leaf = flat[path]
+        key = (jax.tree_util.tree_structure(leaf), shape, tuple(
+            (a.shape, a.dtype) for a in jax.tree_util.tree_leaves(leaf)))
+        if key not in traced:
+            traced[key] = _dense_shape(leaf, path, source, shape)
+        actual = traced[key]
         if actual != shape:
             check_against_config(config, {**expected, path: actual}, str(source))
     listed = meta.get("files") if isinstance(meta.get("files"), list) else []

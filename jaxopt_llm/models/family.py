@@ -45,6 +45,27 @@ class Projection:
     name: str
     parts: tuple[str, ...]
 
+    def columns(self, config: ModelConfig) -> dict[str, tuple[int, int]]:
+        """Each part's [start, stop) output columns: q has one block of `head_dim` per
+        query head, k and v one per kv head, in `parts` order.
+
+        Args:
+            config: the model's config (head counts and head_dim).
+
+        Returns:
+            part → (start, stop).
+
+        Example:
+            >>> Projection(name="c_attn", parts=("q", "k", "v")).columns(ModelConfig.tiny())
+            {'q': (0, 32), 'k': (32, 48), 'v': (48, 64)}
+        """
+        spans, start = {}, 0
+        for part in self.parts:
+            heads = config.num_heads if part == "q" else config.num_kv_heads
+            spans[part] = (start, start + heads * config.head_dim)
+            start = spans[part][1]
+        return spans
+
     def __post_init__(self) -> None:
         if not self.parts or any(p not in QKV_PARTS for p in self.parts):
             raise ValueError(f"projection {self.name!r}: parts must be a non-empty subset of "

@@ -49,16 +49,13 @@ from jaxopt_llm.transforms.quantize import (
 from jaxopt_llm.transforms.scaling import (
     apply_scales,
     block_groups,
-    block_views,
-    describe_groups,
     with_unit_scales,
 )
 from jaxopt_llm.weights.quant_math import (
     QuantSpec,
-    dequantize_codes,
     group_range,
     grouped,
-    quantize_codes,
+    quantize_dequantize_grouped,
     scale_and_zero,
     shrunk_range,
     ungrouped,
@@ -157,8 +154,7 @@ def _round_trip(w: jax.Array, spec: QuantSpec, scale_dtype: str) -> jax.Array:
     """Round-to-nearest quantize-dequantize of a kernel (K, N) on its own range."""
     wg = grouped(w.astype(jnp.float32), spec)
     lo, hi = group_range(wg, spec, "absmax" if spec.symmetric else "minmax")
-    scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
-    return ungrouped(dequantize_codes(quantize_codes(wg, scale, zero, spec), scale, zero),
+    return ungrouped(quantize_dequantize_grouped(wg, lo, hi, spec, jnp.dtype(scale_dtype)),
                      w.shape[0])
 
 
@@ -198,8 +194,7 @@ def _clipped_leaf(w, gram, *, spec, scale_dtype, grid, max_shrink, dtype):
         def step(best, ratio):
             best_error, best_lo, best_hi = best
             lo_r, hi_r = shrunk_range(lo, hi, ratio, spec)
-            scale, zero = scale_and_zero(lo_r, hi_r, spec, storage)
-            e = wg - dequantize_codes(quantize_codes(wg, scale, zero, spec), scale, zero)
+            e = wg - quantize_dequantize_grouped(wg, lo_r, hi_r, spec, storage)
             err = jnp.einsum("gin,gij,gjn->gn", e, diagonal_blocks, e,
                              precision=jax.lax.Precision.HIGHEST)[:, None, :]
             if spec.granularity == "tensor":
@@ -310,28 +305,6 @@ def _awq_apply(flat: Mapping[str, Any], paths: list[str], config: Any, options: 
     return config, tree.flatten(params)
 
 
-def awq_report(config: Any, flat: Mapping[str, Any], paths: list[str]) -> list[str]:
-    """Where AWQ puts each selected group's scales (folded, or kept in the leaf).
-
-    Args:
-      config: the model config; flat: the float parameters; paths: the selected kernels.
-
-    Returns:
-      One line per (block, group), e.g. "layers_0: attn/o_proj: scales kept in the leaf
-      (attn/v_proj has 192 output columns for 576 inputs (grouped-query attention))".
-
-    Example:
-      >>> awq_report(config, flat, paths)[:1]  # doctest: +SKIP
-      ['layers_0: attn/q_proj, attn/k_proj, attn/v_proj ← input_norm']
-    """
-    lines = []
-    by_block = block_selection(flat, paths, config, "awq")
-    for prefix, block, names in block_views(flat, by_block):
-        lines += [f"{prefix}: {line}" for line in describe_groups(
-            block_groups(config, block, names))]
-    return lines
-
-
 OPS = (
     Op(name="awq", options=AWQOptions, apply=_awq_apply, plan=_awq_plan, traceable=False,
        needs_calibration=True,
@@ -339,4 +312,4 @@ OPS = (
            "integer weights"),
 )
 
-__all__ = ["AWQOptions", "awq_clip_quantize", "awq_report", "awq_scales"]
+__all__ = ["AWQOptions", "awq_clip_quantize", "awq_scales"]

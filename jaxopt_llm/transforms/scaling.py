@@ -65,17 +65,10 @@ def _part_columns(config: ModelConfig, source: str, part: str | None,
     """Columns of `part` ("v") in a fused qkv projection named like `source`."""
     if part is None:
         return 0, width
-    spec = family_spec(config)
     name = source.rsplit("/", 1)[-1]
-    for projection in spec.qkv:
-        if projection.name == name:
-            start = 0
-            for p in projection.parts:
-                heads = config.num_heads if p == "q" else config.num_kv_heads
-                size = heads * config.head_dim
-                if p == part:
-                    return start, start + size
-                start += size
+    for projection in family_spec(config).qkv:
+        if projection.name == name and part in projection.parts:
+            return projection.columns(config)[part]
     raise ValueError(f"scaling source {source!r} has no {part!r} columns in family "
                      f"{config.family!r}")
 
@@ -247,26 +240,4 @@ def with_unit_scales(config: ModelConfig, flat: Mapping[str, Any],
     return out
 
 
-def describe_groups(groups: list[BlockGroup]) -> list[str]:
-    """One line per group for reports: where its scales go.
-
-    Args:
-      groups: from `block_groups`.
-
-    Returns:
-      e.g. ["attn/q_proj, attn/k_proj, attn/v_proj ← input_norm",
-            "attn/o_proj: scales kept in the leaf (grouped-query attention …)"].
-
-    Example:
-      >>> describe_groups(block_groups(config, block, names))  # doctest: +SKIP
-    """
-    lines = []
-    for group in groups:
-        names = ", ".join(group.selected)
-        lines.append(f"{names} ← {group.source}" if group.foldable
-                     else f"{names}: scales kept in the leaf ({group.why})")
-    return lines
-
-
-__all__ = ["BlockGroup", "apply_scales", "block_groups", "block_views", "describe_groups",
-           "with_unit_scales"]
+__all__ = ["BlockGroup", "apply_scales", "block_groups", "block_views", "with_unit_scales"]

@@ -204,12 +204,6 @@ def _scope(params: dict[str, Any], spec: FamilySpec, layer: int,
     return params.get(block, {}).get(scope, {}), f"{block}/{scope}"
 
 
-def _part_widths(config: ModelConfig) -> dict[str, int]:
-    """Columns of each attention part: q has one block per query head, k and v per kv head."""
-    kv = config.num_kv_heads * config.head_dim
-    return {"q": config.num_heads * config.head_dim, "k": kv, "v": kv}
-
-
 def prune_attention_heads(
     config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2"
 ) -> tuple[ModelConfig, dict[str, Any]]:
@@ -241,29 +235,26 @@ def prune_attention_heads(
     new_config = _shrunk_config(config, "heads", removed)
     spec = family_spec(config)
     out = _copy_tree(params)
-    hd, widths = config.head_dim, _part_widths(config)
+    hd = config.head_dim
     for i in range(config.num_layers):
         attn, path = _scope(out, spec, i, spec.attention)
         kernels = [_array(attn.get(p.name, {}), "kernel", f"{path}/{p.name}") for p in spec.qkv]
         o = _array(attn.get(spec.attn_out, {}), "kernel", f"{path}/{spec.attn_out}")
+        spans = {projection.name: projection.columns(config) for projection in spec.qkv}
         for projection, kernel in zip(spec.qkv, kernels, strict=True):
-            _check_width(kernel, 1, sum(widths[part] for part in projection.parts),
+            _check_width(kernel, 1, max(stop for _, stop in spans[projection.name].values()),
                          f"{path}/{projection.name}/kernel")
-        _check_width(o, 0, widths["q"], f"{path}/{spec.attn_out}/kernel")
+        _check_width(o, 0, config.num_heads * hd, f"{path}/{spec.attn_out}/kernel")
         columns = {}  # part -> its (D, width) column block
         for projection, kernel in zip(spec.qkv, kernels, strict=True):
-            offset = 0
-            for part in projection.parts:
-                columns[part] = kernel[:, offset:offset + widths[part]]
-                offset += widths[part]
+            for part, (start, stop) in spans[projection.name].items():
+                columns[part] = kernel[:, start:stop]
         kept_q, kept_kv = _kept_heads(config, columns["q"], columns["k"], columns["v"], o,
                                       removed, score)
         kept = {"q": kept_q, "k": kept_kv, "v": kept_kv}
         for projection in spec.qkv:
-            cols, offset = [], 0
-            for part in projection.parts:
-                cols.append(_columns(kept[part], hd, offset))
-                offset += widths[part]
+            cols = [_columns(kept[part], hd, start)
+                    for part, (start, _) in spans[projection.name].items()]
             for leaf in ("kernel", "bias"):
                 if leaf in attn[projection.name]:
                     _take(attn[projection.name], leaf, np.concatenate(cols), axis=-1)

@@ -401,18 +401,20 @@ def dequantize_codes(
 
 
 def quantize_dequantize_grouped(
-    wg: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec
+    wg: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec,
+    scale_dtype: jnp.dtype = jnp.float32,
 ) -> jax.Array:
     """Float32 round trip of a grouped view through the integer grid given by (lo, hi).
 
-    The scale stays float32 here: this is the error model of the MSE range search, not
-    the storage path (which rounds the scale to its stored dtype first).
+    With the default float32 scale this is the error model of the MSE range search; with
+    the stored `scale_dtype` it is exactly what storage would give (AWQ's searches).
 
     Args:
         wg: the weights, grouped view (G, g, N).
         lo: the lower end of each group's range, (G, 1, N).
         hi: the upper end, same shape.
         spec: the grid.
+        scale_dtype: the dtype the scale (and a float offset) is rounded to first.
 
     Returns:
         float32 dequantized weights of wg's shape.
@@ -424,7 +426,7 @@ def quantize_dequantize_grouped(
         >>> out.ravel().tolist()
         [0.0, 2.0, -3.0]
     """
-    scale, zero = scale_and_zero(lo, hi, spec)
+    scale, zero = scale_and_zero(lo, hi, spec, scale_dtype)
     return dequantize_codes(quantize_codes(wg, scale, zero, spec), scale, zero)
 
 

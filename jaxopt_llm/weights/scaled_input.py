@@ -42,7 +42,8 @@ class ScaledInputWeight(WeightLeaf):
     @property
     def shape(self) -> tuple[int, ...]:
         """The dense kernel's shape."""
-        return tuple(getattr(self.weight, "shape", materialize(self.weight).shape))
+        shape = getattr(self.weight, "shape", None)  # every array and built-in leaf has one
+        return tuple(materialize(self.weight).shape if shape is None else shape)
 
     def describe(self) -> str:
         inner = self.weight.describe() if isinstance(self.weight, WeightLeaf) else "array"
