@@ -1,5 +1,5 @@
-"""Calibrated post-training quantization on SmolLM2-135M: RTN vs GPTQ vs AWQ, W8A8 vs
-SmoothQuant.
+"""Calibrated post-training compression on SmolLM2-135M: RTN vs GPTQ vs AWQ, W8A8 vs
+SmoothQuant, and (with --recipes) magnitude vs Wanda vs SparseGPT pruning.
 
 For each grid (W4 g128, W3 g128, W4 per channel) the round-to-nearest recipe and its
 `-gptq` and `-awq` recipes are applied to the float model and scored by the evaluation
@@ -13,6 +13,9 @@ their own calibration pass plus the algorithm).
 Run:  python benchmarks/bench_calibrated.py [--tokens 65536] [--calib-tokens N]
           [--pairs w4g128,w3g128,w4] [--recipes NAME,…]
           [--json benchmarks/results/calibrated.json] [--plot benchmarks/results/calibrated.png]
+Pruning: python benchmarks/bench_calibrated.py --recipes fp32,magnitude-50,wanda-50,\
+          sparsegpt-50,nm-2:4,wanda-2:4,sparsegpt-2:4 --json benchmarks/results/pruning.json \
+          --plot benchmarks/results/pruning.png
 """
 
 from __future__ import annotations
@@ -107,15 +110,21 @@ def _plot(rows: list[dict], path: Path, scored: int) -> None:
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
     shown = [r for r in rows if r["recipe"] != "fp32"]
-    colors = ["tab:red" if r["recipe"].endswith("-gptq") else "tab:green"
-              if r["recipe"].endswith(("-awq", "-smoothquant")) else "tab:gray" for r in shown]
+    def color(name: str) -> str:
+        if name.endswith("-gptq") or name.startswith("sparsegpt"):
+            return "tab:red"
+        if name.endswith(("-awq", "-smoothquant")) or name.startswith("wanda"):
+            return "tab:green"
+        return "tab:gray"
+
+    colors = [color(r["recipe"]) for r in shown]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.barh([r["recipe"] for r in shown], [100 * r["delta_ppl"] for r in shown], color=colors)
     ax.set_xscale("symlog", linthresh=10)
     ax.invert_yaxis()
-    ax.set_xlabel(f"ΔPPL vs fp32, % ({scored:,} scored tokens; gray RTN, red GPTQ, "
-                  "green AWQ/SmoothQuant)")
-    ax.set_title("SmolLM2-135M: calibrated vs round-to-nearest quantization")
+    ax.set_xlabel(f"ΔPPL vs fp32, % ({scored:,} scored tokens; gray uncalibrated, red "
+                  "GPTQ/SparseGPT, green AWQ/SmoothQuant/Wanda)")
+    ax.set_title("SmolLM2-135M: calibrated vs uncalibrated compression")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -9,149 +9,107 @@ loading and saving (`load_model`, `save_artifact`, `load_artifact`), recipes (`R
 `perplexity`, `generate`, `Placement`, `make_mesh`), weights (`linear`, `param_bytes`,
 the `WeightLeaf` representations, LoRA), calibration and training (`train_recipe`,
 `TrainSettings`, and the lower-level `make_trainer` / `run_training`).
+
+
+Names are imported on first use (PEP 562), so `import jaxopt_llm` and the command line's
+argument checks do not pay for importing JAX.
 """
 
-from jaxopt_llm.calibration import (
-    Calibration,
-    default_calibration,
-    layer_sequential,
-    linear_statistics,
-)
-from jaxopt_llm.data import pydoc_text, text_sha256
-from jaxopt_llm.demo import run_demo
-from jaxopt_llm.errors import ParameterError
-from jaxopt_llm.evaluate import PerplexityResult, perplexity
-from jaxopt_llm.generation import GenerationResult, Sampling, generate
-from jaxopt_llm.io.artifact import load_artifact, save_artifact
-from jaxopt_llm.io.loaded import LoadedModel
-from jaxopt_llm.io.loader import load_model
-from jaxopt_llm.models import (
-    FamilySpec,
-    ModelConfig,
-    build_model,
-    family_spec,
-    forward,
-    init_params,
-)
-from jaxopt_llm.parallel import make_mesh, param_specs, shard_params
-from jaxopt_llm.pipeline import (
-    Recipe,
-    Stage,
-    chain,
-    named_chain,
-    read_recipe_file,
-    save_recipe,
-)
-from jaxopt_llm.placement import Placement, ensure_cpu_devices
-from jaxopt_llm.plan import Plan, plan
-from jaxopt_llm.recipes import BUILTIN_RECIPES, apply_recipe, load_recipe
-from jaxopt_llm.rules import BLOCK_LINEARS, KEEP, Rule, rule
-from jaxopt_llm.train import (
-    TrainedModel,
-    TrainOptions,
-    TrainSettings,
-    convert,
-    gradual_recipe,
-    make_trainer,
-    qat_recipe,
-    run_training,
-    train_recipe,
-    training_ids,
-)
-from jaxopt_llm.transforms import Op, OpOptions, available_ops, register_op
-from jaxopt_llm.weights import (
-    FakeQuantWeight,
-    LoRAWeight,
-    LowRankWeight,
-    MaskedWeight,
-    NMSparseWeight,
-    QuantizedWeight,
-    QuantSpec,
-    WeightLeaf,
-    add_lora,
-    attend,
-    embed,
-    linear,
-    materialize,
-    merge_lora,
-    nbytes,
-    param_bytes,
-    quantize_weight,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BLOCK_LINEARS",
-    "BUILTIN_RECIPES",
-    "Calibration",
-    "FakeQuantWeight",
-    "FamilySpec",
-    "GenerationResult",
-    "KEEP",
-    "LoRAWeight",
-    "LoadedModel",
-    "LowRankWeight",
-    "MaskedWeight",
-    "ModelConfig",
-    "NMSparseWeight",
-    "Op",
-    "OpOptions",
-    "ParameterError",
-    "PerplexityResult",
-    "Placement",
-    "Plan",
-    "QuantSpec",
-    "QuantizedWeight",
-    "Recipe",
-    "Rule",
-    "Sampling",
-    "Stage",
-    "TrainOptions",
-    "TrainSettings",
-    "TrainedModel",
-    "WeightLeaf",
-    "add_lora",
-    "apply_recipe",
-    "attend",
-    "available_ops",
-    "build_model",
-    "chain",
-    "convert",
-    "default_calibration",
-    "embed",
-    "ensure_cpu_devices",
-    "family_spec",
-    "forward",
-    "generate",
-    "gradual_recipe",
-    "init_params",
-    "layer_sequential",
-    "linear",
-    "linear_statistics",
-    "load_artifact",
-    "load_model",
-    "load_recipe",
-    "make_mesh",
-    "make_trainer",
-    "materialize",
-    "merge_lora",
-    "named_chain",
-    "nbytes",
-    "param_bytes",
-    "param_specs",
-    "perplexity",
-    "plan",
-    "pydoc_text",
-    "qat_recipe",
-    "quantize_weight",
-    "read_recipe_file",
-    "register_op",
-    "rule",
-    "run_demo",
-    "run_training",
-    "save_artifact",
-    "save_recipe",
-    "shard_params",
-    "text_sha256",
-    "train_recipe",
-    "training_ids",
-]
+import importlib
+from typing import Any
+
+# Each public name -> the module that defines it.
+_SOURCES = {
+    "add_lora": "jaxopt_llm.weights",
+    "apply_recipe": "jaxopt_llm.recipes",
+    "attend": "jaxopt_llm.weights",
+    "available_ops": "jaxopt_llm.transforms",
+    "BLOCK_LINEARS": "jaxopt_llm.rules",
+    "build_model": "jaxopt_llm.models",
+    "BUILTIN_RECIPES": "jaxopt_llm.recipes",
+    "Calibration": "jaxopt_llm.calibration",
+    "chain": "jaxopt_llm.pipeline",
+    "convert": "jaxopt_llm.train",
+    "default_calibration": "jaxopt_llm.calibration",
+    "embed": "jaxopt_llm.weights",
+    "ensure_cpu_devices": "jaxopt_llm.placement",
+    "FakeQuantWeight": "jaxopt_llm.weights",
+    "family_spec": "jaxopt_llm.models",
+    "FamilySpec": "jaxopt_llm.models",
+    "forward": "jaxopt_llm.models",
+    "generate": "jaxopt_llm.generation",
+    "GenerationResult": "jaxopt_llm.generation",
+    "gradual_recipe": "jaxopt_llm.train",
+    "init_params": "jaxopt_llm.models",
+    "KEEP": "jaxopt_llm.rules",
+    "layer_sequential": "jaxopt_llm.calibration",
+    "linear": "jaxopt_llm.weights",
+    "linear_statistics": "jaxopt_llm.calibration",
+    "load_artifact": "jaxopt_llm.io.artifact",
+    "load_model": "jaxopt_llm.io.loader",
+    "load_recipe": "jaxopt_llm.recipes",
+    "LoadedModel": "jaxopt_llm.io.loaded",
+    "LoRAWeight": "jaxopt_llm.weights",
+    "LowRankWeight": "jaxopt_llm.weights",
+    "make_mesh": "jaxopt_llm.parallel",
+    "make_trainer": "jaxopt_llm.train",
+    "MaskedWeight": "jaxopt_llm.weights",
+    "materialize": "jaxopt_llm.weights",
+    "merge_lora": "jaxopt_llm.weights",
+    "ModelConfig": "jaxopt_llm.models",
+    "named_chain": "jaxopt_llm.pipeline",
+    "nbytes": "jaxopt_llm.weights",
+    "NMSparseWeight": "jaxopt_llm.weights",
+    "Op": "jaxopt_llm.transforms",
+    "OpOptions": "jaxopt_llm.transforms",
+    "param_bytes": "jaxopt_llm.weights",
+    "param_specs": "jaxopt_llm.parallel",
+    "ParameterError": "jaxopt_llm.errors",
+    "perplexity": "jaxopt_llm.evaluate",
+    "PerplexityResult": "jaxopt_llm.evaluate",
+    "Placement": "jaxopt_llm.placement",
+    "Plan": "jaxopt_llm.plan",
+    "plan": "jaxopt_llm.plan",
+    "pydoc_text": "jaxopt_llm.data",
+    "qat_recipe": "jaxopt_llm.train",
+    "quantize_weight": "jaxopt_llm.weights",
+    "QuantizedWeight": "jaxopt_llm.weights",
+    "QuantSpec": "jaxopt_llm.weights",
+    "read_recipe_file": "jaxopt_llm.pipeline",
+    "Recipe": "jaxopt_llm.pipeline",
+    "register_op": "jaxopt_llm.transforms",
+    "Rule": "jaxopt_llm.rules",
+    "rule": "jaxopt_llm.rules",
+    "run_demo": "jaxopt_llm.demo",
+    "run_training": "jaxopt_llm.train",
+    "Sampling": "jaxopt_llm.generation",
+    "save_artifact": "jaxopt_llm.io.artifact",
+    "save_recipe": "jaxopt_llm.pipeline",
+    "shard_params": "jaxopt_llm.parallel",
+    "Stage": "jaxopt_llm.pipeline",
+    "text_sha256": "jaxopt_llm.data",
+    "train_recipe": "jaxopt_llm.train",
+    "TrainedModel": "jaxopt_llm.train",
+    "training_ids": "jaxopt_llm.train",
+    "TrainOptions": "jaxopt_llm.train",
+    "TrainSettings": "jaxopt_llm.train",
+    "WeightLeaf": "jaxopt_llm.weights",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+
+def __getattr__(name: str) -> Any:
+    module = _SOURCES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jaxopt_llm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))

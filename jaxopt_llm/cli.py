@@ -114,6 +114,30 @@ def _out_dir(out: str):
     return path
 
 
+def _check_paths_first(args: argparse.Namespace) -> None:
+    """The paths a command names, checked before anything imports JAX (a bad path fails in
+    well under a second): --model, --text, --calib-text, a --recipe file."""
+    from pathlib import Path
+
+    from jaxopt_llm.data import read_text_file
+    from jaxopt_llm.io.loader import resolve_model_path
+
+    model = getattr(args, "model", None)
+    if model is not None:
+        with _flags(spec="--model"):
+            resolve_model_path(model)
+    for attr, flag in (("text", "--text"), ("calib_text", "--calib-text")):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            with _flags(path=flag):
+                read_text_file(value)
+    recipe = getattr(args, "recipe", None)
+    if isinstance(recipe, str):
+        path = Path(recipe).expanduser()
+        if path.suffix in (".yaml", ".yml", ".json") and not path.is_file():
+            raise ValueError(f"recipe file {path}: no such file")
+
+
 def _calib_text(args: argparse.Namespace) -> str | None:
     """--calib-text read up front (a missing or empty file fails before any work)."""
     calib = getattr(args, "calib_text", None)
@@ -468,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser(COMMANDS).parse_args(argv)
     try:
+        _check_paths_first(args)
         out = args.func(args)
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"jaxopt-llm {args.command}: error: {err}", file=sys.stderr)

@@ -9,15 +9,16 @@ trade-off of each recipe (smaller weights vs. quality and speed) is on one table
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxopt_llm.data import pydoc_text, text_sha256
-from jaxopt_llm.evaluate import perplexity
-from jaxopt_llm.generation import generate
 from jaxopt_llm.io import loader
-from jaxopt_llm.pipeline import Recipe
-from jaxopt_llm.recipes import load_recipe
-from jaxopt_llm.weights import param_bytes
+
+if TYPE_CHECKING:
+    from jaxopt_llm.pipeline import Recipe
+
+# The JAX-heavy modules are imported where the demo runs, not here: the command line
+# reads this module's defaults before it checks its arguments.
 
 # fp32 is the baseline, w8 the safe 8-bit choice, and w4g128 the best built-in 4-bit
 # recipe: per-group scales keep far more quality than per-channel int4 (README table,
@@ -42,6 +43,8 @@ def _check_recipes(recipes: Sequence[str]) -> list[Recipe]:
     if isinstance(recipes, str) or not isinstance(recipes, Sequence) or not recipes:
         raise ValueError(f"recipes must be a non-empty sequence of recipe names, "
                          f"got {recipes!r}")
+    from jaxopt_llm.recipes import load_recipe
+
     loaded = []
     for spec in recipes:
         try:
@@ -96,6 +99,10 @@ def run_demo(
     say = progress or (lambda line: None)
 
     say("loading model")
+    from jaxopt_llm.evaluate import perplexity
+    from jaxopt_llm.generation import generate
+    from jaxopt_llm.weights import param_bytes
+
     loaded = loader.load_model(model)  # through the module: tests reuse one loaded model
     text = pydoc_text()
     eval_ids = loaded.tokenizer.encode(text)

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -83,13 +84,13 @@ def test_non_finite_perplexity_is_an_error_and_json_stays_valid(capsys, tmp_path
 def test_file_system_errors_are_one_line(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    code, out, err = _run(capsys, "optimize", "--model", "nowhere", "--recipe", "w8",
+    code, out, err = _run(capsys, "optimize", "--model", "smollm2-135m", "--recipe", "w8",
                           "--out", str(blocker / "sub" / "art"))
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
 
 
 def test_empty_prompt(capsys):
-    code, _, err = _run(capsys, "generate", "--model", "nowhere", "--prompt", "")
+    code, _, err = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "")
     assert code == 2 and "--prompt must not be empty" in err
 
 
@@ -207,15 +208,35 @@ def test_os_errors_during_a_command_are_one_line(capsys, monkeypatch):
 def test_smaller_bad_inputs_name_what_is_wrong(capsys, tmp_path):
     binary = tmp_path / "recipe.yaml"
     binary.write_bytes(b"\xff\xfe\x00binary")
-    code, _, err = _run(capsys, "plan", "--model", "nowhere", "--recipe", str(binary))
+    code, _, err = _run(capsys, "plan", "--model", "smollm2-135m", "--recipe", str(binary))
     assert code == 2 and f"recipe file {binary}: not UTF-8 text" in err
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    code, _, err = _run(capsys, "optimize", "--model", "nowhere", "--recipe", "w8", "--out",
-                        str(foreign))  # refused before the (unknown) model is even looked up
+    code, _, err = _run(capsys, "optimize", "--model", "smollm2-135m", "--recipe", "w8", "--out",
+                        str(foreign))  # refused before the model is loaded
     assert code == 2 and "is a non-empty directory that is not a jaxopt-llm artifact" in err
     from jaxopt_llm.rules import rule
 
     with pytest.raises(ValueError, match=re.escape("rule match 'layers_\\d+/(' is not a valid")):
         rule(r"layers_\d+/(", "quantize", bits=8)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "/no/such/model"], "--model '/no/such/model': no such file"),
+    (["eval", "--model", "smollm2-135m", "--text", "/no/such.txt"],
+     "--text '/no/such.txt': file does not exist"),
+    (["eval", "--model", "smollm2-135m", "--recipe", "gptq", "--calib-text", "/none.txt"],
+     "--calib-text '/none.txt': file does not exist"),
+    (["optimize", "--model", "smollm2-135m", "--recipe", "/no/recipe.yaml", "--out", "x"],
+     "recipe file /no/recipe.yaml: no such file"),
+])
+def test_bad_paths_fail_before_jax_is_imported(argv, message):
+    """Paths are checked first: the process never imports JAX for these errors."""
+    code = ("import sys\nfrom jaxopt_llm.cli import main\nstatus = main(sys.argv[1:])\n"
+            "assert 'jax' not in sys.modules, 'jax was imported'\nsys.exit(status)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no traceback

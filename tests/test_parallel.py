@@ -53,14 +53,10 @@ def _model(recipe):
         from jaxopt_llm.calibration import Calibration
 
         windows = np.random.default_rng(1).integers(3, 256, (4, 32))
-        config, params = load_recipe(recipe)(CONFIG, _params(),
-                                             calibration=Calibration(windows=windows))
-        # float32 matmuls: the layouts are under test here. (compute="auto" rounds x to
-        # bf16 for ≥128 rows, and a 1-ulp float32 difference between the sharded and the
-        # single-device reductions before it can flip a bf16 rounding: ~1e-3 apart.)
-        _RECIPE_CACHE[recipe] = (config, jax.tree_util.tree_map(
-            lambda leaf: leaf.replace(compute="float32") if isinstance(leaf, QuantizedWeight)
-            else leaf, params, is_leaf=lambda n: isinstance(n, QuantizedWeight)))
+        # Built-in recipes compute in float32 (the default), so the layouts are what is
+        # under test here.
+        _RECIPE_CACHE[recipe] = load_recipe(recipe)(CONFIG, _params(),
+                                                   calibration=Calibration(windows=windows))
     return _RECIPE_CACHE[recipe]
 
 

@@ -41,11 +41,13 @@ from jaxopt_llm.weights import (
 
 BUILTIN_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g32-float", "magnitude-50",
                  "nm-2:4", "heads-25", "mlp-25", "svd-20")  # recipes that need no calibration
-# calibrated: tests/transforms/test_gptq_op.py, test_awq.py, test_smoothquant.py
+# calibrated: tests/transforms/test_gptq_op.py, test_awq.py, test_smoothquant.py,
+# test_sparse_calibrated.py
 CALIBRATED_NAMES = ("w4g128-gptq", "w3g128-gptq", "w4-gptq", "w4g128-awq", "w3g128-awq",
                     "w4-awq", "w8a8-smoothquant")
+CALIBRATED_PRUNING = ("wanda-50", "wanda-2:4", "sparsegpt-50", "sparsegpt-2:4")
 ALL_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", *CALIBRATED_NAMES, "w4g32-float",
-             "magnitude-50", "nm-2:4", "heads-25", "mlp-25", "svd-20")
+             "magnitude-50", "nm-2:4", *CALIBRATED_PRUNING, "heads-25", "mlp-25", "svd-20")
 STRUCTURED = ("heads-25", "mlp-25")
 TRACEABLE = ("w8", "w8a8", "w4", "w4g128", "w3g128", "magnitude-50", "nm-2:4")  # run under jit
 VOCAB, LENGTH = 64, 8
@@ -146,8 +148,8 @@ def models(configs, random_params):
 
 def test_builtin_names():
     assert tuple(BUILTIN_RECIPES) == ALL_NAMES
-    assert [n for n in ALL_NAMES if BUILTIN_RECIPES[n].needs_calibration] == list(
-        CALIBRATED_NAMES)
+    assert [n for n in ALL_NAMES if BUILTIN_RECIPES[n].needs_calibration] == [
+        n for n in ALL_NAMES if n in CALIBRATED_NAMES + CALIBRATED_PRUNING]
     for name, recipe in BUILTIN_RECIPES.items():
         assert recipe.name == name
         assert load_recipe(name) is recipe

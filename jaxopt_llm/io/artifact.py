@@ -314,14 +314,14 @@ def _rebuild(desc: Any, where: str, arrays: dict[str, jax.Array], used: set[str]
         raise ValueError(f"{source}: leaf {where!r} has a malformed description {desc!r}")
     if "tensor" in desc:
         name = desc["tensor"]
-        if name not in arrays:
+        if not isinstance(name, str) or name not in arrays:
             raise ValueError(f"{source}: leaf {where!r} refers to tensor {name!r}, which is not "
                              "described under 'tensors'")
         used.add(name)
         return arrays[name]
     known = leaf_classes()
     name = desc.get("class")
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         raise ValueError(
             f"{source}: leaf {where!r} has unknown weight class {name!r}; known classes: "
             f"{sorted(known)} (import the module that registers it before loading)"
@@ -329,6 +329,10 @@ def _rebuild(desc: Any, where: str, arrays: dict[str, jax.Array], used: set[str]
     klass = known[name]
     static = desc.get("static", {})
     children = desc.get("children", {})
+    if not isinstance(static, dict) or not isinstance(children, dict):
+        raise ValueError(f"{source}: leaf {where!r} ({name}): 'static' and 'children' must "
+                         f"be objects, got {type(static).__name__} and "
+                         f"{type(children).__name__}")
     fields = {f.name: f for f in dataclasses.fields(klass) if f.init}
     stored = {**{k: "static" for k in static}, **{k: "child" for k in children}}
     for field_name, kind in stored.items():
@@ -391,11 +395,16 @@ def _read_tensors(directory: Path, described: dict[str, Any], source: Path) -> d
     arrays = {}
     for name, info in described.items():
         try:
+            if not isinstance(info["dtype"], str) or not isinstance(info["shape"], list):
+                raise TypeError
             dtype = jnp.dtype(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
+            shape = tuple(info["shape"])
+            if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+                raise TypeError
         except (KeyError, TypeError):
             raise ValueError(f"{source}: tensor {name!r} has a malformed entry {info!r}; "
-                             "expected dtype and shape") from None
+                             "expected a dtype name and a list of non-negative integer "
+                             "dimensions") from None
         array = raw[name]
         as_bytes = info.get("stored_as") == "bytes"
         want_dtype = np.dtype(np.uint8) if as_bytes else dtype

@@ -55,7 +55,7 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         8
     """
     model_type = hf.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
         raise ValueError(
             f"{source}: model_type {model_type!r} is not supported; "
             f"supported: {sorted(HF_MODEL_TYPES)}"
@@ -70,6 +70,8 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         raise ValueError(f"{source}: config.json lacks the required key {err}") from None
     except ValueError as err:  # ModelConfig's own checks (ranges, divisibility)
         raise ValueError(f"{source}: {err}") from None
+    except (TypeError, AttributeError, OverflowError) as err:  # e.g. a list where a dict goes
+        raise ValueError(f"{source}: a config.json value has the wrong type ({err})") from None
 
 
 # config.json keys that must be positive integers when present (False: optional)
@@ -90,6 +92,10 @@ def _check_positive_ints(hf: dict[str, Any], source: str, keys: dict[str, bool])
         value = hf[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _llama_config(hf: dict[str, Any], model_type: str, source: str) -> ModelConfig:
@@ -116,7 +122,7 @@ def _llama_config(hf: dict[str, Any], model_type: str, source: str) -> ModelConf
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
+        rope_theta=float(theta) if _is_number(theta) else theta,  # else ModelConfig says so
         rope_scaling=None if kind == "default" else freeze(rope),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,

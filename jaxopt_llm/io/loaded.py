@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jaxopt_llm.models import ModelConfig
+if TYPE_CHECKING:  # annotation only: loading this module must not import JAX
+    from jaxopt_llm.models import ModelConfig
 
 
 @dataclasses.dataclass

@@ -66,27 +66,32 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise ValueError(f"config {name} must be a positive integer up to 2147483647, got "
+                                 f"{value!r}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"config {name} must be a finite positive number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # an int here would overflow int32
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config {name} must be true or false, got "
                                  f"{getattr(self, name)!r}")
         if self.sliding_window is not None and (
                 isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
-                or self.sliding_window <= 0):
-            raise ValueError(f"config sliding_window must be null or a positive integer, got "
+                or not 0 < self.sliding_window < 2**31):
+            raise ValueError(f"config sliding_window must be null or a positive integer up to "
+                             f"2147483647, got "
                              f"{self.sliding_window!r}")
         for token in (self.bos_token_id, *self.eos_token_ids):
             if token is not None and (isinstance(token, bool) or not isinstance(token, int)
-                                      or not 0 <= token):
-                raise ValueError(f"config token ids must be non-negative integers, got "
+                                      or not 0 <= token < 2**31):
+                raise ValueError(f"config token ids must be non-negative integers up to "
+                                 f"2147483647, got "
                                  f"{token!r}")
+        _check_rope_scaling(self.rope_scaling)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"config num_heads={self.num_heads} must be a multiple of "
@@ -152,3 +157,43 @@ class ModelConfig:
                 f"unknown model config keys {sorted(unknown)}; expected {sorted(known)}"
             )
         return cls(**data)
+
+
+# rope_scaling kinds → the numbers each needs (finite and positive).
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                "original_max_position_embeddings"),
+                     "freq_factors": ()}
+
+
+def _positive_number(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value > 0)
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    """rope_scaling (frozen pairs) names a supported kind with the finite positive numbers
+    it needs; anything else is a ValueError naming the field."""
+    if scaling is None:
+        return
+    try:
+        data = dict(scaling)
+    except (TypeError, ValueError):
+        raise ValueError(f"config rope_scaling must be null or an object, got {scaling!r}"
+                         ) from None
+    kind = data.get("rope_type", data.get("type", "default"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"config rope_scaling type {kind!r} is not supported; supported: "
+                         f"{', '.join(ROPE_SCALING_KEYS)}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        if not _positive_number(data.get(key)):
+            raise ValueError(f"config rope_scaling {key} must be a finite positive number for "
+                             f"{kind} scaling, got {data.get(key)!r}")
+    if kind == "llama3" and not data["high_freq_factor"] > data["low_freq_factor"]:
+        raise ValueError("config rope_scaling high_freq_factor must exceed low_freq_factor")
+    if kind == "freq_factors":
+        factors = data.get("factors")
+        if not isinstance(factors, (list, tuple)) or not factors or not all(
+                _positive_number(f) for f in factors):
+            raise ValueError("config rope_scaling factors must be a non-empty list of finite "
+                             "positive numbers")

@@ -4,7 +4,17 @@ The built-in ops are registered here, from an explicit list (no import side effe
 elsewhere); `register_op` adds a user's own op under a new name.
 """
 
-from jaxopt_llm.transforms import awq, gptq, lowrank, prune, quantize, smoothquant, structured
+from jaxopt_llm.transforms import (
+    awq,
+    gptq,
+    lowrank,
+    prune,
+    quantize,
+    smoothquant,
+    sparsegpt,
+    structured,
+    wanda,
+)
 from jaxopt_llm.transforms.base import (
     Op,
     OpOptions,
@@ -14,7 +24,8 @@ from jaxopt_llm.transforms.base import (
 )
 
 BUILTIN_OPS: tuple[Op, ...] = (*quantize.OPS, *gptq.OPS, *awq.OPS, *smoothquant.OPS,
-                               *prune.OPS, *lowrank.OPS, *structured.OPS)
+                               *prune.OPS, *wanda.OPS, *sparsegpt.OPS, *lowrank.OPS,
+                               *structured.OPS)
 for _op in BUILTIN_OPS:
     register_op(_op)
 

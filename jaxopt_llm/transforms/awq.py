@@ -207,7 +207,7 @@ def _clipped_leaf(w, gram, *, spec, scale_dtype, grid, max_shrink, dtype):
         (_, lo, hi), _ = jax.lax.scan(step, init, ratios)
     scale, zero = scale_and_zero(lo, hi, spec, storage)
     return assemble_codes(wg, scale, zero, spec, axis=0, shape=(k, n), dtype=dtype,
-                          act_bits=None, compute="auto")
+                          act_bits=None, compute="float32")
 
 
 def awq_clip_quantize(w: jax.Array, gram: jax.Array, spec: QuantSpec, *,

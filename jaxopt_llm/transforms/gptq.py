@@ -187,7 +187,7 @@ def gptq_quantize(
         spec=spec, block=block, act_order=act_order, static_groups=static_groups,
         scale_dtype=scale_dtype, axis=axis, shape=shape, dtype=jnp.dtype(w.dtype).name)
     if not isinstance(outcome, jax.core.Tracer):
-        _warn_dampening(name, dampening, float(damp_used), int(outcome))
+        warn_dampening(name, dampening, float(damp_used), int(outcome))
     return leaf
 
 
@@ -224,20 +224,44 @@ def _aligned_block(block_size: int, k: int, spec: QuantSpec, static_groups: bool
     return min(block, size * spec.num_groups(k))
 
 
-def _warn_dampening(name: str, dampening: float, used: float, outcome: int) -> None:
+def warn_dampening(name: str, dampening: float, used: float, outcome: int,
+                   fallback: str = "quantized with H = I (round-to-nearest with GPTQ's grids)"
+                   ) -> None:
+    """Warn when `inverse_cholesky_upper` raised the dampening (1) or gave up (2).
+
+    Args:
+        name: the parameter, named in the warning.
+        dampening: the dampening asked for.
+        used: the dampening the factorisation needed.
+        outcome: 0 (nothing to say), 1 (raised) or 2 (none worked).
+        fallback: what was done instead when none worked.
+
+    Example:
+        >>> warn_dampening("w", 0.01, 0.01, 0)  # factorised first try: no warning
+    """
     if outcome == 1:
         warnings.warn(f"{name}: the Hessian is not positive definite with dampening "
                       f"{dampening:g}; used dampening {used:g}", RuntimeWarning, stacklevel=3)
     elif outcome == 2:
         warnings.warn(f"{name}: the Hessian is not positive definite even with dampening "
-                      f"{used:g}; quantized with H = I (round-to-nearest with GPTQ's "
-                      f"grids)", RuntimeWarning, stacklevel=3)
+                      f"{used:g}; {fallback}", RuntimeWarning, stacklevel=3)
 
 
-def _inverse_cholesky(h: jax.Array, dampening: jax.Array) -> tuple[jax.Array, ...]:
+def inverse_cholesky_upper(h: jax.Array, dampening: jax.Array) -> tuple[jax.Array, ...]:
     """Upper U with (H + λ·mean|diag H|·I)⁻¹ = UᵀU, λ raised ×10 while factorising fails.
 
-    Returns (U, λ used, outcome): 0 first try, 1 raised dampening, 2 none worked (U = I).
+    Args:
+        h: the Hessian XᵀX (K, K), float32.
+        dampening: λ, relative to mean |diag H|.
+
+    Returns:
+        (U (K, K), λ used, outcome): 0 first try, 1 raised dampening, 2 none worked
+        (U = I).
+
+    Example:
+        >>> u, used, outcome = inverse_cholesky_upper(4.0 * jnp.eye(2), jnp.float32(0.0))
+        >>> u.tolist(), int(outcome)
+        ([[0.5, 0.0], [0.0, 0.5]], 0)
     """
     k = h.shape[0]
     eye = jnp.eye(k, dtype=jnp.float32)
@@ -290,7 +314,7 @@ def _gptq_jit(w, h, dampening, *, spec, block, act_order, static_groups, scale_d
         w, h, dampening, spec=spec, block=block, act_order=act_order,
         static_groups=static_groups, scale_dtype=scale_dtype)
     leaf = assemble_codes(grouped(w_q, spec), scale, zero, spec, axis=axis, shape=shape,
-                          dtype=dtype, act_bits=None, compute="auto")
+                          dtype=dtype, act_bits=None, compute="float32")
     return leaf, damp_used, outcome
 
 
@@ -325,7 +349,7 @@ def _gptq_core(w, h, dampening, *, spec, block, act_order, static_groups, scale_
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
     w = w[perm]
     h = h[perm][:, perm]
-    upper, damp_used, outcome = _inverse_cholesky(h, dampening)
+    upper, damp_used, outcome = inverse_cholesky_upper(h, dampening)
 
     padded = -(-k // block) * block  # pads: zero weights, decoupled (identity) Hessian
     w = jnp.pad(w, ((0, padded - k), (0, 0)))

@@ -30,6 +30,7 @@ from jaxopt_llm.weights import (
 )
 from jaxopt_llm.weights.fake_quant import STE_MODES
 from jaxopt_llm.weights.quant_math import RANGE_METHODS
+from jaxopt_llm.weights.quantized import check_compute
 
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -113,7 +114,9 @@ class QuantizeOptions(_GridOptions):
     mse_norm: float = 2.0
     act_bits: int | None = None  # 8: W8A8 (dynamic per-token int8 activations)
     scale_dtype: str | None = None  # float16 for group scales, float32 otherwise
-    compute: str = "auto"  # auto: bf16 matmuls (f32 accumulation) for ≥128 rows; or float32
+    # float32 (default); bfloat16: bf16 matmuls (f32 accumulation) for ≥128 rows; auto:
+    # bfloat16 where it runs natively (GPU/TPU, AVX-512 BF16 or AMX CPUs)
+    compute: str = "float32"
     zero: str = "integer"  # asymmetric grids: uint8 zero point, or "float" offset w = u·d + m
 
     @property
@@ -154,8 +157,7 @@ class QuantizeOptions(_GridOptions):
         if self.act_bits and self.zero == "float":
             raise ValueError("zero 'float' cannot run W8A8 (act_bits: 8 needs integer zero "
                              "points); use zero: integer or act_bits: null")
-        if self.compute not in ("auto", "float32"):
-            raise ValueError(f"compute must be 'auto' or 'float32', got {self.compute!r}")
+        check_compute(self.compute)
         check_scale_dtype(self.scale_dtype)
         check_finite_number("percentile", self.percentile, low=0.0, high=100.0, open_low=True)
         check_finite_number("mse_max_shrink", self.mse_max_shrink, low=0.0, high=1.0,

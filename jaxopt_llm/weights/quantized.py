@@ -10,9 +10,14 @@ zero point (w = (u - z)·d), or with zero="float" a float offset in the scales' 
 (w = u·d + m, llama.cpp's Q4_1/Q5_1).
 
 Execution:
-- weight-only: dequantize, then one float32 matmul; with compute="auto" (default) inputs
-  of ≥ 128 rows (prefill, evaluation) instead run a bfloat16 matmul with float32
-  accumulation, which XLA's CPU backend runs ~1.8× faster than float32;
+- weight-only: dequantize, then one float32 matmul (compute="float32", the default: the
+  result does not depend on how the model is sharded beyond float32 rounding). With
+  compute="bfloat16", inputs of ≥ 128 rows (prefill, evaluation) run a bfloat16 matmul
+  with float32 accumulation instead; compute="auto" does so only where bf16 runs
+  natively (`hardware.bf16_prefill_pays`: GPU/TPU, or AVX-512 BF16 / AMX CPUs, where
+  XLA's bf16 GEMM measured ~1.4-1.8× float32; 0.69× on an AVX2-only host). Rounding
+  activations to bf16 makes results move ~1e-3 between mesh layouts: a 1-ulp float32
+  difference from a differently ordered reduction flips bf16 roundings;
 - `act_bits=8` (W8A8, "SmoothQuant", Xiao et al., 2023, and LLM.int8()'s per-token
   activation scales): activations are quantized per token (dynamic absmax) to int8,
   `lax.dot_general` contracts int8 × int8 into int32 (per group when grouped), and
@@ -27,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxopt_llm import hardware
 from jaxopt_llm.weights import packing
 from jaxopt_llm.weights.base import WeightLeaf
 from jaxopt_llm.weights.quant_math import (
@@ -70,7 +76,7 @@ class QuantizedWeight(WeightLeaf):
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False, default="float32")
     act_bits: int | None = struct.field(pytree_node=False, default=None)
-    compute: str = struct.field(pytree_node=False, default="auto")  # or "float32"
+    compute: str = struct.field(pytree_node=False, default="float32")  # COMPUTE_MODES
     zero: str = struct.field(pytree_node=False, default="integer")  # or "float" (offset)
 
     @property
@@ -186,7 +192,8 @@ class QuantizedWeight(WeightLeaf):
         """x (..., K) @ this kernel → (..., *shape[1:]), weight-only or W8A8.
 
         Weight-only dequantizes and runs one matmul (bfloat16 with float32 accumulation
-        for ≥ `BF16_MIN_ROWS` float32 rows under compute="auto"); act_bits=8 quantizes x
+        for ≥ `BF16_MIN_ROWS` float32 rows under compute="bfloat16", and under "auto"
+        where bf16 runs natively); act_bits=8 quantizes x
         per token and contracts int8 × int8 into int32 (SmoothQuant's W8A8 scheme, Xiao
         et al., 2023).
 
@@ -303,7 +310,7 @@ def quantize_weight(
     mse_grid: int = 100,
     mse_max_shrink: float = 0.8,
     mse_norm: float = 2.0,
-    compute: str = "auto",
+    compute: str = "float32",
     clip_ratio: float = 1.0,
     name: str = "weight",
 ) -> QuantizedWeight:
@@ -326,7 +333,8 @@ def quantize_weight(
         mse_grid: see `group_range`.
         mse_max_shrink: see `group_range`.
         mse_norm: see `group_range`.
-        compute: "auto" (bfloat16 matmuls for ≥ `BF16_MIN_ROWS` rows) or "float32".
+        compute: one of `COMPUTE_MODES`: "float32" (default), "bfloat16" (bf16 matmuls
+            for ≥ `BF16_MIN_ROWS` rows) or "auto" (bfloat16 where it runs natively).
         clip_ratio: a fixed shrink of the calibrated range in (0, 1] (what a
             `FakeQuantWeight` trained with).
         name: what is quantized, for error messages.
@@ -365,8 +373,7 @@ def quantize_weight(
         method = "absmax" if spec.symmetric else "minmax"
     if scale_dtype is None:
         scale_dtype = "float16" if spec.granularity == "group" else "float32"
-    if compute not in ("auto", "float32"):
-        raise ValueError(f"{name}: compute must be 'auto' or 'float32', got {compute!r}")
+    check_compute(compute, name)
     if scale_dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"{name}: scale_dtype must be float32, float16 or bfloat16")
     shape = tuple(int(d) for d in w.shape)
@@ -400,7 +407,7 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
         axis: 0 for a kernel, 1 for a table.
 
     Returns:
-        The QuantizedWeight (weight-only, compute="auto").
+        The QuantizedWeight (weight-only, compute="float32").
 
     Raises:
         ValueError: when `scale` has the wrong shape, or `zero` does not match the symmetry.
@@ -422,7 +429,7 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
     if (zero is None) != spec.symmetric:
         raise ValueError("a zero point is needed exactly when the grid is asymmetric")
     return assemble_codes(wg, scale.astype(jnp.float32), zero, spec, axis=axis, shape=shape,
-                     dtype=jnp.dtype(w.dtype).name, act_bits=None, compute="auto")
+                     dtype=jnp.dtype(w.dtype).name, act_bits=None, compute="float32")
 
 
 def assemble_codes(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec, *,
@@ -442,7 +449,7 @@ def assemble_codes(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec
         shape: the weight's logical shape.
         dtype: the weight's dtype name, restored by `materialize`.
         act_bits: 8 for W8A8, None for weight-only (stored on the leaf).
-        compute: "auto" or "float32" (stored on the leaf).
+        compute: one of `COMPUTE_MODES` (stored on the leaf).
 
     Returns:
         The QuantizedWeight.
@@ -451,7 +458,7 @@ def assemble_codes(wg: jax.Array, scale: jax.Array, zero: jax.Array | None, spec
         >>> spec = QuantSpec(bits=4)
         >>> wg = grouped(jnp.array([[3.0], [-1.0]]), spec)
         >>> qw = assemble_codes(wg, jnp.ones((1, 1, 1)), None, spec, axis=0, shape=(2, 1),
-        ...                     dtype="float32", act_bits=None, compute="auto")
+        ...                     dtype="float32", act_bits=None, compute="float32")
         >>> qw.codes().tolist()
         [[3], [-1]]
     """
@@ -493,9 +500,14 @@ def quantize_activations_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         ([[127, -63, 2]], [[2.0]])
     """
     x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
-    scale = jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
-    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+    absmax = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True),
+                         jnp.finfo(jnp.float32).tiny * 127.0)
+    # Codes from x times one per-token reciprocal, an explicit multiply: XLA may compile a
+    # division by a broadcast scale as a multiply by its reciprocal in one program and not
+    # in another, and a last-ulp difference at a .5 tie flips a code (sharded and
+    # single-device runs then differ by ~1e-3).
+    inverse = 127.0 / absmax
+    return jnp.clip(jnp.round(x * inverse), -127, 127).astype(jnp.int8), absmax / 127.0
 
 
 def _int8_codes(w: QuantizedWeight) -> jax.Array:
@@ -535,9 +547,35 @@ def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
 
 
 # Rows (tokens) from which weight-only matmuls run in bfloat16 with float32 accumulation
-# under compute="auto": XLA's CPU bf16 GEMM is ~1.8× its f32 GEMM at 512 rows, but bf16
-# GEMV is ~10× slower than f32 GEMV, so decode-sized inputs stay float32.
+# under compute="bfloat16" (or "auto" where bf16 is native): XLA's CPU bf16 GEMM is ~1.8×
+# its f32 GEMM at 512 rows on an AVX-512-BF16 host, but bf16 GEMV is ~10× slower than f32
+# GEMV, so decode-sized inputs stay float32.
 BF16_MIN_ROWS = 128
+
+# How weight-only matmuls compute: "float32" (default), "bfloat16" (prefill-sized inputs
+# in bf16 with f32 accumulation), "auto" (bfloat16 where `hardware.bf16_prefill_pays`).
+COMPUTE_MODES = ("float32", "bfloat16", "auto")
+
+
+def check_compute(compute: str, name: str = "compute") -> None:
+    """Raise a ValueError naming `name` unless `compute` is one of `COMPUTE_MODES`.
+
+    Args:
+        compute: the mode to check.
+        name: what it belongs to, for the message.
+
+    Example:
+        >>> check_compute("bfloat16")
+    """
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"{name}: compute must be one of {', '.join(COMPUTE_MODES)}, "
+                         f"got {compute!r}")
+
+
+def _bf16_compute(compute: str) -> bool:
+    if compute == "auto":
+        return hardware.bf16_prefill_pays(jax.default_backend())
+    return compute == "bfloat16"
 
 
 def _bf16_matmul(x2: jax.Array, w: QuantizedWeight) -> jax.Array:
@@ -572,7 +610,7 @@ def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if w.act_bits == 8:
         return _int8_matmul(x, w).reshape(out_shape)
     rows = math.prod(x.shape[:-1])
-    if w.compute == "auto" and rows >= BF16_MIN_ROWS and x.dtype == jnp.float32:
+    if rows >= BF16_MIN_ROWS and x.dtype == jnp.float32 and _bf16_compute(w.compute):
         y = _bf16_matmul(x.reshape(rows, x.shape[-1]), w)
         return y.astype(x.dtype).reshape(out_shape)
     w2 = w.materialize().reshape(w.shape2d).astype(x.dtype)

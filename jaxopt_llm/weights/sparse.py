@@ -101,6 +101,15 @@ class NMSparseWeight(WeightLeaf):
     m: int = struct.field(pytree_node=False)
     shape: tuple[int, int] = struct.field(pytree_node=False)
 
+    def __post_init__(self) -> None:
+        for name, value in (("kept", self.kept), ("m", self.m)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NMSparseWeight {name} must be a positive integer, got "
+                                 f"{value!r}")
+        if self.kept > self.m:
+            raise ValueError(f"NMSparseWeight keeps {self.kept} of every {self.m}; kept must "
+                             "not exceed m")
+
     @property
     def index_bits(self) -> int:
         """Bits per stored position: ⌈log2 m⌉ (at least 1)."""

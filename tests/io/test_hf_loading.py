@@ -157,12 +157,14 @@ def test_model_config_checks_every_field():
     from jaxopt_llm.models import ModelConfig
 
     for field, value, message in [
-        ("hidden_size", "576", "config hidden_size must be a positive integer, got '576'"),
-        ("num_layers", 0, "config num_layers must be a positive integer, got 0"),
+        ("hidden_size", "576",
+         "config hidden_size must be a positive integer up to 2147483647, got '576'"),
+        ("num_layers", 0, "config num_layers must be a positive integer up to 2147483647, got 0"),
         ("norm_eps", float("nan"), "config norm_eps must be a finite positive number"),
         ("qkv_bias", 1, "config qkv_bias must be true or false, got 1"),
         ("sliding_window", 0, "config sliding_window must be null or a positive integer"),
-        ("eos_token_ids", (2, -1), "config token ids must be non-negative integers, got -1"),
+        ("eos_token_ids", (2, -1),
+         "config token ids must be non-negative integers up to 2147483647, got -1"),
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             ModelConfig.tiny(**{field: value})

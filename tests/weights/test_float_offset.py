@@ -138,7 +138,7 @@ def test_embedding_table_rows_are_float_offset_groups():
 @pytest.mark.parametrize("rows", [4, 256])  # float32 path / bfloat16 path (≥ 128 rows)
 def test_linear_matches_dequantized_matmul(group_size, rows):
     w = _weights(7, shape=(64, 24), shift=0.5)
-    q = quantize_weight(w, _spec(4, group_size))
+    q = quantize_weight(w, _spec(4, group_size), compute="bfloat16")
     deq = np.asarray(q.materialize(), np.float64)
     x = _weights(8, shape=(rows, 64))
     y = np.asarray(jax.jit(linear)(jnp.asarray(x), q))

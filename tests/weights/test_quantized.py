@@ -277,7 +277,7 @@ def test_partial_last_group_matches_numpy(bits, symmetric):
 @pytest.mark.parametrize("granularity,group_size", [("channel", None), ("group", 32)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_weight_only_prefill_path_rounds_only_activations(granularity, group_size, symmetric):
-    """compute='auto' with >= BF16_MIN_ROWS rows: bf16 inputs, f32 accumulation."""
+    """compute='bfloat16' with >= BF16_MIN_ROWS rows: bf16 inputs, f32 accumulation."""
     import ml_dtypes
 
     from jaxopt_llm.weights.quantized import BF16_MIN_ROWS
@@ -286,8 +286,8 @@ def test_weight_only_prefill_path_rounds_only_activations(granularity, group_siz
     w = rng.standard_normal((64, 24)).astype(np.float32)
     x = rng.standard_normal((2, BF16_MIN_ROWS // 2, 64)).astype(np.float32)
     spec = QuantSpec(bits=4, symmetric=symmetric, granularity=granularity, group_size=group_size)
-    auto = quantize_weight(w, spec)
-    exact = quantize_weight(w, spec, compute="float32")
+    auto = quantize_weight(w, spec, compute="bfloat16")
+    exact = quantize_weight(w, spec)  # float32 is the default
     dense = np.asarray(exact.materialize()).astype(np.float64)
     x16 = x.astype(ml_dtypes.bfloat16).astype(np.float64)
     if granularity == "group":  # the dequantized weight is rounded to bf16 too
@@ -299,6 +299,29 @@ def test_weight_only_prefill_path_rounds_only_activations(granularity, group_siz
                                atol=1e-5)
     np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, exact)), x @ dense, rtol=1e-5,
                                atol=1e-5)
-    small = x[:, :4]  # decode-sized inputs stay float32 under "auto"
+    small = x[:, :4]  # decode-sized inputs stay float32 under "bfloat16"
     np.testing.assert_allclose(np.asarray(jax.jit(linear)(small, auto)), small @ dense,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_follows_the_cpu(monkeypatch, native):
+    """compute='auto' rounds prefill inputs to bf16 only where bf16 runs natively."""
+    from jaxopt_llm import hardware
+    from jaxopt_llm.weights.quantized import BF16_MIN_ROWS
+
+    flags = frozenset({"avx2", "avx512_bf16"} if native else {"avx2"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    x = rng.standard_normal((BF16_MIN_ROWS, 64)).astype(np.float32)
+    spec = QuantSpec(bits=8)
+    expected = quantize_weight(w, spec, compute="bfloat16" if native else "float32")
+    got = linear(x, quantize_weight(w, spec, compute="auto"))  # eager: flags read at trace
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(linear(x, expected)))
+
+
+def test_compute_mode_is_checked():
+    with pytest.raises(ValueError, match="weight: compute must be one of float32, bfloat16, "
+                                         "auto, got 'bf16'"):
+        quantize_weight(np.ones((4, 2), np.float32), QuantSpec(bits=8), compute="bf16")
