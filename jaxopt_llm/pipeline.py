@@ -139,7 +139,7 @@ class Stage:
         flat = tree.flatten(params)
         for candidate, op, paths, opts in self.selections(flat):
             view = types.MappingProxyType(flat)  # ops return new parameters, never edit these
-            if op.needs_calibration:
+            if op.calibrated(opts):
                 if calibration is None:
                     raise ValueError(f"stage {self.name!r}: op {candidate.op!r} needs "
                                      "calibration data; pass calibration=")
@@ -242,8 +242,9 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """True when an op of the recipe needs calibration data (`calibration=`)."""
-        return any(get_op(r.op).needs_calibration for stage in self.stages
-                   for r in stage.rules if r.op != KEEP)
+        return any(get_op(r.op).calibrated(options) for stage in self.stages
+                   for r, options in zip(stage.rules, stage.check(), strict=True)
+                   if r.op != KEEP)
 
     def __call__(self, config: Any, params: Any, *, calibration: Any = None) -> tuple[Any, Any]:
         self.check()

@@ -105,8 +105,19 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
              ATTENTION, "prune_heads", fraction=0.25),
         _one("mlp-25", "remove 25% of MLP neurons (L2 scores)", "prune", MLP,
              "prune_neurons", fraction=0.25),
+        _one("heads-25-act", "remove 25% of attention heads (per kv group, by their output "
+             "energy on calibration data)", "prune", ATTENTION, "prune_heads", fraction=0.25,
+             score="act"),
+        _one("mlp-25-act", "remove 25% of MLP neurons (by their output energy on calibration "
+             "data)", "prune", MLP, "prune_neurons", fraction=0.25, score="act"),
         _one("svd-20", "truncated SVD removing 20% of each block linear's parameters",
              "factorize", BLOCK_LINEARS, "svd", ratio=0.2),
+        _one("asvd-20", "ASVD (activation-scaled SVD, α 0.5) removing 20% of each block "
+             "linear's parameters", "factorize", BLOCK_LINEARS, "asvd", ratio=0.2),
+        _one("svdllm-20", "SVD-LLM (whitened SVD) removing 20% of each block linear's "
+             "parameters", "factorize", BLOCK_LINEARS, "svdllm", ratio=0.2),
+        _one("svdllm-40", "SVD-LLM (whitened SVD) removing 40% of each block linear's "
+             "parameters", "factorize", BLOCK_LINEARS, "svdllm", ratio=0.4),
     )
 }
 

@@ -46,8 +46,11 @@ BUILTIN_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g32-float", 
 CALIBRATED_NAMES = ("w4g128-gptq", "w3g128-gptq", "w4-gptq", "w4g128-awq", "w3g128-awq",
                     "w4-awq", "w8a8-smoothquant")
 CALIBRATED_PRUNING = ("wanda-50", "wanda-2:4", "sparsegpt-50", "sparsegpt-2:4")
+CALIBRATED_LOW_RANK = ("asvd-20", "svdllm-20", "svdllm-40")
+CALIBRATED_STRUCTURED = ("heads-25-act", "mlp-25-act")
 ALL_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", *CALIBRATED_NAMES, "w4g32-float",
-             "magnitude-50", "nm-2:4", *CALIBRATED_PRUNING, "heads-25", "mlp-25", "svd-20")
+             "magnitude-50", "nm-2:4", *CALIBRATED_PRUNING, "heads-25", "mlp-25",
+             *CALIBRATED_STRUCTURED, "svd-20", *CALIBRATED_LOW_RANK)
 STRUCTURED = ("heads-25", "mlp-25")
 TRACEABLE = ("w8", "w8a8", "w4", "w4g128", "w3g128", "magnitude-50", "nm-2:4")  # run under jit
 VOCAB, LENGTH = 64, 8
@@ -149,7 +152,9 @@ def models(configs, random_params):
 def test_builtin_names():
     assert tuple(BUILTIN_RECIPES) == ALL_NAMES
     assert [n for n in ALL_NAMES if BUILTIN_RECIPES[n].needs_calibration] == [
-        n for n in ALL_NAMES if n in CALIBRATED_NAMES + CALIBRATED_PRUNING]
+        n for n in ALL_NAMES
+        if n in CALIBRATED_NAMES + CALIBRATED_PRUNING + CALIBRATED_LOW_RANK
+        + CALIBRATED_STRUCTURED]
     for name, recipe in BUILTIN_RECIPES.items():
         assert recipe.name == name
         assert load_recipe(name) is recipe

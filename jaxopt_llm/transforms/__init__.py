@@ -14,6 +14,7 @@ from jaxopt_llm.transforms import (
     sparsegpt,
     structured,
     wanda,
+    whitened_svd,
 )
 from jaxopt_llm.transforms.base import (
     Op,
@@ -25,6 +26,7 @@ from jaxopt_llm.transforms.base import (
 
 BUILTIN_OPS: tuple[Op, ...] = (*quantize.OPS, *gptq.OPS, *awq.OPS, *smoothquant.OPS,
                                *prune.OPS, *wanda.OPS, *sparsegpt.OPS, *lowrank.OPS,
+                               *whitened_svd.OPS,
                                *structured.OPS)
 for _op in BUILTIN_OPS:
     register_op(_op)

@@ -116,7 +116,8 @@ class Op:
         traceable: `plan` may run `apply` under `jax.eval_shape`; else `plan` (same
             signature) computes the shapes.
         plan: the shape-only version of a non-traceable op.
-        needs_calibration: `apply` takes `calibration=`.
+        needs_calibration: `apply` takes `calibration=`: True, or a function of the
+            options for an op that needs it only for some (`calibrated`).
 
     Example:
         >>> op = Op(name="scale_by_two", options=OpOptions,
@@ -131,7 +132,24 @@ class Op:
     doc: str = ""
     traceable: bool = True
     plan: ApplyFn | None = None
-    needs_calibration: bool = False
+    needs_calibration: bool | Callable[[Any], bool] = False
+
+    def calibrated(self, options: Any) -> bool:
+        """Whether `apply` with these options takes (and needs) `calibration=`.
+
+        Args:
+            options: the op's validated `OpOptions`.
+
+        Returns:
+            `needs_calibration`, or its value for these options.
+
+        Example:
+            >>> Op(name="x", options=OpOptions, apply=lambda *a: a).calibrated(OpOptions())
+            False
+        """
+        if callable(self.needs_calibration):
+            return bool(self.needs_calibration(options))
+        return bool(self.needs_calibration)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

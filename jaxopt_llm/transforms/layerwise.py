@@ -11,9 +11,11 @@ parameters.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from jaxopt_llm import tree
+from jaxopt_llm.calibration import layer_sequential
 from jaxopt_llm.models import ModelConfig, family_spec
 from jaxopt_llm.weights import is_weight_leaf
 
@@ -81,3 +83,36 @@ def inside(path: str, block_path: str) -> str:
 
 
 __all__ = ["block_selection", "inside"]
+
+
+def each_linear_sequentially(flat: Mapping[str, Any], by_block: Mapping[int, list[str]],
+                             config: Any, calibration: Any,
+                             transform: Callable[[Any, str, Any], Any]) -> dict[str, Any]:
+    """Replace every selected kernel by `transform(leaf, path, stats)`, blocks in order,
+    each block's statistics taken from the outputs of the blocks already transformed.
+
+    Args:
+        flat: the parameters by path.
+        by_block: `block_selection`'s result.
+        config: the model config.
+        calibration: the `calibration.Calibration` windows.
+        transform: (kernel, its path, its inputs' `calibration.LinearStats`) → new leaf.
+
+    Returns:
+        The new parameters by path.
+
+    Example:
+        >>> each_linear_sequentially(flat, by_block, config, calibration,
+        ...                          lambda w, path, stats: w)  # doctest: +SKIP
+    """
+    def compress(context: Any) -> Any:
+        block = tree.flatten(context.params)
+        for path in by_block[context.index]:
+            name = inside(path, context.path)
+            block[name] = transform(block[name], path,
+                                    context.stats[name.rsplit("/", 1)[0]])
+        return tree.unflatten(block)
+
+    params = layer_sequential(config, tree.unflatten(dict(flat)), calibration, compress,
+                              blocks=list(by_block))
+    return tree.flatten(params)

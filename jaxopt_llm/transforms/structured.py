@@ -21,6 +21,17 @@ Hkv < H every kv head is kept and the same number r of query heads is removed
 from every kv group, so groups stay uniform (H' = H - r * Hkv). With Hkv == H
 whole heads (q, k, v columns and o rows) go. Scores use the kernels only.
 
+Activation-aware scores (score "act", needs calibration): a unit's share of its block's
+output energy on calibration inputs. Removing query head h adds A_h·O_h to the attention
+output (A_h: the head's outputs, the o-projection's input columns h·hd…; O_h: its rows of
+the o-projection), whose squared norm over the tokens is tr(O_hᵀ (A_hᵀA_h) O_h); for MLP
+neuron j it is (Σ_t h_tj²)·‖W_out[j, :]‖². Cross terms between units are ignored. This is
+FLAP's output-based criterion ("Fluctuation-based Adaptive Structured Pruning", An et
+al., AAAI 2024) with the second moment in place of the variance: FLAP adds the removed
+units' mean output to a bias, and these models' output projections have no bias to
+absorb it, so the mean is part of the error. Statistics come from one pass of the model
+as it is (a pruned block changes the config, which a layer-sequential pass cannot mix).
+
 Every layer removes the same count (a config holds one num_heads and one
 intermediate_size) but picks its own lowest-scoring units. Per-layer
 selection (a `layers` regex) is therefore not offered: it would need a
@@ -40,12 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm import tree
+from jaxopt_llm.calibration import linear_statistics
 from jaxopt_llm.models.config import ModelConfig
 from jaxopt_llm.models.family import FAMILIES as FAMILY_SPECS
 from jaxopt_llm.models.family import FamilySpec, family_spec
 from jaxopt_llm.transforms.base import Op, OpOptions
 
-SCORES = ("l2", "l1")
+SCORES = ("l2", "l1", "act")  # act: output energy on calibration data
 KINDS = ("heads", "neurons")
 FAMILIES = tuple(FAMILY_SPECS)
 
@@ -171,21 +183,40 @@ def _take(module: dict[str, Any], name: str, index: np.ndarray, axis: int) -> No
     module[name] = jnp.asarray(np.take(np.asarray(module[name]), index, axis=axis))
 
 
-def _kept_heads(config: ModelConfig, q, k, v, o, removed: int, score: str):
-    """Scores and selection for one layer. q/k/v (D, *) columns, o (H*hd, D) rows.
+def _kept_heads(config: ModelConfig, q, k, v, o, removed: int, score: str,
+                act: np.ndarray | None = None):
+    """Scores and selection for one layer. q/k/v (D, *) columns, o (H*hd, D) rows; `act`:
+    the activation-aware score per query head (score "act").
 
     Returns (kept query heads, kept kv heads), each sorted.
     """
     heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
     q_h, o_h = _heads_of(q, heads, hd), o.reshape(heads, hd, -1)
     if heads == kv_heads:
-        mass = _unit_mass([q_h, _heads_of(k, heads, hd), _heads_of(v, heads, hd), o_h], score)
+        mass = act if act is not None else _unit_mass(
+            [q_h, _heads_of(k, heads, hd), _heads_of(v, heads, hd), o_h], score)
         kept = _lowest(mass, removed)
         return kept, kept
     group = heads // kv_heads
-    mass = _unit_mass([q_h, o_h], score).reshape(kv_heads, group)
+    mass = (act if act is not None else _unit_mass([q_h, o_h], score)).reshape(kv_heads, group)
     kept = np.concatenate([g * group + _lowest(mass[g], removed) for g in range(kv_heads)])
     return kept, np.arange(kv_heads)
+
+
+def _gram(stats: Mapping[str, Any] | None, linear: str, width: int) -> np.ndarray:
+    """The Gram matrix of `linear`'s inputs (width, width), float64."""
+    if stats is None or linear not in stats:
+        raise ValueError(f"score 'act' needs calibration statistics of {linear}")
+    gram = np.asarray(stats[linear].gram, np.float64)
+    if gram.shape != (width, width):
+        raise ValueError(f"statistics of {linear} are {gram.shape}, expected {(width, width)}")
+    return gram
+
+
+def _output_energy(gram: np.ndarray, rows: np.ndarray) -> float:
+    """tr(Wᵀ G W): the squared output norm a unit's inputs (Gram G) send through rows W."""
+    rows = rows.astype(np.float64)
+    return float(np.sum(rows * (gram @ rows)))
 
 
 def _check_width(array: np.ndarray, axis: int, expected: int, path: str) -> None:
@@ -205,7 +236,8 @@ def _scope(params: dict[str, Any], spec: FamilySpec, layer: int,
 
 
 def prune_attention_heads(
-    config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2"
+    config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2",
+    stats: Mapping[str, Any] | None = None,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Remove the lowest-scoring `fraction` of attention heads in every layer.
 
@@ -217,7 +249,9 @@ def prune_attention_heads(
         config: the model's config.
         params: the parameter tree (not modified).
         fraction: the share of query heads removed per kv group.
-        score: "l2" or "l1" norm of a head's weights.
+        score: "l2" or "l1" norm of a head's weights, or "act" (output energy, needs
+            `stats`).
+        stats: `calibration.linear_statistics` of the model, for score "act".
 
     Returns:
         (new config, new params).
@@ -249,8 +283,14 @@ def prune_attention_heads(
         for projection, kernel in zip(spec.qkv, kernels, strict=True):
             for part, (start, stop) in spans[projection.name].items():
                 columns[part] = kernel[:, start:stop]
+        act = None
+        if score == "act":
+            gram = _gram(stats, f"{path}/{spec.attn_out}", config.num_heads * hd)
+            act = np.array([_output_energy(gram[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd],
+                                           o[h * hd:(h + 1) * hd])
+                            for h in range(config.num_heads)])
         kept_q, kept_kv = _kept_heads(config, columns["q"], columns["k"], columns["v"], o,
-                                      removed, score)
+                                      removed, score, act)
         kept = {"q": kept_q, "k": kept_kv, "v": kept_kv}
         for projection in spec.qkv:
             cols = [_columns(kept[part], hd, start)
@@ -263,7 +303,8 @@ def prune_attention_heads(
 
 
 def prune_mlp_neurons(
-    config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2"
+    config: ModelConfig, params: Mapping[str, Any], *, fraction: float, score: str = "l2",
+    stats: Mapping[str, Any] | None = None,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Remove the lowest-scoring `fraction` of MLP neurons in every layer.
 
@@ -274,7 +315,9 @@ def prune_mlp_neurons(
         config: the model's config.
         params: the parameter tree (not modified).
         fraction: the share of neurons removed.
-        score: "l2" or "l1" norm of a neuron's weights.
+        score: "l2" or "l1" norm of a neuron's weights, or "act" (output energy, needs
+            `stats`).
+        stats: `calibration.linear_statistics` of the model, for score "act".
 
     Returns:
         (new config, new params).
@@ -301,7 +344,12 @@ def prune_mlp_neurons(
         for name, kernel in zip(inputs, ins, strict=True):
             _check_width(kernel, 1, size, f"{path}/{name}/kernel")
         _check_width(down, 0, size, f"{path}/{output}/kernel")
-        kept = _lowest(_unit_mass([w.T for w in ins] + [down], score), removed)
+        if score == "act":
+            energy = np.diag(_gram(stats, f"{path}/{output}", size))
+            scores = energy * np.sum(down.astype(np.float64) ** 2, axis=1)
+        else:
+            scores = _unit_mass([w.T for w in ins] + [down], score)
+        kept = _lowest(scores, removed)
         for name in inputs:
             for leaf in ("kernel", "bias"):
                 if leaf in mlp[name]:
@@ -326,10 +374,10 @@ class StructuredOptions(OpOptions):
     """
 
     fraction: float = 0.25
-    score: str = "l2"  # l2 | l1 norm of a unit's weights
+    score: str = "l2"  # l2 | l1 norm of a unit's weights | act: output energy (calibrated)
 
     def validate(self) -> None:
-        """fraction in (0, 1); score 'l2' or 'l1'."""
+        """fraction in (0, 1); score 'l2', 'l1' or 'act'."""
         fraction = self.fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
                 0.0 < fraction < 1.0):
@@ -358,10 +406,14 @@ def _structured_op(kind: str) -> Op:
                              f"not select; widen its match")
         return new, moving
 
-    def apply(flat, paths, config, options):
+    def apply(flat, paths, config, options, calibration=None):
         changed(flat, paths, config, options)
-        config, params = prune(config, tree.unflatten(flat), fraction=options.fraction,
-                               score=options.score)
+        params = tree.unflatten(flat)
+        stats = None
+        if options.score == "act":
+            stats = linear_statistics(config, params, calibration)
+        config, params = prune(config, params, fraction=options.fraction,
+                               score=options.score, stats=stats)
         return config, tree.flatten(params)
 
     def plan(flat, paths, config, options):
@@ -372,7 +424,7 @@ def _structured_op(kind: str) -> Op:
         return new, flat
 
     return Op(name=f"prune_{kind}", options=StructuredOptions, apply=apply, plan=plan,
-              traceable=False,
+              traceable=False, needs_calibration=lambda options: options.score == "act",
               doc=f"structured pruning of {'attention heads' if kind == 'heads' else 'MLP neurons'}"
                   " (physically smaller matrices, config updated)")
 

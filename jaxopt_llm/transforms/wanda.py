@@ -26,10 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm import tree
-from jaxopt_llm.calibration import BlockContext, Calibration, layer_sequential
+from jaxopt_llm.calibration import Calibration
 from jaxopt_llm.transforms.base import Op, OpOptions
-from jaxopt_llm.transforms.layerwise import block_selection, inside
+from jaxopt_llm.transforms.layerwise import block_selection, each_linear_sequentially
 from jaxopt_llm.transforms.prune import _dense_kernel, lowest_mask
 from jaxopt_llm.weights.base import WeightLeaf
 from jaxopt_llm.weights.sparse import MaskedWeight, masked_weight, nm_sparse_weight
@@ -252,18 +251,10 @@ def calibrated_prune(flat: Mapping[str, Any], paths: list[str], config: Any,
         ...                  wanda_leaf)  # doctest: +SKIP
     """
     by_block = check_selection(flat, paths, config, op, options)
-
-    def compress(context: BlockContext) -> Any:
-        block = tree.flatten(context.params)
-        for path in by_block[context.index]:
-            name = inside(path, context.path)
-            block[name] = prune_leaf(block[name], path, options,
-                                     context.stats[name.rsplit("/", 1)[0]].gram)
-        return tree.unflatten(block)
-
-    params = layer_sequential(config, tree.unflatten(flat), calibration, compress,
-                              blocks=list(by_block))
-    return config, tree.flatten(params)
+    new = each_linear_sequentially(
+        flat, by_block, config, calibration,
+        lambda leaf, path, stats: prune_leaf(leaf, path, options, stats.gram))
+    return config, new
 
 
 def _apply(flat: Mapping[str, Any], paths: list[str], config: Any, options: SparsityOptions,

@@ -1,0 +1,222 @@
+"""Activation-aware low-rank factorization: ASVD and SVD-LLM.
+
+Both factor a data-scaled kernel so that the truncation drops what matters least for the
+layer's *outputs* on calibration inputs A (tokens × d_in), not for the weights:
+
+* ASVD ("ASVD: Activation-aware Singular Value Decomposition for Compressing Large
+  Language Models", Yuan et al., 2023): s_j = (mean_t |A_tj|)^α (α = 0.5), SVD of
+  diag(s)·K = U Σ Vᵀ, then u = diag(s)⁻¹ U_k √Σ_k, v = √Σ_k V_kᵀ.
+* SVD-LLM ("SVD-LLM: Truncation-aware Singular Value Decomposition for Large Language
+  Model Compression", Wang et al., 2024): AᵀA = L Lᵀ (Cholesky, lower), SVD of
+  Lᵀ·K = U Σ Vᵀ, then u = L⁻ᵀ U_k √Σ_k, v = √Σ_k V_kᵀ. Because A L⁻ᵀ has orthonormal
+  columns, the output error ‖A(K − u v)‖_F equals √(Σ_{i>k} σ_i²) of the whitened
+  spectrum, so this truncation is the best rank-k one for the outputs. A Gram matrix
+  that is not positive definite (fewer tokens than inputs, dead channels) gets
+  ε·mean(diag)·I added, ε from 1e-6 up ×10, with a warning.
+
+Ranks come from `rank`, `ratio` or `energy` exactly as for plain SVD (`lowrank.svd_rank`;
+energy is measured on the scaled spectrum); the result is the same `LowRankWeight`.
+Kernels (d_in, d_out), input channel j = row j. SVDs run on the host in float64. Blocks
+are factorized layer-sequentially (each block's statistics come from the outputs of
+the blocks already factorized, as SVD-LLM's authors do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from jaxopt_llm.calibration import Calibration
+from jaxopt_llm.transforms.base import Op, check_finite_number
+from jaxopt_llm.transforms.layerwise import block_selection, each_linear_sequentially
+from jaxopt_llm.transforms.lowrank import SVDOptions, _svd_plan, svd_rank
+from jaxopt_llm.weights import LowRankWeight, is_weight_leaf
+
+# How often the regularisation of a non-positive-definite Gram matrix is raised ×10.
+REGULARISATION_TRIES = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ASVDOptions(SVDOptions):
+    """ASVD: the rank (rank / ratio / energy, as `svd`) and the scaling exponent α.
+
+    Example:
+        >>> ASVDOptions(ratio=0.2).alpha
+        0.5
+    """
+
+    alpha: float = 0.5
+
+    def validate(self) -> None:
+        """The rank option's checks, and α a finite number in (0, 1]."""
+        super().validate()
+        check_finite_number("alpha", self.alpha, low=0.0, high=1.0, open_low=True)
+
+
+def _factors(scaled: np.ndarray, unscale: Any, shape: tuple[int, int], options: SVDOptions
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SVD of the scaled kernel, truncated; `unscale(x)` maps u's rows back to inputs."""
+    u, s, vt = np.linalg.svd(scaled, full_matrices=False)
+    k = svd_rank(shape, rank=options.rank, ratio=options.ratio, energy=options.energy,
+                 singular_values=s)
+    root = np.sqrt(s[:k])
+    return unscale(u[:, :k] * root), root[:, None] * vt[:k], s
+
+
+def asvd_factorize(w: Any, mean_abs: Any, options: ASVDOptions) -> LowRankWeight:
+    """ASVD of one kernel w (d_in, d_out) from its inputs' mean |A_j| (d_in,).
+
+    Args:
+        w: the float kernel.
+        mean_abs: mean absolute value of each input channel over the calibration tokens.
+        options: rank (rank / ratio / energy) and α.
+
+    Returns:
+        The `LowRankWeight` (u (d_in, k), v (k, d_out)) in w's dtype.
+
+    Example:
+        >>> w = np.outer(np.arange(1.0, 5.0), np.arange(1.0, 4.0)).astype(np.float32)
+        >>> low = asvd_factorize(w, np.ones(4), ASVDOptions(rank=1))
+        >>> bool(np.allclose(low.materialize(), w, atol=1e-4))
+        True
+    """
+    kernel = np.asarray(w, np.float64)
+    s = np.power(np.maximum(np.asarray(mean_abs, np.float64), 1e-12), options.alpha)
+    s = s / np.sqrt(s.max() * s.min())  # a common factor cancels; keeps numbers near 1
+    u, v, _ = _factors(s[:, None] * kernel, lambda x: x / s[:, None], kernel.shape, options)
+    return LowRankWeight(u=jnp.asarray(u, w.dtype), v=jnp.asarray(v, w.dtype))
+
+
+def whitening(gram: Any, name: str = "weight") -> tuple[np.ndarray, float]:
+    """Lower L with L Lᵀ = AᵀA (+ ε·mean(diag)·I when needed, with a warning).
+
+    Args:
+        gram: AᵀA (d_in, d_in).
+        name: the parameter, named in the warning.
+
+    Returns:
+        (L (d_in, d_in) float64, ε used: 0 when none was needed).
+
+    Example:
+        >>> lower, eps = whitening(np.array([[4.0, 2.0], [2.0, 2.0]]))
+        >>> lower.tolist(), eps
+        ([[2.0, 0.0], [1.0, 1.0]], 0.0)
+    """
+    g = np.asarray(gram, np.float64)
+    if not np.all(np.isfinite(g)):
+        raise ValueError(f"{name}: the inputs' Gram matrix has non-finite entries (the "
+                         "calibration activations overflowed or are NaN)")
+    g = (g + g.T) / 2
+    base = float(np.mean(np.abs(np.diag(g)))) or 1.0
+    eps = 0.0
+    for _ in range(REGULARISATION_TRIES + 1):
+        try:
+            lower = np.linalg.cholesky(g + eps * base * np.eye(g.shape[0]))
+        except np.linalg.LinAlgError:
+            eps = 1e-6 if eps == 0.0 else eps * 10
+            continue
+        if eps:
+            warnings.warn(f"{name}: the inputs' Gram matrix is not positive definite (too "
+                          f"few calibration tokens, or dead channels); whitened with "
+                          f"{eps:g}·mean(diag)·I added", RuntimeWarning, stacklevel=2)
+        return lower, eps
+    raise ValueError(f"{name}: the inputs' Gram matrix cannot be factorised even with "
+                     f"{eps:g}·mean(diag)·I added; it is not finite or far from positive "
+                     "semi-definite")
+
+
+def svdllm_factorize(w: Any, gram: Any, options: SVDOptions, name: str = "weight"
+                     ) -> LowRankWeight:
+    """SVD-LLM of one kernel w (d_in, d_out) from its inputs' Gram matrix AᵀA.
+
+    Args:
+        w: the float kernel.
+        gram: AᵀA (d_in, d_in) over the calibration tokens.
+        options: the rank (rank / ratio / energy, energy on the whitened spectrum).
+        name: the parameter, for warnings.
+
+    Returns:
+        The `LowRankWeight` (u = L⁻ᵀ U_k √Σ_k, v = √Σ_k V_kᵀ) in w's dtype.
+
+    Example:
+        >>> a = np.random.default_rng(0).standard_normal((16, 4))
+        >>> w = np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32)
+        >>> low = svdllm_factorize(w, a.T @ a, SVDOptions(rank=1))
+        >>> low.u.shape, low.v.shape
+        ((4, 1), (1, 4))
+    """
+    kernel = np.asarray(w, np.float64)
+    lower, _ = whitening(gram, name)
+    u, v, _ = _factors(
+        lower.T @ kernel,
+        lambda x: scipy.linalg.solve_triangular(lower.T, x, lower=False),
+        kernel.shape, options)
+    return LowRankWeight(u=jnp.asarray(u, w.dtype), v=jnp.asarray(v, w.dtype))
+
+
+def _check(flat: Mapping[str, Any], paths: list[str], config: Any, op: str,
+           options: SVDOptions) -> dict[int, list[str]]:
+    by_block = block_selection(flat, paths, config, op)
+    for path in paths:
+        leaf = flat[path]
+        if is_weight_leaf(leaf):
+            raise ValueError(f"{path}: {op} needs a float kernel, got {type(leaf).__name__} "
+                             "(factorize before quantizing)")
+        if len(leaf.shape) != 2:
+            raise ValueError(f"{path} has shape {leaf.shape}: {op} selects 2-D kernels only")
+        if options.energy is None:  # ranks checked before any work
+            try:
+                svd_rank(leaf.shape, rank=options.rank, ratio=options.ratio)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+    return by_block
+
+
+def _plan_for(op: str):
+    def plan(flat, paths, config, options):
+        _check(flat, paths, config, op, options)
+        if options.energy is not None:
+            raise ValueError(f"{op} with energy: the ranks depend on calibration data, so "
+                             "`plan` cannot size them; give rank or ratio")
+        return _svd_plan(flat, paths, config, SVDOptions(rank=options.rank,
+                                                        ratio=options.ratio))
+    return plan
+
+
+def _asvd_apply(flat, paths, config, options: ASVDOptions, *, calibration: Calibration):
+    by_block = _check(flat, paths, config, "asvd", options)
+    return config, each_linear_sequentially(
+        flat, by_block, config, calibration,
+        lambda w, path, stats: _named(path, asvd_factorize, w, stats.mean_abs, options))
+
+
+def _svdllm_apply(flat, paths, config, options: SVDOptions, *, calibration: Calibration):
+    by_block = _check(flat, paths, config, "svdllm", options)
+    return config, each_linear_sequentially(
+        flat, by_block, config, calibration,
+        lambda w, path, stats: _named(path, svdllm_factorize, w, stats.gram, options, path))
+
+
+def _named(path: str, factorize: Any, *args: Any) -> LowRankWeight:
+    try:
+        return factorize(*args)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+OPS = (
+    Op(name="asvd", options=ASVDOptions, apply=_asvd_apply, plan=_plan_for("asvd"),
+       traceable=False, needs_calibration=True,
+       doc="ASVD: SVD of the kernel scaled by mean |activation|^α, into LowRankWeight"),
+    Op(name="svdllm", options=SVDOptions, apply=_svdllm_apply, plan=_plan_for("svdllm"),
+       traceable=False, needs_calibration=True,
+       doc="SVD-LLM: SVD of the kernel whitened by the Cholesky factor of AᵀA"),
+)
+
+__all__ = ["OPS", "ASVDOptions", "asvd_factorize", "svdllm_factorize", "whitening"]
