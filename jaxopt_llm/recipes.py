@@ -112,8 +112,9 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
              "data)", "prune", MLP, "prune_neurons", fraction=0.25, score="act"),
         _one("svd-20", "truncated SVD removing 20% of each block linear's parameters",
              "factorize", BLOCK_LINEARS, "svd", ratio=0.2),
-        _one("asvd-20", "ASVD (activation-scaled SVD, α 0.5) removing 20% of each block "
-             "linear's parameters", "factorize", BLOCK_LINEARS, "asvd", ratio=0.2),
+        _one("asvd-20", "ASVD (activation-scaled SVD, α 0.5) removing 20% of the block "
+             "linears' parameters, ranks per linear by output-error sensitivity", "factorize",
+             BLOCK_LINEARS, "asvd", ratio=0.2, allocation="global"),
         _one("svdllm-20", "SVD-LLM (whitened SVD) removing 20% of each block linear's "
              "parameters", "factorize", BLOCK_LINEARS, "svdllm", ratio=0.2),
         _one("svdllm-40", "SVD-LLM (whitened SVD) removing 40% of each block linear's "

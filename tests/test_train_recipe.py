@@ -154,3 +154,34 @@ def test_qat_from_a_float_offset_grid_is_refused():
     leaf = quantize_weight(jnp.ones((8, 4)), QuantSpec(bits=4, symmetric=False, zero="float"))
     with pytest.raises(ValueError, match=r"QAT cannot start from a float-offset grid"):
         trainable_quantized({"k": leaf})
+
+
+@pytest.mark.parametrize("name", ["sparsegpt-2:4", "wanda-50", "svdllm-20", "mlp-25-act"])
+def test_recovery_training_keeps_the_pattern_and_the_shapes(loaded, name):
+    """Recovery fine-tuning from a calibrated pruning / low-rank recipe: the pattern
+    (masks, N:M positions), the factors' ranks and the shrunk config survive training."""
+    from jaxopt_llm.calibration import Calibration
+    from jaxopt_llm.tree import flatten
+    from jaxopt_llm.weights import LowRankWeight, MaskedWeight, NMSparseWeight, materialize
+
+    ids = training_ids(loaded.tokenizer, TEXT)
+    calibration = Calibration(windows=np.asarray(ids[:256]).reshape(4, 64))
+    config, start = BUILTIN_RECIPES[name](loaded.config, loaded.params, calibration=calibration)
+    trained = train_recipe(loaded, name, ids, TrainSettings(steps=3, batch=2, seq=16,
+                                                            learning_rate=1e-3),
+                           calibration=calibration)
+    assert trained.finished and np.isfinite(trained.loss_last)
+    assert trained.config == config
+    before, after = flatten(start), flatten(trained.params)
+    moved = False
+    for path, leaf in before.items():
+        new = after[path]
+        if isinstance(leaf, (MaskedWeight, NMSparseWeight, LowRankWeight)):
+            assert type(new) is type(leaf), path
+        if isinstance(leaf, (MaskedWeight, NMSparseWeight)):
+            zeros = np.asarray(materialize(leaf)) == 0
+            assert np.all(np.asarray(materialize(new))[zeros] == 0), path
+        if isinstance(leaf, LowRankWeight):
+            assert new.rank == leaf.rank
+        moved |= not np.array_equal(np.asarray(materialize(new)), np.asarray(materialize(leaf)))
+    assert moved

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from jaxopt_llm.calibration import Calibration
+from jaxopt_llm import tree
+from jaxopt_llm.calibration import Calibration, linear_statistics
 from jaxopt_llm.transforms.base import Op, check_finite_number
 from jaxopt_llm.transforms.layerwise import block_selection, each_linear_sequentially
 from jaxopt_llm.transforms.lowrank import SVDOptions, _svd_plan, svd_rank
@@ -42,9 +43,36 @@ from jaxopt_llm.weights import LowRankWeight, is_weight_leaf
 REGULARISATION_TRIES = 8
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ASVDOptions(SVDOptions):
-    """ASVD: the rank (rank / ratio / energy, as `svd`) and the scaling exponent α.
+class SVDLLMOptions(SVDOptions):
+    """The rank (rank / ratio / energy, as `svd`) and how a `ratio` is spread: "uniform"
+    (every linear loses that share) or "global" (the selected linears together lose it,
+    each keeping the ranks that cost its outputs least: `allocate_ranks`).
+
+    Example:
+        >>> SVDLLMOptions(ratio=0.2, allocation="global").allocation
+        'global'
+    """
+
+    allocation: str = "uniform"
+
+    def validate(self) -> None:
+        """The rank option's checks; a known allocation, "global" only with a ratio."""
+        super().validate()
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got "
+                             f"{self.allocation!r}")
+        if self.allocation == "global" and self.ratio is None:
+            raise ValueError("allocation 'global' spreads a parameter ratio over the "
+                             "linears; give ratio (not rank or energy)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ASVDOptions(SVDLLMOptions):
+    """ASVD: the rank options and allocation (as `svdllm`) and the scaling exponent α.
 
     Example:
         >>> ASVDOptions(ratio=0.2).alpha
@@ -54,7 +82,7 @@ class ASVDOptions(SVDOptions):
     alpha: float = 0.5
 
     def validate(self) -> None:
-        """The rank option's checks, and α a finite number in (0, 1]."""
+        """The rank and allocation checks, and α a finite number in (0, 1]."""
         super().validate()
         check_finite_number("alpha", self.alpha, low=0.0, high=1.0, open_low=True)
 
@@ -160,6 +188,62 @@ def svdllm_factorize(w: Any, gram: Any, options: SVDOptions, name: str = "weight
     return LowRankWeight(u=jnp.asarray(u, w.dtype), v=jnp.asarray(v, w.dtype))
 
 
+def allocate_ranks(spectra: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]],
+                   ratio: float) -> dict[str, int]:
+    """Per-linear ranks that together remove `ratio` of the linears' parameters, dropping
+    first the singular values that cost least output error per parameter saved.
+
+    With SVD-LLM's whitening, dropping σ_i of a linear adds σ_i² to its squared output
+    error on the calibration inputs; divided by the linear's output energy Σσ² it is a
+    share comparable across linears (the sensitivity measure). Ranks start at the
+    largest that saves parameters, k·(m + n) < m·n, and never go below 1.
+
+    Args:
+        spectra: per linear, its whitened singular values (descending).
+        shapes: per linear, its kernel shape (m, n).
+        ratio: the share of Σ m·n to remove, in (0, 1).
+
+    Returns:
+        {linear: rank}, with Σ rank·(m + n) ≤ (1 − ratio)·Σ m·n.
+
+    Raises:
+        ValueError: even rank 1 everywhere exceeds the budget (by how many parameters).
+
+    Example:
+        >>> spectra = {"a": np.array([4.0, 3.0, 0.1]), "b": np.array([5.0, 1.0, 1.0])}
+        >>> allocate_ranks(spectra, {"a": (8, 8), "b": (8, 8)}, 0.6)  # a's 3.0 matters
+        {'a': 2, 'b': 1}
+    """
+    dense = sum(m * n for m, n in shapes.values())
+    budget = (1.0 - ratio) * dense
+    ranks = {}
+    for name, (m, n) in shapes.items():
+        ranks[name] = min((m * n - 1) // (m + n), len(spectra[name]))
+        if ranks[name] < 1:
+            raise ValueError(f"{name} {(m, n)}: no rank saves parameters for this shape")
+    floor = sum(m + n for m, n in shapes.values())
+    if floor > budget:
+        raise ValueError(f"ratio {ratio}: rank 1 in every linear keeps {floor:,} parameters, "
+                         f"{floor - budget:,.0f} more than the budget of {budget:,.0f}; use "
+                         f"a ratio of at most {1 - floor / dense:.4f}")
+    drops = []  # (cost per parameter, -index, linear): tail first within a linear
+    for name, sigma in spectra.items():
+        energy = np.square(np.asarray(sigma, np.float64))
+        total = float(energy.sum()) or 1.0
+        m, n = shapes[name]
+        for i in range(1, ranks[name]):
+            drops.append((energy[i] / total / (m + n), -i, name))
+    drops.sort()
+    cost = sum(ranks[name] * (m + n) for name, (m, n) in shapes.items())
+    for _, _, name in drops:
+        if cost <= budget:
+            break
+        m, n = shapes[name]
+        ranks[name] -= 1
+        cost -= m + n
+    return ranks
+
+
 def _check(flat: Mapping[str, Any], paths: list[str], config: Any, op: str,
            options: SVDOptions) -> dict[int, list[str]]:
     by_block = block_selection(flat, paths, config, op)
@@ -170,11 +254,15 @@ def _check(flat: Mapping[str, Any], paths: list[str], config: Any, op: str,
                              "(factorize before quantizing)")
         if len(leaf.shape) != 2:
             raise ValueError(f"{path} has shape {leaf.shape}: {op} selects 2-D kernels only")
-        if options.energy is None:  # ranks checked before any work
+        if options.energy is None and options.allocation == "uniform":  # before any work
             try:
                 svd_rank(leaf.shape, rank=options.rank, ratio=options.ratio)
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from None
+    if options.allocation == "global":  # the budget is reachable at all
+        shapes = {p: tuple(flat[p].shape) for p in paths}
+        allocate_ranks({p: np.ones(min(s)) for p, s in shapes.items()}, shapes,
+                       options.ratio)
     return by_block
 
 
@@ -184,23 +272,48 @@ def _plan_for(op: str):
         if options.energy is not None:
             raise ValueError(f"{op} with energy: the ranks depend on calibration data, so "
                              "`plan` cannot size them; give rank or ratio")
+        # allocation "global" picks each linear's rank from calibration data; the plan
+        # shows the uniform split of the same budget
         return _svd_plan(flat, paths, config, SVDOptions(rank=options.rank,
                                                         ratio=options.ratio))
     return plan
 
 
-def _asvd_apply(flat, paths, config, options: ASVDOptions, *, calibration: Calibration):
-    by_block = _check(flat, paths, config, "asvd", options)
-    return config, each_linear_sequentially(
-        flat, by_block, config, calibration,
-        lambda w, path, stats: _named(path, asvd_factorize, w, stats.mean_abs, options))
+def _factorize_one(op: str, w: Any, path: str, stats: Any, options: SVDLLMOptions
+                   ) -> LowRankWeight:
+    if op == "asvd":
+        return _named(path, asvd_factorize, w, stats.mean_abs, options)
+    return _named(path, svdllm_factorize, w, stats.gram, options, path)
 
 
-def _svdllm_apply(flat, paths, config, options: SVDOptions, *, calibration: Calibration):
-    by_block = _check(flat, paths, config, "svdllm", options)
-    return config, each_linear_sequentially(
-        flat, by_block, config, calibration,
-        lambda w, path, stats: _named(path, svdllm_factorize, w, stats.gram, options, path))
+def _apply_for(op: str):
+    def apply(flat, paths, config, options: SVDLLMOptions, *, calibration: Calibration):
+        by_block = _check(flat, paths, config, op, options)
+        if options.allocation == "uniform":
+            return config, each_linear_sequentially(
+                flat, by_block, config, calibration,
+                lambda w, path, stats: _factorize_one(op, w, path, stats, options))
+        # global: every linear's statistics first (one pass of the model as it is), the
+        # ranks from all of them, then each linear factorized from its statistics
+        stats = linear_statistics(config, tree.unflatten(dict(flat)), calibration)
+        of = {path: stats[path.rsplit("/", 1)[0]] for path in paths}
+        spectra = {}
+        for path in paths:
+            lower, _ = whitening(of[path].gram, path)
+            spectra[path] = np.linalg.svd(lower.T @ np.asarray(flat[path], np.float64),
+                                          compute_uv=False)
+        ranks = allocate_ranks(spectra, {p: tuple(flat[p].shape) for p in paths},
+                               options.ratio)
+        out = dict(flat)
+        for path in paths:
+            fixed = dataclasses.replace(options, ratio=None, rank=ranks[path],
+                                        allocation="uniform")
+            with warnings.catch_warnings():  # whitening warned once above
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[path] = _factorize_one(op, flat[path], path, of[path], fixed)
+        return config, out
+
+    return apply
 
 
 def _named(path: str, factorize: Any, *args: Any) -> LowRankWeight:
@@ -211,12 +324,14 @@ def _named(path: str, factorize: Any, *args: Any) -> LowRankWeight:
 
 
 OPS = (
-    Op(name="asvd", options=ASVDOptions, apply=_asvd_apply, plan=_plan_for("asvd"),
+    Op(name="asvd", options=ASVDOptions, apply=_apply_for("asvd"), plan=_plan_for("asvd"),
        traceable=False, needs_calibration=True,
        doc="ASVD: SVD of the kernel scaled by mean |activation|^α, into LowRankWeight"),
-    Op(name="svdllm", options=SVDOptions, apply=_svdllm_apply, plan=_plan_for("svdllm"),
+    Op(name="svdllm", options=SVDLLMOptions, apply=_apply_for("svdllm"),
+       plan=_plan_for("svdllm"),
        traceable=False, needs_calibration=True,
        doc="SVD-LLM: SVD of the kernel whitened by the Cholesky factor of AᵀA"),
 )
 
-__all__ = ["OPS", "ASVDOptions", "asvd_factorize", "svdllm_factorize", "whitening"]
+__all__ = ["ALLOCATIONS", "OPS", "ASVDOptions", "SVDLLMOptions", "allocate_ranks",
+           "asvd_factorize", "svdllm_factorize", "whitening"]

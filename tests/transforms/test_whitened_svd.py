@@ -17,7 +17,12 @@ from jaxopt_llm.plan import plan
 from jaxopt_llm.recipes import load_recipe
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
 from jaxopt_llm.transforms.lowrank import SVDOptions, factorize_svd, svd_rank
-from jaxopt_llm.transforms.whitened_svd import ASVDOptions, asvd_factorize, svdllm_factorize
+from jaxopt_llm.transforms.whitened_svd import (
+    ASVDOptions,
+    allocate_ranks,
+    asvd_factorize,
+    svdllm_factorize,
+)
 from jaxopt_llm.weights import LowRankWeight
 
 
@@ -119,8 +124,14 @@ def test_recipes_order_on_a_model(params):
         shapes = {r.path: r for r in planned.rows}
         assert {type(v).__name__ for p, v in tree.flatten(out).items()
                 if p.startswith("layers_") and p.endswith("kernel")} == {"LowRankWeight"}
-        got = tree.flatten(out)["layers_0/mlp/up_proj/kernel"]
-        assert shapes["layers_0/mlp/up_proj/kernel"].bytes_after == got.nbytes
+        flat = tree.flatten(out)
+        if name == "asvd-20":  # ranks per linear from data: the budget holds in total
+            kernels = [p for p in flat if p.startswith("layers_") and p.endswith("kernel")]
+            assert sum(flat[p].nbytes for p in kernels) <= sum(
+                shapes[p].bytes_before for p in kernels) * 0.8
+        else:
+            got = flat["layers_0/mlp/up_proj/kernel"]
+            assert shapes["layers_0/mlp/up_proj/kernel"].bytes_after == got.nbytes
     assert errors["svdllm-20"] < errors["asvd-20"] < errors["svd-20"], errors
 
 
@@ -145,3 +156,77 @@ def test_needs_float_kernels(params):
     quantized = load_recipe("w8")(CONFIG, params)[1]
     with pytest.raises(ValueError, match="is already a QuantizedWeight"):
         load_recipe("svdllm-20")(CONFIG, quantized, calibration=Calibration(windows=WINDOWS))
+
+
+def _brute_force_ranks(spectra, shapes, ratio):
+    """The rank choice with the least total normalized dropped energy within the budget."""
+    import itertools
+
+    budget = (1 - ratio) * sum(m * n for m, n in shapes.values())
+    names = list(spectra)
+    best = None
+    options = [range(1, (shapes[k][0] * shapes[k][1] - 1) // sum(shapes[k]) + 1) for k in names]
+    for ranks in itertools.product(*options):
+        if sum(r * sum(shapes[k]) for r, k in zip(ranks, names, strict=True)) > budget:
+            continue
+        cost = sum(np.sum(spectra[k][r:] ** 2) / np.sum(spectra[k] ** 2)
+                   for r, k in zip(ranks, names, strict=True))
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, dict(zip(names, ranks, strict=True)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_global_allocation_meets_the_budget_and_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    shapes = {"a": (12, 10), "b": (12, 12), "c": (10, 14)}
+    spectra = {k: np.sort(rng.exponential(size=min(s)) ** rng.uniform(0.5, 3))[::-1]
+               for k, s in shapes.items()}
+    ranks = allocate_ranks(spectra, shapes, 0.5)
+    budget = 0.5 * sum(m * n for m, n in shapes.values())
+    assert sum(r * sum(shapes[k]) for k, r in ranks.items()) <= budget
+    cost = sum(np.sum(spectra[k][r:] ** 2) / np.sum(spectra[k] ** 2) for k, r in ranks.items())
+    # the greedy is exact here: each linear's per-parameter costs rise toward its head
+    best_cost, _ = _brute_force_ranks(spectra, shapes, 0.5)
+    assert cost <= best_cost + 1e-9
+
+
+def test_global_allocation_beats_uniform_on_mixed_spectra():
+    x = _inputs(10, 400, 48)
+    gram = x.T @ x
+    rng = np.random.default_rng(11)
+    low_rank = (rng.standard_normal((48, 3)) @ rng.standard_normal((3, 48))).astype(np.float32)
+    full = rng.standard_normal((48, 48)).astype(np.float32)
+    kernels = {"low": low_rank, "full": full}
+    lower = np.linalg.cholesky(gram)
+    spectra = {k: np.linalg.svd(lower.T @ w, compute_uv=False) for k, w in kernels.items()}
+    ranks = allocate_ranks(spectra, {k: (48, 48) for k in kernels}, 0.4)
+    uniform = svd_rank((48, 48), ratio=0.4)
+    assert ranks["low"] < uniform < ranks["full"]
+
+    def share(k, rank):
+        low = svdllm_factorize(kernels[k], gram, SVDOptions(rank=rank))
+        return _output_error(x, kernels[k], low) ** 2 / np.linalg.norm(x @ kernels[k]) ** 2
+
+    assert sum(share(k, r) for k, r in ranks.items()) < sum(share(k, uniform) for k in kernels)
+
+
+def test_global_budget_that_cannot_be_met_says_by_how_much():
+    with pytest.raises(ValueError, match=r"ratio 0.99: rank 1 in every linear keeps 40 "
+                                         r"parameters, 36 more than the budget of 4; use a "
+                                         r"ratio of at most 0.9000"):
+        allocate_ranks({"a": np.ones(10)}, {"a": (20, 20)}, 0.99)
+
+
+def test_global_allocation_on_a_model(params):
+    recipe = _recipe("svdllm", ratio=0.3, allocation="global")
+    planned = plan(recipe, CONFIG, params)  # the uniform split of the same budget
+    _, out = recipe(CONFIG, params, calibration=Calibration(windows=WINDOWS))
+    flat = tree.flatten(out)
+    selected = [p for p in flat if p.startswith("layers_") and p.endswith("kernel")]
+    dense = sum(row.bytes_before for row in planned.rows if row.path in selected)
+    assert all(isinstance(flat[p], LowRankWeight) for p in selected)
+    assert sum(flat[p].nbytes for p in selected) <= 0.7 * dense
+    assert len({flat[p].rank for p in selected}) > 1  # ranks differ between linears
+    with pytest.raises(ValueError, match="allocation 'global' spreads a parameter ratio"):
+        plan(_recipe("svdllm", rank=4, allocation="global"), CONFIG, params)
