@@ -62,6 +62,17 @@ def _flip(data: bytes, positions: list[int], masks: list[int], limit: int) -> by
     return bytes(out)
 
 
+def _damaged(data, raw: bytes, limit: int, max_flips: int, keep_up_to: int) -> bytes:
+    """`raw` truncated (to at most `keep_up_to` bytes) or with 1..max_flips bytes of its
+    first `limit` flipped, as hypothesis draws it."""
+    if data.draw(st.booleans(), label="truncate"):
+        return raw[:data.draw(st.integers(0, keep_up_to), label="keep")]
+    count = data.draw(st.integers(1, max_flips), label="flips")
+    positions = data.draw(st.lists(st.integers(0, 2**31), min_size=count, max_size=count))
+    masks = data.draw(st.lists(st.integers(1, 255), min_size=count, max_size=count))
+    return _flip(raw, positions, masks, limit)
+
+
 def _paths(tree):
     """Every (path, value) of a JSON tree, containers included."""
     yield (), tree
@@ -150,13 +161,7 @@ def test_artifact_files_truncated_or_flipped(artifact, tmp_path, data):
     target = tmp_path / "damaged"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(directory, target)
-    if data.draw(st.booleans(), label="truncate"):
-        damaged = raw[:data.draw(st.integers(0, max(len(raw) - 1, 0)), label="keep")]
-    else:
-        count = data.draw(st.integers(1, 8), label="flips")
-        positions = data.draw(st.lists(st.integers(0, 2**31), min_size=count, max_size=count))
-        masks = data.draw(st.lists(st.integers(1, 255), min_size=count, max_size=count))
-        damaged = _flip(raw, positions, masks, len(raw))
+    damaged = _damaged(data, raw, len(raw), 8, max(len(raw) - 1, 0))
     (target / name).write_bytes(damaged)
     _load_and_compare(target, reference)
 
@@ -201,13 +206,7 @@ def test_hf_config_field_edits(hf_dir, tmp_path, data):
 def test_safetensors_header_damage(hf_dir, tmp_path, data):
     raw = (hf_dir / "model.safetensors").read_bytes()
     header_end = 8 + struct.unpack("<Q", raw[:8])[0]
-    if data.draw(st.booleans(), label="truncate"):
-        damaged = raw[:data.draw(st.integers(0, header_end + 16), label="keep")]
-    else:
-        count = data.draw(st.integers(1, 6), label="flips")
-        positions = data.draw(st.lists(st.integers(0, 2**31), min_size=count, max_size=count))
-        masks = data.draw(st.lists(st.integers(1, 255), min_size=count, max_size=count))
-        damaged = _flip(raw, positions, masks, header_end)
+    damaged = _damaged(data, raw, header_end, 6, header_end + 16)
     target = tmp_path / "hf"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(hf_dir, target)
@@ -229,13 +228,7 @@ def gguf_bytes(tmp_path_factory):
 @given(data=st.data())
 def test_gguf_header_damage(gguf_bytes, tmp_path, data):
     header = min(len(gguf_bytes), 2048)  # magic, version, counts, metadata, tensor infos
-    if data.draw(st.booleans(), label="truncate"):
-        damaged = gguf_bytes[:data.draw(st.integers(0, header), label="keep")]
-    else:
-        count = data.draw(st.integers(1, 6), label="flips")
-        positions = data.draw(st.lists(st.integers(0, 2**31), min_size=count, max_size=count))
-        masks = data.draw(st.lists(st.integers(1, 255), min_size=count, max_size=count))
-        damaged = _flip(gguf_bytes, positions, masks, header)
+    damaged = _damaged(data, gguf_bytes, header, 6, header)
     path = tmp_path / "damaged.gguf"
     path.write_bytes(damaged)
     try:
