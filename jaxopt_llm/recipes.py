@@ -23,9 +23,14 @@ Llama-family and GPT-2 models only.
   w4g32-float   int4 groups of 32 with float offsets (w = q·d + m, llama.cpp Q4_1's grid)
   magnitude-50  50% unstructured magnitude pruning per layer (MaskedWeight)
   nm-2:4        2:4 semi-structured pruning (compressed NMSparseWeight)
+  wanda-50, wanda-2:4, sparsegpt-50, sparsegpt-2:4   calibrated pruning (Wanda, SparseGPT)
+  sparsegpt-2:4+w4g128-gptq  2:4 SparseGPT and int4 codes of the kept weights (groups of
+                128 inputs) in one sweep: an NMSparseWeight of a QuantizedWeight
   heads-25      25% of query heads per kv group removed (rounded; physically)
   mlp-25        25% of MLP neurons removed (physically)
+  heads-25-act, mlp-25-act   structured, scored by output energy on calibration data
   svd-20        truncated SVD removing 20% of each block linear's parameters
+  asvd-20, svdllm-20, svdllm-40   calibrated low-rank (ASVD, SVD-LLM)
 """
 
 from __future__ import annotations
@@ -101,6 +106,10 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
              "prune", BLOCK_LINEARS, "sparsegpt", sparsity=0.5),
         _one("sparsegpt-2:4", "2:4 semi-structured SparseGPT pruning (calibrated)", "prune",
              BLOCK_LINEARS, "sparsegpt", n=2, m=4),
+        _one("sparsegpt-2:4+w4g128-gptq", "2:4 SparseGPT pruning and int4 asymmetric codes "
+             "of the kept weights (groups of 128 inputs) in one sweep (calibrated)", "prune",
+             BLOCK_LINEARS, "sparsegpt_quantize", n=2, m=4, bits=4, symmetric=False,
+             group_size=128, partial_groups=True),
         _one("heads-25", "remove 25% of attention heads (per kv group, L2 scores)", "prune",
              ATTENTION, "prune_heads", fraction=0.25),
         _one("mlp-25", "remove 25% of MLP neurons (L2 scores)", "prune", MLP,

@@ -225,7 +225,8 @@ BAD_OPTIONS = [
     ("prune_heads", {"fraction": 0}, r"fraction must be a number in \(0, 1\), got 0"),
     ("prune_neurons", {"fraction": -0.5}, r"fraction must be a number in \(0, 1\), got -0\.5"),
     ("prune_neurons", {"score": "l3"}, r"score must be one of \('l2', 'l1', 'act'\), got 'l3'"),
-    ("prune_heads", {"score": "taylor"}, r"score must be one of \('l2', 'l1'\), got 'taylor'"),
+    ("prune_heads", {"score": "taylor"},
+     r"score must be one of \('l2', 'l1', 'act'\), got 'taylor'"),
 ]
 
 

@@ -45,7 +45,8 @@ BUILTIN_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", "w4g32-float", 
 # test_sparse_calibrated.py
 CALIBRATED_NAMES = ("w4g128-gptq", "w3g128-gptq", "w4-gptq", "w4g128-awq", "w3g128-awq",
                     "w4-awq", "w8a8-smoothquant")
-CALIBRATED_PRUNING = ("wanda-50", "wanda-2:4", "sparsegpt-50", "sparsegpt-2:4")
+CALIBRATED_PRUNING = ("wanda-50", "wanda-2:4", "sparsegpt-50", "sparsegpt-2:4",
+                      "sparsegpt-2:4+w4g128-gptq")
 CALIBRATED_LOW_RANK = ("asvd-20", "svdllm-20", "svdllm-40")
 CALIBRATED_STRUCTURED = ("heads-25-act", "mlp-25-act")
 ALL_NAMES = ("fp32", "w8", "w8a8", "w4", "w4g128", "w3g128", *CALIBRATED_NAMES, "w4g32-float",

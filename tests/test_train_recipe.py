@@ -156,13 +156,21 @@ def test_qat_from_a_float_offset_grid_is_refused():
         trainable_quantized({"k": leaf})
 
 
-@pytest.mark.parametrize("name", ["sparsegpt-2:4", "wanda-50", "svdllm-20", "mlp-25-act"])
+@pytest.mark.parametrize("name", ["sparsegpt-2:4", "wanda-50", "svdllm-20", "mlp-25-act",
+                                  "sparsegpt-2:4+w4g128-gptq"])
 def test_recovery_training_keeps_the_pattern_and_the_shapes(loaded, name):
     """Recovery fine-tuning from a calibrated pruning / low-rank recipe: the pattern
-    (masks, N:M positions), the factors' ranks and the shrunk config survive training."""
+    (masks, N:M positions), the factors' ranks, the codes' grid of a sparse quantized
+    weight and the shrunk config survive training."""
     from jaxopt_llm.calibration import Calibration
     from jaxopt_llm.tree import flatten
-    from jaxopt_llm.weights import LowRankWeight, MaskedWeight, NMSparseWeight, materialize
+    from jaxopt_llm.weights import (
+        LowRankWeight,
+        MaskedWeight,
+        NMSparseWeight,
+        QuantizedWeight,
+        materialize,
+    )
 
     ids = training_ids(loaded.tokenizer, TEXT)
     calibration = Calibration(windows=np.asarray(ids[:256]).reshape(4, 64))
@@ -178,9 +186,15 @@ def test_recovery_training_keeps_the_pattern_and_the_shapes(loaded, name):
         new = after[path]
         if isinstance(leaf, (MaskedWeight, NMSparseWeight, LowRankWeight)):
             assert type(new) is type(leaf), path
-        if isinstance(leaf, (MaskedWeight, NMSparseWeight)):
+        if isinstance(leaf, MaskedWeight):
             zeros = np.asarray(materialize(leaf)) == 0
             assert np.all(np.asarray(materialize(new))[zeros] == 0), path
+        if isinstance(leaf, NMSparseWeight):  # the same positions, the same kind of values
+            np.testing.assert_array_equal(np.asarray(new.index), np.asarray(leaf.index))
+            assert isinstance(new.values, QuantizedWeight) == isinstance(leaf.values,
+                                                                    QuantizedWeight), path
+            if isinstance(leaf.values, QuantizedWeight):
+                assert new.values.spec == leaf.values.spec, path
         if isinstance(leaf, LowRankWeight):
             assert new.rank == leaf.rank
         moved |= not np.array_equal(np.asarray(materialize(new)), np.asarray(materialize(leaf)))

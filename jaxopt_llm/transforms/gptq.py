@@ -291,8 +291,18 @@ def inverse_cholesky_upper(h: jax.Array, dampening: jax.Array) -> tuple[jax.Arra
     return jnp.where(ok, upper, eye), damp, outcome
 
 
-def _row_grid(rows: jax.Array, valid: jax.Array, spec: QuantSpec, scale_dtype: str):
-    """(scale, zero) rows (N,) of one group from its rows (g, N), invalid rows ignored."""
+def group_grid(rows: jax.Array, valid: jax.Array, spec: QuantSpec, scale_dtype: str
+               ) -> tuple[jax.Array, jax.Array]:
+    """(scale, zero) rows (N,) of one group from its rows (g, N), invalid rows ignored
+    (row 0 must be valid); symmetric grids get a zero row of uint8 zeros.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity="group", group_size=2)
+        >>> scale, _ = group_grid(jnp.array([[7.0], [99.0]]), jnp.array([True, False]),
+        ...                       spec, "float32")
+        >>> scale.tolist()
+        [1.0]
+    """
     rows = jnp.where(valid[:, None], rows, rows[:1])  # row 0 of a group is always valid
     method = "absmax" if spec.symmetric else "minmax"
     lo, hi = group_range(rows[None], spec, method)
@@ -373,7 +383,7 @@ def _gptq_core(w, h, dampening, *, spec, block, act_order, static_groups, scale_
                 def new_grid(grids):
                     scales, zeros = grids
                     rows = jax.lax.dynamic_slice(w_block, (i, 0), (size, n))
-                    scale, zero = _row_grid(rows, index + jnp.arange(size) < k, spec,
+                    scale, zero = group_grid(rows, index + jnp.arange(size) < k, spec,
                                             scale_dtype)
                     group = index // size
                     return scales.at[group].set(scale), zeros.at[group].set(zero)
@@ -406,7 +416,8 @@ def _gptq_core(w, h, dampening, *, spec, block, act_order, static_groups, scale_
     return w_q, scales[:, None, :], zero, damp_used, outcome
 
 
-__all__ = ["DAMPENING_RETRIES", "GPTQOptions", "gptq_leaf", "gptq_quantize"]
+__all__ = ["DAMPENING_RETRIES", "GPTQOptions", "gptq_leaf", "gptq_quantize", "group_grid",
+           "inverse_cholesky_upper", "warn_dampening"]
 
 
 

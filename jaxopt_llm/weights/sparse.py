@@ -5,12 +5,16 @@ forward multiplies by the mask, so pruned entries stay exactly zero even while t
 weight trains. NMSparseWeight stores only the values kept in every group of M
 consecutive inputs plus their positions in ⌈log2 M⌉ bits — the layout of 2:4 sparse tensor cores
 ("Accelerating Sparse Deep Neural Networks", Mishra et al., 2021); on CPU it is
-expanded to dense before the matmul.
+expanded to dense before the matmul. Its `values` may themselves be a `QuantizedWeight`
+(K·kept/m, N): a sparse quantized weight ("SparseGPT", Frantar & Alistarh, 2023, §3.5:
+pruning and quantization in one sweep), whose bytes are the kept values' codes, their
+scales and the positions.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,7 @@ from flax import struct
 
 from jaxopt_llm.weights import packing
 from jaxopt_llm.weights.base import WeightLeaf
+from jaxopt_llm.weights.dispatch import materialize as dense_of
 
 
 @struct.dataclass
@@ -85,9 +90,11 @@ def masked_weight(w: jax.Array, keep: jax.Array) -> MaskedWeight:
 class NMSparseWeight(WeightLeaf):
     """A kernel (K, N) compressed to `kept` values in every group of `m` consecutive inputs.
 
-    Fields: `values` (K·kept/m, N), the kept values in input order within each group;
+    Fields: `values` (K·kept/m, N), the kept values in input order within each group (an
+    array, or a `QuantizedWeight` of that shape: a sparse quantized weight);
     `index`, their positions 0..m-1 packed in ⌈log2 m⌉ bits each; static `kept`, `m` and
-    the dense `shape`. Build it with `nm_sparse_weight`.
+    the dense `shape`. Build it with `nm_sparse_weight` (then `replace(values=...)` to
+    store the values quantized).
 
     Example:
         >>> w = jnp.arange(8.0).reshape(4, 2)
@@ -95,7 +102,7 @@ class NMSparseWeight(WeightLeaf):
         >>> nm_sparse_weight(w, keep, 1, 2).materialize().tolist()
         [[0.0, 0.0], [0.0, 3.0], [0.0, 5.0], [6.0, 0.0]]
     """
-    values: jax.Array  # (K·n/m, N) kept values, in input order within each group of m
+    values: Any  # (K·n/m, N) kept values, in input order within each group of m (or a leaf)
     index: jax.Array  # packed positions (0..m-1) of the kept values, ⌈log2 m⌉ bits each
     kept: int = struct.field(pytree_node=False)  # values kept per group of m
     m: int = struct.field(pytree_node=False)
@@ -110,6 +117,10 @@ class NMSparseWeight(WeightLeaf):
             raise ValueError(f"NMSparseWeight keeps {self.kept} of every {self.m}; kept must "
                              "not exceed m")
 
+    def describe(self) -> str:
+        inner = self.values.describe() if isinstance(self.values, WeightLeaf) else ""
+        return f"NMSparseWeight({inner})" if inner else "NMSparseWeight"
+
     @property
     def index_bits(self) -> int:
         """Bits per stored position: ⌈log2 m⌉ (at least 1)."""
@@ -121,17 +132,19 @@ class NMSparseWeight(WeightLeaf):
         Returns:
             uint8 (K·kept/m, N), aligned with `values`.
         """
-        return packing.unpack(self.index, self.index_bits, self.values.shape[0], axis=0)
+        return packing.unpack(self.index, self.index_bits, self.shape[0] // self.m * self.kept,
+                              axis=0)
 
     def materialize(self) -> jax.Array:
         k, cols = self.shape
-        values = self.values.reshape(k // self.m, self.kept, cols)
+        values = dense_of(self.values)
+        values = values.reshape(k // self.m, self.kept, cols)
         where = self.positions().reshape(k // self.m, self.kept, cols).astype(jnp.int32)
         slots = jnp.arange(self.m, dtype=jnp.int32)[None, :, None]  # (1, m, 1)
-        dense = jnp.zeros((k // self.m, self.m, cols), self.values.dtype)
+        dense = jnp.zeros((k // self.m, self.m, cols), values.dtype)
         for j in range(self.kept):
             dense = dense + jnp.where(slots == where[:, j][:, None, :], values[:, j][:, None, :],
-                                      jnp.zeros((), self.values.dtype))
+                                      jnp.zeros((), values.dtype))
         return dense.reshape(k, cols)
 
     def linear(self, x: jax.Array) -> jax.Array:

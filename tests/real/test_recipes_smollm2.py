@@ -141,6 +141,7 @@ def test_recipes_and_plan_commands(capsys, cached_model):
                      "w3g128-gptq", "w4-gptq", "w4g128-awq", "w3g128-awq", "w4-awq",
                      "w8a8-smoothquant", "w4g32-float", "magnitude-50", "nm-2:4",
                      "wanda-50", "wanda-2:4", "sparsegpt-50", "sparsegpt-2:4",
+                     "sparsegpt-2:4+w4g128-gptq",
                      "heads-25", "mlp-25", "heads-25-act", "mlp-25-act", "svd-20",
                      "asvd-20", "svdllm-20", "svdllm-40"]
     code, out, _ = _run(capsys, "plan", "--model", "smollm2-135m", "--recipe", "w4g128",

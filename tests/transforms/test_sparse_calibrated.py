@@ -16,9 +16,22 @@ from jaxopt_llm.pipeline import Recipe, Stage
 from jaxopt_llm.plan import plan
 from jaxopt_llm.recipes import load_recipe
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
-from jaxopt_llm.transforms.sparsegpt import SparseGPTOptions, sparsegpt_leaf, sparsegpt_prune
+from jaxopt_llm.transforms.sparsegpt import (
+    SparseGPTOptions,
+    SparseGPTQuantizeOptions,
+    sparsegpt_leaf,
+    sparsegpt_prune,
+    sparsegpt_quantize_leaf,
+)
 from jaxopt_llm.transforms.wanda import SparsityOptions, wanda_leaf
-from jaxopt_llm.weights import MaskedWeight, NMSparseWeight, materialize
+from jaxopt_llm.weights import (
+    MaskedWeight,
+    NMSparseWeight,
+    QuantizedWeight,
+    QuantSpec,
+    materialize,
+    quantize_weight,
+)
 
 
 def _inputs(seed, tokens, k, outliers=True):
@@ -94,6 +107,44 @@ def numpy_sparsegpt(w, h, *, sparsity=None, n=None, m=None, block=128, damp=0.01
     return wt.T, ~pruned.T
 
 
+def numpy_sparsegpt_quantized(w, h, *, n, m, bits, group, block, damp=0.01):
+    """SparseGPT's joint sweep (§3.5) with an asymmetric min-max integer grid per group of
+    `group` inputs, computed when the sweep reaches the group; float64, (outputs, inputs).
+    Returns (dequantized W' with the pruned 0, keep)."""
+    wt = w.T.astype(np.float64).copy()
+    h = h.astype(np.float64).copy()
+    cols, k = wt.shape
+    qmax = 2 ** bits - 1
+    h += damp * np.mean(np.diag(h)) * np.eye(k)
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    pruned = np.zeros(wt.shape, bool)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, hinv1 = wt[:, i1:i2].copy(), hinv[i1:i2, i1:i2]
+        err1, mask1 = np.zeros_like(w1), np.zeros(w1.shape, bool)
+        for i in range(i2 - i1):
+            if (i1 + i) % group == 0:
+                rows = w1[:, i:i + group]
+                lo, hi = np.minimum(rows.min(1), 0), np.maximum(rows.max(1), 0)
+                scale = np.maximum((hi - lo) / qmax, np.finfo(np.float32).tiny)
+                scale = scale.astype(np.float32).astype(np.float64)
+                zero = np.clip(np.round(-lo / scale), 0, qmax)
+            if i % m == 0:
+                scores = w1[:, i:i + m] ** 2 / np.diag(hinv1)[i:i + m][None, :] ** 2
+                for row in range(cols):
+                    mask1[row, i + np.argsort(scores[row], kind="stable")[:n]] = True
+            rounded = (np.clip(np.round(w1[:, i] / scale) + zero, 0, qmax) - zero) * scale
+            q = np.where(mask1[:, i], 0.0, rounded)
+            err = (w1[:, i] - q) / hinv1[i, i]
+            w1[:, i:] -= np.outer(err, hinv1[i, i:])
+            w1[:, i] = q
+            err1[:, i] = err
+        wt[:, i1:i2] = w1
+        pruned[:, i1:i2] = mask1
+        wt[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return wt.T, ~pruned.T
+
+
 # ---------------------------------------------------------------- kernels
 
 PATTERNS = [dict(sparsity=0.5), dict(sparsity=0.25), dict(n=2, m=4), dict(n=4, m=8)]
@@ -157,6 +208,55 @@ def test_exact_pattern_and_less_output_error_than_magnitude(pattern):
     base = error(np.where(magnitude, w, 0.0))
     assert results["wanda"] < 0.9 * base, (results, base)
     assert results["sparsegpt"] < results["wanda"], (results, base)
+
+
+JOINT = dict(n=2, m=4, bits=4, symmetric=False, group_size=16, scale_dtype="float32")
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_joint_sparse_quantized_sweep_equals_numpy(block):
+    """Pruning and rounding in one sweep equals the numpy transcription: same N:M
+    positions, same dequantized weights (up to float32 vs float64 rounding ties)."""
+    w, x = _weights(12, 64, 10), _inputs(13, 400, 64)
+    h = x.T.astype(np.float64) @ x
+    options = SparseGPTQuantizeOptions(**JOINT, block_size=block)
+    leaf = sparsegpt_quantize_leaf(jnp.asarray(w), "w", options, jnp.asarray(h, jnp.float32))
+    want, want_keep = numpy_sparsegpt_quantized(w, h, n=2, m=4, bits=4, group=16, block=block)
+    assert isinstance(leaf, NMSparseWeight) and isinstance(leaf.values, QuantizedWeight)
+    assert leaf.values.group_size == 8 and leaf.values.bits == 4  # 16 dense inputs, 8 kept
+    got = np.asarray(leaf.materialize())
+    keep = np.zeros(w.shape, bool)
+    positions = np.asarray(leaf.positions()).reshape(16, 2, 10)
+    for g in range(16):
+        for j in range(2):
+            keep[4 * g + positions[g, j], np.arange(10)] = True
+    assert np.mean(keep == want_keep) > 0.98
+    assert np.mean(np.isclose(got, want, rtol=1e-3, atol=1e-4)) > 0.97
+    np.testing.assert_allclose(x @ got, x @ want, rtol=0.05, atol=0.05 * np.abs(x @ want).max())
+
+
+def test_joint_sweep_beats_pruning_then_rounding():
+    """Rounding inside the sweep lets later inputs absorb the rounding error too: the
+    output error is below SparseGPT followed by round-to-nearest of the kept values, and
+    the weight is smaller than the same grid without sparsity."""
+    w, x = _weights(14, 128, 32), _inputs(15, 600, 128)
+    gram = jnp.asarray(x.T @ x)
+    spec = dict(bits=4, symmetric=False, group_size=32)
+    joint = sparsegpt_quantize_leaf(jnp.asarray(w), "w",
+                                    SparseGPTQuantizeOptions(n=2, m=4, **spec), gram)
+    pruned = sparsegpt_leaf(jnp.asarray(w), "w", SparseGPTOptions(n=2, m=4), gram)
+    grid = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16)
+    then_rounded = pruned.replace(values=quantize_weight(pruned.values, grid))
+
+    def error(leaf):
+        return float(np.linalg.norm(x @ w - x @ np.asarray(materialize(leaf))))
+
+    assert error(joint) < 0.9 * error(then_rounded)
+    dense_int4 = quantize_weight(jnp.asarray(w), QuantSpec(**spec, granularity="group"))
+    # 2:4 int4: 64·32 codes of 4 bits + 2-bit positions + float16 scale and uint8 zero
+    # per group of 16 stored codes
+    assert joint.nbytes == 64 * 32 // 2 + 64 * 32 * 2 // 8 + 4 * 32 * 3
+    assert joint.nbytes < 0.8 * dense_int4.nbytes
 
 
 def test_nm_compressed_storage_and_dense_format():
@@ -226,7 +326,8 @@ def test_first_block_uses_the_float_models_statistics(params, op, leaf_fn):
                                       np.asarray(materialize(want)))
 
 
-@pytest.mark.parametrize("recipe", ["wanda-50", "wanda-2:4", "sparsegpt-50", "sparsegpt-2:4"])
+@pytest.mark.parametrize("recipe", ["wanda-50", "wanda-2:4", "sparsegpt-50", "sparsegpt-2:4",
+                                    "sparsegpt-2:4+w4g128-gptq"])
 def test_recipes_beat_magnitude_on_the_model(params, recipe):
     magnitude = load_recipe("nm-2:4" if "2:4" in recipe else "magnitude-50")(CONFIG, params)[1]
     pruned = load_recipe(recipe)(CONFIG, params, calibration=Calibration(windows=WINDOWS))[1]
@@ -240,7 +341,8 @@ def test_recipes_beat_magnitude_on_the_model(params, recipe):
     planned = plan(load_recipe(recipe), CONFIG, params)
     kinds = {row.representation for row in planned.rows if "layers_" in row.path
              and row.path.endswith("kernel")}
-    assert kinds == {"NMSparseWeight" if "2:4" in recipe else "MaskedWeight"}
+    want = "NMSparseWeight" if "2:4" in recipe else "MaskedWeight"
+    assert kinds == {f"{want}(QuantizedWeight)" if "w4" in recipe else want}
 
 
 @pytest.mark.parametrize("op,options,message", [
@@ -254,6 +356,16 @@ def test_recipes_beat_magnitude_on_the_model(params, recipe):
     ("sparsegpt", {"sparsity": 0.5, "dampening": -1.0}, "dampening"),
     ("wanda", {"n": 2, "m": 48}, r"m=48 does not divide the input dimension 64"),
     ("wanda", {"sparsity": 0.001}, "removes nothing or everything"),
+    ("sparsegpt_quantize", {"sparsity": 0.5, "bits": 4}, "needs an N:M pattern"),
+    ("sparsegpt_quantize", {"n": 2, "m": 4, "bits": 4, "format": "masked"},
+     "format must be 'compressed'"),
+    ("sparsegpt_quantize", {"n": 2, "m": 4, "bits": 4, "group_size": 6},
+     "group_size 6 must be a multiple of m=4"),
+    ("sparsegpt_quantize", {"n": 2, "m": 4, "bits": 9}, "bits must be an integer in 2..8"),
+    ("sparsegpt_quantize", {"n": 2, "m": 4, "bits": 4, "granularity": "tensor"},
+     "channel or group grids"),
+    ("sparsegpt_quantize", {"n": 2, "m": 4, "bits": 4, "group_size": 48},
+     "group_size=48 does not divide the input dimension 64"),
 ])
 def test_bad_options_fail_before_any_work(params, op, options, message):
     with pytest.raises(ValueError, match=message):

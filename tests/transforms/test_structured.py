@@ -255,7 +255,7 @@ def test_l1_score_selects_by_absolute_sum(configs, params_of):
      ("gpt2", "neurons", {"fraction": 0.01},
       r"fraction 0.01 removes 0 of 48 MLP neurons; use fraction >= 0.0105"),
      ("llama-mha", "heads", {"fraction": 0.5, "score": "taylor"},
-      r"score must be one of \('l2', 'l1'\), got 'taylor'")],
+      r"score must be one of \('l2', 'l1', 'act'\), got 'taylor'")],
 )
 def test_bad_options(name, kind, kwargs, message, configs):
     config = configs[name]
