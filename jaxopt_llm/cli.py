@@ -315,6 +315,89 @@ def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _out_file(out: str, suffix: str):
+    """--out of an export checked before any work: a new file, or a previous export (a
+    file of that format), in a writable directory."""
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    if path.suffix != suffix:
+        raise ValueError(f"--out {out}: expected a {suffix} file name")
+    if path.is_dir():
+        raise ValueError(f"--out {out}: is a directory")
+    if path.exists():
+        with path.open("rb") as file:
+            magic = file.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"--out {out}: exists and is not a previous GGUF export; "
+                             "refusing to overwrite it")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is not an existing directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm export`: --model after --recipe, written as --format (gguf) to --out.
+
+    What each weight becomes (codes copied, widened, requantized) is printed before the
+    file is written; --strict refuses instead of widening or requantizing.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The JSON record: the file, its bytes, the model's bytes, and per tensor how it
+        was written.
+
+    Example:
+        >>> main(["export", "--model", "smollm2-135m", "--recipe", "w4g32-float",  # doctest: +SKIP
+        ...       "--format", "gguf", "--type", "q4_1", "--out", "smol.gguf"])
+    """
+    from collections import Counter
+
+    from jaxopt_llm.io.export_gguf import export_gguf, plan_gguf
+    from jaxopt_llm.recipes import apply_recipe
+    from jaxopt_llm.weights import param_bytes
+
+    recipe = _recipe(args.recipe)
+    out = _out_file(args.out, ".gguf")
+    text = _calib_text(args)
+    loaded = _load(args.model, args.json)
+    with _flags(qtype="--type", floats="--floats"):
+        plan_gguf(loaded.config, loaded.params, args.type, floats=args.floats)  # fail fast
+    with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
+            f"applying recipe {getattr(recipe, 'name', '')}",
+            args.json or not recipe or calibration is not None):
+        loaded = apply_recipe(loaded, recipe, calibration=calibration)
+    with _flags(qtype="--type", floats="--floats"):
+        rows = plan_gguf(loaded.config, loaded.params, args.type, floats=args.floats,
+                         strict=args.strict)
+    counts = Counter(f"{row.how} → {row.written_as}" for row in rows)
+    if not args.json:
+        stderr.print("writing: " + ", ".join(f"{n} {how}" for how, n in sorted(counts.items())),
+                     highlight=False)
+        for row in rows:
+            if row.how in ("widened", "requantized"):
+                stderr.print(f"  {row.path} ({row.stored_as}) {row.how} to {row.written_as}",
+                             highlight=False)
+    with _spinner(f"writing {out}", args.json), _flags(qtype="--type", floats="--floats"):
+        path, rows = export_gguf(loaded.config, loaded.params, loaded.tokenizer, out,
+                                 qtype=args.type, floats=args.floats, strict=args.strict,
+                                 name=f"{loaded.source} {getattr(recipe, 'name', '')}".strip())
+    record = {"out": str(path), "format": args.format, "type": args.type,
+              "file_bytes": path.stat().st_size, "param_bytes": param_bytes(loaded.params),
+              "tensors": [dataclasses.asdict(row) for row in rows],
+              "summary": dict(sorted(counts.items()))}
+    if not args.json:
+        stderr.print(f"wrote {path}: {record['file_bytes'] / 2**20:.1f} MiB (the model's "
+                     f"parameters: {record['param_bytes'] / 2**20:.1f} MiB)", highlight=False)
+    return record
+
+
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     """`jaxopt-llm plan`: the dry run of --recipe on --model.
 
@@ -470,9 +553,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "generate": cmd_generate,
-            "optimize": cmd_optimize, "plan": cmd_plan, "recipes": cmd_recipes,
-            "train": cmd_train}  # name → function, for cli_parser.build_parser
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "export": cmd_export,
+            "generate": cmd_generate, "optimize": cmd_optimize, "plan": cmd_plan,
+            "recipes": cmd_recipes, "train": cmd_train}  # for cli_parser.build_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -175,9 +175,21 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
     tr.add_argument("--stop-after", type=_positive_int("--stop-after"), default=None,
                     help=argparse.SUPPRESS)  # simulate an interruption (tests)
 
+    exp = command("export", commands["export"], "write the model (after --recipe) in another "
+                  "runtime's file format: gguf (llama.cpp, transformers' GGUF loader)")
+    exp.add_argument("--format", required=True, choices=("gguf",))
+    exp.add_argument("--out", required=True, help="the file to write (atomically), e.g. x.gguf")
+    exp.add_argument("--type", default="q8_0",
+                     help="gguf: type of 2-D weights, f32|f16|bf16|q8_0|q4_0|q4_1 (default "
+                          "q8_0); codes of matching grids are copied, others requantized")
+    exp.add_argument("--floats", default=None,
+                     help="gguf: type of 2-D weights the recipe left float (default: --type)")
+    exp.add_argument("--strict", action="store_true",
+                     help="refuse instead of widening or requantizing a compressed weight")
+
     rec = sub.add_parser("recipes", help="list the built-in recipes")
     rec.set_defaults(func=commands["recipes"])
-    for p in (ev, gen, opt, pl, tr, rec):
+    for p in (ev, gen, opt, pl, tr, exp, rec):
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 

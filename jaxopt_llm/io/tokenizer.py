@@ -76,6 +76,10 @@ class Tokenizer:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     pad_token_id: int | None = None
+    # What a GGUF export needs and tokenizer.json does not hold: llama.cpp's name of the
+    # pre-tokenizer (tokenizer.ggml.pre) and the chat template, when the source had them.
+    gguf_pre: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         self.eos_token_ids = tuple(int(i) for i in self.eos_token_ids)
@@ -121,6 +125,8 @@ class Tokenizer:
             "bos_token_id": self.bos_token_id,
             "eos_token_ids": list(self.eos_token_ids),
             "pad_token_id": self.pad_token_id,
+            "gguf_pre": self.gguf_pre,
+            "chat_template": self.chat_template,
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -298,7 +304,88 @@ def tokenizer_from_gguf(reader: Any, path_for_errors: str) -> Tokenizer:
         bos_token_id=_token_id(reader, "tokenizer.ggml.bos_token_id", path, n),
         eos_token_ids=tuple(eos_ids),
         pad_token_id=_token_id(reader, "tokenizer.ggml.padding_token_id", path, n),
+        gguf_pre=pre,
+        chat_template=_text_field(reader, "tokenizer.chat_template", path),
     )
+
+
+def _text_field(reader: Any, key: str, path: str) -> str | None:
+    value = _field(reader, key, path, array=False, required=False)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"GGUF file {path!r}: {key!r} must be a string")
+    return value
+
+
+def gguf_tokenizer_fields(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The `tokenizer.*` metadata a GGUF file needs for llama.cpp to tokenize on its own.
+
+    Only byte-level BPE tokenizers (`tokenizer_from_gguf`'s kind) are expressible. The
+    pre-tokenizer is the one the tokenizer came with (`gguf_pre`), else recognised from
+    its split pattern (GPT-2's own: "gpt2"; Llama 3's: "llama-bpe"; Qwen2's: "qwen2").
+
+    Args:
+        tokenizer: the tokenizer.
+
+    Returns:
+        {key: value} for tokenizer.ggml.{model, pre, tokens, token_type, merges,
+        bos/eos/padding_token_id} and tokenizer.chat_template (those known).
+
+    Raises:
+        ValueError: the tokenizer is not byte-level BPE, or its pre-tokenizer is unknown.
+
+    Example:
+        >>> fields = gguf_tokenizer_fields(tok)  # doctest: +SKIP
+        >>> fields["tokenizer.ggml.model"]  # doctest: +SKIP
+        'gpt2'
+    """
+    data = json.loads(tokenizer.backend.to_str())
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer, got a "
+                         f"{model.get('type')!r} model")
+    size = tokenizer.vocab_size
+    tokens: list[str | None] = [None] * size
+    types = [1] * size
+    for text, index in model["vocab"].items():
+        tokens[index] = text
+    for added in data.get("added_tokens") or []:
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = _CONTROL if added.get("special") else _USER_DEFINED
+    missing = [i for i, t in enumerate(tokens) if t is None]
+    if missing:
+        raise ValueError(f"GGUF export: token ids {missing[:5]} have no text in the tokenizer")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    pre = tokenizer.gguf_pre or _pre_name(data.get("pre_tokenizer"))
+    fields: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                              "tokenizer.ggml.tokens": tokens,
+                              "tokenizer.ggml.token_type": types,
+                              "tokenizer.ggml.merges": merges}
+    if tokenizer.bos_token_id is not None:
+        fields["tokenizer.ggml.bos_token_id"] = tokenizer.bos_token_id
+    if tokenizer.eos_token_ids:
+        fields["tokenizer.ggml.eos_token_id"] = tokenizer.eos_token_ids[0]
+    if tokenizer.pad_token_id is not None:
+        fields["tokenizer.ggml.padding_token_id"] = tokenizer.pad_token_id
+    if tokenizer.chat_template is not None:
+        fields["tokenizer.chat_template"] = tokenizer.chat_template
+    return fields
+
+
+def _pre_name(pre: Any) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json `pre_tokenizer` entry."""
+    pattern = None
+    steps = (pre or {}).get("pretokenizers") or [pre or {}]
+    for step in steps:
+        if step.get("type") == "Split":
+            pattern = (step.get("pattern") or {}).get("Regex")
+        elif step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            pattern = None
+    names = {"gpt2": None, "llama-bpe": _LLAMA3_PATTERN, "qwen2": _QWEN2_PATTERN}
+    for name, known in names.items():
+        if pattern == known:
+            return name
+    raise ValueError(f"GGUF export: the tokenizer's pre-tokenizer pattern {pattern!r} is not "
+                     f"one llama.cpp names; known: {list(names)}")
 
 
 # --------------------------------------------------------------------------- HF directory
@@ -337,6 +424,13 @@ def _as_ids(value: Any, backend: tokenizers.Tokenizer, source: Path, key: str) -
         return []
     values = value if isinstance(value, list) else [value]
     return [i for v in values if (i := _as_id(v, backend, source, key)) is not None]
+
+
+def _as_text(value: Any, source: Path, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{source}: {key!r} must be a string or null, got "
+                         f"{type(value).__name__}")
+    return value
 
 
 def load_tokenizer_dir(directory: str | Path) -> Tokenizer:
@@ -378,6 +472,8 @@ def load_tokenizer_dir(directory: str | Path) -> Tokenizer:
                 _as_ids(meta.get("eos_token_ids"), backend, meta_path, "eos_token_ids")
             ),
             pad_token_id=_as_id(meta.get("pad_token_id"), backend, meta_path, "pad_token_id"),
+            gguf_pre=_as_text(meta.get("gguf_pre"), meta_path, "gguf_pre"),
+            chat_template=_as_text(meta.get("chat_template"), meta_path, "chat_template"),
         )
 
     sources = []
