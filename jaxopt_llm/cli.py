@@ -360,6 +360,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from collections import Counter
 
     from jaxopt_llm.io.export_gguf import export_gguf, plan_gguf
+    from jaxopt_llm.pipeline import Recipe
+    from jaxopt_llm.plan import planned_params
     from jaxopt_llm.recipes import apply_recipe
     from jaxopt_llm.weights import param_bytes
 
@@ -367,15 +369,11 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     out = _out_file(args.out, ".gguf")
     text = _calib_text(args)
     loaded = _load(args.model, args.json)
+    # what the file will hold, from the recipe's shapes: refusals come before any work
+    config, shapes = planned_params(recipe or Recipe(name="none"), loaded.config,
+                                    loaded.params)
     with _flags(qtype="--type", floats="--floats"):
-        plan_gguf(loaded.config, loaded.params, args.type, floats=args.floats)  # fail fast
-    with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
-            f"applying recipe {getattr(recipe, 'name', '')}",
-            args.json or not recipe or calibration is not None):
-        loaded = apply_recipe(loaded, recipe, calibration=calibration)
-    with _flags(qtype="--type", floats="--floats"):
-        rows = plan_gguf(loaded.config, loaded.params, args.type, floats=args.floats,
-                         strict=args.strict)
+        rows = plan_gguf(config, shapes, args.type, floats=args.floats, strict=args.strict)
     counts = Counter(f"{row.how} → {row.written_as}" for row in rows)
     if not args.json:
         stderr.print("writing: " + ", ".join(f"{n} {how}" for how, n in sorted(counts.items())),
@@ -384,6 +382,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
             if row.how in ("widened", "requantized"):
                 stderr.print(f"  {row.path} ({row.stored_as}) {row.how} to {row.written_as}",
                              highlight=False)
+    with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
+            f"applying recipe {getattr(recipe, 'name', '')}",
+            args.json or not recipe or calibration is not None):
+        loaded = apply_recipe(loaded, recipe, calibration=calibration)
     with _spinner(f"writing {out}", args.json), _flags(qtype="--type", floats="--floats"):
         path, rows = export_gguf(loaded.config, loaded.params, loaded.tokenizer, out,
                                  qtype=args.type, floats=args.floats, strict=args.strict,

@@ -115,6 +115,58 @@ def _shape_of(leaf: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape) if shape is not None else ()
 
 
+def planned_params(recipe: Recipe, config: Any, params: Any,
+                   touched: dict[str, list[tuple[str, str]]] | None = None
+                   ) -> tuple[Any, Any]:
+    """The config and the parameters' shapes after `recipe`, computed from shapes only
+    (typed leaves hold `jax.ShapeDtypeStruct`s): what an exporter checks before any work.
+
+    Args:
+        recipe: the recipe.
+        config: the model's config.
+        params: the parameter tree (arrays or shapes).
+        touched: if given, filled with path → [(stage, op description)].
+
+    Returns:
+        (config after, parameter tree of shapes after).
+
+    Raises:
+        ValueError: every error a real run would raise.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_llm.pipeline import Recipe, Stage
+        >>> from jaxopt_llm.rules import rule
+        >>> recipe = Recipe(name="w8", stages=(
+        ...     Stage(name="quantize", rules=(rule(".*kernel", "quantize", bits=8),)),))
+        >>> _, after = planned_params(recipe, None, {"w": {"kernel": jnp.ones((256, 128))}})
+        >>> after["w"]["kernel"].describe(), after["w"]["kernel"].qvalue.dtype
+        ('QuantizedWeight', dtype('int8'))
+    """
+    recipe.check()
+    touched = {} if touched is None else touched
+    current = _shapes(params)
+    for stage in recipe.stages:
+        flat = tree.flatten(current)
+        for candidate, op, paths, opts in stage.selections(flat):
+            if op.traceable:
+                box: dict[str, Any] = {}
+
+                def run(leaves, op=op, paths=paths, opts=opts, box=box, config=config):
+                    cfg, out = op.apply(dict(leaves), paths, config, opts)
+                    box["config"] = cfg
+                    return out
+
+                flat = jax.eval_shape(run, flat)
+                config = box["config"]
+            else:
+                config, flat = op.plan(dict(flat), paths, config, opts)
+            for path in paths:
+                touched.setdefault(path, []).append((stage.name, candidate.describe()))
+        current = tree.unflatten(flat)
+    return config, current
+
+
 def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
     """Per-parameter plan of `recipe` on (config, params), computed from shapes only.
 
@@ -139,30 +191,12 @@ def plan(recipe: Recipe, config: Any, params: Any) -> Plan:
         >>> plan(recipe, None, {"w": {"kernel": jnp.ones((256, 128))}}).bytes_after
         33280
     """
-    recipe.check()
     current = _shapes(params)
     before_total = param_bytes(current)
     origin = {path: param_bytes(leaf) for path, leaf in tree.flatten(current).items()}
     shape0 = {path: _shape_of(leaf) for path, leaf in tree.flatten(current).items()}
     touched: dict[str, list[tuple[str, str]]] = {}
-    for stage in recipe.stages:
-        flat = tree.flatten(current)
-        for candidate, op, paths, opts in stage.selections(flat):
-            if op.traceable:
-                box: dict[str, Any] = {}
-
-                def run(leaves, op=op, paths=paths, opts=opts, box=box, config=config):
-                    cfg, out = op.apply(dict(leaves), paths, config, opts)
-                    box["config"] = cfg
-                    return out
-
-                flat = jax.eval_shape(run, flat)
-                config = box["config"]
-            else:
-                config, flat = op.plan(dict(flat), paths, config, opts)
-            for path in paths:
-                touched.setdefault(path, []).append((stage.name, candidate.describe()))
-        current = tree.unflatten(flat)
+    config, current = planned_params(recipe, config, current, touched)
     rows = []
     for path, leaf in tree.flatten(current).items():
         steps = touched.get(path, [("-", KEEP)])
