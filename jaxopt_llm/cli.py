@@ -315,18 +315,25 @@ def cmd_optimize(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _out_file(out: str, suffix: str):
-    """--out of an export checked before any work: a new file, or a previous export (a
-    file of that format), in a writable directory."""
+def _export_target(out: str, fmt: str):
+    """--out of an export checked before any work: new, or a previous export of that
+    format (a GGUF file; a directory `export_hf` wrote), in a writable directory."""
     import os
     from pathlib import Path
 
     path = Path(out)
-    if path.suffix != suffix:
-        raise ValueError(f"--out {out}: expected a {suffix} file name")
-    if path.is_dir():
+    if fmt == "hf":
+        from jaxopt_llm.io.export_hf import MARKER
+
+        if path.exists() and (not path.is_dir() or (any(path.iterdir())
+                                                    and not (path / MARKER).is_file())):
+            raise ValueError(f"--out {out}: exists and is not a previous hf export; refusing "
+                             "to replace it")
+    elif path.suffix != ".gguf":
+        raise ValueError(f"--out {out}: expected a .gguf file name")
+    elif path.is_dir():
         raise ValueError(f"--out {out}: is a directory")
-    if path.exists():
+    elif path.exists():
         with path.open("rb") as file:
             magic = file.read(4)
         if magic != b"GGUF":
@@ -341,7 +348,7 @@ def _out_file(out: str, suffix: str):
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    """`jaxopt-llm export`: --model after --recipe, written as --format (gguf) to --out.
+    """`jaxopt-llm export`: --model after --recipe, written as --format (gguf, hf) to --out.
 
     What each weight becomes (codes copied, widened, requantized) is printed before the
     file is written; --strict refuses instead of widening or requantizing.
@@ -360,38 +367,48 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from collections import Counter
 
     from jaxopt_llm.io.export_gguf import export_gguf, plan_gguf
+    from jaxopt_llm.io.export_hf import export_hf, plan_hf
     from jaxopt_llm.pipeline import Recipe
     from jaxopt_llm.plan import planned_params
     from jaxopt_llm.recipes import apply_recipe
     from jaxopt_llm.weights import param_bytes
 
     recipe = _recipe(args.recipe)
-    out = _out_file(args.out, ".gguf")
+    out = _export_target(args.out, args.format)
     text = _calib_text(args)
     loaded = _load(args.model, args.json)
     # what the file will hold, from the recipe's shapes: refusals come before any work
     config, shapes = planned_params(recipe or Recipe(name="none"), loaded.config,
                                     loaded.params)
     with _flags(qtype="--type", floats="--floats"):
-        rows = plan_gguf(config, shapes, args.type, floats=args.floats, strict=args.strict)
-    counts = Counter(f"{row.how} → {row.written_as}" for row in rows)
+        rows = (plan_hf(config, shapes, strict=args.strict) if args.format == "hf" else
+                plan_gguf(config, shapes, args.type, floats=args.floats, strict=args.strict))
+    counts = Counter(f"{row.how} → {getattr(row, 'written_as', 'F32')}" for row in rows)
     if not args.json:
         stderr.print("writing: " + ", ".join(f"{n} {how}" for how, n in sorted(counts.items())),
                      highlight=False)
         for row in rows:
             if row.how in ("widened", "requantized"):
-                stderr.print(f"  {row.path} ({row.stored_as}) {row.how} to {row.written_as}",
-                             highlight=False)
+                stderr.print(f"  {row.path} ({row.stored_as}) {row.how} to "
+                             f"{getattr(row, 'written_as', 'F32')}", highlight=False)
     with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
             f"applying recipe {getattr(recipe, 'name', '')}",
             args.json or not recipe or calibration is not None):
         loaded = apply_recipe(loaded, recipe, calibration=calibration)
     with _spinner(f"writing {out}", args.json), _flags(qtype="--type", floats="--floats"):
-        path, rows = export_gguf(loaded.config, loaded.params, loaded.tokenizer, out,
-                                 qtype=args.type, floats=args.floats, strict=args.strict,
-                                 name=f"{loaded.source} {getattr(recipe, 'name', '')}".strip())
-    record = {"out": str(path), "format": args.format, "type": args.type,
-              "file_bytes": path.stat().st_size, "param_bytes": param_bytes(loaded.params),
+        if args.format == "hf":
+            path, rows = export_hf(loaded.config, loaded.params, loaded.tokenizer, out,
+                                   strict=args.strict)
+        else:
+            path, rows = export_gguf(loaded.config, loaded.params, loaded.tokenizer, out,
+                                     qtype=args.type, floats=args.floats, strict=args.strict,
+                                     name=f"{loaded.source} {getattr(recipe, 'name', '')}"
+                                     .strip())
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() \
+        else path.stat().st_size
+    record = {"out": str(path), "format": args.format,
+              "type": args.type if args.format == "gguf" else "float32",
+              "file_bytes": size, "param_bytes": param_bytes(loaded.params),
               "tensors": [dataclasses.asdict(row) for row in rows],
               "summary": dict(sorted(counts.items()))}
     if not args.json:

@@ -176,9 +176,10 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
                     help=argparse.SUPPRESS)  # simulate an interruption (tests)
 
     exp = command("export", commands["export"], "write the model (after --recipe) in another "
-                  "runtime's file format: gguf (llama.cpp, transformers' GGUF loader)")
-    exp.add_argument("--format", required=True, choices=("gguf",))
-    exp.add_argument("--out", required=True, help="the file to write (atomically), e.g. x.gguf")
+                  "runtime's format: gguf (llama.cpp) or hf (a transformers directory)")
+    exp.add_argument("--format", required=True, choices=("gguf", "hf"))
+    exp.add_argument("--out", required=True,
+                     help="what to write (atomically): a .gguf file, or an hf directory")
     exp.add_argument("--type", default="q8_0",
                      help="gguf: type of 2-D weights, f32|f16|bf16|q8_0|q4_0|q4_1 (default "
                           "q8_0); codes of matching grids are copied, others requantized")

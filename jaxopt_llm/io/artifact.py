@@ -159,22 +159,6 @@ def _json_data(value: Any, what: str) -> Any:
     return value
 
 
-def _fsync_tree(directory: Path) -> None:
-    for file in directory.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_target(out_dir: Path) -> bool:
     """Whether `out_dir` holds a previous artifact `save_artifact` may replace.
 
@@ -292,12 +276,12 @@ def save_artifact(
             tokenizer.save(tmp)
         meta["files"] = sorted(p.name for p in tmp.iterdir()) + [ARTIFACT_FILE]
         (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
+        atomic.fsync_tree(tmp)
         if replace:
             atomic.replace_dir(tmp, out_dir)
         else:
             os.replace(tmp, out_dir)  # also replaces an empty directory
-        _fsync_dir(out_dir.parent)
+        atomic.fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -135,6 +135,38 @@ def clean_stale(target: Path) -> list[Path]:
     return touched
 
 
+def fsync_tree(directory: Path) -> None:
+    """Flush every file below `directory`, then the directory itself, to disk.
+
+    Args:
+        directory: a directory just written (before it is renamed into place).
+
+    Example:
+        >>> fsync_tree(tmp)  # doctest: +SKIP
+    """
+    for file in directory.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk.
+
+    Args:
+        directory: the directory.
+
+    Example:
+        >>> fsync_dir(Path("."))  # doctest: +SKIP
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """Put the complete directory `new` at `target`, replacing what is there.
 
@@ -161,4 +193,4 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["clean_stale", "exchange", "replace_dir", "sibling"]
+__all__ = ["clean_stale", "exchange", "fsync_dir", "fsync_tree", "replace_dir", "sibling"]
