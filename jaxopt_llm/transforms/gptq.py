@@ -296,6 +296,15 @@ def group_grid(rows: jax.Array, valid: jax.Array, spec: QuantSpec, scale_dtype: 
     """(scale, zero) rows (N,) of one group from its rows (g, N), invalid rows ignored
     (row 0 must be valid); symmetric grids get a zero row of uint8 zeros.
 
+    Args:
+        rows: the group's weights (g, N), as updated so far.
+        valid: booleans (g,): False for padding past the weight's last input.
+        spec: the grid (absmax range when symmetric, min-max otherwise).
+        scale_dtype: the dtype scales (and float offsets) are stored in.
+
+    Returns:
+        (scale (N,), zero (N,)).
+
     Example:
         >>> spec = QuantSpec(bits=4, granularity="group", group_size=2)
         >>> scale, _ = group_grid(jnp.array([[7.0], [99.0]]), jnp.array([True, False]),

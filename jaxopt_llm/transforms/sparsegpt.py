@@ -425,14 +425,14 @@ def _quantize_plan(flat, paths, config, options):
             scale = jnp.ones((groups, 1, w.shape[1]), options.resolved_scale_dtype)
             zero = None if spec.symmetric else jnp.zeros(
                 scale.shape, scale.dtype if spec.float_zero else jnp.uint8)
-            out[path] = sparse_quantized(w, nm_keep(w.shape, options), scale, zero, options,
+            out[path] = sparse_quantized(w, _nm_keep(w.shape, options), scale, zero, options,
                                          jnp.dtype(f[path].dtype).name)
         return out
 
     return config, jax.eval_shape(shapes, dict(flat))
 
 
-def nm_keep(shape: tuple[int, int], options: SparsityOptions) -> jax.Array:
+def _nm_keep(shape: tuple[int, int], options: SparsityOptions) -> jax.Array:
     """A valid N:M keep-mask of a kernel shape (the first m-n of every m kept), for plans."""
     k, cols = shape
     slot = jnp.arange(k) % options.m
