@@ -82,7 +82,24 @@ class NMOptions(OpOptions):
             raise ValueError(f"format must be 'compressed' or 'masked', got {self.format!r}")
 
 
-def _dense_kernel(leaf: Any, path: str) -> jax.Array:
+def dense_kernel(leaf: Any, path: str) -> jax.Array:
+    """The float kernel a pruning op starts from: a plain 2-D array, or a `MaskedWeight`'s
+    dense values (pruning further, as gradual schedules do).
+
+    Args:
+        leaf: the parameter.
+        path: its path, for errors.
+
+    Returns:
+        The (K, N) float kernel.
+
+    Raises:
+        ValueError: a quantized or factorized leaf, or not a 2-D kernel, naming `path`.
+
+    Example:
+        >>> dense_kernel(jnp.ones((4, 2)), "w").shape
+        (4, 2)
+    """
     if isinstance(leaf, MaskedWeight):  # re-pruning (gradual schedules): the masked weight
         return _materialize(leaf)
     if not isinstance(leaf, jax.Array) and not hasattr(leaf, "__array__"):
@@ -161,7 +178,7 @@ def magnitude_prune(flat: Mapping[str, Any], paths: list[str], config: Any,
         [[0.0, -4.0], [3.0, 0.0]]
     """
     sparsity, scope, fmt = options.sparsity, options.scope, options.format
-    kernels = {p: _dense_kernel(flat[p], p) for p in paths}
+    kernels = {p: dense_kernel(flat[p], p) for p in paths}
     flat = dict(flat)
     if scope == "global":
         scores = jnp.concatenate([jnp.abs(w).reshape(-1) for w in kernels.values()])
@@ -216,7 +233,7 @@ def nm_keep_mask(w: jax.Array, n: int, m: int) -> jax.Array:
 
 def _nm_leaf(leaf: Any, path: str, options: NMOptions) -> Any:
     n, m = options.n, options.m
-    w = _dense_kernel(leaf, path)
+    w = dense_kernel(leaf, path)
     if w.shape[0] % m:
         raise ValueError(f"{path} {w.shape}: m={m} does not divide the input dimension "
                          f"{w.shape[0]}")
@@ -234,7 +251,7 @@ def _nm_one(w: jax.Array, n: int, m: int, fmt: str) -> Any:
 def _magnitude_apply(flat, paths, config, options):
     for path in paths:  # shapes first: no work on a bad selection
         if not isinstance(flat[path], MaskedWeight):
-            _dense_kernel(flat[path], path)
+            dense_kernel(flat[path], path)
     return magnitude_prune(flat, paths, config, options)
 
 

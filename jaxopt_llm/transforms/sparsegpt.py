@@ -36,7 +36,7 @@ from jaxopt_llm.transforms.gptq import (
     inverse_cholesky_upper,
     warn_dampening,
 )
-from jaxopt_llm.transforms.prune import _dense_kernel, lowest_mask
+from jaxopt_llm.transforms.prune import dense_kernel, lowest_mask
 from jaxopt_llm.transforms.quantize import GridOptions, check_scale_dtype
 from jaxopt_llm.transforms.wanda import (
     SparsityOptions,
@@ -314,7 +314,7 @@ def sparsegpt_leaf(leaf: Any, path: str, options: SparseGPTOptions, gram: jax.Ar
         >>> [round(v, 2) for v in out[:, 0].tolist()]  # one input carries both: 1·x₀ + 0.5·x₁
         [0.0, 1.48]
     """
-    w = _dense_kernel(leaf, path)
+    w = dense_kernel(leaf, path)
     options.check_kernel(path, w.shape)
     out, damp, outcome = _sparsegpt_one(w, gram, options)
     warn_dampening(path, options.dampening, float(damp), int(np.asarray(outcome)),
@@ -382,7 +382,7 @@ def sparsegpt_quantize_leaf(leaf: Any, path: str, options: SparseGPTQuantizeOpti
         >>> leaf.values.bits, int((leaf.materialize() == 0).sum())  # 2 of every 4 zeroed
         (4, 12)
     """
-    w = _dense_kernel(leaf, path)
+    w = dense_kernel(leaf, path)
     options.check_kernel(path, w.shape)
     options.spec.num_groups(w.shape[0], where=f"{path} {tuple(w.shape)}")
     out, damp, outcome = _sparsegpt_quantize_one(

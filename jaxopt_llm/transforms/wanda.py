@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxopt_llm.calibration import Calibration
 from jaxopt_llm.transforms.base import Op, OpOptions
 from jaxopt_llm.transforms.layerwise import block_selection, each_linear_sequentially
-from jaxopt_llm.transforms.prune import _dense_kernel, lowest_mask
+from jaxopt_llm.transforms.prune import dense_kernel, lowest_mask
 from jaxopt_llm.weights.base import WeightLeaf
 from jaxopt_llm.weights.sparse import MaskedWeight, masked_weight, nm_sparse_weight
 
@@ -177,7 +177,7 @@ def wanda_leaf(leaf: Any, path: str, options: SparsityOptions, gram: jax.Array) 
         >>> out[:, 0].tolist()
         [1.0, 0.0, 3.0, 0.0]
     """
-    w = _dense_kernel(leaf, path)
+    w = dense_kernel(leaf, path)
     options.check_kernel(path, w.shape)
     return _wanda_one(w, gram, options)
 
