@@ -383,14 +383,14 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     with _flags(qtype="--type", floats="--floats"):
         rows = (plan_hf(config, shapes, strict=args.strict) if args.format == "hf" else
                 plan_gguf(config, shapes, args.type, floats=args.floats, strict=args.strict))
-    counts = Counter(f"{row.how} → {getattr(row, 'written_as', 'F32')}" for row in rows)
+    counts = Counter(f"{row.how} → {row.written_as}" for row in rows)
     if not args.json:
         stderr.print("writing: " + ", ".join(f"{n} {how}" for how, n in sorted(counts.items())),
                      highlight=False)
         for row in rows:
             if row.how in ("widened", "requantized"):
                 stderr.print(f"  {row.path} ({row.stored_as}) {row.how} to "
-                             f"{getattr(row, 'written_as', 'F32')}", highlight=False)
+                             f"{row.written_as}", highlight=False)
     with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
             f"applying recipe {getattr(recipe, 'name', '')}",
             args.json or not recipe or calibration is not None):

@@ -226,8 +226,8 @@ def export_gguf(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
                 data = _block_bytes(leaf, qt)
             else:
                 dense = np.asarray(materialize(leaf), np.float32)
-                dense = dense if row.path.endswith(("embedding",)) or dense.ndim == 1 \
-                    else dense.T  # kernels (K, N) → GGUF rows (N, K)
+                if row.path.endswith("kernel"):  # kernels (K, N) → GGUF rows (N, K)
+                    dense = dense.T
                 data = dense if qt == Q.F32 else (
                     dense.astype(np.float16) if qt == Q.F16 else gguf.quants.quantize(dense, qt))
             if re.search(r"attn_[qk]\.(weight|bias)$", row.name):

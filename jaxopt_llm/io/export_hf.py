@@ -42,6 +42,7 @@ class HFTensor:
     name: str
     stored_as: str
     how: str
+    written_as: str = "F32"  # always float32 (named as export_gguf's rows name types)
 
 
 def _hf_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
