@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxopt_llm.data import pydoc_text, text_sha256
+from jaxopt_llm.data import pydoc_text
 from jaxopt_llm.evaluate import perplexity
 from jaxopt_llm.generation import generate
 from jaxopt_llm.models import build_model
@@ -11,8 +11,6 @@ from jaxopt_llm.models.layers import attention_mask
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
-
-PYDOC_SHA256_311 = "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee"
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +45,16 @@ def test_greedy_generation_matches_hf(smollm2, smollm2_hf):
         assert new_ids == out[0, len(prompt_ids):].tolist()
 
 
-@pytest.mark.skipif(text_sha256(pydoc_text()) != PYDOC_SHA256_311,
-                    reason="the published figure is for the CPython 3.11.7 pydoc text")
-def test_perplexity_matches_hf_figure(smollm2, eval_ids):
-    assert len(eval_ids) == 113_108
-    result = perplexity(smollm2.config, smollm2.params, eval_ids, num_tokens=65_536, window=512)
-    assert result.tokens_scored == 65_408
-    assert result.ppl == pytest.approx(14.286, rel=1e-3)
+def test_perplexity_equals_hf_on_the_same_windows(smollm2, smollm2_hf, eval_ids):
+    """The evaluation protocol (non-overlapping 512-token windows, every token but a window's
+    first scored) run by HF transformers on the same tokens. The 65,536-token published
+    figure (14.286 with CPython 3.11.7's text) is reproduced by the README's command; 8
+    windows keep this test short while still averaging over 4,088 scored tokens."""
+    windows = np.asarray(eval_ids[:8 * 512]).reshape(8, 512)
+    result = perplexity(smollm2.config, smollm2.params, eval_ids, num_tokens=8 * 512, window=512)
+    assert result.windows == 8 and result.tokens_scored == 8 * 511
+    with torch.no_grad():
+        logits = smollm2_hf(torch.tensor(windows)).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                torch.tensor(windows[:, 1:]).reshape(-1))
+    assert result.ppl == pytest.approx(float(torch.exp(nll)), rel=1e-4)
