@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm.errors import ParameterError
-from jaxopt_llm.models import ModelConfig, family_spec
-from jaxopt_llm.models.layers import Linear, attention_mask
+from jaxopt_llm.models import ModelConfig, family_spec, model_mask
+from jaxopt_llm.models.layers import Linear
 from jaxopt_llm.placement import Placement
 
 EVAL_TOKENS = 65_536  # the evaluation protocol's default: calibration starts after these
@@ -373,7 +373,7 @@ def layer_sequential(
     for start in range(0, len(windows), batch):
         tokens = placement.place_batch(windows[start:start + batch])
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-        mask = attention_mask(jnp.ones(tokens.shape, bool), 0, length, config.sliding_window)
+        mask = model_mask(config, jnp.ones(tokens.shape, bool), 0, length)
         x, args = embed(params, tokens, positions)
         inputs.append((x, args, mask))
     out = dict(params)

@@ -84,10 +84,10 @@ def _recipe(spec: str | None):
     return None if spec is None else load_recipe(spec)
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, flag: str = "--text") -> str:
     from jaxopt_llm.data import read_text_file
 
-    with _flags(path="--text"):
+    with _flags(path=flag):
         return read_text_file(path)
 
 
@@ -126,7 +126,7 @@ def _check_paths_first(args: argparse.Namespace) -> None:
     if model is not None:
         with _flags(spec="--model"):
             resolve_model_path(model)
-    for attr, flag in (("text", "--text"), ("calib_text", "--calib-text")):
+    for attr, flag in (("text", "--text"), ("calib_text", "--calib-text"), ("file", "--file")):
         value = getattr(args, attr, None)
         if isinstance(value, str):
             with _flags(path=flag):
@@ -206,21 +206,36 @@ def _placement(args: argparse.Namespace):
         return Placement.on_mesh(make_mesh(args.mesh), rules)
 
 
-def _model(args: argparse.Namespace):
-    """(model of --model with --recipe applied and placed by --mesh, its placement)."""
+def _decoder_only(loaded, command: str) -> None:
+    """Refuse an encoder for a command that needs next-token logits, before any work."""
+    if loaded.config.is_encoder:
+        raise ValueError(f"--model {loaded.source}: a {loaded.config.model_type} model is an "
+                         f"encoder; `{command}` needs a decoder (use `embed` or `eval` for an "
+                         "encoder)")
+
+
+def _model(args: argparse.Namespace, decoder_only: str | None = None, with_float=False):
+    """(model of --model with --recipe applied and placed by --mesh, its placement), and
+    with `with_float` the model before the recipe (placed the same way) last."""
     from jaxopt_llm.recipes import apply_recipe
 
     recipe = _recipe(args.recipe)
     text = _calib_text(args)
     _parallel_setup(args)  # after the cheap checks: bad input fails fast
-    loaded = _load(args.model, args.json)
+    loaded = original = _load(args.model, args.json)
+    if decoder_only:
+        _decoder_only(loaded, decoder_only)
     with _calibrated(args, loaded, recipe, text) as calibration, _spinner(
             f"applying recipe {getattr(recipe, 'name', '')}",
             args.json or not recipe or calibration is not None):
         loaded = apply_recipe(loaded, recipe, calibration=calibration)
     placement = _placement(args)
     params = placement.place_params(loaded.config, loaded.params)
-    return dataclasses.replace(loaded, params=params), placement
+    out = dataclasses.replace(loaded, params=params), placement
+    if with_float:
+        return *out, dataclasses.replace(original, params=placement.place_params(
+            original.config, original.params))
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,14 +251,26 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         >>> main(["eval", "--model", "smollm2-135m", "--tokens", "4096"])  # doctest: +SKIP
     """
     from jaxopt_llm.data import pydoc_text
-    from jaxopt_llm.runs import evaluate_text
+    from jaxopt_llm.runs import evaluate_encoder_text, evaluate_text
 
     text = pydoc_text() if args.text is None else _read_text(args.text)
-    loaded, placement = _model(args)
+    loaded, placement, original = _model(args, with_float=True)
+    if loaded.config.is_encoder:
+        with _spinner("embedding the evaluation texts", args.json), _flags(count="--texts"):
+            out = evaluate_encoder_text(original, loaded, text, num_texts=args.texts,
+                                        batch_size=args.batch_size or 32, placement=placement)
+        if not args.json:
+            stderr.print(f"[bold]cosine[/bold] {out['cosine']:.5f} (min {out['cosine_min']:.5f})"
+                         f", spearman {out['spearman']:.5f}, top-1 agreement "
+                         f"{out['top1_agreement']:.4f} over {out['texts']} texts; paraphrases "
+                         f"{out['paraphrase_accuracy']:.3f} (float "
+                         f"{out['paraphrase_accuracy_reference']:.3f}); recipe {out['recipe']}, "
+                         f"params {out['param_bytes'] / 2**20:.1f} MiB")
+        return out
     with _bar("perplexity", "windows", args.json) as update, _flags(num_tokens="--tokens",
                                                                      window="--window"):
         out = evaluate_text(loaded, text, num_tokens=args.tokens, window=args.window,
-                            batch_size=args.batch_size, placement=placement,
+                            batch_size=args.batch_size or 1, placement=placement,
                             progress=lambda done, total: update(completed=done, total=total))
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
@@ -252,6 +279,44 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
                      f"{out['param_bytes'] / 2**20:.1f} MiB "
                      f"(float32: {out['dense_param_bytes'] / 2**20:.1f} MiB)")
     return out
+
+
+def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm embed`: sentence embeddings of --text (repeatable) or --file lines under
+    an encoder --model (with --recipe).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The JSON record: model, recipe, dim, param_bytes and one embedding per text.
+
+    Example:
+        >>> main(["embed", "--model", "minilm-l6", "--text", "Hi there."])  # doctest: +SKIP
+    """
+    from jaxopt_llm.encoders import embed
+    from jaxopt_llm.weights import param_bytes
+
+    texts = list(args.text or [])
+    if args.file is not None:
+        texts += [line for line in _read_text(args.file, "--file").splitlines()
+                  if line.strip()]
+    if not texts:
+        raise ValueError("embed: give at least one --text or a --file with non-empty lines")
+    if any(not t.strip() for t in texts):
+        raise ValueError("embed: --text must not be empty")
+    loaded, placement = _model(args)
+    with _spinner(f"embedding {len(texts)} texts", args.json), _flags(
+            max_length="--max-length", batch_size="--batch-size"):
+        vectors = embed(loaded.config, loaded.params, loaded.tokenizer, texts,
+                        batch_size=args.batch_size, max_length=args.max_length,
+                        placement=placement)
+    if not args.json:
+        for text, vector in zip(texts, vectors, strict=True):
+            print(json.dumps({"text": text, "embedding": [round(float(v), 6) for v in vector]}))
+    return {"model": loaded.source, "recipe": (loaded.recipe or {}).get("name", "fp32"),
+            "dim": int(vectors.shape[1]), "param_bytes": param_bytes(loaded.params),
+            "texts": texts, "embeddings": vectors.tolist()}
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,7 +337,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    loaded, placement = _model(args)
+    loaded, placement = _model(args, decoder_only="generate")
     with _spinner("compiling and generating", args.json):
         out = generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
                             sampling=sampling, seed=args.seed, placement=placement)
@@ -322,13 +387,18 @@ def _export_target(out: str, fmt: str):
     from pathlib import Path
 
     path = Path(out)
-    if fmt == "hf":
+    if fmt in ("hf", "onnx"):
         from jaxopt_llm.io.export_hf import MARKER
 
-        if path.exists() and (not path.is_dir() or (any(path.iterdir())
-                                                    and not (path / MARKER).is_file())):
-            raise ValueError(f"--out {out}: exists and is not a previous hf export; refusing "
-                             "to replace it")
+        def previous() -> bool:
+            try:
+                return json.loads((path / MARKER).read_text()).get("format") == fmt
+            except (OSError, ValueError, AttributeError):
+                return False
+
+        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not previous())):
+            raise ValueError(f"--out {out}: exists and is not a previous {fmt} export; "
+                             "refusing to replace it")
     elif path.suffix != ".gguf":
         raise ValueError(f"--out {out}: expected a .gguf file name")
     elif path.is_dir():
@@ -368,6 +438,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     from jaxopt_llm.io.export_gguf import export_gguf, plan_gguf
     from jaxopt_llm.io.export_hf import export_hf, plan_hf
+    from jaxopt_llm.io.export_onnx import export_onnx, plan_onnx
     from jaxopt_llm.pipeline import Recipe
     from jaxopt_llm.plan import planned_params
     from jaxopt_llm.recipes import apply_recipe
@@ -381,8 +452,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     config, shapes = planned_params(recipe or Recipe(name="none"), loaded.config,
                                     loaded.params)
     with _flags(qtype="--type", floats="--floats"):
-        rows = (plan_hf(config, shapes, strict=args.strict) if args.format == "hf" else
-                plan_gguf(config, shapes, args.type, floats=args.floats, strict=args.strict))
+        if args.format == "hf":
+            rows = plan_hf(config, shapes, strict=args.strict)
+        elif args.format == "onnx":
+            rows = plan_onnx(config, shapes, strict=args.strict)
+        else:
+            rows = plan_gguf(config, shapes, args.type, floats=args.floats, strict=args.strict)
     counts = Counter(f"{row.how} → {row.written_as}" for row in rows)
     if not args.json:
         stderr.print("writing: " + ", ".join(f"{n} {how}" for how, n in sorted(counts.items())),
@@ -399,6 +474,9 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         if args.format == "hf":
             path, rows = export_hf(loaded.config, loaded.params, loaded.tokenizer, out,
                                    strict=args.strict)
+        elif args.format == "onnx":
+            path, rows = export_onnx(loaded.config, loaded.params, loaded.tokenizer, out,
+                                     strict=args.strict)
         else:
             path, rows = export_gguf(loaded.config, loaded.params, loaded.tokenizer, out,
                                      qtype=args.type, floats=args.floats, strict=args.strict,
@@ -407,7 +485,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() \
         else path.stat().st_size
     record = {"out": str(path), "format": args.format,
-              "type": args.type if args.format == "gguf" else "float32",
+              "type": args.type if args.format == "gguf" else (
+                  "float32" if args.format == "hf" else "as stored"),
               "file_bytes": size, "param_bytes": param_bytes(loaded.params),
               "tensors": [dataclasses.asdict(row) for row in rows],
               "summary": dict(sorted(counts.items()))}
@@ -490,6 +569,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     placement = _placement(args)
     calib_text = _calib_text(args)
     loaded = _load(args.model, args.json)
+    _decoder_only(loaded, "train")
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
     with _bar("training", "steps", args.json) as update, _flags(seq="--seq"):
@@ -572,7 +652,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "export": cmd_export,
+COMMANDS = {"demo": cmd_demo, "embed": cmd_embed, "eval": cmd_eval, "export": cmd_export,
             "generate": cmd_generate, "optimize": cmd_optimize, "plan": cmd_plan,
             "recipes": cmd_recipes, "train": cmd_train}  # for cli_parser.build_parser
 

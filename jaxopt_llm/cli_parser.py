@@ -119,12 +119,16 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
         p.set_defaults(func=func)
         return p
 
-    ev = command("eval", commands["eval"], "perplexity (docs/evaluation.md protocol)")
+    ev = command("eval", commands["eval"], "perplexity of a decoder (docs/evaluation.md "
+                 "protocol); an encoder's embeddings against its float model's")
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
+    ev.add_argument("--texts", type=_positive_int("--texts"), default=256,
+                    help="encoders: sentences of the text compared (default 256)")
     ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
     ev.add_argument("--window", type=_positive_int("--window"), default=512)
-    ev.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1,
-                    help="windows per forward pass (rounded up to a multiple of data)")
+    ev.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
+                    help="windows (decoders, default 1) or texts (encoders, default 32) per "
+                         "forward pass, rounded up to a multiple of data")
     add_parallel(ev)
 
     gen = command("generate", commands["generate"], "generate text from a prompt")
@@ -176,10 +180,12 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
                     help=argparse.SUPPRESS)  # simulate an interruption (tests)
 
     exp = command("export", commands["export"], "write the model (after --recipe) in another "
-                  "runtime's format: gguf (llama.cpp) or hf (a transformers directory)")
-    exp.add_argument("--format", required=True, choices=("gguf", "hf"))
+                  "runtime's format: gguf (llama.cpp), hf (a transformers directory) or "
+                  "onnx (an onnxruntime directory)")
+    exp.add_argument("--format", required=True, choices=("gguf", "hf", "onnx"))
     exp.add_argument("--out", required=True,
-                     help="what to write (atomically): a .gguf file, or an hf directory")
+                     help="what to write (atomically): a .gguf file, or an hf / onnx "
+                          "directory")
     exp.add_argument("--type", default="q8_0",
                      help="gguf: type of 2-D weights, f32|f16|bf16|q8_0|q4_0|q4_1 (default "
                           "q8_0); codes of matching grids are copied, others requantized")
@@ -188,9 +194,18 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
     exp.add_argument("--strict", action="store_true",
                      help="refuse instead of widening or requantizing a compressed weight")
 
+    emb = command("embed", commands["embed"], "sentence embeddings from an encoder "
+                  "(mean-pooled, L2-normalised)")
+    emb.add_argument("--text", action="append", help="a text to embed (repeatable)")
+    emb.add_argument("--file", help="UTF-8 file: one text per non-empty line")
+    emb.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
+    emb.add_argument("--max-length", type=_positive_int("--max-length"), default=None,
+                     help="tokens per text at most (default: the model's context)")
+    add_parallel(emb)
+
     rec = sub.add_parser("recipes", help="list the built-in recipes")
     rec.set_defaults(func=commands["recipes"])
-    for p in (ev, gen, opt, pl, tr, exp, rec):
+    for p in (ev, gen, opt, pl, tr, exp, emb, rec):
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 

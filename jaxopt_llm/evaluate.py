@@ -140,6 +140,9 @@ def perplexity(
         (4, 252)
     """
     check_eval_args(num_tokens, window)
+    if config.is_encoder:
+        raise ParameterError("config", config.model_type, "is an encoder: perplexity needs a "
+                             "decoder (encoders are evaluated by encoders.evaluate_encoder)")
     placement = Placement.resolve(placement, mesh=mesh)
     placement.check(config)
     batch_size = placement.round_batch(batch_size)

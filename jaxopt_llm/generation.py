@@ -301,6 +301,8 @@ def generate(
         >>> [len(ids) for ids in out.new_ids]
         [5, 5]
     """
+    if config.is_encoder:
+        raise ValueError(f"a {config.model_type} model is an encoder: it does not generate")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):

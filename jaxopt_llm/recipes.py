@@ -5,7 +5,7 @@ all `kernel`s except an untied `lm_head`), never norms or biases. Embeddings and
 output head stay float32 unless a recipe says otherwise (none of the built-ins do; write
 a rule for `.*embedding` or `lm_head/kernel` to include them — a tied head then reads
 the same quantized table). Structured recipes touch the attention or MLP blocks of
-Llama-family and GPT-2 models only.
+Llama-family, GPT-2 and BERT models.
 
   fp32          no-op baseline
   w8            int8 symmetric, per output channel, weight-only

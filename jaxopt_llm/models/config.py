@@ -12,7 +12,8 @@ from typing import Any
 
 from jaxopt_llm.tree import freeze
 
-SUPPORTED_FAMILIES = ("llama", "gpt2")
+SUPPORTED_FAMILIES = ("llama", "gpt2", "bert")
+ENCODER_FAMILIES = ("bert",)
 # HF `model_type` values and the family that implements them.
 HF_MODEL_TYPES = {
     "llama": "llama",
@@ -20,6 +21,7 @@ HF_MODEL_TYPES = {
     "qwen2": "llama",
     "smollm2": "llama",
     "gpt2": "gpt2",
+    "bert": "bert",
 }
 
 
@@ -28,7 +30,8 @@ class ModelConfig:
     """A model's architecture: frozen and hashable, so it is a static argument of `jax.jit`.
 
     `family` picks the implementation ("llama" for Llama 2/3, Mistral, Qwen2 and SmolLM2;
-    "gpt2"); `model_type` keeps the checkpoint's own name for artifacts. Loaders fill it
+    "gpt2"; "bert" for BERT encoders such as all-MiniLM-L6-v2); `model_type` keeps the
+    checkpoint's own name for artifacts. Loaders fill it
     from an HF config.json or GGUF metadata; structured pruning returns a new one.
 
     Example:
@@ -36,7 +39,7 @@ class ModelConfig:
         >>> config.num_heads // config.num_kv_heads  # query heads per kv head
         2
     """
-    family: str  # "llama" (Llama 2/3, Mistral, Qwen2, SmolLM2) or "gpt2"
+    family: str  # "llama" (Llama 2/3, Mistral, Qwen2, SmolLM2), "gpt2" or "bert" (encoder)
     model_type: str  # the original HF model_type (or GGUF architecture), kept for artifacts
     vocab_size: int
     hidden_size: int
@@ -57,6 +60,7 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: keys further back than this are masked
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    type_vocab_size: int = 0  # BERT: rows of the token-type (segment) table; 0 elsewhere
 
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
@@ -91,6 +95,13 @@ class ModelConfig:
                 raise ValueError(f"config token ids must be non-negative integers up to "
                                  f"2147483647, got "
                                  f"{token!r}")
+        if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) \
+                or not 0 <= self.type_vocab_size < 2**31:
+            raise ValueError(f"config type_vocab_size must be a non-negative integer, got "
+                             f"{self.type_vocab_size!r}")
+        if self.family == "bert" and self.type_vocab_size < 1:
+            raise ValueError("config type_vocab_size must be at least 1 for a bert model "
+                             f"(its token-type table), got {self.type_vocab_size}")
         _check_rope_scaling(self.rope_scaling)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -104,7 +115,8 @@ class ModelConfig:
         and tests.
 
         Args:
-          family: "llama" (2 kv heads) or "gpt2" (4 kv heads, tied embeddings).
+          family: "llama" (2 kv heads), "gpt2" (4 kv heads, tied embeddings) or "bert"
+            (an encoder: 4 kv heads, 2 token types, eps 1e-12).
           **overrides: any other field.
 
         Returns:
@@ -116,9 +128,18 @@ class ModelConfig:
         """
         fields = {"family": family, "model_type": family, "vocab_size": 64, "hidden_size": 32,
                   "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
-                  "num_kv_heads": 2 if family == "llama" else 4, "head_dim": 8,
+                  "num_kv_heads": 2, "head_dim": 8,
                   "max_position_embeddings": 64, "tie_word_embeddings": family == "gpt2"}
+        if family != "llama":
+            fields["num_kv_heads"] = 4
+        if family == "bert":
+            fields.update(type_vocab_size=2, norm_eps=1e-12)
         return cls(**{**fields, **overrides})
+
+    @property
+    def is_encoder(self) -> bool:
+        """True for an encoder (bidirectional attention, hidden states out, no generation)."""
+        return self.family in ENCODER_FAMILIES
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxopt_llm.models import gpt2, llama
+from jaxopt_llm.models import bert, gpt2, llama
 from jaxopt_llm.models.config import SUPPORTED_FAMILIES, ModelConfig
 
 # The three kinds of attention columns a projection can hold, in their fused order.
@@ -230,7 +230,39 @@ GPT2 = FamilySpec(
     ),
 )
 
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (LLAMA, GPT2)}
+# Post-LayerNorm: each norm's output is also the residual stream, so scaling cannot fold
+# into a norm; only the value → output path folds (heads equal kv heads in BERT).
+BERT = FamilySpec(
+    name="bert",
+    model=bert.BertModel,
+    block_prefix="layer",
+    attention="attn",
+    mlp="mlp",
+    qkv=(Projection(name="query", parts=("q",)), Projection(name="key", parts=("k",)),
+         Projection(name="value", parts=("v",))),
+    attn_out="output",
+    mlp_in=("intermediate",),
+    mlp_out="output",
+    embedding="word_embeddings/embedding",
+    position_table="position_embeddings/embedding",
+    block_module=bert.Block,
+    block_inputs=bert.block_inputs,
+    shard_rules=(
+        (r"(.*/)?attn/(query|key|value)/(kernel|bias)", "column"),
+        (r"(.*/)?mlp/intermediate/(kernel|bias)", "column"),
+        (r"(.*/)?(attn|mlp)/output/kernel", "row"),
+        (r"word_embeddings/embedding", "vocab"),
+    ),
+    scaling_groups=(
+        ScalingGroup(source=None, source_kind=None, linears=("attn/query", "attn/key",
+                                                              "attn/value")),
+        ScalingGroup(source="attn/value", source_kind="linear", linears=("attn/output",)),
+        ScalingGroup(source=None, source_kind=None, linears=("mlp/intermediate",)),
+        ScalingGroup(source=None, source_kind=None, linears=("mlp/output",)),  # after GELU
+    ),
+)
+
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (LLAMA, GPT2, BERT)}
 if tuple(FAMILIES) != SUPPORTED_FAMILIES:  # the config validates against SUPPORTED_FAMILIES
     raise ImportError(f"models/family.py FAMILIES {tuple(FAMILIES)} must list "
                       f"config.SUPPORTED_FAMILIES {SUPPORTED_FAMILIES} in the same order")
@@ -262,7 +294,7 @@ def family_spec(config: ModelConfig) -> FamilySpec:
 
 def blocks_regex(part: Literal["attention", "mlp"]) -> str:
     """A regex for the `part` parameters of every block of every family (built-in recipes
-    do not know the family): r"(layers|h)_\\d+/attn/.*" for attention.
+    do not know the family): r"(layers|h|layer)_\\d+/attn/.*" for attention.
 
     Args:
         part: "attention" or "mlp".
@@ -272,7 +304,7 @@ def blocks_regex(part: Literal["attention", "mlp"]) -> str:
 
     Example:
         >>> print(blocks_regex("mlp"))
-        (layers|h)_\\d+/mlp/.*
+        (layers|h|layer)_\\d+/mlp/.*
     """
     scopes = {getattr(spec, part) for spec in FAMILIES.values()}
     if len(scopes) == 1:

@@ -78,9 +78,37 @@ def forward(
         if cache is not None:
             raise ValueError("key_valid is required with a cache (which slots hold tokens)")
         key_valid = jnp.ones((batch, length), bool)
-    mask = attention_mask(key_valid, cache_index, length, config.sliding_window)
+    mask = model_mask(config, key_valid, cache_index, length)
     return build_model(config).apply({"params": params}, tokens, positions, mask, cache,
                                      cache_index, last_only=last_only)
+
+
+def model_mask(config: ModelConfig, key_valid: jax.Array, cache_index: jax.Array | int,
+               num_queries: int) -> jax.Array:
+    """Which keys each query may see in `config`'s model: (B, T, S) bool.
+
+    Decoders see the slots at or before their own (and within the sliding window, if
+    any); an encoder's queries see every valid key.
+
+    Args:
+        config: the model's config.
+        key_valid: (B, S), True where a slot holds a real token.
+        cache_index: the slot of query 0 (decoders).
+        num_queries: T.
+
+    Returns:
+        The mask (B, T, S).
+
+    Example:
+        >>> from jaxopt_llm.models.config import ModelConfig
+        >>> valid = jnp.array([[True, True, False]])
+        >>> model_mask(ModelConfig.tiny("bert"), valid, 0, 3)[0].astype(int).tolist()
+        [[1, 1, 0], [1, 1, 0], [1, 1, 0]]
+    """
+    if config.is_encoder:
+        return jnp.broadcast_to(key_valid[:, None, :], (key_valid.shape[0], num_queries,
+                                                        key_valid.shape[1]))
+    return attention_mask(key_valid, cache_index, num_queries, config.sliding_window)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int,
@@ -96,6 +124,9 @@ def init_cache(config: ModelConfig, batch: int, length: int,
     Returns:
         A tuple of `config.num_layers` (keys, values) pairs.
 
+    Raises:
+        ValueError: for an encoder, which has no cache.
+
     Example:
         >>> from jaxopt_llm.models.config import ModelConfig
         >>> config = ModelConfig.tiny()
@@ -103,6 +134,9 @@ def init_cache(config: ModelConfig, batch: int, length: int,
         >>> len(cache), cache[0][0].shape
         (2, (1, 16, 2, 8))
     """
+    if config.is_encoder:
+        raise ValueError(f"a {config.model_type} model is an encoder: it has no KV cache and "
+                         "does not generate")
     shape = (batch, length, config.num_kv_heads, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                  for _ in range(config.num_layers))
@@ -127,7 +161,7 @@ def init_params(config: ModelConfig, key: jax.Array) -> Any:
         (32, 32)
     """
     tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = attention_mask(jnp.ones((1, 1), bool), 0, 1)
+    mask = model_mask(config, jnp.ones((1, 1), bool), 0, 1)
     return build_model(config).init(key, tokens, tokens, mask)["params"]
 
 
@@ -149,4 +183,4 @@ def param_shapes(config: ModelConfig) -> Any:
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 
-__all__ = ["build_model", "forward", "init_cache", "init_params", "param_shapes"]
+__all__ = ["build_model", "forward", "init_cache", "init_params", "model_mask", "param_shapes"]

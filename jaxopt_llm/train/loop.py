@@ -216,6 +216,9 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
         >>> [record["step"] for record in result.history]
         [1, 2]
     """
+    if config.is_encoder:
+        raise ValueError(f"training supports decoders (next-token and logit-distillation "
+                         f"losses); a {config.model_type} model is an encoder")
     import time
 
     placement = Placement.resolve(placement, mesh=mesh, rules=shard_rules)

@@ -182,9 +182,14 @@ def apply_scales(block: Mapping[str, Any], group: BlockGroup, scale: jax.Array) 
                 out[path] = (out[path] * inverse).astype(out[path].dtype)
         return out
     start, stop = group.columns
-    kernel = jnp.asarray(out[f"{group.source}/kernel"])
-    out[f"{group.source}/kernel"] = kernel.at[:, start:stop].multiply(
-        inverse.astype(kernel.dtype))
+    source = out[f"{group.source}/kernel"]
+    # An earlier group of the block may have wrapped the source as ScaledInputWeight (BERT's
+    # value projection): its output columns are its weight's, so they take 1/s there.
+    wrapped = source if isinstance(source, ScaledInputWeight) else None
+    kernel = jnp.asarray(source.weight if wrapped is not None else source)
+    kernel = kernel.at[:, start:stop].multiply(inverse.astype(kernel.dtype))
+    out[f"{group.source}/kernel"] = (kernel if wrapped is None else
+                                     dataclasses.replace(wrapped, weight=kernel))
     bias_path = f"{group.source}/bias"
     if bias_path in out and out[bias_path] is not None:
         bias = jnp.asarray(out[bias_path])

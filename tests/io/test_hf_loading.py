@@ -82,7 +82,7 @@ def test_tiny_file_is_not_safetensors(checkpoint):
 def test_unsupported_model_type(checkpoint):
     (checkpoint / "config.json").write_text(json.dumps({**CONFIG, "model_type": "falcon"}))
     with pytest.raises(ValueError, match=r"model_type 'falcon' is not supported; supported: "
-                                         r"\['gpt2', 'llama', 'mistral', 'qwen2'"):
+                                         r"\['bert', 'gpt2', 'llama', 'mistral', 'qwen2'"):
         load_hf_directory(checkpoint)
 
 

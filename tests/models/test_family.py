@@ -21,7 +21,11 @@ CONFIGS = {
     "gpt2": ModelConfig(family="gpt2", model_type="gpt2", vocab_size=40, hidden_size=16,
                         intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=4,
                         head_dim=4, max_position_embeddings=32),
+    "bert": ModelConfig(family="bert", model_type="bert", vocab_size=40, hidden_size=16,
+                        intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=4,
+                        head_dim=4, max_position_embeddings=32, type_vocab_size=2),
 }
+DECODERS = [family for family in CONFIGS if not CONFIGS[family].is_encoder]
 
 
 def test_every_family_has_a_test_config():
@@ -66,7 +70,7 @@ def test_recipe_regexes_select_exactly_the_attention_and_mlp_blocks(family):
         expected = {p for p in paths for i in range(config.num_layers)
                     if p.startswith(f"{spec.block(i)}/{scope}/")}
         assert expected and {p for p in paths if re.fullmatch(regex, p)} == expected
-    assert ATTENTION == blocks_regex("attention") == r"(layers|h)_\d+/attn/.*"
+    assert ATTENTION == blocks_regex("attention") == r"(layers|h|layer)_\d+/attn/.*"
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -89,11 +93,12 @@ def test_unknown_family_is_a_clear_error():
 
     other = copy.copy(CONFIGS["llama"])
     object.__setattr__(other, "family", "t5")  # ModelConfig itself refuses unknown families
-    with pytest.raises(ValueError, match=r"unknown family 't5'; supported: \('llama', 'gpt2'\)"):
+    with pytest.raises(ValueError,
+                       match=r"unknown family 't5'; supported: \('llama', 'gpt2', 'bert'\)"):
         family_spec(other)
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", DECODERS)
 def test_forward_equals_the_module_called_by_hand(family):
     """Default positions 0..T-1 and a causal (sliding-window) mask, built here with numpy;
     with a cache, the given key_valid and cache_index."""
