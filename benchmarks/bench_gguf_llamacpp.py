@@ -1,0 +1,117 @@
+"""Our GGUF exports run by llama.cpp (llama-cpp-python, the optional `.[peers]` extra).
+
+For each `--types` entry, SmolLM2 after `--recipe` is exported with `export_gguf` and
+  - loaded back by our own loader: the weights must equal the export's (dequantized)
+    weights, so our perplexity on the file is the perplexity of what was written;
+  - run by llama.cpp on exactly the same token ids (fed as ids, no llama.cpp
+    tokenization, no BOS), windows of 512 as docs/evaluation.md, every token but a
+    window's first scored.
+Rows: file bytes, perplexity by llama.cpp and by us on the file, their ratio, and
+llama.cpp's own greedy continuation of a prompt against ours on the file.
+
+Run:  python benchmarks/bench_gguf_llamacpp.py --json benchmarks/results/gguf_llamacpp.json \\
+          [--types q8_0,q4_0,q4_1] [--tokens 4096] [--recipe fp32]
+Without llama-cpp-python installed it says so and exits 0 (pip install -e '.[peers]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def llama_cpp_ppl(path: Path, ids: list[int], tokens: int) -> tuple[float, float]:
+    import llama_cpp
+
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True,
+                            n_threads=2, verbose=False)
+    nll, count = 0.0, 0
+    start = time.perf_counter()
+    for window in np.asarray(ids[:tokens]).reshape(-1, 512):
+        model.reset()
+        model.eval([int(t) for t in window])
+        logits = np.asarray(model.scores[:512], np.float64)[:-1]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= logp[np.arange(511), window[1:]].sum()
+        count += 511
+    seconds = time.perf_counter() - start
+    return float(np.exp(nll / count)), tokens / seconds
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], steps: int) -> list[int]:
+    import llama_cpp
+
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=False, n_threads=2,
+                            verbose=False)
+    model.reset()
+    model.eval(prompt)
+    out = []
+    for _ in range(steps):
+        token = int(np.argmax(model.scores[model.n_tokens - 1]))
+        out.append(token)
+        model.eval([token])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--types", default="q8_0,q4_0,q4_1")
+    parser.add_argument("--recipe", default="fp32")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: rows skipped (pip install -e '.[peers]')")
+        return 0
+
+    from jaxopt_llm import load_model, load_recipe, pydoc_text
+    from jaxopt_llm.evaluate import perplexity
+    from jaxopt_llm.generation import generate
+    from jaxopt_llm.io.export_gguf import export_gguf
+    from jaxopt_llm.recipes import apply_recipe
+
+    source = apply_recipe(load_model("smollm2-135m"), load_recipe(args.recipe))
+    ids = source.tokenizer.encode(pydoc_text())
+    prompt = ids[1000:1032]
+    rows = []
+    for qtype in args.types.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"smollm2-{args.recipe}-{qtype}.gguf"
+            export_gguf(source.config, source.params, source.tokenizer, path, qtype=qtype)
+            ours = load_model(str(path))
+            ours_ppl = perplexity(ours.config, ours.params, ids, num_tokens=args.tokens).ppl
+            theirs_ppl, tok_s = llama_cpp_ppl(path, ids, args.tokens)
+            expected = generate(ours.config, ours.params, [prompt],
+                                max_new_tokens=args.new_tokens, eos_token_ids=[-1]).new_ids[0]
+            got = llama_cpp_greedy(path, prompt, args.new_tokens)
+            agree = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True))
+                          if a != b), len(got))
+            row = {"recipe": args.recipe, "type": qtype, "file_bytes": path.stat().st_size,
+                   "ppl_llama_cpp": theirs_ppl, "ppl_ours_on_the_file": ours_ppl,
+                   "ratio": theirs_ppl / ours_ppl, "greedy_tokens_agreeing": agree,
+                   "greedy_tokens": len(got), "llama_cpp_eval_tok_s": tok_s}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "command": "python benchmarks/bench_gguf_llamacpp.py "
+                           + " ".join(argv if argv is not None else sys.argv[1:]),
+                "machine": platform.processor() or platform.machine(), "tokens": args.tokens,
+                "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
