@@ -1,7 +1,7 @@
 """Export to ONNX (onnxruntime): one graph per model, written with `onnx.helper`.
 
-Decoders (Llama family: llama, mistral, qwen2, SmolLM2) get one graph that serves both
-prefill and KV-cache decode, in the layout transformers' ONNX exports use:
+Decoders (Llama family: llama, mistral, qwen2, SmolLM2; GPT-2) get one graph that serves
+both prefill and KV-cache decode, in the layout transformers' ONNX exports use:
   inputs   input_ids (batch, seq) int64, attention_mask (batch, past + seq) int64 (1 = a
            real token), position_ids (batch, seq) int64, and per layer i
            past_key_values.{i}.key / .value (batch, kv_heads, past, head_dim) float32
@@ -66,7 +66,7 @@ MARKER = "jaxopt_llm_export.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # the initializers (external data, next to MODEL_FILE)
 ONNX_PIP = "pip install -e '.[onnx]'  (or: pip install onnx onnxruntime)"
-FAMILIES = ("llama", "bert")
+FAMILIES = ("llama", "gpt2", "bert")
 
 
 def _onnx():
@@ -114,7 +114,7 @@ def plan_onnx(config: ModelConfig, params: Any, *, strict: bool = False) -> list
     """What `export_onnx` writes for each parameter, before any work.
 
     Args:
-        config: the model config (Llama family or bert).
+        config: the model config (Llama family, gpt2 or bert).
         params: the parameters (any representation).
         strict: refuse (ValueError) where a compressed weight would be widened.
 
@@ -301,30 +301,17 @@ def _attention(g: _Graph, q: str, k: str, v: str, bias: str, heads: int, kv_head
 _NEG = np.float32(np.finfo(np.float32).min)
 
 
-def _llama_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[list, list]:
+def _decoder_io(g: _Graph, config: ModelConfig) -> tuple[list, list, str]:
+    """The decoder graph's inputs and logits output, and the attention bias (B, 1, T, S):
+    key j visible to query t iff j ≤ past + t, real, and within the sliding window."""
     onnx = g.onnx
     tp = onnx.TensorProto
-    spec = family_spec(config)
-    hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
     inputs = [onnx.helper.make_tensor_value_info("input_ids", tp.INT64, ["batch", "seq"]),
               onnx.helper.make_tensor_value_info("attention_mask", tp.INT64,
                                                  ["batch", "total"]),
               onnx.helper.make_tensor_value_info("position_ids", tp.INT64, ["batch", "seq"])]
     outputs = [onnx.helper.make_tensor_value_info("logits", tp.FLOAT,
                                                   ["batch", "seq", config.vocab_size])]
-    table = _np(materialize(flat[spec.embedding])).astype(np.float32)
-    table_name = g.tensor(table, spec.embedding)
-    x = g.op("Gather", [table_name, "input_ids"], axis=0)
-    # RoPE: cos/sin (B, 1, T, D) from position_ids
-    inv_freq = _np(rope_inverse_frequencies(hd, config.rope_theta,
-                                            config.rope_scaling_dict)).astype(np.float32)
-    positions = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=1),
-                                   g.const([-1], dtype=np.int64)])
-    freqs = g.op("Mul", [positions, g.const(inv_freq)])
-    angles = g.op("Concat", [freqs, freqs], axis=-1)
-    cos, sin = (g.op("Unsqueeze", [g.op(f, [angles]), g.const([1], dtype=np.int64)])
-                for f in ("Cos", "Sin"))
-    # mask bias (B, 1, T, S): key j visible to query t iff j ≤ past + t, real, in window
     seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1, dtype=np.int64)])
     total = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(1, dtype=np.int64)])
     past = g.op("Sub", [total, seq])
@@ -341,7 +328,59 @@ def _llama_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[
     real = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2], dtype=np.int64)])],
                 to=9)  # BOOL (B, 1, 1, S)
     visible = g.op("And", [g.op("Unsqueeze", [allowed, g.const([0, 1], dtype=np.int64)]), real])
-    bias = g.op("Where", [visible, g.const(np.float32(0)), g.const(_NEG)])
+    return inputs, outputs, g.op("Where", [visible, g.const(np.float32(0)), g.const(_NEG)])
+
+
+def _with_cache(g: _Graph, config: ModelConfig, i: int, k: str, v: str, inputs: list,
+                outputs: list) -> tuple[str, str]:
+    """Layer i's keys and values (B, Hkv, T, D) after its past ones; adds the past inputs
+    and the present outputs."""
+    onnx = g.onnx
+    tp = onnx.TensorProto
+    kv, hd = config.num_kv_heads, config.head_dim
+    past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+    for name in (past_k, past_v):
+        inputs.append(onnx.helper.make_tensor_value_info(name, tp.FLOAT,
+                                                         ["batch", kv, "past", hd]))
+    k = g.op("Concat", [past_k, k], axis=2)
+    v = g.op("Concat", [past_v, v], axis=2)
+    for name, value in ((f"present.{i}.key", k), (f"present.{i}.value", v)):
+        g.nodes.append(onnx.helper.make_node("Identity", [value], [name]))
+        outputs.append(onnx.helper.make_tensor_value_info(name, tp.FLOAT,
+                                                          ["batch", kv, "total", hd]))
+    return k, v
+
+
+def _tied_head(g: _Graph, config: ModelConfig, x: str, table: str) -> None:
+    """logits from the token table read transposed (Gemm transB): no second copy."""
+    onnx = g.onnx
+    rows = g.op("Reshape", [x, g.const([-1, config.hidden_size], dtype=np.int64)])
+    logits = g.op("Gemm", [rows, table], transB=1)
+    shape = g.op("Concat", [g.op("Shape", ["input_ids"]),
+                            g.const([config.vocab_size], dtype=np.int64)], axis=0)
+    g.nodes.append(onnx.helper.make_node("Reshape", [logits, shape], ["logits"]))
+
+
+def _table(g: _Graph, flat: dict[str, Any], path: str) -> str:
+    return g.tensor(_np(materialize(flat[path])).astype(np.float32), path)
+
+
+def _llama_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[list, list]:
+    onnx = g.onnx
+    spec = family_spec(config)
+    hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
+    inputs, outputs, bias = _decoder_io(g, config)
+    table_name = _table(g, flat, spec.embedding)
+    x = g.op("Gather", [table_name, "input_ids"], axis=0)
+    # RoPE: cos/sin (B, 1, T, D) from position_ids
+    inv_freq = _np(rope_inverse_frequencies(hd, config.rope_theta,
+                                            config.rope_scaling_dict)).astype(np.float32)
+    positions = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=1),
+                                   g.const([-1], dtype=np.int64)])
+    freqs = g.op("Mul", [positions, g.const(inv_freq)])
+    angles = g.op("Concat", [freqs, freqs], axis=-1)
+    cos, sin = (g.op("Unsqueeze", [g.op(f, [angles]), g.const([1], dtype=np.int64)])
+                for f in ("Cos", "Sin"))
 
     def rope(t: str) -> str:
         first, second = g.op("Split", [t, g.const([hd // 2, hd // 2], dtype=np.int64)],
@@ -357,16 +396,7 @@ def _llama_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[
         q = rope(_heads(g, _projection(g, h, flat, f"{attn}/q_proj"), heads, hd))
         k = rope(_heads(g, _projection(g, h, flat, f"{attn}/k_proj"), kv, hd))
         v = _heads(g, _projection(g, h, flat, f"{attn}/v_proj"), kv, hd)
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        for name in (past_k, past_v):
-            inputs.append(onnx.helper.make_tensor_value_info(name, tp.FLOAT,
-                                                             ["batch", kv, "past", hd]))
-        k = g.op("Concat", [past_k, k], axis=2)
-        v = g.op("Concat", [past_v, v], axis=2)
-        for name, value in ((f"present.{i}.key", k), (f"present.{i}.value", v)):
-            g.nodes.append(onnx.helper.make_node("Identity", [value], [name]))
-            outputs.append(onnx.helper.make_tensor_value_info(name, tp.FLOAT,
-                                                              ["batch", kv, "total", hd]))
+        k, v = _with_cache(g, config, i, k, v, inputs, outputs)
         out = _attention(g, q, k, v, bias, heads, kv, hd)
         x = g.op("Add", [x, _projection(g, out, flat, f"{attn}/o_proj")])
         h = _rms_norm(g, x, _np(flat[f"{block}/post_attention_norm/scale"]), config.norm_eps,
@@ -377,15 +407,49 @@ def _llama_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         x = g.op("Add", [x, _projection(g, act, flat, f"{mlp}/down_proj")])
     x = _rms_norm(g, x, _np(flat["norm/scale"]), config.norm_eps, "norm/scale")
-    if config.tie_word_embeddings:  # the same table, read transposed: no second copy
-        rows = g.op("Reshape", [x, g.const([-1, config.hidden_size], dtype=np.int64)])
-        logits = g.op("Gemm", [rows, table_name], transB=1)
-        shape = g.op("Concat", [g.op("Shape", ["input_ids"]),
-                                g.const([config.vocab_size], dtype=np.int64)], axis=0)
-        g.nodes.append(onnx.helper.make_node("Reshape", [logits, shape], ["logits"]))
+    if config.tie_word_embeddings:
+        _tied_head(g, config, x, table_name)
     else:
         g.nodes.append(onnx.helper.make_node(
             "Identity", [_linear(g, x, flat["lm_head/kernel"], "lm_head/kernel")], ["logits"]))
+    return inputs, outputs
+
+
+def _gelu_tanh(g: _Graph, x: str) -> str:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), GPT-2's GELU."""
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, g.const(np.float32(0.044715))])]),
+                         g.const(np.float32(math.sqrt(2 / math.pi)))])
+    return g.op("Mul", [g.op("Mul", [x, g.const(np.float32(0.5))]),
+                        g.op("Add", [g.const(np.float32(1)), g.op("Tanh", [inner])])])
+
+
+def _gpt2_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[list, list]:
+    hd, heads = config.head_dim, config.num_heads
+    inner = heads * hd
+    inputs, outputs, bias = _decoder_io(g, config)
+    table_name = _table(g, flat, "wte/embedding")
+    positions = g.op("Clip", ["position_ids", g.const(0, dtype=np.int64),
+                              g.const(config.max_position_embeddings - 1, dtype=np.int64)])
+    x = g.op("Add", [g.op("Gather", [table_name, "input_ids"], axis=0),
+                     g.op("Gather", [_table(g, flat, "wpe/embedding"), positions], axis=0)])
+    for i in range(config.num_layers):
+        block = f"h_{i}"
+        h = _layer_norm(g, x, _np(flat[f"{block}/ln_1/scale"]), _np(flat[f"{block}/ln_1/bias"]),
+                        config.norm_eps, f"{block}/ln_1")
+        qkv = _projection(g, h, flat, f"{block}/attn/c_attn")
+        q, k, v = (_heads(g, part, heads, hd) for part in g.op(
+            "Split", [qkv, g.const([inner] * 3, dtype=np.int64)], outputs=3, axis=-1))
+        k, v = _with_cache(g, config, i, k, v, inputs, outputs)
+        out = _attention(g, q, k, v, bias, heads, heads, hd)
+        x = g.op("Add", [x, _projection(g, out, flat, f"{block}/attn/c_proj")])
+        h = _layer_norm(g, x, _np(flat[f"{block}/ln_2/scale"]), _np(flat[f"{block}/ln_2/bias"]),
+                        config.norm_eps, f"{block}/ln_2")
+        hidden = _gelu_tanh(g, _projection(g, h, flat, f"{block}/mlp/c_fc"))
+        x = g.op("Add", [x, _projection(g, hidden, flat, f"{block}/mlp/c_proj")])
+    x = _layer_norm(g, x, _np(flat["ln_f/scale"]), _np(flat["ln_f/bias"]), config.norm_eps,
+                    "ln_f")
+    _tied_head(g, config, x, table_name)
     return inputs, outputs
 
 
@@ -450,7 +514,7 @@ def onnx_model(config: ModelConfig, params: Any, *, strict: bool = False) -> tup
     """The ONNX ModelProto of a model (in memory), and `plan_onnx`'s rows.
 
     Args:
-        config: the model config (Llama family or bert).
+        config: the model config (Llama family, gpt2 or bert).
         params: the parameters (any representation `plan_onnx` accepts).
         strict: refuse instead of widening a compressed weight.
 
@@ -469,7 +533,7 @@ def onnx_model(config: ModelConfig, params: Any, *, strict: bool = False) -> tup
     rows = plan_onnx(config, params, strict=strict)
     flat = tree.flatten(params)
     g = _Graph(onnx)
-    build = _bert_graph if config.family == "bert" else _llama_graph
+    build = {"bert": _bert_graph, "gpt2": _gpt2_graph}.get(config.family, _llama_graph)
     inputs, outputs = build(g, config, flat)
     graph = onnx.helper.make_graph(g.nodes, f"jaxopt_llm_{config.model_type}", inputs, outputs,
                                    g.initializers)

@@ -36,6 +36,14 @@ def _config(family, **overrides):
                             vocab_size=VOCAB, **overrides)
 
 
+def test_every_family_exports():
+    from jaxopt_llm.models.config import SUPPORTED_FAMILIES
+
+    for family in SUPPORTED_FAMILIES:
+        config = _config(family)
+        assert {row.how for row in plan_onnx(config, _params(config))} == {"float"}
+
+
 def _params(config):
     return jax.tree_util.tree_map(lambda a: a * 3.0, init_params(config, jax.random.key(0)))
 
@@ -81,8 +89,13 @@ def calibration():
                        .astype(np.int32))
 
 
-@pytest.mark.parametrize("name", list(FORMS))
-@pytest.mark.parametrize("family", ["llama", "bert"])
+CASES = [(family, name) for family in ("llama", "gpt2", "bert") for name in FORMS
+         # W8A8 codes round float activations: where onnxruntime's tanh-GELU differs from
+         # XLA's in the last bit a code flips (README, "Export"); llama and bert match here
+         if (family, name) != ("gpt2", "w8a8")]
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
 def test_onnxruntime_computes_what_we_compute(family, name, calibration):
     config = _config(family)
     recipe = BUILTIN_RECIPES[name]
@@ -144,10 +157,13 @@ def test_strict_refuses_widening_and_other_families_are_refused():
     with pytest.raises(ValueError, match=r"ONNX export --strict: layers_0/attn/k_proj/kernel "
                                          r"\(NMSparseWeight"):
         plan_onnx(config, sparse, strict=True)
-    gpt2 = ModelConfig.tiny("gpt2")
-    with pytest.raises(ValueError, match="ONNX export supports the llama, bert families, got "
-                                         "family 'gpt2'"):
-        plan_onnx(gpt2, init_params(gpt2, jax.random.key(0)))
+    import copy
+
+    other = copy.copy(config)
+    object.__setattr__(other, "family", "t5")  # ModelConfig itself refuses unknown families
+    with pytest.raises(ValueError, match="ONNX export supports the llama, gpt2, bert "
+                                         "families, got family 't5'"):
+        plan_onnx(other, sparse)
 
 
 def test_export_directory_is_atomic_and_replaces_only_a_previous_export(tmp_path):
