@@ -8,7 +8,9 @@ loading and saving (`load_model`, `save_artifact`, `load_artifact`), recipes (`R
 `Stage`, `rule`, `load_recipe`, `apply_recipe`, `plan`), running (`forward`,
 `perplexity`, `generate`, `Placement`, `make_mesh`), weights (`linear`, `param_bytes`,
 the `WeightLeaf` representations, LoRA), calibration and training (`train_recipe`,
-`TrainSettings`, and the lower-level `make_trainer` / `run_training`).
+`TrainSettings`, and the lower-level `make_trainer` / `run_training`), encoders
+(`sentence_embeddings`, `evaluate_encoder`) and exports (`export_gguf`, `export_hf`,
+`export_onnx`).
 
 
 Names are imported on first use (PEP 562), so `import jaxopt_llm` and the command line's
@@ -35,6 +37,10 @@ _SOURCES = {
     "default_calibration": "jaxopt_llm.calibration",
     "embed": "jaxopt_llm.weights",
     "ensure_cpu_devices": "jaxopt_llm.placement",
+    "evaluate_encoder": "jaxopt_llm.encoders",
+    "export_gguf": "jaxopt_llm.io.export_gguf",
+    "export_hf": "jaxopt_llm.io.export_hf",
+    "export_onnx": "jaxopt_llm.io.export_onnx",
     "FakeQuantWeight": "jaxopt_llm.weights",
     "family_spec": "jaxopt_llm.models",
     "FamilySpec": "jaxopt_llm.models",
@@ -84,6 +90,7 @@ _SOURCES = {
     "rule": "jaxopt_llm.rules",
     "run_demo": "jaxopt_llm.demo",
     "run_training": "jaxopt_llm.train",
+    "sentence_embeddings": "jaxopt_llm.encoders",
     "Sampling": "jaxopt_llm.generation",
     "save_artifact": "jaxopt_llm.io.artifact",
     "save_recipe": "jaxopt_llm.pipeline",

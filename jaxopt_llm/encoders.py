@@ -45,16 +45,16 @@ def sentences(text: str, count: int = DEFAULT_TEXTS) -> list[str]:
         The sentences, in text order.
 
     Raises:
-        ParameterError: count < 2.
+        ParameterError: count < 3.
 
     Example:
         >>> sentences("Too short. This sentence has more than eight words in it, so it is "
         ...           "kept.\\n\\nIt is what it is and was and will be, always.", 5)
         ['This sentence has more than eight words in it, so it is kept.', 'It is what it is and was and will be, always.']
     """  # noqa: E501
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
-        raise ParameterError("count", count, "expected an integer of at least 2 (texts "
-                                             "compared pairwise)")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 3:
+        raise ParameterError("count", count, "expected an integer of at least 3 (texts "
+                                             "compared pairwise: 3 pairs at least)")
     out: list[str] = []
     seen: set[str] = set()
     for paragraph in re.split(r"\n\s*\n", text):
@@ -206,7 +206,8 @@ def compare_embeddings(reference: np.ndarray, other: np.ndarray) -> EncoderCompa
     """How closely `other` embeddings follow `reference` ones (same texts, same order).
 
     Args:
-        reference: (N, D) unit rows (the float model's), N ≥ 2.
+        reference: (N, D) unit rows (the float model's), N ≥ 3 (a rank correlation
+            needs at least 3 pairs).
         other: (N, D) unit rows (the compressed model's).
 
     Returns:
@@ -218,9 +219,9 @@ def compare_embeddings(reference: np.ndarray, other: np.ndarray) -> EncoderCompa
         1.0
     """
     reference, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
-    if reference.shape != other.shape or reference.ndim != 2 or len(reference) < 2:
+    if reference.shape != other.shape or reference.ndim != 2 or len(reference) < 3:
         raise ParameterError("embeddings", (reference.shape, other.shape),
-                             "expected two (N, D) arrays of the same shape with N ≥ 2")
+                             "expected two (N, D) arrays of the same shape with N ≥ 3")
     cosines = (reference * other).sum(1) / (np.linalg.norm(reference, axis=1)
                                             * np.linalg.norm(other, axis=1))
     sim_ref, sim_other = reference @ reference.T, other @ other.T
@@ -265,6 +266,9 @@ def paraphrase_texts() -> list[str]:
     return [text for triple in PARAPHRASE_TRIPLES for text in triple]
 
 
+sentence_embeddings = embed  # the package-level name (`jaxopt_llm.embed` is the table lookup)
+
+
 def evaluate_encoder(reference_config: ModelConfig, reference_params: Any,
                      config: ModelConfig, params: Any, tokenizer: Any, texts: Sequence[str], *,
                      batch_size: int = 32, placement: Any = None) -> dict[str, Any]:
@@ -274,7 +278,7 @@ def evaluate_encoder(reference_config: ModelConfig, reference_params: Any,
         reference_config / reference_params: the float model.
         config / params: the compressed model (structured pruning may change its config).
         tokenizer: the tokenizer both share.
-        texts: at least 2 texts.
+        texts: at least 3 texts.
         batch_size: texts per forward pass.
         placement: where to run both models (params already placed).
 
@@ -285,7 +289,7 @@ def evaluate_encoder(reference_config: ModelConfig, reference_params: Any,
     Example:
         >>> m = load_model("minilm-l6")  # doctest: +SKIP
         >>> evaluate_encoder(m.config, m.params, m.config, m.params, m.tokenizer,
-        ...                  ["One text here.", "Another one."])["cosine"]  # doctest: +SKIP
+        ...                  ["One text.", "Another one.", "A third."])["cosine"]  # doctest: +SKIP
         1.0
     """
     probe = list(texts) + paraphrase_texts()
@@ -300,5 +304,5 @@ def evaluate_encoder(reference_config: ModelConfig, reference_params: Any,
 
 
 __all__ = ["DEFAULT_TEXTS", "EncoderComparison", "compare_embeddings", "embed",
-           "evaluate_encoder", "paraphrase_accuracy", "paraphrase_texts", "sentences",
-           "spearman"]
+           "evaluate_encoder", "paraphrase_accuracy", "paraphrase_texts", "sentence_embeddings",
+           "sentences", "spearman"]

@@ -130,9 +130,9 @@ def evaluate_encoder_text(reference: LoadedModel, loaded: LoadedModel, text: str
     from jaxopt_llm.encoders import evaluate_encoder, sentences
 
     texts = sentences(text, num_texts)
-    if len(texts) < 2:
+    if len(texts) < 3:
         raise ValueError(f"the text has {len(texts)} usable sentence(s) (8–40 words, plain "
-                         "ASCII); encoder evaluation needs at least 2")
+                         "ASCII); encoder evaluation needs at least 3")
     start = time.perf_counter()
     result = evaluate_encoder(reference.config, reference.params, loaded.config, loaded.params,
                               loaded.tokenizer, texts, batch_size=batch_size,

@@ -15,12 +15,14 @@ PID no longer runs on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 _RENAME_EXCHANGE = 2
@@ -193,4 +195,33 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["clean_stale", "exchange", "fsync_dir", "fsync_tree", "replace_dir", "sibling"]
+@contextlib.contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A fresh hidden sibling of `target` to fill; when the block ends without an error it
+    is fsynced and put at `target` (replacing what is there), else removed.
+
+    Args:
+        target: the destination directory (absent, or one the caller may replace).
+
+    Yields:
+        The staging directory.
+
+    Example:
+        >>> with staged_dir(Path("export")) as tmp:  # doctest: +SKIP
+        ...     (tmp / "model.onnx").write_bytes(data)
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["clean_stale", "exchange", "fsync_dir", "fsync_tree", "replace_dir", "sibling",
+           "staged_dir"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +204,7 @@ def export_hf(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
     for row in rows:
         dense = np.asarray(materialize(flat[row.path]), np.float32)
         tensors[row.name] = np.ascontiguousarray(dense.T if names[row.path][1] else dense)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.sibling(out, "tmp")
-    tmp.mkdir()
-    try:
+    with atomic.staged_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
@@ -216,12 +212,6 @@ def export_hf(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
         (tmp / MARKER).write_text(json.dumps({"format": "hf", "tensors": len(rows)}) + "\n")
-        atomic.fsync_tree(tmp)
-        atomic.replace_dir(tmp, out)
-        atomic.fsync_dir(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out, rows
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -570,10 +569,7 @@ def export_onnx(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
         raise ValueError(f"ONNX export: {str(out)!r} exists and is not a previous ONNX "
                          "export; refusing to replace it")
     model, rows = onnx_model(config, params, strict=strict)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.sibling(out, "tmp")
-    tmp.mkdir()
-    try:
+    with atomic.staged_dir(out) as tmp:
         # Weights in a separate file: onnxruntime maps it instead of copying it out of
         # the protobuf (SmolLM2 w4g128: 322 MiB resident after load against 377 MiB),
         # and models over protobuf's 2 GB limit need it anyway.
@@ -584,12 +580,6 @@ def export_onnx(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / MARKER).write_text(json.dumps({"format": "onnx", "tensors": len(rows)}) + "\n")
-        atomic.fsync_tree(tmp)
-        atomic.replace_dir(tmp, out)
-        atomic.fsync_dir(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out, rows
 
 

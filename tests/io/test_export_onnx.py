@@ -22,6 +22,7 @@ from jaxopt_llm.models import ModelConfig, forward, init_params  # noqa: E402
 from jaxopt_llm.recipes import BUILTIN_RECIPES  # noqa: E402
 
 VOCAB = 96
+GREEDY = ("fp32", "w4g128", "w4g32-float", "w8a8", "svd-20")
 # what each recipe's block kernels become in the file
 FORMS = {"fp32": {"float"}, "w8": {"float", "packed"}, "w4g128": {"float", "packed"},
          "w4": {"float", "packed"}, "w4g32-float": {"float", "packed"},
@@ -130,9 +131,10 @@ def test_onnxruntime_computes_what_we_compute(family, name, calibration):
     logits = session.run(None, _feeds(config, ids, valid, np.broadcast_to(np.arange(9),
                                                                           (2, 9))))[0]
     np.testing.assert_allclose(logits, ours, atol=1e-4 * np.abs(ours).max())
-    prompt = [int(t) for t in ids[0, :5]]
-    expected = generate(config, params, [prompt], max_new_tokens=6, eos_token_ids=[-1])
-    assert _greedy(session, config, prompt, 6) == expected.new_ids[0]
+    if name in GREEDY:  # decoding through the exported cache (one per weight form family)
+        prompt = [int(t) for t in ids[0, :5]]
+        expected = generate(config, params, [prompt], max_new_tokens=6, eos_token_ids=[-1])
+        assert _greedy(session, config, prompt, 6) == expected.new_ids[0]
 
 
 def test_padding_and_the_sliding_window_mask():

@@ -252,8 +252,8 @@ def test_cli_embed_and_eval_on_minilm(capsys, minilm, tmp_path):
     (["embed", "--model", "minilm-l6", "--file", "{tmp}/none.txt"], "--file"),
     (["embed", "--model", "minilm-l6", "--text", "x", "--max-length", "1"],
      "--max-length 1: expected an integer in [2, 512]"),
-    (["eval", "--model", "minilm-l6", "--texts", "1"], "--texts 1: expected an integer of at "
-                                                       "least 2"),
+    (["eval", "--model", "minilm-l6", "--texts", "2"], "--texts 2: expected an integer of at "
+                                                       "least 3"),
 ])
 def test_encoder_bad_input(capsys, minilm, monkeypatch, tmp_path, argv, message):
     from jaxopt_llm.io import loader
