@@ -103,6 +103,9 @@ class ModelConfig:
             raise ValueError("config type_vocab_size must be at least 1 for a bert model "
                              f"(its token-type table), got {self.type_vocab_size}")
         _check_rope_scaling(self.rope_scaling)
+        if self.family == "llama" and self.head_dim % 2:
+            raise ValueError(f"config head_dim={self.head_dim} must be even: rotary embeddings "
+                             "turn pairs of dimensions")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"config num_heads={self.num_heads} must be a multiple of "

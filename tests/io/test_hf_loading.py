@@ -165,6 +165,10 @@ def test_model_config_checks_every_field():
         ("sliding_window", 0, "config sliding_window must be null or a positive integer"),
         ("eos_token_ids", (2, -1),
          "config token ids must be non-negative integers up to 2147483647, got -1"),
+        ("head_dim", 3, "config head_dim=3 must be even: rotary embeddings turn pairs"),
+        ("type_vocab_size", -1, "config type_vocab_size must be a non-negative integer, got -1"),
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             ModelConfig.tiny(**{field: value})
+    with pytest.raises(ValueError, match="type_vocab_size must be at least 1 for a bert model"):
+        ModelConfig.tiny("bert", type_vocab_size=0)

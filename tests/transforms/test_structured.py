@@ -272,7 +272,8 @@ def test_bad_kind_family_and_params(configs, params_of):
         structured_config(config, "layers", 0.5)
     other = copy.copy(config)
     object.__setattr__(other, "family", "t5")  # ModelConfig itself refuses unknown families
-    with pytest.raises(ValueError, match=r"supports families \('llama', 'gpt2'\), not 't5'"):
+    with pytest.raises(ValueError,
+                       match=r"supports families \('llama', 'gpt2', 'bert'\), not 't5'"):
         prune_attention_heads(other, {}, fraction=0.5)
     params = params_of(config)
     params["layers_1"]["attn"]["q_proj"]["kernel"] = LowRankWeight(u=jnp.ones((32, 2)),
