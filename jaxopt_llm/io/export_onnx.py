@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -576,6 +577,8 @@ def export_onnx(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=DATA_FILE,
                         size_threshold=1024)
+        if (tmp / DATA_FILE).exists():  # onnx creates it owner-only; give it the graph's mode
+            shutil.copymode(tmp / MODEL_FILE, tmp / DATA_FILE)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
