@@ -253,3 +253,12 @@ def test_other_integer_grids_stay_packed(grid):
     hidden = _session(model).run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
     ours = np.asarray(forward(config, params, jnp.asarray(ids, jnp.int32))[0])
     np.testing.assert_allclose(hidden, ours, atol=1e-4)
+
+
+def test_unknown_format_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--model", "smollm2-135m", "--format", "tflite", "--out", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err  # argparse quotes the choices or not, by Python version
+    assert "argument --format: invalid choice: 'tflite'" in err
+    assert all(f in err for f in ("gguf", "hf", "onnx"))
