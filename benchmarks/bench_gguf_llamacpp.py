@@ -49,7 +49,8 @@ def llama_cpp_ppl(path: Path, ids: list[int], tokens: int) -> tuple[float, float
 def llama_cpp_greedy(path: Path, prompt: list[int], steps: int) -> list[int]:
     import llama_cpp
 
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=False, n_threads=2,
+    # logits_all: without it llama-cpp-python 0.3 leaves `scores` rows unwritten
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, n_threads=2,
                             verbose=False)
     model.reset()
     model.eval(prompt)
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama-cpp-python is not installed: rows skipped (pip install -e '.[peers]')")
+    except ImportError as err:
+        print(f"llama-cpp-python cannot be imported ({err}): rows skipped "
+              "(pip install -e '.[peers]')")
         return 0
 
     from jaxopt_llm import load_model, load_recipe, pydoc_text
