@@ -216,7 +216,7 @@ def _decoder_only(loaded, command: str) -> None:
 
 def _model(args: argparse.Namespace, decoder_only: str | None = None, with_float=False):
     """(model of --model with --recipe applied and placed by --mesh, its placement), and
-    with `with_float` the model before the recipe (placed the same way) last."""
+    with `with_float` the model before the recipe (not placed) last."""
     from jaxopt_llm.recipes import apply_recipe
 
     recipe = _recipe(args.recipe)
@@ -232,10 +232,7 @@ def _model(args: argparse.Namespace, decoder_only: str | None = None, with_float
     placement = _placement(args)
     params = placement.place_params(loaded.config, loaded.params)
     out = dataclasses.replace(loaded, params=params), placement
-    if with_float:
-        return *out, dataclasses.replace(original, params=placement.place_params(
-            original.config, original.params))
-    return out
+    return (*out, original) if with_float else out
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,7 +252,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     text = pydoc_text() if args.text is None else _read_text(args.text)
     loaded, placement, original = _model(args, with_float=True)
-    if loaded.config.is_encoder:
+    if loaded.config.is_encoder:  # compared with the float model, placed the same way
+        original = dataclasses.replace(original, params=placement.place_params(
+            original.config, original.params))
         with _spinner("embedding the evaluation texts", args.json), _flags(count="--texts"):
             out = evaluate_encoder_text(original, loaded, text, num_texts=args.texts,
                                         batch_size=args.batch_size or 32, placement=placement)
@@ -295,6 +294,7 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
         >>> main(["embed", "--model", "minilm-l6", "--text", "Hi there."])  # doctest: +SKIP
     """
     from jaxopt_llm.encoders import embed
+    from jaxopt_llm.runs import recipe_name
     from jaxopt_llm.weights import param_bytes
 
     texts = list(args.text or [])
@@ -314,7 +314,7 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         for text, vector in zip(texts, vectors, strict=True):
             print(json.dumps({"text": text, "embedding": [round(float(v), 6) for v in vector]}))
-    return {"model": loaded.source, "recipe": (loaded.recipe or {}).get("name", "fp32"),
+    return {"model": loaded.source, "recipe": recipe_name(loaded),
             "dim": int(vectors.shape[1]), "param_bytes": param_bytes(loaded.params),
             "texts": texts, "embeddings": vectors.tolist()}
 

@@ -42,7 +42,19 @@ def mesh_shape(placement: Placement | None) -> dict[str, int] | None:
     return {k: int(v) for k, v in placement.mesh.shape.items()}
 
 
-def _recipe_name(loaded: LoadedModel) -> str:
+def recipe_name(loaded: LoadedModel) -> str:
+    """The name of the recipe `loaded` went through.
+
+    Args:
+        loaded: a model (an artifact or one `apply_recipe` returned carries its recipe).
+
+    Returns:
+        The recipe's name, "fp32" for none.
+
+    Example:
+        >>> recipe_name(load_model("smollm2-135m"))  # doctest: +SKIP
+        'fp32'
+    """
     return (loaded.recipe or {}).get("name", "fp32")
 
 
@@ -92,7 +104,7 @@ def evaluate_text(loaded: LoadedModel, text: str, *, num_tokens: int = DEFAULT_T
         **result.to_dict(),
         "param_bytes": param_bytes(loaded.params),
         "dense_param_bytes": (loaded.extra or {}).get("dense_param_bytes"),
-        "recipe": _recipe_name(loaded),
+        "recipe": recipe_name(loaded),
         "text_sha256": text_sha256(text),
         "text_tokens": len(ids),
         "seconds": seconds,
@@ -142,7 +154,7 @@ def evaluate_encoder_text(reference: LoadedModel, loaded: LoadedModel, text: str
         **result,
         "param_bytes": param_bytes(loaded.params),
         "dense_param_bytes": param_bytes(reference.params),
-        "recipe": _recipe_name(loaded),
+        "recipe": recipe_name(loaded),
         "text_sha256": text_sha256(text),
         "seconds": time.perf_counter() - start,
         "mesh": mesh_shape(placement),
@@ -178,7 +190,7 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
     new_ids = result.new_ids[0]
     return {
         "model": loaded.source,
-        "recipe": _recipe_name(loaded),
+        "recipe": recipe_name(loaded),
         "prompt": prompt,
         "prompt_ids": ids,
         "new_ids": new_ids,
@@ -233,4 +245,5 @@ def optimize_model(loaded: LoadedModel, recipe: Recipe, out_dir: str | Path, *,
     }
 
 
-__all__ = ["evaluate_text", "generate_text", "mesh_shape", "optimize_model"]
+__all__ = ["evaluate_encoder_text", "evaluate_text", "generate_text", "mesh_shape",
+           "optimize_model", "recipe_name"]
