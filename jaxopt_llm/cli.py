@@ -387,7 +387,7 @@ def _export_target(out: str, fmt: str):
     from pathlib import Path
 
     path = Path(out)
-    if fmt in ("hf", "onnx"):
+    if fmt in ("hf", "onnx", "tflite"):
         from jaxopt_llm.io.export_hf import MARKER
 
         def previous() -> bool:
@@ -418,7 +418,8 @@ def _export_target(out: str, fmt: str):
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    """`jaxopt-llm export`: --model after --recipe, written as --format (gguf, hf) to --out.
+    """`jaxopt-llm export`: --model after --recipe, written as --format (gguf, hf, onnx,
+    tflite) to --out.
 
     What each weight becomes (codes copied, widened, requantized) is printed before the
     file is written; --strict refuses instead of widening or requantizing.
@@ -439,6 +440,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from jaxopt_llm.io.export_gguf import export_gguf, plan_gguf
     from jaxopt_llm.io.export_hf import export_hf, plan_hf
     from jaxopt_llm.io.export_onnx import export_onnx, plan_onnx
+    from jaxopt_llm.io.export_tflite import DEFAULT_SEQ_LEN, export_tflite, plan_tflite
     from jaxopt_llm.pipeline import Recipe
     from jaxopt_llm.plan import planned_params
     from jaxopt_llm.recipes import apply_recipe
@@ -451,11 +453,21 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     # what the file will hold, from the recipe's shapes: refusals come before any work
     config, shapes = planned_params(recipe or Recipe(name="none"), loaded.config,
                                     loaded.params)
-    with _flags(qtype="--type", floats="--floats"):
+    flags = {"qtype": "--type", "floats": "--floats", "seq_len": "--seq-len",
+             "batch": "--batch", "int8_matmul": "--int8-matmul"}
+    with _flags(**flags):
         if args.format == "hf":
             rows = plan_hf(config, shapes, strict=args.strict)
         elif args.format == "onnx":
             rows = plan_onnx(config, shapes, strict=args.strict)
+        elif args.format == "tflite":
+            if args.seq_len is None:
+                args.seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
+            if args.seq_len > config.max_position_embeddings:
+                raise ValueError(f"--seq-len {args.seq_len}: expected at most the model's "
+                                 f"context, {config.max_position_embeddings}")
+            rows = plan_tflite(config, shapes, strict=args.strict,
+                               int8_matmul=args.int8_matmul)
         else:
             rows = plan_gguf(config, shapes, args.type, floats=args.floats, strict=args.strict)
     counts = Counter(f"{row.how} → {row.written_as}" for row in rows)
@@ -470,10 +482,14 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
             f"applying recipe {getattr(recipe, 'name', '')}",
             args.json or not recipe or calibration is not None):
         loaded = apply_recipe(loaded, recipe, calibration=calibration)
-    with _spinner(f"writing {out}", args.json), _flags(qtype="--type", floats="--floats"):
+    with _spinner(f"writing {out}", args.json), _flags(**flags):
         if args.format == "hf":
             path, rows = export_hf(loaded.config, loaded.params, loaded.tokenizer, out,
                                    strict=args.strict)
+        elif args.format == "tflite":
+            path, rows = export_tflite(loaded.config, loaded.params, loaded.tokenizer, out,
+                                       batch=args.batch, seq_len=args.seq_len,
+                                       strict=args.strict, int8_matmul=args.int8_matmul)
         elif args.format == "onnx":
             path, rows = export_onnx(loaded.config, loaded.params, loaded.tokenizer, out,
                                      strict=args.strict)
@@ -487,6 +503,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     record = {"out": str(path), "format": args.format,
               "type": args.type if args.format == "gguf" else (
                   "float32" if args.format == "hf" else "as stored"),
+              **({"batch": args.batch, "seq_len": args.seq_len,
+                  "int8_matmul": args.int8_matmul} if args.format == "tflite" else {}),
               "file_bytes": size, "param_bytes": param_bytes(loaded.params),
               "tensors": [dataclasses.asdict(row) for row in rows],
               "summary": dict(sorted(counts.items()))}

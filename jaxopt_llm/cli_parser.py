@@ -180,17 +180,26 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
                     help=argparse.SUPPRESS)  # simulate an interruption (tests)
 
     exp = command("export", commands["export"], "write the model (after --recipe) in another "
-                  "runtime's format: gguf (llama.cpp), hf (a transformers directory) or "
-                  "onnx (an onnxruntime directory)")
-    exp.add_argument("--format", required=True, choices=("gguf", "hf", "onnx"))
+                  "runtime's format: gguf (llama.cpp), hf (a transformers directory), "
+                  "onnx (an onnxruntime directory) or tflite (a LiteRT directory)")
+    exp.add_argument("--format", required=True, choices=("gguf", "hf", "onnx", "tflite"))
     exp.add_argument("--out", required=True,
-                     help="what to write (atomically): a .gguf file, or an hf / onnx "
-                          "directory")
+                     help="what to write (atomically): a .gguf file, or an hf / onnx / "
+                          "tflite directory")
     exp.add_argument("--type", default="q8_0",
                      help="gguf: type of 2-D weights, f32|f16|bf16|q8_0|q4_0|q4_1 (default "
                           "q8_0); codes of matching grids are copied, others requantized")
     exp.add_argument("--floats", default=None,
                      help="gguf: type of 2-D weights the recipe left float (default: --type)")
+    exp.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None,
+                     help="tflite: the graph's fixed sequence length (default 128, or the "
+                          "model's context if shorter)")
+    exp.add_argument("--batch", type=_positive_int("--batch"), default=1,
+                     help="tflite: the graph's fixed batch size (default 1)")
+    exp.add_argument("--int8-matmul", default="dynamic", choices=("dynamic", "float"),
+                     help="tflite: run int8 weights in LiteRT's dynamic-range kernels "
+                          "(activations quantized per row; default) or dequantize them "
+                          "to a float matmul (results equal ours)")
     exp.add_argument("--strict", action="store_true",
                      help="refuse instead of widening or requantizing a compressed weight")
 

@@ -531,13 +531,13 @@ def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     lead = x.shape[:-1]
     groups, size, n = codes.shape
     xq = xq.reshape(-1, x.shape[-1])
-    if groups == 1:  # per channel / per tensor: one plain 2-D integer matmul
+    if groups * size > x.shape[-1]:  # partial last group: pad with zeros like the codes
+        xq = jnp.pad(xq, ((0, 0), (0, groups * size - x.shape[-1])))
+    if groups == 1:  # per channel / per tensor (or one partial group): one 2-D matmul
         acc = jax.lax.dot_general(xq, codes[0], (((1,), (0,)), ((), ())),
                                   preferred_element_type=jnp.int32)  # (M, N)
         y = acc.astype(jnp.float32) * scale[0].astype(jnp.float32)
     else:
-        if groups * size > x.shape[-1]:  # partial last group: pad with zeros like the codes
-            xq = jnp.pad(xq, ((0, 0), (0, groups * size - x.shape[-1])))
         xq = xq.reshape(-1, groups, size)  # (M, G, g)
         acc = jax.lax.dot_general(
             xq, codes, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32

@@ -257,8 +257,8 @@ def test_other_integer_grids_stay_packed(grid):
 
 def test_unknown_format_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["export", "--model", "smollm2-135m", "--format", "tflite", "--out", "x"])
+        cli.main(["export", "--model", "smollm2-135m", "--format", "pt", "--out", "x"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err  # argparse quotes the choices or not, by Python version
-    assert "argument --format: invalid choice: 'tflite'" in err
-    assert all(f in err for f in ("gguf", "hf", "onnx"))
+    assert "argument --format: invalid choice: 'pt'" in err
+    assert all(f in err for f in ("gguf", "hf", "onnx", "tflite"))

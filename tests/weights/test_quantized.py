@@ -184,12 +184,16 @@ def _int8_reference(x, q):
 
 
 @pytest.mark.parametrize("bits,granularity", [(8, ("channel", None)), (8, ("group", 32)),
-                                              (4, ("channel", None)), (8, ("tensor", None))])
+                                              (4, ("channel", None)), (8, ("tensor", None)),
+                                              (4, ("group", 96))])
 def test_w8a8_contracts_int8_into_int32(bits, granularity):
+    """(group 96 on 64 inputs: a single partial group, whose padded codes once met the
+    unpadded activations.)"""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((64, 16)).astype(np.float32)
     x = rng.standard_normal((2, 3, 64)).astype(np.float32)
-    spec = QuantSpec(bits=bits, granularity=granularity[0], group_size=granularity[1])
+    spec = QuantSpec(bits=bits, granularity=granularity[0], group_size=granularity[1],
+                     partial_groups=granularity[1] == 96)
     q = quantize_weight(w, spec, act_bits=8, scale_dtype="float32")
     y = jax.jit(linear)(x, q)
     np.testing.assert_allclose(np.asarray(y), _int8_reference(x, q), rtol=1e-5, atol=1e-5)
