@@ -10,7 +10,7 @@ loading and saving (`load_model`, `save_artifact`, `load_artifact`), recipes (`R
 the `WeightLeaf` representations, LoRA), calibration and training (`train_recipe`,
 `TrainSettings`, and the lower-level `make_trainer` / `run_training`), encoders
 (`sentence_embeddings`, `evaluate_encoder`) and exports (`export_gguf`, `export_hf`,
-`export_onnx`).
+`export_onnx`, `export_tflite`).
 
 
 Names are imported on first use (PEP 562), so `import jaxopt_llm` and the command line's
@@ -41,6 +41,7 @@ _SOURCES = {
     "export_gguf": "jaxopt_llm.io.export_gguf",
     "export_hf": "jaxopt_llm.io.export_hf",
     "export_onnx": "jaxopt_llm.io.export_onnx",
+    "export_tflite": "jaxopt_llm.io.export_tflite",
     "FakeQuantWeight": "jaxopt_llm.weights",
     "family_spec": "jaxopt_llm.models",
     "FamilySpec": "jaxopt_llm.models",

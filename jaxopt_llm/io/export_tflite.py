@@ -190,11 +190,21 @@ class _Graph:
         self.operators: list[Any] = []
         self.opcodes: dict[int, int] = {}
         self.data_bytes = 0
+        self.names: set[str] = set()
+
+    def unique(self, name: str) -> str:
+        """`name`, or `name_N` if taken: tools (ai-edge-quantizer) key tensors by name."""
+        base, n = name, 0
+        while name in self.names:
+            n += 1
+            name = f"{base}_{n}"
+        self.names.add(name)
+        return name
 
     def tensor(self, shape: tuple[int, ...], dtype: int, name: str, data: Any = None,
                quantization: Any = None) -> int:
         t = self.s.TensorT()
-        t.name = name
+        t.name = self.unique(name)
         t.shape = np.asarray(shape, np.int32)
         t.type = dtype
         t.buffer = 0
@@ -210,6 +220,9 @@ class _Graph:
         self.tensors.append(t)
         self.shapes.append(tuple(int(d) for d in shape))
         return len(self.tensors) - 1
+
+    def rename(self, index: int, name: str) -> None:
+        self.tensors[index].name = self.unique(name)
 
     def const(self, value: Any, name: str = "c", dtype: Any = np.float32) -> int:
         array = np.asarray(value, dtype=dtype)
@@ -489,7 +502,7 @@ def _llama_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, An
         logits = g.fully_connected(x, table)
     else:
         logits = w.linear(x, flat["lm_head/kernel"], "lm_head/kernel")
-    g.tensors[logits].name = "logits"
+    g.rename(logits, "logits")
     return {"input_ids": ids}, {"logits": logits}
 
 
@@ -521,7 +534,7 @@ def _gpt2_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any
     x = _layer_norm(g, x, _np(flat["ln_f/scale"]), _np(flat["ln_f/bias"]), config.norm_eps,
                     "ln_f")
     logits = g.fully_connected(x, table)
-    g.tensors[logits].name = "logits"
+    g.rename(logits, "logits")
     return {"input_ids": ids}, {"logits": logits}
 
 
@@ -559,7 +572,7 @@ def _bert_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any
         x = _layer_norm(g, g.add(x, out), _np(flat[f"{block}/mlp_norm/scale"]),
                         _np(flat[f"{block}/mlp_norm/bias"]), config.norm_eps,
                         f"{block}/mlp_norm")
-    g.tensors[x].name = "last_hidden_state"
+    g.rename(x, "last_hidden_state")
     weights = g.reshape(real, (batch, seq_len, 1))
     summed = g.reduce("SUM", g.mul(x, weights), 1)  # (B, 1, H)
     count = g.binary("maximum", g.reduce("SUM", weights, 1), g.const(np.float32(1)))
@@ -567,7 +580,7 @@ def _bert_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any
     squares = g.reduce("SUM", g.mul(mean, mean), -1)
     inverse = g.unary("RSQRT", g.binary("maximum", squares, g.const(np.float32(1e-24))))
     pooled = g.reshape(g.mul(mean, inverse), (batch, config.hidden_size))
-    g.tensors[pooled].name = "sentence_embedding"
+    g.rename(pooled, "sentence_embedding")
     return ({"input_ids": ids, "attention_mask": mask},
             {"last_hidden_state": x, "sentence_embedding": pooled})
 
