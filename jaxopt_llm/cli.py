@@ -209,9 +209,11 @@ def _placement(args: argparse.Namespace):
 def _decoder_only(loaded, command: str) -> None:
     """Refuse an encoder for a command that needs next-token logits, before any work."""
     if loaded.config.is_encoder:
+        instead = ("train an encoder from Python: jaxopt_llm.train.run_training(..., "
+                   "teacher=<the float params>) distills its hidden states"
+                   if command == "train" else "use `embed` or `eval` for an encoder")
         raise ValueError(f"--model {loaded.source}: a {loaded.config.model_type} model is an "
-                         f"encoder; `{command}` needs a decoder (use `embed` or `eval` for an "
-                         "encoder)")
+                         f"encoder; `{command}` needs a decoder ({instead})")
 
 
 def _model(args: argparse.Namespace, decoder_only: str | None = None, with_float=False):

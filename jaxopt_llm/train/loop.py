@@ -216,9 +216,10 @@ def run_training(config, params, options: TrainOptions, ids: np.ndarray, *, batc
         >>> [record["step"] for record in result.history]
         [1, 2]
     """
-    if config.is_encoder:
-        raise ValueError(f"training supports decoders (next-token and logit-distillation "
-                         f"losses); a {config.model_type} model is an encoder")
+    if config.is_encoder and teacher is None:
+        raise ValueError(f"teacher=None: a {config.model_type} model is an encoder; it "
+                         "trains by distilling a teacher's hidden states (pass the float "
+                         "model's params as teacher)")
     import time
 
     placement = Placement.resolve(placement, mesh=mesh, rules=shard_rules)

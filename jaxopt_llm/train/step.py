@@ -9,7 +9,10 @@ What trains is chosen by path rules on the flattened arrays ("…/kernel/w" is a
 quantized master weight, "…/kernel/u" a low-rank factor); integer arrays (codes,
 masks) never train. The step computes the causal-LM loss, optionally mixed with a
 distillation KL against a teacher's logits ("Distilling the Knowledge in a Neural
-Network", Hinton et al., 2015), and applies any optax optimizer (AdamW with warmup +
+Network", Hinton et al., 2015). An encoder (BERT) has no next-token loss: it trains by
+distillation only, the mean squared error between its last hidden states and a teacher's
+(TinyBERT's hidden-state loss, "TinyBERT: Distilling BERT for Natural Language
+Understanding", Jiao et al., 2020). The step applies any optax optimizer (AdamW with warmup +
 cosine decay and global-norm clipping by default; gradient accumulation with
 optax.MultiSteps).
 """
@@ -263,6 +266,24 @@ def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.mean(nll)
 
 
+def hidden_mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """Mean squared difference of hidden states (B, T, H), over every element.
+
+    Args:
+        student: (B, T, H) the student's last hidden states.
+        teacher: (B, T, H) the teacher's.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(hidden_mse(jnp.ones((1, 2, 4)), jnp.zeros((1, 2, 4))))
+        1.0
+    """
+    return jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)))
+
+
 def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
     """Mean KL(teacher ‖ student) over positions of temperature-softened distributions, ·T².
 
@@ -309,7 +330,8 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
         (Trainer, frozen): the step functions and the arrays that do not train.
 
     Raises:
-        ValueError: the `trainable` rule selects no floating array.
+        ValueError: the `trainable` rule selects no floating array; (from `step`) an
+            encoder without teacher_params.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -334,6 +356,9 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
 
     def loss_fn(trainable, frozen, tokens, teacher_logits):
         logits = forward(merge(trainable, frozen), tokens)
+        if config.is_encoder:  # hidden states: distillation is the whole loss
+            loss = hidden_mse(logits, teacher_logits)
+            return loss, {"hidden_mse": loss}
         loss = lm_loss(logits, tokens)
         metrics = {"lm_loss": loss}
         if teacher_logits is not None:
@@ -349,6 +374,9 @@ def make_trainer(config: ModelConfig, params: Any, options: TrainOptions,
 
     @jax.jit
     def step(state, frozen, tokens, teacher_params=None):
+        if config.is_encoder and teacher_params is None:
+            raise ValueError(f"an encoder ({config.model_type}) trains by distillation "
+                             "only: give teacher_params (the float model)")
         teacher_logits = None
         if teacher_params is not None:  # no gradient flows into the teacher
             teacher_logits = jax.lax.stop_gradient(forward(teacher_params, tokens))

@@ -347,3 +347,44 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.filterwarnings("ignore:.*Gram matrix is not positive definite")
+@pytest.mark.parametrize(("family", "name"), [("llama", name) for name in sorted(
+    BUILTIN_RECIPES)] + [("bert", name) for name in ("w8", "w4g128-awq", "nm-2:4",
+                                                    "heads-25", "svd-20")])
+def test_every_builtin_recipe_exports_or_is_refused_in_one_line(family, name, calibration):
+    """Every format's plan for every built-in recipe works, or (GGUF of an encoder, any
+    format under --strict that would widen or requantize) refuses with one line; the
+    TFLite graph of each runs in LiteRT to our numbers."""
+    from jaxopt_llm.io.export_gguf import plan_gguf
+    from jaxopt_llm.io.export_hf import plan_hf
+    from jaxopt_llm.io.export_onnx import plan_onnx
+
+    config = _config(family, num_layers=1)
+    recipe = BUILTIN_RECIPES[name]
+    config, params = recipe(config, _params(config), **(
+        {"calibration": calibration} if recipe.needs_calibration else {}))
+    plans = {"hf": lambda strict: plan_hf(config, params, strict=strict),
+             "onnx": lambda strict: plan_onnx(config, params, strict=strict),
+             "tflite": lambda strict: plan_tflite(config, params, strict=strict),
+             "gguf": lambda strict: plan_gguf(config, params, "q8_0", strict=strict)}
+    for fmt, plan in plans.items():
+        for strict in (False, True):
+            try:
+                rows = plan(strict)
+            except ValueError as err:
+                assert "\n" not in str(err) and str(err), (fmt, strict)
+                assert strict or (fmt == "gguf" and family == "bert"), (fmt, str(err))
+                continue
+            assert len(rows) == len(jax.tree_util.tree_leaves(
+                params, is_leaf=lambda x: hasattr(x, "describe")))
+    data, _ = tflite_model(config, params, seq_len=SEQ, int8_matmul="float")
+    ids = np.random.default_rng(4).integers(0, VOCAB, (1, SEQ))
+    valid = np.ones_like(ids, bool)
+    got, _ = _run(config, data, ids, valid)
+    reference = _requantized_reference(params)
+    if name in ("w8a8", "w8a8-smoothquant"):
+        reference = _with_int8_activations(reference)
+    ours = np.asarray(forward(config, reference, jnp.asarray(ids, jnp.int32))[0])
+    np.testing.assert_allclose(got, ours, atol=1e-4 * np.abs(ours).max())
