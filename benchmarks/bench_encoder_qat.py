@@ -11,7 +11,7 @@ converted back to integer codes. Reported before and after: the encoder evaluati
 sentences, Spearman, top-1) and `param_bytes`.
 
 Run:  python benchmarks/bench_encoder_qat.py --json benchmarks/results/encoder_qat.json \\
-          [--recipes w4g128,w4g32-float] [--steps 300] [--lr 5e-5]
+          [--recipes w4g32-float,w4g128] [--steps 150] [--lr 5e-5]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--recipes", default="w4g128,w4g32-float")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--recipes", default="w4g32-float,w4g128")
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-5)
