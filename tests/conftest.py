@@ -17,6 +17,17 @@ import os
 import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the run, shared by the xdist workers and the CLI
+# subprocesses (they inherit the variables): many tests compile the same tiny programs
+# (a fresh jit per trainer, per process). Set here, in the controller, before the
+# workers start; removed when the session ends (pytest_sessionfinish).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxopt-llm-tests-xla-")
+    os.environ["JAXOPT_LLM_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # numpy's SVD (svd passes) with OpenBLAS threads competing with XLA's on 2 cores runs
 # hundreds of times slower than single-threaded.
@@ -124,8 +135,11 @@ class Compiles:
         return sum(self.names.values())
 
 
-# jax.monitoring reports each backend compilation with fun_name "jit(<python name>)".
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# jax.monitoring reports each lowering of a jitted function to XLA with fun_name
+# "jit(<python name>)": once per (re)compilation, whether the executable then comes from
+# XLA or from the persistent compilation cache (the backend-compile event is skipped on
+# a cache hit).
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _JIT_NAME = re.compile(r"jit\((.*)\)")
 
 
@@ -215,3 +229,11 @@ def tiny_model_dir(tmp_path_factory, word_tokenizer, tiny_params):
         return directory, path
 
     return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The controller (the process that made the compilation cache) removes it."""
+    import shutil
+
+    if os.environ.get("JAXOPT_LLM_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
