@@ -390,15 +390,10 @@ def _export_target(out: str, fmt: str):
 
     path = Path(out)
     if fmt in ("hf", "onnx", "tflite"):
-        from jaxopt_llm.io.export_hf import MARKER
+        from jaxopt_llm.io.atomic import is_previous_export
 
-        def previous() -> bool:
-            try:
-                return json.loads((path / MARKER).read_text()).get("format") == fmt
-            except (OSError, ValueError, AttributeError):
-                return False
-
-        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not previous())):
+        if path.exists() and (not path.is_dir() or (any(path.iterdir())
+                                                    and not is_previous_export(path, fmt))):
             raise ValueError(f"--out {out}: exists and is not a previous {fmt} export; "
                              "refusing to replace it")
     elif path.suffix != ".gguf":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import re
 import shutil
@@ -223,5 +224,29 @@ def staged_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["clean_stale", "exchange", "fsync_dir", "fsync_tree", "replace_dir", "sibling",
-           "staged_dir"]
+EXPORT_MARKER = "jaxopt_llm_export.json"  # names a directory as a previous export
+
+
+def is_previous_export(directory: Path, fmt: str) -> bool:
+    """Whether `directory` holds an export of format `fmt` (its marker file says so): what
+    an exporter may replace whole.
+
+    Args:
+        directory: the directory.
+        fmt: the format name the marker must carry ("onnx", "tflite", …).
+
+    Returns:
+        True for a readable marker naming `fmt`.
+
+    Example:
+        >>> is_previous_export(Path("/nonexistent"), "onnx")
+        False
+    """
+    try:
+        return json.loads((directory / EXPORT_MARKER).read_text()).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+__all__ = ["EXPORT_MARKER", "clean_stale", "exchange", "fsync_dir", "fsync_tree",
+           "is_previous_export", "replace_dir", "sibling", "staged_dir"]

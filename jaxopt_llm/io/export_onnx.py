@@ -62,7 +62,7 @@ from jaxopt_llm.weights import (
 
 OPSET = 21  # blockwise DequantizeLinear and INT4/UINT4 tensors
 IR_VERSION = 10  # what onnxruntime 1.20+ reads
-MARKER = "jaxopt_llm_export.json"
+MARKER = atomic.EXPORT_MARKER
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # the initializers (external data, next to MODEL_FILE)
 ONNX_PIP = "pip install -e '.[onnx]'  (or: pip install onnx onnxruntime)"
@@ -566,7 +566,7 @@ def export_onnx(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
     onnx = _onnx()
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
-                                              and not _is_previous_export(out))):
+                                              and not atomic.is_previous_export(out, "onnx"))):
         raise ValueError(f"ONNX export: {str(out)!r} exists and is not a previous ONNX "
                          "export; refusing to replace it")
     model, rows = onnx_model(config, params, strict=strict)
@@ -585,15 +585,6 @@ def export_onnx(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
         (tmp / MARKER).write_text(json.dumps({"format": "onnx", "tensors": len(rows)}) + "\n")
     return out, rows
 
-
-def _is_previous_export(directory: Path) -> bool:
-    marker = directory / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("format") == "onnx"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
 
 
 __all__ = ["DATA_FILE", "MARKER", "MODEL_FILE", "ONNXTensor", "export_onnx", "onnx_model",

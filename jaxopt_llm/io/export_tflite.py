@@ -66,7 +66,7 @@ from jaxopt_llm.weights import (
     materialize,
 )
 
-MARKER = "jaxopt_llm_export.json"
+MARKER = atomic.EXPORT_MARKER
 MODEL_FILE = "model.tflite"
 LITERT_PIP = "pip install -e '.[tflite]'  (or: pip install ai-edge-litert)"
 FAMILIES = ("llama", "gpt2", "bert")
@@ -398,6 +398,10 @@ class _Weights:
             return self.linear(inner, leaf.v, f"{path}/v", bias)
         return g.fully_connected(x, self.kernel(leaf, path), bias_index)
 
+    def projection(self, x: int, flat: dict[str, Any], path: str) -> int:
+        """The linear at `path` ("…/q_proj"): its kernel, and its bias if it has one."""
+        return self.linear(x, flat[f"{path}/kernel"], path, flat.get(f"{path}/bias"))
+
 
 def _rms_norm(g: _Graph, x: int, scale: np.ndarray, eps: float, name: str) -> int:
     mean = g.reduce("MEAN", g.mul(x, x), -1)
@@ -477,26 +481,23 @@ def _llama_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, An
         rotated = g.concat([g.unary("NEG", second), first], axis=-1)
         return g.add(g.mul(t, cos), g.mul(rotated, sin))
 
-    def projection(h: int, path: str) -> int:
-        return w.linear(h, flat[f"{path}/kernel"], path, flat.get(f"{path}/bias"))
-
     for i in range(config.num_layers):
         block = spec.block(i)
         attn = f"{block}/{spec.attention}"
         h = _rms_norm(g, x, _np(flat[f"{block}/input_norm/scale"]), config.norm_eps,
                       f"{block}/input_norm/scale")
-        q = rope(_heads(g, projection(h, f"{attn}/q_proj"), heads, hd))
-        k = rope(_heads(g, projection(h, f"{attn}/k_proj"), kv, hd))
-        v = _heads(g, projection(h, f"{attn}/v_proj"), kv, hd)
+        q = rope(_heads(g, w.projection(h, flat, f"{attn}/q_proj"), heads, hd))
+        k = rope(_heads(g, w.projection(h, flat, f"{attn}/k_proj"), kv, hd))
+        v = _heads(g, w.projection(h, flat, f"{attn}/v_proj"), kv, hd)
         out = _attention(g, q, k, v, bias, heads, kv, hd)
-        x = g.add(x, projection(out, f"{attn}/o_proj"))
+        x = g.add(x, w.projection(out, flat, f"{attn}/o_proj"))
         h = _rms_norm(g, x, _np(flat[f"{block}/post_attention_norm/scale"]), config.norm_eps,
                       f"{block}/post_attention_norm/scale")
         mlp = f"{block}/{spec.mlp}"
-        gate = projection(h, f"{mlp}/gate_proj")
-        up = projection(h, f"{mlp}/up_proj")
+        gate = w.projection(h, flat, f"{mlp}/gate_proj")
+        up = w.projection(h, flat, f"{mlp}/up_proj")
         act = g.mul(g.mul(gate, g.unary("LOGISTIC", gate)), up)
-        x = g.add(x, projection(act, f"{mlp}/down_proj"))
+        x = g.add(x, w.projection(act, flat, f"{mlp}/down_proj"))
     x = _rms_norm(g, x, _np(flat["norm/scale"]), config.norm_eps, "norm/scale")
     if config.tie_word_embeddings:
         logits = g.fully_connected(x, table)
@@ -516,21 +517,18 @@ def _gpt2_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any
     x = g.add(g.gather(table, ids), g.gather(_table(g, flat, "wpe/embedding"), positions))
     bias = _causal_bias(g, config, seq_len, 1)
 
-    def projection(h: int, path: str) -> int:
-        return w.linear(h, flat[f"{path}/kernel"], path, flat.get(f"{path}/bias"))
-
     for i in range(config.num_layers):
         block = f"h_{i}"
         h = _layer_norm(g, x, _np(flat[f"{block}/ln_1/scale"]), _np(flat[f"{block}/ln_1/bias"]),
                         config.norm_eps, f"{block}/ln_1")
         q, k, v = (_heads(g, part, heads, hd)
-                   for part in g.split(projection(h, f"{block}/attn/c_attn"), 3))
+                   for part in g.split(w.projection(h, flat, f"{block}/attn/c_attn"), 3))
         out = _attention(g, q, k, v, bias, heads, heads, hd)
-        x = g.add(x, projection(out, f"{block}/attn/c_proj"))
+        x = g.add(x, w.projection(out, flat, f"{block}/attn/c_proj"))
         h = _layer_norm(g, x, _np(flat[f"{block}/ln_2/scale"]), _np(flat[f"{block}/ln_2/bias"]),
                         config.norm_eps, f"{block}/ln_2")
-        hidden = g.gelu(projection(h, f"{block}/mlp/c_fc"), approximate=True)
-        x = g.add(x, projection(hidden, f"{block}/mlp/c_proj"))
+        hidden = g.gelu(w.projection(h, flat, f"{block}/mlp/c_fc"), approximate=True)
+        x = g.add(x, w.projection(hidden, flat, f"{block}/mlp/c_proj"))
     x = _layer_norm(g, x, _np(flat["ln_f/scale"]), _np(flat["ln_f/bias"]), config.norm_eps,
                     "ln_f")
     logits = g.fully_connected(x, table)
@@ -555,20 +553,17 @@ def _bert_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any
     bias = g.reshape(g.mul(g.binary("sub", g.const(np.float32(1)), real), g.const(_NEG)),
                      (batch, 1, 1, seq_len))
 
-    def projection(h: int, path: str) -> int:
-        return w.linear(h, flat[f"{path}/kernel"], path, flat.get(f"{path}/bias"))
-
     for i in range(config.num_layers):
         block = f"layer_{i}"
-        q, k, v = (_heads(g, projection(x, f"{block}/attn/{name}"), heads, hd)
+        q, k, v = (_heads(g, w.projection(x, flat, f"{block}/attn/{name}"), heads, hd)
                    for name in ("query", "key", "value"))
-        out = projection(_attention(g, q, k, v, bias, heads, heads, hd),
-                         f"{block}/attn/output")
+        out = w.projection(_attention(g, q, k, v, bias, heads, heads, hd), flat,
+                           f"{block}/attn/output")
         x = _layer_norm(g, g.add(x, out), _np(flat[f"{block}/attn_norm/scale"]),
                         _np(flat[f"{block}/attn_norm/bias"]), config.norm_eps,
                         f"{block}/attn_norm")
-        hidden = g.gelu(projection(x, f"{block}/mlp/intermediate"), approximate=False)
-        out = projection(hidden, f"{block}/mlp/output")
+        hidden = g.gelu(w.projection(x, flat, f"{block}/mlp/intermediate"), approximate=False)
+        out = w.projection(hidden, flat, f"{block}/mlp/output")
         x = _layer_norm(g, g.add(x, out), _np(flat[f"{block}/mlp_norm/scale"]),
                         _np(flat[f"{block}/mlp_norm/bias"]), config.norm_eps,
                         f"{block}/mlp_norm")
@@ -700,7 +695,7 @@ def export_tflite(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
-                                              and not _is_previous_export(out))):
+                                              and not atomic.is_previous_export(out, "tflite"))):
         raise ValueError(f"TFLite export: {str(out)!r} exists and is not a previous TFLite "
                          "export; refusing to replace it")
     seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings) if seq_len is None \
@@ -717,15 +712,6 @@ def export_tflite(config: ModelConfig, params: Any, tokenizer: Tokenizer | None,
             "int8_matmul": int8_matmul}) + "\n")
     return out, rows
 
-
-def _is_previous_export(directory: Path) -> bool:
-    marker = directory / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("format") == "tflite"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
 
 
 __all__ = ["INT8_MATMUL", "MARKER", "MODEL_FILE", "SIGNATURE", "TFLiteTensor",
