@@ -6,8 +6,12 @@ For each `--types` entry, SmolLM2 after `--recipe` is exported with `export_gguf
   - run by llama.cpp on exactly the same token ids (fed as ids, no llama.cpp
     tokenization, no BOS), windows of 512 as docs/evaluation.md, every token but a
     window's first scored.
-Rows: file bytes, perplexity by llama.cpp and by us on the file, their ratio, and
-llama.cpp's own greedy continuation of a prompt against ours on the file.
+  - run by us again with llama.cpp's activation rounding (`with_activation_blocks`:
+    int8 blocks of 32 with float16 scales, Q8_0 for Q8_0/Q4_0 and Q8_1 for Q4_1, one
+    int32 dot product per block), which is what llama.cpp's CPU backend computes.
+Rows: file bytes, perplexity by llama.cpp and by us on the file (weight-only and with
+activation blocks), the ratios, and llama.cpp's own greedy continuation of a prompt
+against both of ours.
 
 Run:  python benchmarks/bench_gguf_llamacpp.py --json benchmarks/results/gguf_llamacpp.json \\
           [--types q8_0,q4_0,q4_1] [--tokens 4096] [--recipe fp32]
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxopt_llm.generation import generate
     from jaxopt_llm.io.export_gguf import export_gguf
     from jaxopt_llm.recipes import apply_recipe
+    from jaxopt_llm.transforms.quantize import with_activation_blocks
 
     source = apply_recipe(load_model("smollm2-135m"), load_recipe(args.recipe))
     ids = source.tokenizer.encode(pydoc_text())
@@ -92,16 +97,26 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"smollm2-{args.recipe}-{qtype}.gguf"
             export_gguf(source.config, source.params, source.tokenizer, path, qtype=qtype)
             ours = load_model(str(path))
+            # the same codes with llama.cpp's activation rounding (Q8_0/Q8_1 blocks of 32)
+            blocks = with_activation_blocks(ours.params, 32)
             ours_ppl = perplexity(ours.config, ours.params, ids, num_tokens=args.tokens).ppl
+            blocks_ppl = perplexity(ours.config, blocks, ids, num_tokens=args.tokens).ppl
             theirs_ppl, tok_s = llama_cpp_ppl(path, ids, args.tokens)
-            expected = generate(ours.config, ours.params, [prompt],
-                                max_new_tokens=args.new_tokens, eos_token_ids=[-1]).new_ids[0]
             got = llama_cpp_greedy(path, prompt, args.new_tokens)
-            agree = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True))
-                          if a != b), len(got))
+
+            def agreeing(params, got=got, config=ours.config):
+                expected = generate(config, params, [prompt], max_new_tokens=args.new_tokens,
+                                    eos_token_ids=[-1]).new_ids[0]
+                return next((i for i, (a, b) in enumerate(zip(got, expected, strict=True))
+                             if a != b), len(got))
+
             row = {"recipe": args.recipe, "type": qtype, "file_bytes": path.stat().st_size,
                    "ppl_llama_cpp": theirs_ppl, "ppl_ours_on_the_file": ours_ppl,
-                   "ratio": theirs_ppl / ours_ppl, "greedy_tokens_agreeing": agree,
+                   "ratio": theirs_ppl / ours_ppl, "greedy_tokens_agreeing": agreeing(
+                       ours.params),
+                   "ppl_ours_activation_blocks": blocks_ppl,
+                   "ratio_to_activation_blocks": theirs_ppl / blocks_ppl,
+                   "greedy_tokens_agreeing_activation_blocks": agreeing(blocks),
                    "greedy_tokens": len(got), "llama_cpp_eval_tok_s": tok_s}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -82,6 +82,7 @@ _SOURCES = {
     "pydoc_text": "jaxopt_llm.data",
     "qat_recipe": "jaxopt_llm.train",
     "quantize_weight": "jaxopt_llm.weights",
+    "with_activation_blocks": "jaxopt_llm.transforms.quantize",
     "QuantizedWeight": "jaxopt_llm.weights",
     "QuantSpec": "jaxopt_llm.weights",
     "read_recipe_file": "jaxopt_llm.pipeline",

@@ -209,9 +209,7 @@ def _placement(args: argparse.Namespace):
 def _decoder_only(loaded, command: str) -> None:
     """Refuse an encoder for a command that needs next-token logits, before any work."""
     if loaded.config.is_encoder:
-        instead = ("train an encoder from Python: jaxopt_llm.train.run_training(..., "
-                   "teacher=<the float params>) distills its hidden states"
-                   if command == "train" else "use `embed` or `eval` for an encoder")
+        instead = "use `embed` or `eval` for an encoder"
         raise ValueError(f"--model {loaded.source}: a {loaded.config.model_type} model is an "
                          f"encoder; `{command}` needs a decoder ({instead})")
 
@@ -583,8 +581,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     _parallel_setup(args)
     placement = _placement(args)
     calib_text = _calib_text(args)
-    loaded = _load(args.model, args.json)
-    _decoder_only(loaded, "train")
+    loaded = _load(args.model, args.json)  # an encoder distils its own hidden states
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
     log_path = out_dir.with_name(out_dir.name + ".train_log.jsonl")
     with _bar("training", "steps", args.json) as update, _flags(seq="--seq"):

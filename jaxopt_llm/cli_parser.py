@@ -149,7 +149,8 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
     pl = command("plan", commands["plan"], "dry run: per parameter, the op and bytes before/after",
                  recipe_required=True)
 
-    tr = command("train", commands["train"], "QAT / sparse / low-rank training of a recipe")
+    tr = command("train", commands["train"], "QAT / sparse / low-rank training of a recipe "
+                 "(an encoder trains by distilling its float model's hidden states)")
     tr.add_argument("--out", required=True, help="artifact directory written at the end")
     tr.add_argument("--steps", type=_positive_int("--steps"), default=100)
     tr.add_argument("--batch", type=_positive_int("--batch"), default=4)
@@ -157,7 +158,8 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
     tr.add_argument("--lr", type=_number("--lr", float, allow_zero=False), default=1e-4)
     tr.add_argument("--text", help="UTF-8 training text (default: pydoc minus the eval tokens)")
     tr.add_argument("--distill", action="store_true",
-                    help="mix the LM loss with a KL to the float model's logits")
+                    help="mix the LM loss with a KL to the float model's logits "
+                         "(encoders always distil hidden states: MSE to the float model's)")
     tr.add_argument("--distill-weight", default=0.5,
                     type=_number("--distill-weight", float, allow_zero=True, at_most=1),
                     help="weight of the KL in the loss with --distill (default 0.5)")

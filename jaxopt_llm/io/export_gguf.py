@@ -74,7 +74,9 @@ def _gguf_name(path: str) -> str:
 
 def _exact_type(leaf: Any) -> Q | None:
     """The GGUF block type a QuantizedWeight's grid equals, or None."""
-    if not isinstance(leaf, QuantizedWeight) or leaf.act_bits is not None:
+    if not isinstance(leaf, QuantizedWeight):
+        return None
+    if leaf.act_bits is not None and leaf.act_group != BLOCK:  # per-token W8A8: not llama.cpp's
         return None
     if leaf.granularity != "group" or leaf.group_size != BLOCK or leaf.scale.dtype != np.float16:
         return None

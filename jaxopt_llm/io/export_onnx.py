@@ -104,9 +104,10 @@ def _how(leaf: Any) -> tuple[str, str]:
     if isinstance(leaf, QuantizedWeight) and leaf.axis == 0 and len(leaf.shape) == 2 \
             and leaf.bits in (4, 8):
         kind = "INT" if leaf.symmetric else "UINT"
-        if leaf.act_bits == 8 and leaf.stored_as_int8:
+        if leaf.act_bits == 8 and leaf.act_group is None and leaf.stored_as_int8:
             return "int8-activations", "MatMulInteger(INT8)"
-        return "packed", f"DequantizeLinear({kind}{leaf.bits})"
+        blocks = " with float activations (act_group not expressed)" if leaf.act_group else ""
+        return "packed", f"DequantizeLinear({kind}{leaf.bits}){blocks}"
     return "widened", "FLOAT"
 
 

@@ -121,10 +121,12 @@ def _how(leaf: Any, int8_matmul: str) -> tuple[str, str]:
         how = next((k for k in ("widened", "requantized") if k in kinds), "factors")
         return how, "+".join(w for _, w in parts)
     if isinstance(leaf, QuantizedWeight) and leaf.axis == 0 and len(leaf.shape) == 2:
-        if leaf.act_bits == 8 and _int8_exact(leaf):
+        if leaf.act_bits == 8 and leaf.act_group is None and _int8_exact(leaf):
             return "int8-activations", "INT8 (dynamic-range FULLY_CONNECTED)"
         run = ("dynamic-range FULLY_CONNECTED" if int8_matmul == "dynamic"
                else "DEQUANTIZE+FULLY_CONNECTED")
+        if leaf.act_group:
+            run += ", act_group not expressed"
         if _int8_exact(leaf):
             bits = f" ({leaf.bits}-bit codes)" if leaf.bits < 8 else ""
             return "packed", f"INT8{bits} ({run})"

@@ -310,10 +310,14 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
     token_ids = np.asarray(token_ids, np.int32)
     check_data(token_ids, settings.batch, settings.seq, loaded.config.max_position_embeddings)
     options = settings.train_options()
+    # an encoder has no next-token loss: it always trains by distilling its float self's
+    # hidden states (`step.hidden_mse`), whatever distill_weight says
+    distills = bool(settings.distill_weight) or loaded.config.is_encoder
     config, params, schedules = _trainable_form(loaded, recipe, settings, calibration)
     meta = {"model": loaded.source, "recipe": recipe.to_dict() if recipe else None,
             "steps": settings.steps, "batch": settings.batch, "seq": settings.seq,
-            "lr": settings.learning_rate, "distill": settings.distill_weight,
+            "lr": settings.learning_rate,
+            "distill": "hidden_mse" if loaded.config.is_encoder else settings.distill_weight,
             "compute": settings.compute_dtype, "learn_scale": settings.learn_scale,
             "gradual": settings.gradual, "lora": settings.lora_rank,
             "text_tokens": int(len(token_ids))}
@@ -335,7 +339,7 @@ def train_recipe(loaded: LoadedModel, recipe: Recipe | str | None, token_ids: np
     try:
         result = run_training(config, params, options, token_ids, batch=settings.batch,
                               seq=settings.seq, seed=settings.seed,
-                              teacher=loaded.params if settings.distill_weight else None,
+                              teacher=loaded.params if distills else None,
                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                               meta=meta, resume=resume, stop_after=stop_after,
                               prune_schedules=schedules, placement=placement,

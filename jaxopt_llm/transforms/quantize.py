@@ -30,7 +30,7 @@ from jaxopt_llm.weights import (
 )
 from jaxopt_llm.weights.fake_quant import STE_MODES
 from jaxopt_llm.weights.quant_math import RANGE_METHODS
-from jaxopt_llm.weights.quantized import check_compute
+from jaxopt_llm.weights.quantized import check_activation_grid, check_compute
 
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -113,6 +113,9 @@ class QuantizeOptions(_GridOptions):
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.0
     act_bits: int | None = None  # 8: W8A8 (dynamic per-token int8 activations)
+    # with act_bits 8: int8 activation blocks of this many inputs with float16 scales
+    # (llama.cpp's Q8_0/Q8_1 numerics, 32) instead of one scale per token
+    act_group: int | None = None
     scale_dtype: str | None = None  # float16 for group scales, float32 otherwise
     # float32 (default); bfloat16: bf16 matmuls (f32 accumulation) for ≥128 rows; auto:
     # bfloat16 where it runs natively (GPU/TPU, AVX-512 BF16 or AMX CPUs)
@@ -145,7 +148,7 @@ class QuantizeOptions(_GridOptions):
             >>> QuantizeOptions(**float_offset, act_bits=8)  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            ValueError: zero 'float' cannot run W8A8 (act_bits: 8 needs integer zero ...
+            ValueError: zero 'float' cannot run W8A8 with per-token activations ...
         """
         self.spec  # noqa: B018  (validates bits, granularity, group size and zero)
         if self.method not in (None, *RANGE_METHODS):
@@ -154,9 +157,11 @@ class QuantizeOptions(_GridOptions):
             raise ValueError(f"act_bits must be 8 or null, got {self.act_bits!r}")
         if self.act_bits and self.bits == 8 and not self.symmetric:
             raise ValueError("asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric")
-        if self.act_bits and self.zero == "float":
-            raise ValueError("zero 'float' cannot run W8A8 (act_bits: 8 needs integer zero "
-                             "points); use zero: integer or act_bits: null")
+        if self.act_bits and self.zero == "float" and self.act_group is None:
+            raise ValueError("zero 'float' cannot run W8A8 with per-token activations "
+                             "(act_bits: 8 needs integer zero points); use zero: integer, "
+                             "act_group: 32, or act_bits: null")
+        check_activation_grid(self.spec, self.act_bits, self.act_group, 0, "act_group")
         check_compute(self.compute)
         check_scale_dtype(self.scale_dtype)
         check_finite_number("percentile", self.percentile, low=0.0, high=100.0, open_low=True)
@@ -250,12 +255,13 @@ def table_axis(path: str) -> int:
     return 1 if path.rsplit("/", 1)[-1] == "embedding" else 0
 
 
-@partial(jax.jit, static_argnames=("spec", "axis", "method", "act_bits", "scale_dtype",
-                                   "percentile", "mse_grid", "mse_max_shrink", "mse_norm",
-                                   "compute"))
-def _quantize_jit(w, spec, axis, method, act_bits, scale_dtype, percentile, mse_grid,
-                  mse_max_shrink, mse_norm, compute):
+@partial(jax.jit, static_argnames=("spec", "axis", "method", "act_bits", "act_group",
+                                   "scale_dtype", "percentile", "mse_grid", "mse_max_shrink",
+                                   "mse_norm", "compute"))
+def _quantize_jit(w, spec, axis, method, act_bits, act_group, scale_dtype, percentile,
+                  mse_grid, mse_max_shrink, mse_norm, compute):
     return quantize_weight(w, spec, axis=axis, method=method, act_bits=act_bits,
+                           act_group=act_group,
                            scale_dtype=scale_dtype, percentile=percentile, mse_grid=mse_grid,
                            mse_max_shrink=mse_max_shrink, mse_norm=mse_norm, compute=compute)
 
@@ -299,10 +305,12 @@ def quantize_leaf(leaf: Any, path: str, options: QuantizeOptions) -> Any:
                          f"kernels and embedding tables only (narrow the rule's match)")
     axis = table_axis(path)
     spec.num_groups(leaf.shape[1] if axis == 1 else leaf.shape[0], where=f"{path} {leaf.shape}")
+    check_activation_grid(spec, options.act_bits, options.act_group,
+                          leaf.shape[1] if axis == 1 else leaf.shape[0], f"{path} {leaf.shape}")
     return _quantize_jit(
-        leaf, spec, axis, options.method, options.act_bits, options.scale_dtype,
-        float(options.percentile), int(options.mse_grid), float(options.mse_max_shrink),
-        float(options.mse_norm), options.compute)
+        leaf, spec, axis, options.method, options.act_bits, options.act_group,
+        options.scale_dtype, float(options.percentile), int(options.mse_grid),
+        float(options.mse_max_shrink), float(options.mse_norm), options.compute)
 
 
 def fake_quant_leaf(leaf: Any, path: str, options: FakeQuantOptions) -> FakeQuantWeight:
@@ -351,3 +359,46 @@ OPS = (
     Op(name="fake_quant", options=FakeQuantOptions, apply=per_parameter(fake_quant_leaf),
        doc="quantize-dequantize in the forward pass with a straight-through gradient"),
 )
+
+
+def with_activation_blocks(params: Any, act_group: int = 32) -> Any:
+    """Every QuantizedWeight that can run them computes with int8 activation blocks.
+
+    What llama.cpp's CPU backend does for Q8_0/Q4_0/Q4_1 tensors (activations rounded to
+    Q8_0 or Q8_1 blocks of 32 with float16 scales, one int32 dot product per block), so a
+    model loaded from a GGUF file reproduces llama.cpp's numerics rather than the
+    weight-only product of the same codes. Weights whose grid cannot (asymmetric 8-bit,
+    a group size that is not a multiple of `act_group`, a contraction length it does not
+    divide) are left as they are.
+
+    Args:
+        params: a parameter tree.
+        act_group: the activation block length (32 for llama.cpp).
+
+    Returns:
+        The tree with `act_bits=8, act_group=act_group` on those weights (inside wrappers
+        too); the rest unchanged.
+
+    Raises:
+        ValueError: when `act_group` is not a positive integer.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = quantize_weight(jnp.ones((64, 4)), QuantSpec(bits=4, granularity="group",
+        ...                                                 group_size=32))
+        >>> with_activation_blocks({"kernel": w})["kernel"].act_group
+        32
+    """
+    check_activation_grid(QuantSpec(), 8, act_group, 0, "with_activation_blocks")
+
+    def convert(leaf: Any) -> Any:
+        if not isinstance(leaf, QuantizedWeight):
+            return leaf
+        try:
+            check_activation_grid(leaf.spec, 8, act_group, leaf.codes_shape_canonical[0])
+        except ValueError:
+            return leaf
+        return leaf.replace(act_bits=8, act_group=act_group)
+
+    return jax.tree_util.tree_map(convert, params,
+                                  is_leaf=lambda node: isinstance(node, QuantizedWeight))

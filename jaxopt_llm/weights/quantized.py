@@ -21,7 +21,11 @@ Execution:
 - `act_bits=8` (W8A8, "SmoothQuant", Xiao et al., 2023, and LLM.int8()'s per-token
   activation scales): activations are quantized per token (dynamic absmax) to int8,
   `lax.dot_general` contracts int8 × int8 into int32 (per group when grouped), and
-  the product is rescaled by activation and weight scales (integer zeros only).
+  the product is rescaled by activation and weight scales (integer zeros only);
+- `act_bits=8, act_group=n`: activations are quantized in blocks of n inputs instead, each
+  block's absmax/127 stored as float16, and each block's int32 dot product is rescaled
+  separately: what llama.cpp's CPU backend computes for Q8_0/Q4_0 (Q8_0 activation
+  blocks) and Q4_1 (Q8_1 blocks, whose stored d·Σq pairs with the float offset), n = 32.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ class QuantizedWeight(WeightLeaf):
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False, default="float32")
     act_bits: int | None = struct.field(pytree_node=False, default=None)
+    # W8A8 activation rounding: None = one scale per token; n = one float16 scale per
+    # block of n inputs (llama.cpp's Q8_0/Q8_1 activation blocks, n = 32)
+    act_group: int | None = struct.field(pytree_node=False, default=None)
     compute: str = struct.field(pytree_node=False, default="float32")  # COMPUTE_MODES
     zero: str = struct.field(pytree_node=False, default="integer")  # or "float" (offset)
 
@@ -253,6 +260,8 @@ class QuantizedWeight(WeightLeaf):
         """
         if self.axis != 1:
             raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
+        if self.act_group is not None:  # llama.cpp's tied head: activation blocks too
+            return _blockwise_int8_matmul(x, self)
         return jnp.einsum("...d,vd->...v", x, self.materialize().astype(x.dtype))
 
     def viewed_as(self, shape: tuple[int, ...]) -> QuantizedWeight:
@@ -294,7 +303,8 @@ class QuantizedWeight(WeightLeaf):
             [[7.0, -14.0], [-2.0, 2.0]]
         """
         return quantize_weight(self.materialize() + delta, self.spec, axis=self.axis,
-                               act_bits=self.act_bits, compute=self.compute,
+                               act_bits=self.act_bits, act_group=self.act_group,
+                               compute=self.compute,
                                scale_dtype=jnp.dtype(self.scale.dtype).name)
 
 
@@ -305,6 +315,7 @@ def quantize_weight(
     axis: int = 0,
     method: str | None = None,
     act_bits: int | None = None,
+    act_group: int | None = None,
     scale_dtype: str | None = None,
     percentile: float = 99.9,
     mse_grid: int = 100,
@@ -328,6 +339,9 @@ def quantize_weight(
         axis: 0 for a kernel (contracted along K), 1 for a table (quantized along D).
         method: range calibration, one of `quant_math.RANGE_METHODS`, or None (default).
         act_bits: 8 for W8A8 (dynamic per-token int8 activations), None for weight-only.
+        act_group: with act_bits=8, quantize activations in blocks of this many inputs
+            (float16 block scales, llama.cpp's Q8_0/Q8_1 activations) instead of per
+            token; see `check_activation_grid`.
         scale_dtype: "float32", "float16" or "bfloat16", or None (default).
         percentile: see `group_range`.
         mse_grid: see `group_range`.
@@ -360,15 +374,8 @@ def quantize_weight(
         raise ValueError(f"{name}: expected a 2-D (or higher, for kernels) weight, got {w.shape}")
     if axis not in (0, 1):
         raise ValueError(f"{name}: axis must be 0 (kernel) or 1 (embedding table), got {axis}")
-    if act_bits not in (None, 8):
-        raise ValueError(f"{name}: act_bits must be 8 (W8A8) or None (weight-only), got {act_bits}")
-    if act_bits and spec.bits == 8 and not spec.symmetric:
-        raise ValueError(
-            f"{name}: asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric: true"
-        )
-    if act_bits and spec.float_zero:
-        raise ValueError(f"{name}: W8A8 (act_bits=8) runs integer zero points only; "
-                         f"use zero: integer, or act_bits: null with zero: float")
+    length = (w.shape[0] if axis == 0 else w.shape[1]) if w.ndim >= 2 else 0
+    check_activation_grid(spec, act_bits, act_group, length, name)
     if method is None:
         method = "absmax" if spec.symmetric else "minmax"
     if scale_dtype is None:
@@ -388,8 +395,58 @@ def quantize_weight(
             raise ValueError(f"{name}: clip_ratio must be in (0, 1], got {clip_ratio}")
         lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zero = scale_and_zero(lo, hi, spec, jnp.dtype(scale_dtype))
-    return assemble_codes(wg, scale, zero, spec, axis=axis, shape=shape,
-                     dtype=jnp.dtype(w.dtype).name, act_bits=act_bits, compute=compute)
+    qw = assemble_codes(wg, scale, zero, spec, axis=axis, shape=shape,
+                        dtype=jnp.dtype(w.dtype).name, act_bits=act_bits, compute=compute)
+    return qw if act_group is None else qw.replace(act_group=act_group)
+
+
+def check_activation_grid(spec: QuantSpec, act_bits: int | None, act_group: int | None,
+                          length: int, name: str = "weight") -> None:
+    """Raise a ValueError naming `name` unless weights on `spec` can run these activations.
+
+    W8A8 (act_bits=8) contracts int8 × int8, so the weight's codes must fit int8: not
+    asymmetric 8-bit. Per-token activations (act_group=None) need integer zero points;
+    activation blocks (act_group=n) also run a float offset (≤ 7 bits, the Q4_1 × Q8_1
+    case), need n to divide the contraction length `length`, and a group size that is a
+    multiple of n (one weight scale per activation block).
+
+    Args:
+        spec: the weight's grid.
+        act_bits: 8 or None.
+        act_group: None, or the activation block size (needs act_bits=8).
+        length: the contraction length K (0 to skip the divisibility check).
+        name: what is quantized, for the message.
+
+    Example:
+        >>> check_activation_grid(QuantSpec(bits=4, granularity="group", group_size=32), 8, 32, 64)
+        >>> check_activation_grid(QuantSpec(bits=8), None, 32, 64)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: weight: act_group 32 needs act_bits 8 ...
+    """
+    if act_bits not in (None, 8):
+        raise ValueError(f"{name}: act_bits must be 8 (W8A8) or None (weight-only), got {act_bits}")
+    if act_group is not None:
+        if isinstance(act_group, bool) or not isinstance(act_group, int) or act_group < 1:
+            raise ValueError(f"{name}: act_group must be a positive integer (the activation "
+                             f"block size) or None, got {act_group!r}")
+        if act_bits != 8:
+            raise ValueError(f"{name}: act_group {act_group} needs act_bits 8 (activation "
+                             f"blocks are int8), got act_bits {act_bits}")
+        if length and length % act_group:
+            raise ValueError(f"{name}: act_group {act_group} does not divide the contraction "
+                             f"length {length}")
+        if spec.granularity == "group" and spec.group_size % act_group:
+            raise ValueError(f"{name}: act_group {act_group} must divide the weight's "
+                             f"group_size {spec.group_size} (one weight scale per block)")
+    if act_bits and spec.bits == 8 and not spec.symmetric:
+        raise ValueError(
+            f"{name}: asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric: true"
+        )
+    if act_bits and spec.float_zero and act_group is None:
+        raise ValueError(f"{name}: W8A8 with per-token activations runs integer zero points "
+                         f"only; use zero: integer, act_group: 32 (llama.cpp's Q4_1 × Q8_1), "
+                         f"or act_bits: null with zero: float")
 
 
 def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
@@ -510,6 +567,71 @@ def quantize_activations_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(jnp.round(x * inverse), -127, 127).astype(jnp.int8), absmax / 127.0
 
 
+def quantize_activations_blockwise(x: jax.Array, block: int
+                                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dynamic symmetric int8 per block of `block` inputs, as llama.cpp's Q8_0/Q8_1 rows.
+
+    Each block's codes are round(x · 127/absmax) (ties to even), its scale absmax/127
+    rounded to float16 (as a Q8_0 block stores it), and its sum the float16 rounding of
+    (absmax/127)·Σcodes (what a Q8_1 block stores, paired with Q4_1's float offset).
+
+    Args:
+        x: the activations (..., K), K a multiple of `block`.
+        block: the block length (32 for llama.cpp).
+
+    Returns:
+        (codes, scale, block_sum): int8 codes (..., K/block, block); float32 scales and
+        sums (..., K/block, 1). An all-zero block has scale 0 and codes 0.
+
+    Example:
+        >>> codes, scale, total = quantize_activations_blockwise(
+        ...     jnp.array([[254.0, -127.0, 0.0, 0.5]]), 2)
+        >>> codes.tolist(), scale[..., 0].tolist(), total[..., 0].tolist()
+        ([[[127, -64], [0, 127]]], [[2.0, 0.003936767578125]], [[126.0, 0.5]])
+    """
+    x = x.astype(jnp.float32)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    inverse = jnp.where(absmax > 0, 127.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
+    codes = jnp.clip(jnp.round(blocks * inverse), -127, 127).astype(jnp.int8)
+    scale = absmax / 127.0
+    block_sum = scale * jnp.sum(codes.astype(jnp.int32), axis=-1, keepdims=True).astype(
+        jnp.float32)
+    to_half = lambda v: v.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
+    return codes, to_half(scale), to_half(block_sum)
+
+
+def _blockwise_int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x (..., K) in int8 blocks of `act_group` against the codes: llama.cpp's numerics.
+
+    y[m, n] = Σ_b d_x[m, b]·d_w[b, n]·(q_x[m, b] · q_w[b, n]) (+ m_w[b, n]·s_x[m, b] for a
+    float offset), each block's dot product in int32.
+    """
+    block = w.act_group
+    k, n = w.codes_shape_canonical
+    blocks = k // block
+    codes = w.codes()  # (K, N) int32: signed, or unsigned u for asymmetric grids
+    scale, zero = w._canonical_scale_zero()  # (G, 1, N)
+    # the weight group of each activation block (a group is a whole number of blocks)
+    group_of_block = [b * block // w.group_size if scale.shape[0] > 1 else 0
+                      for b in range(blocks)]
+    if zero is not None and w.zero != "float":
+        group_of_k = jnp.asarray(group_of_block).repeat(block)
+        codes = codes - jnp.take(zero[:, 0, :], group_of_k, axis=0).astype(jnp.int32)
+    codes = codes.astype(jnp.int8).reshape(blocks, block, n)
+    w_scale = jnp.take(scale.astype(jnp.float32), jnp.asarray(group_of_block), axis=0)
+    lead = x.shape[:-1]
+    xq, x_scale, x_sum = quantize_activations_blockwise(x.reshape(-1, k), block)  # (M, B, ·)
+    acc = jax.lax.dot_general(xq, codes, (((2,), (1,)), ((1,), (0,))),
+                              preferred_element_type=jnp.int32)  # (B, M, N)
+    x_scale = jnp.transpose(x_scale, (1, 0, 2))  # (B, M, 1)
+    y = jnp.sum(acc.astype(jnp.float32) * (x_scale * w_scale), axis=0)
+    if w.zero == "float":
+        offset = jnp.take(zero.astype(jnp.float32), jnp.asarray(group_of_block), axis=0)
+        y = y + jnp.sum(jnp.transpose(x_sum, (1, 0, 2)) * offset, axis=0)
+    return y.reshape(*lead, n).astype(x.dtype)
+
+
 def _int8_codes(w: QuantizedWeight) -> jax.Array:
     """Centered int8 codes in the grouped view (G, g, N)."""
     if w.stored_as_int8 and w.axis == 0:  # already int8 and in place: no conversion pass
@@ -523,6 +645,8 @@ def _int8_codes(w: QuantizedWeight) -> jax.Array:
 
 def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x (..., K) against int8 codes with int32 accumulation; per group when grouped."""
+    if w.act_group is not None:
+        return _blockwise_int8_matmul(x, w)
     if w.zero == "float":
         raise ValueError("W8A8 (act_bits=8) runs integer zero points only, not a float offset")
     codes = _int8_codes(w)  # (G, g, N)

@@ -244,9 +244,6 @@ def test_cli_embed_and_eval_on_minilm(capsys, minilm, tmp_path):
 @pytest.mark.parametrize(("argv", "message"), [
     (["generate", "--model", "minilm-l6", "--prompt", "Hi"],
      "is an encoder; `generate` needs a decoder"),
-    (["train", "--model", "minilm-l6", "--out", "{tmp}/t"],
-     "is an encoder; `train` needs a decoder (train an encoder from Python: "
-     "jaxopt_llm.train.run_training(..., teacher=<the float params>)"),
     (["export", "--model", "minilm-l6", "--format", "gguf", "--out", "{tmp}/m.gguf"],
      "GGUF export supports Llama-family models"),
     (["embed", "--model", "minilm-l6"], "give at least one --text or a --file"),
@@ -304,3 +301,36 @@ def test_encoder_qat_distills_the_teachers_hidden_states(tiny_bert):
     with pytest.raises(ValueError, match=r"teacher=None: a bert model is an encoder; it "
                                          r"trains by distilling a teacher's hidden states"):
         run_training(config, student, TrainOptions(steps=2), ids, batch=2, seq=16)
+
+
+@pytest.mark.slow
+def test_cli_train_distils_an_encoder_into_a_working_artifact(capsys, minilm, monkeypatch,
+                                                               tmp_path):
+    """`train` on MiniLM: the hidden-state MSE to the float model falls, the int4 artifact
+    loads back, and its embeddings stay close to the float model's (numpy cosine)."""
+    from jaxopt_llm.io import loader
+    from jaxopt_llm.io.artifact import load_artifact
+
+    monkeypatch.setattr(loader, "load_model", lambda spec: minilm)
+    out_dir = tmp_path / "minilm-w4"
+    code, out, err = _run(capsys, "train", "--model", "minilm-l6", "--recipe", "w4g128",
+                          "--steps", "12", "--batch", "2", "--seq", "32", "--lr", "5e-5",
+                          "--out", str(out_dir), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    log = [json.loads(line) for line in open(result["log"])]
+    assert len(log) == 12 and all("hidden_mse" in r for r in log)
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
+    trained = load_artifact(out_dir)
+    assert trained.config.is_encoder
+    texts = ["The cat sat on the mat.", "Functions return values.", "A dog barked loudly."]
+    ours = embed(trained.config, trained.params, minilm.tokenizer, texts)
+    ref = embed(minilm.config, minilm.params, minilm.tokenizer, texts)
+    cosine = np.sum(np.asarray(ours) * np.asarray(ref), axis=-1)
+    assert cosine.min() > 0.9
+    from jaxopt_llm.weights import QuantizedWeight
+
+    four_bit = [leaf for leaf in flatten(trained.params).values()
+                if isinstance(leaf, QuantizedWeight) and leaf.bits == 4]
+    assert len(four_bit) == 6 * 6  # q, k, v, o, up, down in each of the 6 layers
+    assert param_bytes(trained.params) < param_bytes(minilm.params) - 15e6
