@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from jaxopt_llm import compile_cache
 from jaxopt_llm.cli_parser import build_parser
 
 stderr = Console(stderr=True)
@@ -551,6 +552,31 @@ def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
     return {"recipes": {name: r.to_dict() for name, r in BUILTIN_RECIPES.items()}}
 
 
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    """`jaxopt-llm info`: the backend, devices, CPU features and the paths they choose.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        {"backend", "devices", "jax", "cpu_flags", "bf16_prefill", "compile_cache", ...}.
+
+    Example:
+        >>> main(["info", "--json"])  # doctest: +SKIP
+    """
+    import jax
+
+    from jaxopt_llm import hardware
+
+    out = {"jax": jax.__version__, "backend": jax.default_backend(),
+           "devices": [str(d) for d in jax.devices()], **hardware.describe(),
+           **args.compile_cache}
+    if not args.json:
+        for key, value in out.items():
+            print(f"{key:<16} {value}")
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     """`jaxopt-llm train`: `train.train_recipe` with the flags' settings, then the artifact.
 
@@ -666,7 +692,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"demo": cmd_demo, "embed": cmd_embed, "eval": cmd_eval, "export": cmd_export,
             "generate": cmd_generate, "optimize": cmd_optimize, "plan": cmd_plan,
-            "recipes": cmd_recipes, "train": cmd_train}  # for cli_parser.build_parser
+            "recipes": cmd_recipes, "train": cmd_train, "info": cmd_info}
+# (for cli_parser.build_parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -686,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser(COMMANDS).parse_args(argv)
     try:
-        _check_paths_first(args)
+        _check_paths_first(args)  # before JAX is imported (configure imports it)
+        args.compile_cache = compile_cache.configure(not args.no_compile_cache)
         out = args.func(args)
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"jaxopt-llm {args.command}: error: {err}", file=sys.stderr)

@@ -64,6 +64,10 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
         ('eval', 4096, 'cmd_eval')
     """
     parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile every program again instead of loading it from the "
+                             "persistent cache (default: on, in ~/.cache/jaxopt-llm/xla; "
+                             "JAXOPT_LLM_COMPILE_CACHE=DIR|off also sets it)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -216,7 +220,10 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
 
     rec = sub.add_parser("recipes", help="list the built-in recipes")
     rec.set_defaults(func=commands["recipes"])
-    for p in (ev, gen, opt, pl, tr, exp, emb, rec):
+    inf = sub.add_parser("info", help="this machine: backend, devices, CPU features, the "
+                                      "execution paths they choose and the compile cache")
+    inf.set_defaults(func=commands["info"])
+    for p in (ev, gen, opt, pl, tr, exp, emb, rec, inf):
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
