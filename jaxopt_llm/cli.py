@@ -232,7 +232,13 @@ def _model(args: argparse.Namespace, decoder_only: str | None = None, with_float
         loaded = apply_recipe(loaded, recipe, calibration=calibration)
     placement = _placement(args)
     params = placement.place_params(loaded.config, loaded.params)
-    out = dataclasses.replace(loaded, params=params), placement
+    config = loaded.config
+    if getattr(args, "kv_cache", "float") != "float":
+        if config.is_encoder:
+            raise ValueError(f"--kv-cache {args.kv_cache}: a {config.model_type} model is an "
+                             f"encoder; it has no KV cache")
+        config = dataclasses.replace(config, kv_cache=args.kv_cache)
+    out = dataclasses.replace(loaded, config=config, params=params), placement
     return (*out, original) if with_float else out
 
 

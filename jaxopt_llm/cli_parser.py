@@ -89,6 +89,11 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
         g.add_argument("--process-id", type=_number("--process-id", int, allow_zero=True),
                        help="multi-host: this process, 0..N-1 (or JAXOPT_PROCESS_ID)")
 
+    def add_kv_cache(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                       help="KV cache storage: float (default) or int8 with per token and "
+                            "head scales (evaluation rounds keys and values the same way)")
+
     def add_recipe(p: argparse.ArgumentParser, required: bool = False) -> None:
         p.add_argument("--recipe", required=required,
                        help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
@@ -126,6 +131,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
     ev = command("eval", commands["eval"], "perplexity of a decoder (docs/evaluation.md "
                  "protocol); an encoder's embeddings against its float model's")
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
+    add_kv_cache(ev)
     ev.add_argument("--texts", type=_positive_int("--texts"), default=256,
                     help="encoders: sentences of the text compared (default 256)")
     ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
@@ -137,6 +143,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
 
     gen = command("generate", commands["generate"], "generate text from a prompt")
     gen.add_argument("--prompt", required=True)
+    add_kv_cache(gen)
     gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     gen.add_argument("--temperature", type=_number("--temperature", float, allow_zero=True),
                      default=0.0, help="0 = greedy (default)")

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxopt_llm.models import ModelConfig, family_spec, forward
 from jaxopt_llm.models import init_cache as init_cache  # re-exported: callers size the cache
+from jaxopt_llm.models.kv_cache import cache_bytes
 from jaxopt_llm.placement import Placement
 
 MIN_BUCKET = 16
@@ -72,6 +73,7 @@ class GenerationResult:
     prompt_tokens: int  # real (unpadded) prompt tokens, all rows
     decode_steps: int  # loop iterations after the first token (all rows advance together)
     compile_seconds: float = 0.0  # lowering + compiling both programs; 0 when reused
+    kv_cache_bytes: int = 0  # the preallocated KV cache (all rows, all slots)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -332,6 +334,7 @@ def generate(
     key = jax.random.PRNGKey(seed)
     key, prefill_key = jax.random.split(key)
     cache = placement.new_cache(config, batch, capacity, activation_dtype(config, params))
+    kv_cache_bytes = cache_bytes(cache)
     key, prefill_key = placement.replicate((key, prefill_key))
     place = placement.place_batch  # per-row arrays: batch on `data`
     constant = placement.replicate  # the same on every device
@@ -368,5 +371,5 @@ def generate(
     return GenerationResult(
         new_ids=new_ids, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         prompt_tokens=sum(len(p) for p in prompts[:requested]), decode_steps=steps - 1,
-        compile_seconds=compile_seconds,
+        compile_seconds=compile_seconds, kv_cache_bytes=kv_cache_bytes,
     )

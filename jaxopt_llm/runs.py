@@ -176,7 +176,8 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
 
     Returns:
         model, recipe, prompt, prompt_ids, new_ids, text (the decoded new tokens), the
-        prefill and decode speeds (tok/s) and seconds, compile_seconds, mesh.
+        prefill and decode speeds (tok/s) and seconds, compile_seconds, kv_cache (its
+        storage) and kv_cache_bytes, mesh.
 
     Example:
         >>> record = generate_text(load_model("smollm2-135m"), "def add(a, b):",  # doctest: +SKIP
@@ -200,6 +201,8 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
         "prefill_seconds": result.prefill_seconds,
         "compile_seconds": result.compile_seconds,
         "decode_seconds": result.decode_seconds,
+        "kv_cache": loaded.config.kv_cache,
+        "kv_cache_bytes": result.kv_cache_bytes,
         "mesh": mesh_shape(placement),
     }
 

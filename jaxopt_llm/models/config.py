@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+from jaxopt_llm.models.kv_cache import check_kv_cache
 from jaxopt_llm.tree import freeze
 
 SUPPORTED_FAMILIES = ("llama", "gpt2", "bert")
@@ -61,6 +62,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     type_vocab_size: int = 0  # BERT: rows of the token-type (segment) table; 0 elsewhere
+    # KV cache storage (models/kv_cache.py): "float" (the activation dtype) or "int8" (per
+    # token and head scales; prefill and evaluation round keys and values the same way)
+    kv_cache: str = "float"
 
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
@@ -102,6 +106,7 @@ class ModelConfig:
         if self.family == "bert" and self.type_vocab_size < 1:
             raise ValueError("config type_vocab_size must be at least 1 for a bert model "
                              f"(its token-type table), got {self.type_vocab_size}")
+        check_kv_cache(self.kv_cache, "config kv_cache")
         _check_rope_scaling(self.rope_scaling)
         if self.family == "llama" and self.head_dim % 2:
             raise ValueError(f"config head_dim={self.head_dim} must be even: rotary embeddings "

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxopt_llm.models.config import ModelConfig
 from jaxopt_llm.models.family import family_spec
+from jaxopt_llm.models.kv_cache import empty_cache
 from jaxopt_llm.models.layers import KVCache, attention_mask
 
 
@@ -119,7 +120,8 @@ def init_cache(config: ModelConfig, batch: int, length: int,
         config: the model's config.
         batch: rows.
         length: slots (prompt plus new tokens).
-        dtype: the cache's dtype (the activation dtype).
+        dtype: the float cache's dtype (the activation dtype); `config.kv_cache` "int8"
+            stores int8 codes and float32 scales instead (`kv_cache.Int8Slots`).
 
     Returns:
         A tuple of `config.num_layers` (keys, values) pairs.
@@ -138,8 +140,7 @@ def init_cache(config: ModelConfig, batch: int, length: int,
         raise ValueError(f"a {config.model_type} model is an encoder: it has no KV cache and "
                          "does not generate")
     shape = (batch, length, config.num_kv_heads, config.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                 for _ in range(config.num_layers))
+    return tuple(empty_cache(config.kv_cache, shape, dtype) for _ in range(config.num_layers))
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> Any:

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         qkv = Linear(3 * inner, True, name="c_attn")(x)
         q, k, v = (t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
                    for t in jnp.split(qkv, 3, axis=-1))
-        out, cache = attend_with_cache(q, k, v, mask, cache, cache_index)
+        out, cache = attend_with_cache(q, k, v, mask, cache, cache_index, cfg.kv_cache)
         out = out.reshape(batch, length, inner)
         return Linear(width, True, name="c_proj")(out), cache
 

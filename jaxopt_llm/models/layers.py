@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxopt_llm.models.kv_cache import round_trip as kv_round_trip
 from jaxopt_llm.weights import attend, embed, linear
 
 # One layer: keys, values, each (B, S, Hkv, D). A head-major (B, Hkv, S, D) layout was
@@ -285,19 +286,23 @@ def causal_prefix_attention(
 
 def attend_with_cache(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-    cache: KVCache | None, cache_index: jax.Array | int,
+    cache: KVCache | None, cache_index: jax.Array | int, kv_cache: str = "float",
 ) -> tuple[jax.Array, KVCache | None]:
     """Write k, v (B, T, Hkv, D) into the cache (if any) and attend; returns (out, cache).
 
     A static cache_index of 0 means the queries are a prefix (prefill or no
     cache): keys past T are invisible, so the blocked causal path applies.
+    With kv_cache="int8" keys and values are rounded as the int8 cache stores them
+    (`kv_cache.Int8Slots`) whether or not a cache is passed, so a prefill, an evaluation
+    and a decode over the cache all see the same keys and values.
 
     Args:
         q: (B, T, H, D) queries.
         k / v: (B, T, Hkv, D) this step's keys and values.
         mask: (B, T, S) from `attention_mask`.
-        cache: (keys, values), each (B, S, Hkv, D), or None.
+        cache: (keys, values), each (B, S, Hkv, D) arrays or `Int8Slots`, or None.
         cache_index: the slot k and v are written at.
+        kv_cache: the cache's storage (`ModelConfig.kv_cache`).
 
     Returns:
         (attention output (B, T, H, D), the updated cache or None).
@@ -310,6 +315,15 @@ def attend_with_cache(
         ((1, 3, 2, 4), None)
     """
     prefix = isinstance(cache_index, int) and cache_index == 0
+    if kv_cache == "int8":
+        if cache is not None:
+            cache = (cache[0].write(k, cache_index), cache[1].write(v, cache_index))
+        if prefix:
+            length = q.shape[1]
+            return causal_prefix_attention(q, kv_round_trip(k), kv_round_trip(v),
+                                           mask[:, :, :length]), cache
+        return dot_product_attention(q, cache[0].read(q.dtype), cache[1].read(q.dtype),
+                                     mask), cache
     if cache is not None:
         start = (0, cache_index, 0, 0)
         cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),

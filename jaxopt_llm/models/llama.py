@@ -50,7 +50,7 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(batch, length, heads, head_dim), cos, sin)  # (B, T, H, D)
         k = apply_rope(k.reshape(batch, length, kv_heads, head_dim), cos, sin)  # (B, T, Hkv, D)
         v = v.reshape(batch, length, kv_heads, head_dim)
-        out, cache = attend_with_cache(q, k, v, mask, cache, cache_index)
+        out, cache = attend_with_cache(q, k, v, mask, cache, cache_index, cfg.kv_cache)
         out = out.reshape(batch, length, heads * head_dim)
         return Linear(cfg.hidden_size, cfg.o_bias, name="o_proj")(out), cache
 
