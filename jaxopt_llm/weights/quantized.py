@@ -444,8 +444,8 @@ def check_activation_grid(spec: QuantSpec, act_bits: int | None, act_group: int 
             f"{name}: asymmetric 8-bit weights do not fit int8 for W8A8; use symmetric: true"
         )
     if act_bits and spec.float_zero and act_group is None:
-        raise ValueError(f"{name}: W8A8 with per-token activations runs integer zero points "
-                         f"only; use zero: integer, act_group: 32 (llama.cpp's Q4_1 × Q8_1), "
+        raise ValueError(f"{name}: W8A8 (act_bits=8) with per-token activations runs integer "
+                         f"zero points only; use zero: integer, act_group: 32 (llama.cpp's Q4_1 × Q8_1), "
                          f"or act_bits: null with zero: float")
 
 
