@@ -573,10 +573,11 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from jaxopt_llm import hardware
+    from jaxopt_llm.weights.native import path_in_use
 
     out = {"jax": jax.__version__, "backend": jax.default_backend(),
            "devices": [str(d) for d in jax.devices()], **hardware.describe(),
-           **args.compile_cache}
+           "quantized_decode": path_in_use()[1], **args.compile_cache}
     if not args.json:
         for key, value in out.items():
             print(f"{key:<16} {value}")

@@ -21,6 +21,7 @@ from jaxopt_llm.io.loaded import LoadedModel
 from jaxopt_llm.pipeline import Recipe
 from jaxopt_llm.placement import Placement
 from jaxopt_llm.weights import param_bytes
+from jaxopt_llm.weights.native import path_in_use
 
 
 def mesh_shape(placement: Placement | None) -> dict[str, int] | None:
@@ -202,6 +203,7 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
         "compile_seconds": result.compile_seconds,
         "decode_seconds": result.decode_seconds,
         "kv_cache": loaded.config.kv_cache,
+        "quantized_decode": path_in_use()[1],
         "kv_cache_bytes": result.kv_cache_bytes,
         "mesh": mesh_shape(placement),
     }

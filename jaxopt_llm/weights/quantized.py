@@ -10,6 +10,10 @@ zero point (w = (u - z)·d), or with zero="float" a float offset in the scales' 
 (w = u·d + m, llama.cpp's Q4_1/Q5_1).
 
 Execution:
+- weight-only at decode sizes (≤ 8 rows, float32, CPU): the native kernel of
+  `jaxopt_llm.weights.native` where it is built and handles the form (int8 and 4-bit,
+  per channel or grouped, any zero kind), reading the codes without materializing the
+  float weight; otherwise, and for more rows:
 - weight-only: dequantize, then one float32 matmul (compute="float32", the default: the
   result does not depend on how the model is sharded beyond float32 rounding). With
   compute="bfloat16", inputs of ≥ 128 rows (prefill, evaluation) run a bfloat16 matmul
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxopt_llm import hardware
-from jaxopt_llm.weights import packing
+from jaxopt_llm.weights import native, packing
 from jaxopt_llm.weights.base import WeightLeaf
 from jaxopt_llm.weights.quant_math import (
     QuantSpec,
@@ -445,8 +449,8 @@ def check_activation_grid(spec: QuantSpec, act_bits: int | None, act_group: int 
         )
     if act_bits and spec.float_zero and act_group is None:
         raise ValueError(f"{name}: W8A8 (act_bits=8) with per-token activations runs integer "
-                         f"zero points only; use zero: integer, act_group: 32 (llama.cpp's Q4_1 × Q8_1), "
-                         f"or act_bits: null with zero: float")
+                         f"zero points only; use zero: integer, act_group: 32 (llama.cpp's "
+                         f"Q4_1 × Q8_1), or act_bits: null with zero: float")
 
 
 def quantize_with_scale(w: jax.Array, spec: QuantSpec, scale: jax.Array,
@@ -734,6 +738,10 @@ def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if w.act_bits == 8:
         return _int8_matmul(x, w).reshape(out_shape)
     rows = math.prod(x.shape[:-1])
+    if rows <= native.MAX_ROWS and x.dtype == jnp.float32 and native.path_in_use()[0]:
+        y = native.native_matmul(x.reshape(rows, x.shape[-1]), w)  # None: not handled
+        if y is not None:
+            return y.reshape(out_shape)
     if rows >= BF16_MIN_ROWS and x.dtype == jnp.float32 and _bf16_compute(w.compute):
         y = _bf16_matmul(x.reshape(rows, x.shape[-1]), w)
         return y.astype(x.dtype).reshape(out_shape)

@@ -1,0 +1,724 @@
+// Weight-only quantized matmul for decode-sized inputs, as XLA FFI handlers (see gemv.h).
+//
+// Algorithm. W is stored K-major (row k of the codes holds all N outputs), so the kernel walks
+// k and vectorises along N: for a tile of 8·V output columns and all rows m (≤ 8, kept in
+// registers), for each group g of k values
+//     acc[m, :] = Σ_{k∈g} x[m, k] · c[k, :]             (float32, c = q, u - z, or u)
+//     y[m, :]  += s[g, :] · acc[m, :]  (+ o[g, :] · Σ_{k∈g} x[m, k] for a float offset o)
+// where c is the code as an exact small integer converted to float32: symmetric 4-bit codes
+// are shifted by 8 and integer zero points subtracted in the integer domain, so only the
+// float offset needs the per-group row sums Σ x. The weight is read once per row block;
+// the scales once per group and tile. Codes are decoded once per (k, tile) and reused by
+// every row.
+//
+// Dispatch. RunAvx2 (AVX2 + FMA + F16C, compiled for that target with function attributes,
+// chosen at run time with __builtin_cpu_supports) or RunScalar (portable C++). Columns are
+// split into chunks (multiples of 32 columns) that the calling thread and tasks scheduled on
+// XLA's own CPU thread pool (the FFI ThreadPool context) claim from an atomic counter; the
+// caller never waits for a chunk nobody has started, so a busy or single-thread pool only
+// costs parallelism, never a deadlock.
+#include "gemv.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(JAXOPT_LLM_PORTABLE_ONLY)
+#define JAXOPT_LLM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace jaxopt_llm {
+namespace {
+
+std::atomic<int64_t> g_last_pool_threads{0};
+
+// ----------------------------------------------------------------------------- scalar
+
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa · 2^-24, exact in float32
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
+    return sign ? -magnitude : magnitude;
+  }
+  const uint32_t bits = exponent == 31
+                            ? (sign | 0x7f800000u | (mantissa << 13))
+                            : (sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline float LoadFloat(const void* base, bool f16, int64_t i) {
+  return f16 ? HalfToFloat(static_cast<const uint16_t*>(base)[i])
+             : static_cast<const float*>(base)[i];
+}
+
+// The integer code at (k, n), before any zero point: int8 q, uint8 u, or a uint4 nibble.
+template <Codes C>
+inline int32_t CodeAt(const uint8_t* q, int64_t N, int64_t k, int64_t n) {
+  if constexpr (C == Codes::kInt8) {
+    return static_cast<int8_t>(q[k * N + n]);
+  } else if constexpr (C == Codes::kUint8) {
+    return q[k * N + n];
+  } else {
+    const uint8_t byte = q[(k >> 1) * N + n];
+    return (k & 1) ? (byte >> 4) : (byte & 0x0f);
+  }
+}
+
+template <Codes C, ZeroKind Z>
+void ScalarCols(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int64_t kTile = 32;
+  const int64_t N = p.N, K = p.K, rows = p.rows;
+  float acc[kMaxRows][kTile];
+  float weight[kTile];
+  int32_t zero[kTile];
+  for (int64_t nb = n0; nb < n1; nb += kTile) {
+    const int64_t width = std::min(kTile, n1 - nb);
+    for (int64_t m = 0; m < rows; ++m) {
+      std::fill(p.y + m * N + nb, p.y + m * N + nb + width, 0.0f);
+    }
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t k0 = g * p.group, k1 = std::min(K, k0 + p.group);
+      for (int64_t m = 0; m < rows; ++m) std::fill(acc[m], acc[m] + width, 0.0f);
+      for (int64_t j = 0; j < width; ++j) {
+        if constexpr (Z == ZeroKind::kInteger) {
+          zero[j] = static_cast<const uint8_t*>(p.zero)[g * N + nb + j];
+        } else if constexpr (C == Codes::kUint4 && Z == ZeroKind::kNone) {
+          zero[j] = 8;  // symmetric 4-bit codes are stored offset by 8
+        } else {
+          zero[j] = 0;
+        }
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t j = 0; j < width; ++j) {
+          weight[j] = static_cast<float>(CodeAt<C>(p.q, N, k, nb + j) - zero[j]);
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          const float xv = p.x[m * K + k];
+          for (int64_t j = 0; j < width; ++j) acc[m][j] += xv * weight[j];
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        const float s = LoadFloat(p.scale, p.scale_f16, g * N + nb + j);
+        const float offset =
+            Z == ZeroKind::kFloat ? LoadFloat(p.zero, p.zero_f16, g * N + nb + j) : 0.0f;
+        for (int64_t m = 0; m < rows; ++m) {
+          float& out = p.y[m * N + nb + j];
+          out += s * acc[m][j];
+          if constexpr (Z == ZeroKind::kFloat) out += offset * p.xsum[m * p.G + g];
+        }
+      }
+    }
+  }
+}
+
+template <Codes C, ZeroKind Z>
+void ScalarDispatch(const Problem& p, int64_t n0, int64_t n1) {
+  ScalarCols<C, Z>(p, n0, n1);
+}
+
+// ----------------------------------------------------------------------------- AVX2
+
+#ifdef JAXOPT_LLM_X86
+#define JAXOPT_LLM_AVX2 __attribute__((target("avx2,fma,f16c")))
+// Fully unroll the loops over rows and vectors early, so the accumulator arrays become
+// registers (otherwise GCC may keep them in memory, behind a store-to-load chain).
+#if defined(__clang__)
+#define JAXOPT_LLM_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define JAXOPT_LLM_UNROLL _Pragma("GCC unroll 16")
+#else
+#define JAXOPT_LLM_UNROLL
+#endif
+
+JAXOPT_LLM_AVX2 inline __m256 Load8Float(const void* base, bool f16, int64_t i) {
+  if (f16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+}
+
+JAXOPT_LLM_AVX2 inline __m256i Load8U8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+JAXOPT_LLM_AVX2 inline __m256i Load8S8(const uint8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Register tiles: 8·V columns of M rows, with S independent accumulator sets (S = 2 adds
+// even and odd k into separate registers, so FMA latency does not bound the loop). The
+// M·V·S accumulators, the x broadcasts (two per row of x for 4-bit codes, whose byte rows
+// hold two k), the decoded weights and the constants must fit the 16 ymm registers, or the
+// compiler spills accumulators. Per 8 weights the decode costs ~2 (8-bit) or ~3.5 (4-bit)
+// vector uops besides the M FMAs; all share the 4 FP pipes of an AVX2 core.
+struct TileShape {
+  int vectors;
+  int sets;
+};
+#ifndef JAXOPT_LLM_TILES8
+#define JAXOPT_LLM_TILES8 {4, 2}, {4, 1}, {3, 1}, {2, 1}, {2, 1}, {1, 1}, {1, 1}, {1, 1}
+#endif
+#ifndef JAXOPT_LLM_TILES4
+#define JAXOPT_LLM_TILES4 {4, 2}, {4, 1}, {1, 2}, {1, 2}, {1, 2}, {1, 1}, {1, 1}, {1, 1}
+#endif
+constexpr TileShape kTiles8[kMaxRows] = {JAXOPT_LLM_TILES8};
+constexpr TileShape kTiles4[kMaxRows] = {JAXOPT_LLM_TILES4};
+
+template <Codes C, int M>
+constexpr TileShape Tile() {
+  return C == Codes::kUint4 ? kTiles4[M - 1] : kTiles8[M - 1];
+}
+
+// acc[m, :] += x[m·K] · codes of one row (8-bit), V vectors.
+template <Codes C, ZeroKind Z, int M, int V>
+JAXOPT_LLM_AVX2 __attribute__((always_inline)) inline void Accumulate8(
+    __m256 (&acc)[M][V], const __m256i (&zero)[V], const float* x, int64_t K,
+    const uint8_t* row) {
+  JAXOPT_LLM_UNROLL
+  for (int v = 0; v < V; ++v) {
+    __m256i codes = C == Codes::kInt8 ? Load8S8(row + 8 * v) : Load8U8(row + 8 * v);
+    if constexpr (Z == ZeroKind::kInteger) codes = _mm256_sub_epi32(codes, zero[v]);
+    const __m256 w = _mm256_cvtepi32_ps(codes);
+    JAXOPT_LLM_UNROLL
+    for (int m = 0; m < M; ++m) {
+      acc[m][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K), w, acc[m][v]);
+    }
+  }
+}
+
+// y[0:M, n:n+8V] of the block.
+template <Codes C, ZeroKind Z, int M, int V, int S>
+JAXOPT_LLM_AVX2 void Avx2Tile(const Problem& p, int64_t n) {
+  static_assert(S == 1 || S == 2, "one or two accumulator sets");
+  const int64_t N = p.N, K = p.K;
+  const float* x = p.x;
+  JAXOPT_LLM_UNROLL
+  for (int m = 0; m < M; ++m) {
+    JAXOPT_LLM_UNROLL
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(p.y + m * N + n + 8 * v, _mm256_setzero_ps());
+  }
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t k0 = g * p.group, k1 = std::min(K, k0 + p.group);
+    __m256 acc[S][M][V];
+    JAXOPT_LLM_UNROLL
+    for (int t = 0; t < S; ++t) {
+      JAXOPT_LLM_UNROLL
+      for (int m = 0; m < M; ++m) {
+        JAXOPT_LLM_UNROLL
+        for (int v = 0; v < V; ++v) acc[t][m][v] = _mm256_setzero_ps();
+      }
+    }
+    constexpr int kOdd = S - 1;  // the set odd k accumulate into
+    __m256i zero[V];
+    JAXOPT_LLM_UNROLL
+    for (int v = 0; v < V; ++v) {
+      if constexpr (Z == ZeroKind::kInteger) {
+        zero[v] = Load8U8(static_cast<const uint8_t*>(p.zero) + g * N + n + 8 * v);
+      } else if constexpr (C == Codes::kUint4 && Z == ZeroKind::kNone) {
+        zero[v] = _mm256_set1_epi32(8);
+      } else {
+        zero[v] = _mm256_setzero_si256();
+      }
+    }
+    if constexpr (C == Codes::kUint4) {
+      const __m256i low_mask = _mm256_set1_epi32(0x0f);
+      const uint8_t* row = p.q + (k0 >> 1) * N + n;  // k0 is even (checked by the handler)
+      int64_t k = k0;
+      for (; k + 1 < k1; k += 2, row += N) {
+        JAXOPT_LLM_UNROLL
+        for (int v = 0; v < V; ++v) {
+          const __m256i bytes = Load8U8(row + 8 * v);
+          __m256i lo = _mm256_and_si256(bytes, low_mask);
+          __m256i hi = _mm256_srli_epi32(bytes, 4);
+          if constexpr (Z != ZeroKind::kFloat) {
+            lo = _mm256_sub_epi32(lo, zero[v]);
+            hi = _mm256_sub_epi32(hi, zero[v]);
+          }
+          const __m256 w_lo = _mm256_cvtepi32_ps(lo);
+          const __m256 w_hi = _mm256_cvtepi32_ps(hi);
+          JAXOPT_LLM_UNROLL
+          for (int m = 0; m < M; ++m) {
+            acc[0][m][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k), w_lo, acc[0][m][v]);
+            acc[kOdd][m][v] =
+                _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k + 1), w_hi, acc[kOdd][m][v]);
+          }
+        }
+      }
+      if (k < k1) {  // an odd K: the last byte holds one value, in its low nibble
+        JAXOPT_LLM_UNROLL
+        for (int v = 0; v < V; ++v) {
+          __m256i lo = _mm256_and_si256(Load8U8(row + 8 * v), low_mask);
+          if constexpr (Z != ZeroKind::kFloat) lo = _mm256_sub_epi32(lo, zero[v]);
+          const __m256 w_lo = _mm256_cvtepi32_ps(lo);
+          JAXOPT_LLM_UNROLL
+          for (int m = 0; m < M; ++m) {
+            acc[0][m][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k), w_lo, acc[0][m][v]);
+          }
+        }
+      }
+    } else {
+      const uint8_t* row = p.q + k0 * N + n;
+      int64_t k = k0;
+      if constexpr (S == 2) {
+        for (; k + 1 < k1; k += 2, row += 2 * N) {
+          Accumulate8<C, Z, M, V>(acc[0], zero, x + k, K, row);
+          Accumulate8<C, Z, M, V>(acc[1], zero, x + k + 1, K, row + N);
+        }
+      }
+      for (; k < k1; ++k, row += N) Accumulate8<C, Z, M, V>(acc[0], zero, x + k, K, row);
+    }
+    JAXOPT_LLM_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const __m256 s = Load8Float(p.scale, p.scale_f16, g * N + n + 8 * v);
+      __m256 offset = _mm256_setzero_ps();
+      if constexpr (Z == ZeroKind::kFloat) {
+        offset = Load8Float(p.zero, p.zero_f16, g * N + n + 8 * v);
+      }
+      JAXOPT_LLM_UNROLL
+      for (int m = 0; m < M; ++m) {
+        float* out = p.y + m * N + n + 8 * v;
+        const __m256 sum = S == 2 ? _mm256_add_ps(acc[0][m][v], acc[kOdd][m][v]) : acc[0][m][v];
+        __m256 total = _mm256_fmadd_ps(s, sum, _mm256_loadu_ps(out));
+        if constexpr (Z == ZeroKind::kFloat) {
+          total = _mm256_fmadd_ps(offset, _mm256_set1_ps(p.xsum[m * p.G + g]), total);
+        }
+        _mm256_storeu_ps(out, total);
+      }
+    }
+  }
+}
+
+template <Codes C, ZeroKind Z, int M>
+JAXOPT_LLM_AVX2 void Avx2Cols(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int V = Tile<C, M>().vectors, S = Tile<C, M>().sets;
+  int64_t n = n0;
+  for (; n + 8 * V <= n1; n += 8 * V) Avx2Tile<C, Z, M, V, S>(p, n);
+  if constexpr (V > 1) {
+    for (; n + 8 <= n1; n += 8) Avx2Tile<C, Z, M, 1, S>(p, n);
+  }
+  if (n < n1) ScalarCols<C, Z>(p, n, n1);  // the last N % 8 columns
+}
+
+template <Codes C, ZeroKind Z>
+JAXOPT_LLM_AVX2 void Avx2Dispatch(const Problem& p, int64_t n0, int64_t n1) {
+  switch (p.rows) {
+    case 1: return Avx2Cols<C, Z, 1>(p, n0, n1);
+    case 2: return Avx2Cols<C, Z, 2>(p, n0, n1);
+    case 3: return Avx2Cols<C, Z, 3>(p, n0, n1);
+    case 4: return Avx2Cols<C, Z, 4>(p, n0, n1);
+    case 5: return Avx2Cols<C, Z, 5>(p, n0, n1);
+    case 6: return Avx2Cols<C, Z, 6>(p, n0, n1);
+    case 7: return Avx2Cols<C, Z, 7>(p, n0, n1);
+    default: return Avx2Cols<C, Z, 8>(p, n0, n1);
+  }
+}
+#endif  // JAXOPT_LLM_X86
+
+// The (codes, zero kind) combinations the handlers accept, for either kernel family.
+#define JAXOPT_LLM_FORMAT_SWITCH(KERNEL, p, n0, n1)                                     \
+  switch ((p).codes) {                                                                  \
+    case Codes::kInt8:                                                                  \
+      return KERNEL<Codes::kInt8, ZeroKind::kNone>(p, n0, n1);                          \
+    case Codes::kUint8:                                                                 \
+      if ((p).zero_kind == ZeroKind::kFloat)                                            \
+        return KERNEL<Codes::kUint8, ZeroKind::kFloat>(p, n0, n1);                      \
+      return KERNEL<Codes::kUint8, ZeroKind::kInteger>(p, n0, n1);                      \
+    case Codes::kUint4:                                                                 \
+      if ((p).zero_kind == ZeroKind::kFloat)                                            \
+        return KERNEL<Codes::kUint4, ZeroKind::kFloat>(p, n0, n1);                      \
+      if ((p).zero_kind == ZeroKind::kInteger)                                          \
+        return KERNEL<Codes::kUint4, ZeroKind::kInteger>(p, n0, n1);                    \
+      return KERNEL<Codes::kUint4, ZeroKind::kNone>(p, n0, n1);                         \
+  }
+
+// ------------------------------------------------------------------------ threading
+
+// Chunks claimed from an atomic counter by the caller and by pool tasks. The job outlives
+// the call through the tasks' shared_ptr: a task that starts late finds no chunk left and
+// returns without touching the (by then dead) problem.
+struct ParallelJob {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  void (*fn)(const void*, int64_t) = nullptr;
+  const void* ctx = nullptr;
+};
+
+void Drain(ParallelJob& job) {
+  for (;;) {
+    const int64_t i = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= job.total) return;
+    job.fn(job.ctx, i);
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+inline void Relax() {
+#ifdef JAXOPT_LLM_X86
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, int64_t helpers,
+                 void (*fn)(const void*, int64_t), const void* ctx) {
+  if (tasks <= 1 || helpers <= 0) {
+    for (int64_t i = 0; i < tasks; ++i) fn(ctx, i);
+    return;
+  }
+  auto job = std::make_shared<ParallelJob>();
+  job->total = tasks;
+  job->fn = fn;
+  job->ctx = ctx;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { Drain(*job); });
+  Drain(*job);
+  for (int64_t spins = 0; job->done.load(std::memory_order_acquire) < tasks; ++spins) {
+    if (spins < 256) {  // a few µs: about one chunk; then let a descheduled helper run
+      Relax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- handler
+
+// Chunks: whole 32-column tiles, at least kMinBytesPerTask of codes each (a few µs of work:
+// less would not pay for waking a pool thread), up to kTasksPerThread per pool thread so
+// that a helper that starts late, or is descheduled, holds up at most one small chunk.
+constexpr int64_t kColumnAlign = 32;
+constexpr int64_t kMinBytesPerTask = 24 * 1024;
+constexpr int64_t kTasksPerThread = 4;
+
+struct TaskSplit {
+  int64_t tasks;
+  int64_t columns_per_task;
+  int64_t helpers;  // pool tasks to schedule besides the calling thread
+};
+
+// `forced` > 0: exactly that many chunks (tests); otherwise by the work and the pool size.
+// Work counts each extra row of x as half a weight read (decoding is shared by the rows,
+// their FMAs are not).
+TaskSplit ChooseTasks(int64_t weight_bytes, int64_t rows, int64_t N, int64_t pool_threads,
+                      int64_t forced) {
+  int64_t tasks = forced;
+  if (tasks <= 0) {
+    const int64_t work = weight_bytes * (rows + 1) / 2;
+    tasks = pool_threads > 1 ? std::min(kTasksPerThread * pool_threads,
+                                        std::max<int64_t>(work / kMinBytesPerTask, 1))
+                             : 1;
+  }
+  tasks = std::max<int64_t>(1, std::min(tasks, (N + kColumnAlign - 1) / kColumnAlign));
+  const int64_t per_task =
+      ((N + tasks - 1) / tasks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+  tasks = (N + per_task - 1) / per_task;
+  const int64_t helpers = forced > 0 ? tasks - 1
+                                     : std::min<int64_t>(tasks - 1, pool_threads - 1);
+  return {tasks, per_task, helpers};
+}
+
+struct ColumnJob {
+  const Problem* problem;
+  Variant variant;
+  int64_t columns_per_task;
+};
+
+void RunColumns(const void* ctx, int64_t task) {
+  const auto& job = *static_cast<const ColumnJob*>(ctx);
+  const Problem& p = *job.problem;
+  const int64_t n0 = task * job.columns_per_task;
+  const int64_t n1 = std::min(p.N, n0 + job.columns_per_task);
+  if (n0 >= n1) return;
+  if (job.variant == Variant::kAvx2) {
+    RunAvx2(p, n0, n1);
+  } else {
+    RunScalar(p, n0, n1);
+  }
+}
+
+// Element offset of batch `index` (over the output's batch dims) in an operand whose batch
+// dims are each 1 (broadcast) or the output's.
+int64_t BatchOffset(ffi::Span<const int64_t> dims, ffi::Span<const int64_t> out_dims,
+                    int64_t index) {
+  const int64_t batch_rank = static_cast<int64_t>(out_dims.size()) - 2;
+  int64_t offset = 0, stride = dims[batch_rank] * dims[batch_rank + 1];
+  for (int64_t i = batch_rank - 1; i >= 0; --i) {
+    const int64_t coordinate = index % out_dims[i];
+    index /= out_dims[i];
+    if (dims[i] != 1) offset += coordinate * stride;
+    stride *= dims[i];
+  }
+  return offset;
+}
+
+int64_t BatchCount(ffi::Span<const int64_t> dims) {
+  int64_t count = 1;
+  for (size_t i = 0; i + 2 < dims.size(); ++i) count *= dims[i];
+  return count;
+}
+
+std::string ShapeString(ffi::Span<const int64_t> dims) {
+  std::string text = "(";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    text += (i ? ", " : "") + std::to_string(dims[i]);
+  }
+  return text + ")";
+}
+
+ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                ffi::AnyBuffer scale, const ffi::AnyBuffer* zero,
+                ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits, int64_t group_size,
+                int64_t zero_kind, int64_t variant_attr, int64_t tasks_attr) {
+  const auto x_dims = x.dimensions(), q_dims = q.dimensions(), s_dims = scale.dimensions();
+  const auto y_dims = y->dimensions();
+  const size_t rank = x_dims.size();
+  if (rank < 2 || q_dims.size() != rank || s_dims.size() != rank || y_dims.size() != rank ||
+      (zero != nullptr && zero->dimensions().size() != rank)) {
+    return ffi::Error::InvalidArgument("weight gemv: operands must share one rank >= 2, got x " +
+                                       ShapeString(x_dims) + ", codes " + ShapeString(q_dims) +
+                                       ", scale " + ShapeString(s_dims));
+  }
+  const int64_t R = x_dims[rank - 2], K = x_dims[rank - 1];
+  const int64_t N = q_dims[rank - 1], K_stored = q_dims[rank - 2];
+  const int64_t G = s_dims[rank - 2];
+
+  Problem base;
+  base.K = K;
+  base.N = N;
+  base.G = G;
+  base.group = group_size;
+  if (zero_kind < 0 || zero_kind > 2 || (zero == nullptr) != (zero_kind == 0)) {
+    return ffi::Error::InvalidArgument("weight gemv: bad zero_kind " + std::to_string(zero_kind));
+  }
+  base.zero_kind = static_cast<ZeroKind>(zero_kind);
+  if (bits == 8) {
+    if (q.element_type() == ffi::DataType::S8 && zero_kind == 0) {
+      base.codes = Codes::kInt8;
+    } else if (q.element_type() == ffi::DataType::U8 && zero_kind != 0) {
+      base.codes = Codes::kUint8;
+    } else {
+      return ffi::Error::InvalidArgument(
+          "weight gemv: 8-bit codes are int8 (symmetric) or uint8 with a zero");
+    }
+    if (K_stored != K) {
+      return ffi::Error::InvalidArgument("weight gemv: codes " + ShapeString(q_dims) +
+                                         " do not match K = " + std::to_string(K));
+    }
+  } else if (bits == 4) {
+    if (q.element_type() != ffi::DataType::U8) {
+      return ffi::Error::InvalidArgument("weight gemv: 4-bit codes must be packed uint8");
+    }
+    base.codes = Codes::kUint4;
+    if (K_stored != (K + 1) / 2) {
+      return ffi::Error::InvalidArgument("weight gemv: packed codes " + ShapeString(q_dims) +
+                                         " do not match K = " + std::to_string(K));
+    }
+  } else {
+    return ffi::Error::InvalidArgument("weight gemv: bits must be 4 or 8, got " +
+                                       std::to_string(bits));
+  }
+  if (group_size < 1 || G != (K + group_size - 1) / group_size || s_dims[rank - 1] != N) {
+    return ffi::Error::InvalidArgument("weight gemv: scale " + ShapeString(s_dims) +
+                                       " does not match K = " + std::to_string(K) + ", N = " +
+                                       std::to_string(N) + ", group_size " +
+                                       std::to_string(group_size));
+  }
+  if (base.codes == Codes::kUint4 && G > 1 && group_size % 2) {
+    return ffi::Error::InvalidArgument("weight gemv: 4-bit groups must hold an even count");
+  }
+  if (scale.element_type() == ffi::DataType::F16) {
+    base.scale_f16 = true;
+  } else if (scale.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("weight gemv: scales must be float32 or float16");
+  }
+  if (zero != nullptr) {
+    const auto z_dims = zero->dimensions();
+    for (size_t i = 0; i < rank; ++i) {
+      if (z_dims[i] != s_dims[i]) {
+        return ffi::Error::InvalidArgument("weight gemv: zero " + ShapeString(z_dims) +
+                                           " and scale " + ShapeString(s_dims) + " differ");
+      }
+    }
+    const auto type = zero->element_type();
+    if (base.zero_kind == ZeroKind::kInteger && type != ffi::DataType::U8) {
+      return ffi::Error::InvalidArgument("weight gemv: integer zero points must be uint8");
+    }
+    if (base.zero_kind == ZeroKind::kFloat) {
+      if (type == ffi::DataType::F16) {
+        base.zero_f16 = true;
+      } else if (type != ffi::DataType::F32) {
+        return ffi::Error::InvalidArgument("weight gemv: float offsets must be float32/16");
+      }
+    }
+  }
+  if (y_dims[rank - 2] != R || y_dims[rank - 1] != N) {
+    return ffi::Error::InvalidArgument("weight gemv: result " + ShapeString(y_dims) +
+                                       " is not (rows, N)");
+  }
+  const ffi::AnyBuffer* operands[4] = {nullptr, &q, &scale, zero};
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    bool ok = x_dims[i] == 1 || x_dims[i] == y_dims[i];
+    for (int j = 1; j < 4; ++j) {
+      if (operands[j] != nullptr) {
+        const int64_t d = operands[j]->dimensions()[i];
+        ok = ok && (d == 1 || d == y_dims[i]);
+      }
+    }
+    if (!ok) return ffi::Error::InvalidArgument("weight gemv: batch dimensions do not match");
+  }
+
+  Variant variant = static_cast<Variant>(variant_attr);
+  if (variant == Variant::kAuto) variant = HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
+  if (variant == Variant::kAvx2 && !HaveAvx2()) {
+    return ffi::Error::InvalidArgument("weight gemv: this CPU has no AVX2 + FMA + F16C");
+  }
+  if (variant != Variant::kAvx2 && variant != Variant::kScalar) {
+    return ffi::Error::InvalidArgument("weight gemv: unknown variant " +
+                                       std::to_string(variant_attr));
+  }
+
+  const int64_t pool_threads = pool.num_threads();
+  g_last_pool_threads.store(pool_threads, std::memory_order_relaxed);
+  const int64_t weight_bytes = K_stored * N;
+  std::vector<float> xsum;
+  const uint8_t* q_base = static_cast<const uint8_t*>(q.untyped_data());
+  const char* s_base = static_cast<const char*>(scale.untyped_data());
+  const char* z_base = zero ? static_cast<const char*>(zero->untyped_data()) : nullptr;
+  const int64_t s_width = base.scale_f16 ? 2 : 4;
+  const int64_t z_width = zero == nullptr ? 0 : (base.zero_kind == ZeroKind::kInteger ? 1
+                                                 : base.zero_f16 ? 2 : 4);
+
+  // rows [r0, r0 + count) of one x matrix (row stride K) against one weight.
+  auto run_rows = [&](const float* x_rows, float* y_rows, int64_t count, const uint8_t* q_ptr,
+                      const void* s_ptr, const void* z_ptr) {
+    for (int64_t r0 = 0; r0 < count; r0 += kMaxRows) {
+      Problem p = base;
+      p.rows = std::min<int64_t>(kMaxRows, count - r0);
+      p.x = x_rows + r0 * K;
+      p.y = y_rows + r0 * N;
+      p.q = q_ptr;
+      p.scale = s_ptr;
+      p.zero = z_ptr;
+      if (p.zero_kind == ZeroKind::kFloat) {
+        xsum.assign(p.rows * G, 0.0f);
+        for (int64_t m = 0; m < p.rows; ++m) {
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t k1 = std::min(K, (g + 1) * group_size);
+            float total = 0.0f;
+            for (int64_t k = g * group_size; k < k1; ++k) total += p.x[m * K + k];
+            xsum[m * G + g] = total;
+          }
+        }
+        p.xsum = xsum.data();
+      }
+      const TaskSplit split = ChooseTasks(weight_bytes, p.rows, N, pool_threads, tasks_attr);
+      ColumnJob job{&p, variant, split.columns_per_task};
+      ParallelFor(pool, split.tasks, split.helpers, &RunColumns, &job);
+    }
+  };
+
+  const float* x_data = x.typed_data();
+  float* y_data = y->typed_data();
+  const int64_t batches = BatchCount(y_dims);
+  if (batches == 0 || R == 0 || N == 0) return ffi::Error::Success();  // an empty result
+  const bool shared_weight = BatchCount(q_dims) == 1 && BatchCount(s_dims) == 1 &&
+                             (zero == nullptr || BatchCount(zero->dimensions()) == 1) &&
+                             BatchCount(x_dims) == batches;
+  if (shared_weight) {  // every batch entry against one weight: one (batches·R, K) problem
+    run_rows(x_data, y_data, batches * R, q_base, s_base, z_base);
+    return ffi::Error::Success();
+  }
+  for (int64_t b = 0; b < batches; ++b) {
+    const int64_t zo = zero ? BatchOffset(zero->dimensions(), y_dims, b) : 0;
+    run_rows(x_data + BatchOffset(x_dims, y_dims, b), y_data + b * R * N, R,
+             q_base + BatchOffset(q_dims, y_dims, b),
+             s_base + BatchOffset(s_dims, y_dims, b) * s_width,
+             z_base ? z_base + zo * z_width : nullptr);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvNoZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                      ffi::AnyBuffer scale, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits,
+                      int64_t group_size, int64_t variant, int64_t tasks) {
+  return Gemv(pool, x, q, scale, nullptr, y, bits, group_size, 0, variant, tasks);
+}
+
+ffi::Error GemvWithZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                        ffi::AnyBuffer scale, ffi::AnyBuffer zero,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits, int64_t group_size,
+                        int64_t zero_kind, int64_t variant, int64_t tasks) {
+  return Gemv(pool, x, q, scale, &zero, y, bits, group_size, zero_kind, variant, tasks);
+}
+
+}  // namespace
+
+void RunScalar(const Problem& p, int64_t n0, int64_t n1) {
+  JAXOPT_LLM_FORMAT_SWITCH(ScalarDispatch, p, n0, n1)
+}
+
+#ifdef JAXOPT_LLM_X86
+void RunAvx2(const Problem& p, int64_t n0, int64_t n1) {
+  JAXOPT_LLM_FORMAT_SWITCH(Avx2Dispatch, p, n0, n1)
+}
+
+bool HaveAvx2() {
+  static const bool have = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return have;
+}
+#else
+void RunAvx2(const Problem& p, int64_t n0, int64_t n1) { RunScalar(p, n0, n1); }
+bool HaveAvx2() { return false; }
+#endif
+
+const char* BestVariantName() { return HaveAvx2() ? "avx2" : "scalar"; }
+
+int64_t LastPoolThreads() { return g_last_pool_threads.load(std::memory_order_relaxed); }
+
+}  // namespace jaxopt_llm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemv, jaxopt_llm::GemvNoZero,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("variant")
+                                  .Attr<int64_t>("tasks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemvZero, jaxopt_llm::GemvWithZero,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("zero_kind")
+                                  .Attr<int64_t>("variant")
+                                  .Attr<int64_t>("tasks"));

@@ -1,0 +1,67 @@
+// Weight-only quantized GEMV/GEMM kernels for decode-sized inputs (1-8 rows), called from
+// JAX through the XLA FFI (see gemv.cc and jaxopt_llm/weights/native.py).
+//
+// y (rows, N) float32 = x (rows, K) float32 @ dequant(W), W stored K-major as the
+// QuantizedWeight leaf stores it:
+//   int8   codes q (K, N), w = q * s                      (symmetric 8-bit)
+//   uint8  codes u (K, N), w = (u - z) * s  or  u * s + m   (asymmetric 8-bit)
+//   uint4  codes packed two per byte along K (even k in the low nibble), (ceil(K/2), N):
+//          w = (u - 8) * s (symmetric), (u - z) * s, or u * s + m
+// with s, z, m per group of `group` consecutive k (G = ceil(K / group) groups, the last one
+// possibly shorter) and per output column: s and m float32 or float16 (G, N), z uint8 (G, N).
+#ifndef JAXOPT_LLM_CSRC_GEMV_H_
+#define JAXOPT_LLM_CSRC_GEMV_H_
+
+#include <cstdint>
+
+extern "C" {
+struct XLA_FFI_Error;
+struct XLA_FFI_CallFrame;
+// The FFI handlers (typed FFI, api_version 1), exported for the Python module's capsules.
+XLA_FFI_Error* JaxoptLlmWeightGemv(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxoptLlmWeightGemvZero(XLA_FFI_CallFrame* call_frame);
+}
+
+namespace jaxopt_llm {
+
+enum class Codes : int { kInt8 = 0, kUint8 = 1, kUint4 = 2 };
+enum class ZeroKind : int { kNone = 0, kInteger = 1, kFloat = 2 };
+// Which kernel runs: 0 the best one this CPU supports, 1 the portable scalar one, 2 AVX2.
+enum class Variant : int { kAuto = 0, kScalar = 1, kAvx2 = 2 };
+
+// The most rows one kernel call accumulates in registers; more rows run in blocks of this.
+constexpr int kMaxRows = 8;
+
+// One block of at most kMaxRows rows against the whole weight.
+struct Problem {
+  const float* x = nullptr;   // (rows, K), row stride K
+  int64_t rows = 0;           // 1..kMaxRows
+  int64_t K = 0;
+  int64_t N = 0;
+  const uint8_t* q = nullptr; // codes, row stride N bytes
+  const void* scale = nullptr;  // (G, N) float32, or float16 when scale_f16
+  bool scale_f16 = false;
+  const void* zero = nullptr;   // (G, N): uint8 (kInteger), float32/float16 (kFloat)
+  bool zero_f16 = false;
+  int64_t group = 0;          // k values per group (K for a single group)
+  int64_t G = 0;
+  const float* xsum = nullptr;  // (rows, G): sum of x over each group (kFloat only)
+  float* y = nullptr;         // (rows, N), row stride N
+  Codes codes = Codes::kInt8;
+  ZeroKind zero_kind = ZeroKind::kNone;
+};
+
+// y[:, n0:n1] of the block, portable C++.
+void RunScalar(const Problem& p, int64_t n0, int64_t n1);
+// y[:, n0:n1] of the block with AVX2 + FMA + F16C; only when HaveAvx2().
+void RunAvx2(const Problem& p, int64_t n0, int64_t n1);
+// Whether this CPU runs the AVX2 kernel (checked at run time).
+bool HaveAvx2();
+// "avx2" or "scalar": the kernel Variant::kAuto picks on this CPU.
+const char* BestVariantName();
+// Threads of XLA's CPU pool seen by the last call (0 before any call).
+int64_t LastPoolThreads();
+
+}  // namespace jaxopt_llm
+
+#endif  // JAXOPT_LLM_CSRC_GEMV_H_

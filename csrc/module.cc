@@ -1,0 +1,62 @@
+// The Python extension module jaxopt_llm._native_gemv: the FFI handlers of gemv.cc as
+// PyCapsules for jax.ffi.register_ffi_target, and what the kernels will run on this CPU.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "gemv.h"
+
+namespace {
+
+PyObject* Registrations(PyObject*, PyObject*) {
+  struct Target {
+    const char* name;
+    void* handler;
+  };
+  const Target targets[] = {
+      {"jaxopt_llm_weight_gemv", reinterpret_cast<void*>(&JaxoptLlmWeightGemv)},
+      {"jaxopt_llm_weight_gemv_zero", reinterpret_cast<void*>(&JaxoptLlmWeightGemvZero)},
+  };
+  PyObject* result = PyDict_New();
+  if (result == nullptr) return nullptr;
+  for (const Target& target : targets) {
+    PyObject* capsule = PyCapsule_New(target.handler, nullptr, nullptr);
+    if (capsule == nullptr || PyDict_SetItemString(result, target.name, capsule) < 0) {
+      Py_XDECREF(capsule);
+      Py_DECREF(result);
+      return nullptr;
+    }
+    Py_DECREF(capsule);
+  }
+  return result;
+}
+
+PyObject* BestVariant(PyObject*, PyObject*) {
+  return PyUnicode_FromString(jaxopt_llm::BestVariantName());
+}
+
+PyObject* PoolThreads(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(jaxopt_llm::LastPoolThreads()));
+}
+
+PyMethodDef kMethods[] = {
+    {"registrations", Registrations, METH_NOARGS,
+     "registrations() -> dict: FFI target name -> PyCapsule of its XLA FFI handler."},
+    {"best_variant", BestVariant, METH_NOARGS,
+     "best_variant() -> str: 'avx2' or 'scalar', the kernel chosen on this CPU at run time."},
+    {"pool_threads", PoolThreads, METH_NOARGS,
+     "pool_threads() -> int: threads of XLA's CPU pool seen by the last call (0 before)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT,
+    "_native_gemv",
+    "Native weight-only quantized GEMV kernels (XLA FFI handlers); see "
+    "jaxopt_llm.weights.native.",
+    -1,
+    kMethods,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__native_gemv(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,265 @@
+"""Native CPU kernels for weight-only quantized matmuls at decode sizes (1–8 rows).
+
+The pure-JAX path (`QuantizedWeight.linear`) dequantizes the whole weight to float32 and
+then multiplies: at decode sizes that writes and reads a float32 copy of every weight each
+step, so a quantized model decodes slower than a float32 one. The kernels here
+(csrc/gemv.cc, built into the optional extension `jaxopt_llm._native_gemv` by setup.py)
+read the stored codes once and never materialize the float weight; JAX calls them through
+the XLA FFI (`jax.ffi.ffi_call`), so they run under `jit` and `vmap` like any primitive.
+
+Layouts (the `QuantizedWeight` of a kernel, axis=0, (K, N) = `w.shape2d`, taken as stored):
+- symmetric 8-bit: int8 codes q (K, N), w = q·s;
+- asymmetric 8-bit: uint8 codes u (K, N), w = (u - z)·s, or u·s + m with a float offset;
+- 4-bit: uint8 (ceil(K/2), N), two consecutive k per byte, even k in the low nibble;
+  w = (u - 8)·s (symmetric), (u - z)·s (uint8 zero point), or u·s + m (float offset);
+- s, m: (G, N) float32 or float16 (bfloat16 is converted to float32 here); z: (G, N) uint8;
+  G = 1 per channel, ceil(K / group_size) per group (the last group may be shorter);
+  per-tensor (1, 1) scales are broadcast to (1, N) here.
+
+Algorithm: the weight is K-major, so the kernel walks k and vectorises along N (AVX2 + FMA,
+8 columns a vector, 8·V columns a register tile, every row of x in registers): per group,
+acc[m, :] = Σ_k x[m, k]·c[k, :] with c the exact integer code as float32 (the 4-bit offset
+and integer zero points subtracted in integers), then y[m, :] += s[g, :]·acc[m, :]
+(+ m[g, :]·Σ_{k∈g} x[m, k] for a float offset). Codes are decoded once per k and tile and
+reused by every row; scales are read once per group and tile.
+
+Dispatch: at run time the kernel picks AVX2 + FMA + F16C (`__builtin_cpu_supports`) or a
+portable scalar loop (no AVX-512 variant yet: the AVX2 one runs there); columns are split
+into chunks of whole 32-column tiles that the calling thread and tasks on XLA's own CPU
+thread pool (the FFI ThreadPool context) claim from a shared counter, so small weights stay
+on one thread and there is no thread pool of our own. Rows beyond 8 run in blocks of 8; a
+vmapped call whose weight is not batched becomes one call with the batch folded into the
+rows (`vmap_method="expand_dims"`), a batched weight loops inside the kernel.
+
+`native_matmul` returns None where the kernel does not apply (`supports`): tables (axis 1),
+W8A8 (act_bits), other widths (2, 3, 5, 6, 7 bits), odd 4-bit group sizes, more than
+`MAX_ROWS` rows, non-float32 inputs or weights (materialize() would round the weight to that
+dtype; the kernel does not), a default backend other than CPU, or the extension missing.
+The call has no derivative (inference only) and knows nothing of meshes: arrays sharded
+over several devices are not its use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Rows (tokens) up to which `native_matmul` runs the kernel; more go through XLA.
+MAX_ROWS = 8
+
+# The kernel a call runs: the best this CPU supports, the portable one, or AVX2 (an error
+# where the CPU lacks it).
+VARIANTS = {"auto": 0, "scalar": 1, "avx2": 2}
+
+_TARGET = "jaxopt_llm_weight_gemv"
+_TARGET_ZERO = "jaxopt_llm_weight_gemv_zero"
+_SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str]:
+    """The extension with its FFI targets registered (once), or None and why not."""
+    try:
+        from jaxopt_llm import _native_gemv
+    except ImportError as error:
+        return None, f"extension not built: {error}"
+    try:
+        for name, capsule in _native_gemv.registrations().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    except Exception as error:  # noqa: BLE001 - any failure means "not available"
+        return None, f"FFI registration failed: {type(error).__name__}: {error}"
+    return _native_gemv, ""
+
+
+@functools.cache
+def native_status() -> tuple[bool, str]:
+    """Whether the native kernels run here, and a one-line description or reason.
+
+    The first call loads the extension, registers its FFI targets and runs one tiny
+    matmul against numpy, so "available" means a call really went through; the result is
+    cached.
+
+    Returns:
+        (available, description): e.g. (True, "avx2 kernel, 2 threads (XLA CPU pool)") or
+        (False, "extension not built: No module named 'jaxopt_llm._native_gemv'").
+
+    Example:
+        >>> available, description = native_status()
+        >>> isinstance(available, bool) and isinstance(description, str)
+        True
+    """
+    module, reason = _load()
+    if module is None:
+        return False, reason
+    if jax.default_backend() != "cpu":
+        return False, f"default backend is {jax.default_backend()}, the kernels are CPU-only"
+    try:  # int8 codes with per-channel scales, checked against numpy
+        codes = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)
+        scale = np.array([[0.5, 1.0, 2.0, 0.25]], np.float32)
+        x = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
+        call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((1, 4), jnp.float32),
+                                vmap_method="expand_dims")
+        got = np.asarray(call(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(scale),
+                              bits=np.int64(8), group_size=np.int64(4), variant=np.int64(0),
+                              tasks=np.int64(0)))
+        want = x @ (codes.astype(np.float32) * scale)
+        if not np.allclose(got, want, rtol=1e-6, atol=1e-6):
+            return False, f"self-check failed: {got.tolist()} != {want.tolist()}"
+    except Exception as error:  # noqa: BLE001 - a failed call means "not available"
+        return False, f"self-check call failed: {type(error).__name__}: {error}"
+    threads = module.pool_threads()
+    return True, f"{module.best_variant()} kernel, {threads} threads (XLA CPU pool)"
+
+
+# JAXOPT_LLM_NATIVE=off (or 0, no, false) keeps every matmul on the pure-JAX path.
+ENV = "JAXOPT_LLM_NATIVE"
+
+
+@functools.cache
+def path_in_use() -> tuple[bool, str]:
+    """Whether `QuantizedWeight.linear` calls the kernels here, and why (or why not).
+
+    Returns:
+        (enabled, description): `native_status()`, unless JAXOPT_LLM_NATIVE turns the
+        kernels off, e.g. (False, "off (JAXOPT_LLM_NATIVE=off): pure-JAX dequantize +
+        matmul").
+
+    Example:
+        >>> enabled, why = path_in_use()
+        >>> isinstance(enabled, bool) and isinstance(why, str)
+        True
+    """
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in ("off", "0", "no", "false"):
+        return False, f"off ({ENV}={setting}): pure-JAX dequantize + matmul"
+    available, description = native_status()
+    if not available:
+        return False, f"{description}: pure-JAX dequantize + matmul"
+    return True, f"native {description} for ≤ {MAX_ROWS} rows; XLA above"
+
+
+def supports(w: object, rows: int) -> bool:
+    """Whether `native_matmul` runs the kernel for this weight and this many rows.
+
+    Only the weight's static properties and the default backend are looked at, so this
+    works on traced weights too; the extension itself is checked by `native_status`.
+
+    Args:
+        w: a weight leaf (anything else is not supported).
+        rows: rows (tokens) of the input, M of x (M, K).
+
+    Returns:
+        True for weight-only 4-bit (even group sizes) and 8-bit kernels (axis 0) in
+        float32 with float32/float16/bfloat16 scales, 1 ≤ rows ≤ `MAX_ROWS`, on a CPU
+        default backend.
+
+    Example:
+        >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
+        >>> w4 = quantize_weight(jnp.ones((64, 8)), QuantSpec(bits=4, granularity="group",
+        ...                                                   group_size=32))
+        >>> supports(w4, 1), supports(w4, 64)
+        (True, False)
+        >>> supports(quantize_weight(jnp.ones((64, 8)), QuantSpec(bits=3)), 1)
+        False
+    """
+    if type(w).__name__ != "QuantizedWeight" or not 1 <= rows <= MAX_ROWS:
+        return False  # (by name: quantized.py imports this module, not the reverse)
+    if w.axis != 0 or w.act_bits is not None or w.bits not in (4, 8) or w.dtype != "float32":
+        return False
+    if w.bits == 8 and (w.symmetric != (w.zero_point is None)):
+        return False
+    k = w.shape2d[0]
+    if w.bits == 4 and w.granularity == "group" and w.group_size % 2 and w.group_size < k:
+        return False
+    if jnp.dtype(w.scale.dtype) not in _SCALE_DTYPES:
+        return False
+    if w.zero == "float" and jnp.dtype(w.zero_point.dtype) not in _SCALE_DTYPES:
+        return False
+    return jax.default_backend() == "cpu"
+
+
+def _kernel_float(values: jax.Array, columns: int) -> jax.Array:
+    """Scales / float offsets as the kernel reads them: float32 or float16, (G, N)."""
+    if values.dtype == jnp.bfloat16:
+        values = values.astype(jnp.float32)
+    if values.shape[-1] != columns:  # per tensor: (1, 1) → (1, N)
+        values = jnp.broadcast_to(values, (values.shape[0], columns))
+    return values
+
+
+def native_matmul(x2: jax.Array, w: Any, *, variant: str = "auto",
+                  tasks: int = 0) -> jax.Array | None:
+    """x2 (M, K) float32 @ the dequantized weight, by the native kernel; None if not handled.
+
+    Equal to `x2 @ w.materialize().reshape(w.shape2d)` up to float32 rounding (the order
+    of the sums differs), without materializing the weight. Works under `jit` and `vmap`.
+
+    Args:
+        x2: float32 activations (M, K), M ≤ `MAX_ROWS`.
+        w: a weight-only `QuantizedWeight` of a kernel (axis 0) with `w.shape2d[0] == K`.
+        variant: "auto" (the best kernel for this CPU), "scalar" or "avx2" (`VARIANTS`).
+        tasks: column chunks to split the work into (0: by size and XLA's pool threads).
+
+    Returns:
+        The float32 (M, N) product, or None when `supports(w, M)` is false, x2 is not a
+        float32 (M, K) matrix, or the extension is not available.
+
+    Raises:
+        ValueError: for an unknown `variant`.
+
+    Example:
+        >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
+        >>> w = quantize_weight(jnp.array([[7.0, -14.0], [-3.0, 2.0]]), QuantSpec(bits=4))
+        >>> native_matmul(jnp.array([[1.0, 1.0]]), w).tolist()  # doctest: +SKIP
+        [[4.0, -12.0]]
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if x2.ndim != 2 or x2.dtype != jnp.float32 or not supports(w, x2.shape[0]):
+        return None
+    k, n = w.shape2d
+    if x2.shape[1] != k or _load()[0] is None:
+        return None
+    return _differentiable_call(x2, w, variant, tasks)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _differentiable_call(x2: jax.Array, w: Any, variant: str, tasks: int) -> jax.Array:
+    """The kernel call; its derivative is the pure-JAX product's (the kernel has none)."""
+    return _call(x2, w, variant, tasks)
+
+
+@_differentiable_call.defjvp
+def _jvp(variant, tasks, primals, tangents):
+    def pure(x2, w):
+        return x2 @ w.materialize().reshape(w.shape2d).astype(jnp.float32)
+
+    _, tangent = jax.jvp(pure, primals, tangents)
+    return _call(*primals, variant, tasks), tangent
+
+
+def _call(x2: jax.Array, w: Any, variant: str, tasks: int) -> jax.Array:
+    k, n = w.shape2d
+    group = w.group_size if w.granularity == "group" else k
+    attrs = dict(bits=np.int64(w.bits), group_size=np.int64(min(group, k)),
+                 variant=np.int64(VARIANTS[variant]), tasks=np.int64(tasks))
+    out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+    codes = w.qvalue.reshape(-1, n)
+    scale = _kernel_float(w.scale, n)
+    if w.zero_point is None:
+        call = jax.ffi.ffi_call(_TARGET, out, vmap_method="expand_dims")
+        return call(x2, codes, scale, **attrs)
+    if w.zero == "float":
+        zero, kind = _kernel_float(w.zero_point, n), 2
+    else:
+        zero, kind = w.zero_point, 1
+        if zero.shape[-1] != n:
+            zero = jnp.broadcast_to(zero, (zero.shape[0], n))
+    call = jax.ffi.ffi_call(_TARGET_ZERO, out, vmap_method="expand_dims")
+    return call(x2, codes, scale, zero, zero_kind=np.int64(kind), **attrs)

@@ -1,0 +1,265 @@
+"""The native weight-only GEMV kernels (jaxopt_llm.weights.native, csrc/gemv.cc) against the
+independent pure-JAX path `x @ w.materialize()`, for every handled storage form, eagerly,
+under jit and under vmap, with both kernel variants and forced multi-threaded splits."""
+
+import functools
+import shutil
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopt_llm.weights import QuantSpec, native, quantize_weight
+
+RTOL = 1e-5
+# Plus an absolute slack of 1e-6 · Σ_k |x_k|·|w_kn|: the kernel sums in a different order
+# than XLA's dot, so an output that cancels to ~0 differs by float32 rounding of its terms
+# (measured ≤ 2.5e-7 of that sum over these cases).
+ATOL_OF_ABS_SUM = 1e-6
+
+
+def require_native() -> None:
+    """Skip only when the extension was genuinely not built; any other failure fails."""
+    available, status = native.native_status()
+    if not available and status.startswith("extension not built"):
+        pytest.skip(status)
+    assert available, status
+
+
+def test_native_is_built_where_a_compiler_exists():
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine: the extension is optional")
+    available, status = native.native_status()
+    assert available, (f"{compiler} exists but the native kernels are not available: {status} "
+                       "(build them with `pip install --no-deps -e .`)")
+    assert "kernel" in status and "threads" in status
+
+
+# name -> (spec, scale_dtype or None for the default, [(K, N), ...])
+FORMS = {
+    "int8 channel f32": (QuantSpec(bits=8), None, [(75, 40), (130, 13)]),
+    "int8 channel f16": (QuantSpec(bits=8), "float16", [(75, 40)]),
+    "int8 g32 f16": (QuantSpec(bits=8, granularity="group", group_size=32), None,
+                     [(96, 40), (160, 13)]),
+    "int8 g128 f32": (QuantSpec(bits=8, granularity="group", group_size=128), "float32",
+                      [(384, 40)]),
+    "int8 g128 partial": (QuantSpec(bits=8, granularity="group", group_size=128,
+                                    partial_groups=True), None, [(200, 13)]),
+    "uint8 zero channel": (QuantSpec(bits=8, symmetric=False), None, [(75, 40)]),
+    "uint8 float offset g32": (QuantSpec(bits=8, symmetric=False, zero="float",
+                                         granularity="group", group_size=32), None, [(96, 13)]),
+    "int4 channel odd K": (QuantSpec(bits=4), None, [(75, 40), (130, 13)]),
+    "int4 tensor": (QuantSpec(bits=4, granularity="tensor"), None, [(96, 13)]),
+    "int4 g32 f16": (QuantSpec(bits=4, granularity="group", group_size=32), None,
+                     [(96, 40), (160, 13)]),
+    "int4 g32 f32": (QuantSpec(bits=4, granularity="group", group_size=32), "float32",
+                     [(96, 40)]),
+    "int4 g128": (QuantSpec(bits=4, granularity="group", group_size=128), None, [(384, 40)]),
+    "int4 g128 partial odd K": (QuantSpec(bits=4, granularity="group", group_size=128,
+                                          partial_groups=True), None, [(201, 13)]),
+    "int4 zero g32": (QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32),
+                      None, [(96, 40), (160, 13)]),
+    "int4 zero g128 f32": (QuantSpec(bits=4, symmetric=False, granularity="group",
+                                     group_size=128, partial_groups=True), "float32",
+                           [(200, 40)]),
+    "int4 float offset g32 f16": (QuantSpec(bits=4, symmetric=False, zero="float",
+                                            granularity="group", group_size=32), None,
+                                  [(96, 40), (160, 13)]),
+    "int4 float offset g32 f32": (QuantSpec(bits=4, symmetric=False, zero="float",
+                                            granularity="group", group_size=32), "float32",
+                                  [(96, 13)]),
+    "int4 float offset bf16": (QuantSpec(bits=4, symmetric=False, zero="float",
+                                         granularity="group", group_size=32), "bfloat16",
+                               [(96, 13)]),
+    "int4 zero channel": (QuantSpec(bits=4, symmetric=False), None, [(130, 40)]),
+}
+CASES = [(name, shape) for name, (_, _, shapes) in FORMS.items() for shape in shapes]
+ROWS = (1, 3, 8)
+
+
+# jitted: eager quantization and dequantization dispatch dozens of small ops (seconds)
+quantize = jax.jit(quantize_weight, static_argnums=1, static_argnames=("scale_dtype", "axis"))
+materialize = jax.jit(lambda w: w.materialize().reshape(w.shape2d))
+
+
+@functools.cache
+def weight(name: str, shape: tuple[int, int], seed: int = 0):
+    """(QuantizedWeight, its materialized float32 (K, N) weight as numpy)."""
+    spec, scale_dtype, _ = FORMS[name]
+    rng = np.random.default_rng([zlib.crc32(name.encode()), *shape, seed])
+    dense = rng.normal(0.0, 0.1, shape).astype(np.float32)
+    dense[:, 0] += 0.3  # an asymmetric column: zero points and offsets far from the middle
+    qw = quantize(jnp.asarray(dense), spec, scale_dtype=scale_dtype)
+    return qw, np.asarray(materialize(qw))
+
+
+def inputs(rows: int, k: int, seed: int = 1, lead: tuple[int, ...] = ()) -> np.ndarray:
+    return np.random.default_rng(seed + 7 * rows + k).normal(
+        size=(*lead, rows, k)).astype(np.float32)
+
+
+def reference(x: np.ndarray, w) -> np.ndarray:
+    """The pure-JAX path: x @ w.materialize() in float32."""
+    return np.asarray(jnp.matmul(jnp.asarray(x), materialize(w)))
+
+
+def assert_matches(got, want: np.ndarray, x: np.ndarray, dense: np.ndarray) -> None:
+    got = np.asarray(got)
+    assert got.shape == want.shape and got.dtype == np.float32
+    slack = ATOL_OF_ABS_SUM * (np.abs(x) @ np.abs(dense))
+    bad = np.abs(got - want) > RTOL * np.abs(want) + slack
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} differ; worst "
+                           f"{np.max(np.abs(got - want))} (|want| max {np.abs(want).max()})")
+
+
+def variants() -> list[str]:
+    from jaxopt_llm import _native_gemv  # noqa: F401 - only called once available
+
+    return ["scalar", "avx2"] if _native_gemv.best_variant() == "avx2" else ["scalar"]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("name", "shape"), CASES, ids=[f"{n} {k}x{m}" for n, (k, m) in CASES])
+def test_matches_pure_jax(name, shape, rows):
+    require_native()
+    w, dense = weight(name, shape)
+    assert native.supports(w, rows)
+    x = inputs(rows, shape[0])
+    want = reference(x, w)
+    for variant in variants():
+        got = native.native_matmul(jnp.asarray(x), w, variant=variant)
+        assert_matches(got, want, x, dense)
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 5])
+def test_forced_column_splits(tasks):
+    """Chunks of 32 columns over XLA's pool (the tail chunk shorter, N % 8 ≠ 0)."""
+    require_native()
+    for name, shape in [("int4 g32 f16", (96, 77)), ("int8 channel f32", (75, 150)),
+                        ("int4 float offset g32 f16", (96, 77))]:
+        w, dense = weight(name, shape)
+        x = inputs(8, shape[0])
+        assert_matches(native.native_matmul(jnp.asarray(x), w, tasks=tasks),
+                       reference(x, w), x, dense)
+
+
+@pytest.mark.parametrize("name", ["int8 g32 f16", "int4 g128 partial odd K",
+                                  "int4 zero g32", "int4 float offset g32 f16"])
+def test_under_jit(name):
+    require_native()
+    shape = FORMS[name][2][0]
+    w, dense = weight(name, shape)
+    x = inputs(3, shape[0])
+    got = jax.jit(native.native_matmul)(jnp.asarray(x), w)
+    assert_matches(got, reference(x, w), x, dense)
+
+
+@pytest.mark.parametrize("name", ["int8 channel f32", "int4 g32 f16", "int4 zero g32",
+                                  "int4 float offset g32 f16"])
+def test_vmap_over_inputs(name):
+    """A batch of inputs against one weight: folded into rows (beyond 8: blocks of 8)."""
+    require_native()
+    shape = FORMS[name][2][0]
+    w, dense = weight(name, shape)
+    for lead, rows in [((4,), 8), ((2,), 1), ((3,), 3)]:
+        x = inputs(rows, shape[0], lead=lead)
+        got = jax.vmap(native.native_matmul, in_axes=(0, None))(jnp.asarray(x), w)
+        want = np.stack([reference(xi, w) for xi in x])
+        assert_matches(got, want, x, dense)
+    x = inputs(2, shape[0], lead=(2, 3))  # nested vmap, under jit
+    got = jax.jit(jax.vmap(jax.vmap(native.native_matmul, in_axes=(0, None)),
+                           in_axes=(0, None)))(jnp.asarray(x), w)
+    want = np.stack([np.stack([reference(xij, w) for xij in xi]) for xi in x])
+    assert_matches(got, want, x, dense)
+
+
+@pytest.mark.parametrize("name", ["int8 g32 f16", "int4 g32 f16", "int4 zero g32",
+                                  "int4 float offset g32 f16"])
+def test_vmap_over_weights(name):
+    """Stacked weights (e.g. layers), with batched or shared inputs."""
+    require_native()
+    shape = FORMS[name][2][0]
+    (w0, d0), (w1, d1) = weight(name, shape, 0), weight(name, shape, 1)
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), w0, w1)
+    dense = np.maximum(np.abs(d0), np.abs(d1))
+    x = inputs(3, shape[0], lead=(2,))
+    got = jax.vmap(native.native_matmul)(jnp.asarray(x), stacked)
+    assert_matches(got, np.stack([reference(x[0], w0), reference(x[1], w1)]), x, dense)
+    shared = x[0]
+    got = jax.jit(jax.vmap(native.native_matmul, in_axes=(None, 0)))(jnp.asarray(shared),
+                                                                      stacked)
+    want = np.stack([reference(shared, w0), reference(shared, w1)])
+    assert_matches(got, want, np.stack([shared, shared]), dense)
+
+
+def test_declines_what_it_does_not_handle():
+    require_native()
+    w8, _ = weight("int8 channel f32", (75, 40))
+    w4, _ = weight("int4 g32 f16", (96, 40))
+    cases = {
+        "table (axis 1)": quantize(jnp.ones((8, 64)), QuantSpec(bits=8), axis=1),
+        "3 bits": quantize(jnp.ones((64, 8)), QuantSpec(bits=3)),
+        # the static fields quantize_weight sets for act_bits=8 / a bfloat16 weight
+        "W8A8": w8.replace(act_bits=8),
+        "bfloat16 weight": w8.replace(dtype="bfloat16"),
+        "odd 4-bit groups": w4.replace(group_size=31, partial_groups=True),
+    }
+    for label, w in cases.items():
+        assert not native.supports(w, 1), label
+        k = w.shape2d[0] if w.axis == 0 else w.shape2d[1]
+        assert native.native_matmul(jnp.ones((1, k), jnp.float32), w) is None, label
+    assert native.supports(w8, native.MAX_ROWS)
+    assert not native.supports(w8, native.MAX_ROWS + 1)
+    assert native.native_matmul(jnp.ones((9, 75), jnp.float32), w8) is None
+    assert native.native_matmul(jnp.ones((1, 75), jnp.bfloat16), w8) is None
+    assert native.native_matmul(jnp.ones((1, 32), jnp.float32), w8) is None  # K mismatch
+    assert not native.supports(jnp.ones((64, 8)), 1)
+    with pytest.raises(ValueError, match="variant"):
+        native.native_matmul(jnp.ones((1, 75), jnp.float32), w8, variant="avx9")
+
+
+def test_kernel_rejects_inconsistent_operands():
+    """The handler checks shapes and dtypes itself (a bad call is an error, not garbage)."""
+    require_native()
+    x = jnp.ones((1, 64), jnp.float32)
+    codes = jnp.ones((64, 8), jnp.int8)
+    out = jax.ShapeDtypeStruct((1, 8), jnp.float32)
+    call = jax.ffi.ffi_call("jaxopt_llm_weight_gemv", out, vmap_method="expand_dims")
+    attrs = dict(bits=np.int64(8), variant=np.int64(0), tasks=np.int64(0))
+    good = call(x, codes, jnp.ones((2, 8), jnp.float32), group_size=np.int64(32), **attrs)
+    np.testing.assert_allclose(np.asarray(good), np.full((1, 8), 64.0))
+    with pytest.raises(Exception, match="scale"):  # 3 groups of 32 do not cover K = 64
+        call(x, codes, jnp.ones((3, 8), jnp.float32), group_size=np.int64(32),
+             **attrs).block_until_ready()
+    with pytest.raises(Exception, match="float32 or float16"):
+        call(x, codes, jnp.ones((2, 8), jnp.bfloat16), group_size=np.int64(32),
+             **attrs).block_until_ready()
+
+
+def test_the_leaf_calls_the_kernel_at_decode_sizes_only(monkeypatch):
+    """`QuantizedWeight.linear` (what every model calls) runs the kernel for ≤ MAX_ROWS
+    float32 rows, XLA above, and nothing native when the path is turned off; its gradient
+    with respect to x is the pure-JAX product's (LoRA on a quantized base trains through
+    it)."""
+    if not native.native_status()[0]:
+        pytest.skip(native.native_status()[1])
+    w = jax.jit(quantize_weight, static_argnums=1)(
+        jnp.asarray(np.random.default_rng(7).normal(size=(64, 24)), jnp.float32),
+        QuantSpec(bits=4, granularity="group", group_size=32))
+
+    def jaxpr(rows):
+        return str(jax.make_jaxpr(lambda x: w.linear(x))(jnp.ones((rows, 64), jnp.float32)))
+
+    assert "jaxopt_llm_weight_gemv" in jaxpr(1) and "jaxopt_llm_weight_gemv" in jaxpr(8)
+    assert "jaxopt_llm_weight_gemv" not in jaxpr(9)
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(3, 64)), jnp.float32)
+    dense = w.materialize()
+    c = jnp.asarray(np.random.default_rng(9).normal(size=(3, 24)), jnp.float32)
+    got = jax.grad(lambda a: jnp.sum(w.linear(a) * c))(x)
+    want = c @ dense.T  # d/dx of Σ c·(x @ W)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
+    assert "jaxopt_llm_weight_gemv" not in jaxpr(1)
