@@ -99,15 +99,17 @@ def native_status() -> tuple[bool, str]:
         return False, reason
     if jax.default_backend() != "cpu":
         return False, f"default backend is {jax.default_backend()}, the kernels are CPU-only"
-    try:  # int8 codes with per-channel scales, checked against numpy
+    try:  # int8 codes with per-channel scales, checked against numpy; eagerly, even when
+        # the first call comes while a model is being traced (jit stages every op otherwise)
         codes = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)
         scale = np.array([[0.5, 1.0, 2.0, 0.25]], np.float32)
         x = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
         call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((1, 4), jnp.float32),
                                 vmap_method="expand_dims")
-        got = np.asarray(call(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(scale),
-                              bits=np.int64(8), group_size=np.int64(4), variant=np.int64(0),
-                              tasks=np.int64(0)))
+        with jax.ensure_compile_time_eval():
+            got = np.asarray(call(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(scale),
+                                  bits=np.int64(8), group_size=np.int64(4),
+                                  variant=np.int64(0), tasks=np.int64(0)))
         want = x @ (codes.astype(np.float32) * scale)
         if not np.allclose(got, want, rtol=1e-6, atol=1e-6):
             return False, f"self-check failed: {got.tolist()} != {want.tolist()}"

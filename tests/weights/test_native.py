@@ -263,3 +263,17 @@ def test_the_leaf_calls_the_kernel_at_decode_sizes_only(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
     assert "jaxopt_llm_weight_gemv" not in jaxpr(1)
+
+
+def test_the_first_status_check_may_come_while_a_model_is_traced():
+    """The self-check runs eagerly even inside `jit` tracing (where every op is staged):
+    a model traced before anything else asked still gets the kernel."""
+    if shutil.which("g++") is None and not native.native_status()[0]:
+        pytest.skip(native.native_status()[1])
+    w = jax.jit(quantize_weight, static_argnums=1)(jnp.ones((64, 16), jnp.float32),
+                                                    QuantSpec(bits=8))
+    native.path_in_use.cache_clear()
+    native.native_status.cache_clear()
+    text = jax.jit(lambda x: w.linear(x)).lower(jnp.ones((1, 64), jnp.float32)).as_text()
+    assert native.path_in_use()[0], native.path_in_use()[1]
+    assert "jaxopt_llm_weight_gemv" in text
