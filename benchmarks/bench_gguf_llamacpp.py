@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxopt_llm.evaluate import perplexity
     from jaxopt_llm.generation import generate
     from jaxopt_llm.io.export_gguf import export_gguf
+    from jaxopt_llm.io.gguf_blocks import load_gguf_blocks
     from jaxopt_llm.recipes import apply_recipe
     from jaxopt_llm.transforms.quantize import with_activation_blocks
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             export_gguf(source.config, source.params, source.tokenizer, path, qtype=qtype)
             ours = load_model(str(path))
             # the same codes with llama.cpp's activation rounding (Q8_0/Q8_1 blocks of 32)
-            blocks = with_activation_blocks(ours.params, 32)
+            # (the file's Q8_0/Q4_0/Q4_1 blocks kept as codes, checked equal to the floats)
+            blocks = with_activation_blocks(load_gguf_blocks(path)[1], 32)
             ours_ppl = perplexity(ours.config, ours.params, ids, num_tokens=args.tokens).ppl
             blocks_ppl = perplexity(ours.config, blocks, ids, num_tokens=args.tokens).ppl
             theirs_ppl, tok_s = llama_cpp_ppl(path, ids, args.tokens)

@@ -185,3 +185,31 @@ def test_cli_refuses_before_loading(tmp_path, capsys):
         code = main(["export", "--model", "smollm2-135m", "--format", "gguf", *extra])
         assert code == 2 and message in capsys.readouterr().err
     assert foreign.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("qtype", list(EXACT))
+def test_blocks_load_back_as_our_codes_for_llama_cpp_arithmetic(tmp_path, params, qtype):
+    """`load_gguf_blocks` keeps Q8_0/Q4_0/Q4_1 tensors (the table too) as QuantizedWeight:
+    the same codes and scales we exported, so with activation blocks the model computes
+    what llama.cpp computes."""
+    from jaxopt_llm.io.gguf_blocks import load_gguf_blocks
+    from jaxopt_llm.transforms.quantize import with_activation_blocks
+    from jaxopt_llm.weights import QuantizedWeight
+
+    model = _quantized(params, **EXACT[qtype])
+    path, _ = export_gguf(CONFIG, model, None, tmp_path / "m.gguf", qtype=qtype)
+    config, blocks = load_gguf_blocks(path)
+    flat, ours = tree.flatten(blocks), tree.flatten(model)
+    table = flat["embed_tokens/embedding"]
+    assert isinstance(table, QuantizedWeight) and table.axis == 1 and table.group_size == 32
+    for name in ("layers_0/attn/q_proj/kernel", "layers_1/mlp/down_proj/kernel"):
+        leaf = flat[name]
+        assert isinstance(leaf, QuantizedWeight) and leaf.bits == ours[name].bits
+        np.testing.assert_array_equal(np.asarray(leaf.codes()), np.asarray(ours[name].codes()))
+        np.testing.assert_array_equal(np.asarray(leaf.scale), np.asarray(ours[name].scale))
+    floats = dataclasses.replace(config, norm_eps=CONFIG.norm_eps)
+    np.testing.assert_allclose(np.asarray(forward(floats, blocks, jnp.asarray(IDS))[0]),
+                               np.asarray(forward(floats, load_gguf(path)[1],
+                                                  jnp.asarray(IDS))[0]), rtol=1e-5, atol=1e-5)
+    rounded = with_activation_blocks(blocks)
+    assert tree.flatten(rounded)["layers_0/mlp/up_proj/kernel"].act_group == 32
