@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from jaxopt_llm import hardware, load_model, load_recipe, pydoc_text
+    from jaxopt_llm import generation, hardware, load_model, load_recipe, pydoc_text
     from jaxopt_llm.generation import generate
     from jaxopt_llm.io.export_gguf import export_gguf
     from jaxopt_llm.io.loader import resolve_model_path
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     def ours_decode(name: str, path: str) -> float:
         os.environ[native.ENV] = "on" if path == "native" else "off"
         native.path_in_use.cache_clear()
-        jax.clear_caches()  # the path is chosen while tracing: trace again
+        jax.clear_caches()  # the path is chosen while tracing: trace again, and do not
+        generation._PROGRAMS.clear()  # reuse generate's compiled programs either
         config, params = ours[name]
         result = generate(config, params, [prompt], max_new_tokens=args.new_tokens,
                           eos_token_ids=(-1,))
