@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxopt_llm.weights.quantized import quantize_absmax_int8
+
 KV_CACHE_KINDS = ("float", "int8")
 
 
@@ -106,11 +108,7 @@ def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         >>> codes.tolist(), scale.tolist()
         ([[127, -64, 0]], [[2.0]])
     """
-    x32 = x.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-    inverse = jnp.where(absmax > 0, 127.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
-    codes = jnp.clip(jnp.round(x32 * inverse), -127, 127).astype(jnp.int8)
-    return codes, absmax / 127.0
+    return quantize_absmax_int8(x)
 
 
 def round_trip(x: jax.Array) -> jax.Array:

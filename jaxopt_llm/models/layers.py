@@ -315,20 +315,17 @@ def attend_with_cache(
         ((1, 3, 2, 4), None)
     """
     prefix = isinstance(cache_index, int) and cache_index == 0
-    if kv_cache == "int8":
-        if cache is not None:
-            cache = (cache[0].write(k, cache_index), cache[1].write(v, cache_index))
-        if prefix:
-            length = q.shape[1]
-            return causal_prefix_attention(q, kv_round_trip(k), kv_round_trip(v),
-                                           mask[:, :, :length]), cache
-        return dot_product_attention(q, cache[0].read(q.dtype), cache[1].read(q.dtype),
-                                     mask), cache
+    int8 = kv_cache == "int8"
     if cache is not None:
         start = (0, cache_index, 0, 0)
-        cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
-                 jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+        cache = tuple(
+            slots.write(x, cache_index) if int8
+            else jax.lax.dynamic_update_slice(slots, x.astype(slots.dtype), start)
+            for slots, x in zip(cache, (k, v), strict=True))
     if prefix:
         length = q.shape[1]
+        if int8:
+            k, v = kv_round_trip(k), kv_round_trip(v)
         return causal_prefix_attention(q, k, v, mask[:, :, :length]), cache
-    return dot_product_attention(q, cache[0], cache[1], mask), cache
+    keys, values = (slots.read(q.dtype) for slots in cache) if int8 else cache
+    return dot_product_attention(q, keys, values, mask), cache

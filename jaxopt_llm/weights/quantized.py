@@ -378,8 +378,8 @@ def quantize_weight(
         raise ValueError(f"{name}: expected a 2-D (or higher, for kernels) weight, got {w.shape}")
     if axis not in (0, 1):
         raise ValueError(f"{name}: axis must be 0 (kernel) or 1 (embedding table), got {axis}")
-    length = (w.shape[0] if axis == 0 else w.shape[1]) if w.ndim >= 2 else 0
-    check_activation_grid(spec, act_bits, act_group, length, name)
+    check_activation_grid(spec, act_bits, act_group, w.shape[0] if axis == 0 else w.shape[1],
+                          name)
     if method is None:
         method = "absmax" if spec.symmetric else "minmax"
     if scale_dtype is None:
@@ -571,6 +571,31 @@ def quantize_activations_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(jnp.round(x * inverse), -127, 127).astype(jnp.int8), absmax / 127.0
 
 
+def quantize_absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 along the last axis: x (..., n) → (codes (..., n), scales (..., 1)).
+
+    Scale max|x|/127 (float32, 0 for an all-zero vector), codes round(x · 127/max|x|)
+    (ties to even) in [-127, 127]: the rounding of llama.cpp's Q8_0 activation blocks and
+    of the int8 KV cache's per-token, per-head vectors.
+
+    Args:
+        x: the values (..., n).
+
+    Returns:
+        (codes, scale).
+
+    Example:
+        >>> codes, scale = quantize_absmax_int8(jnp.array([[254.0, -127.0, 1.0], [0, 0, 0]]))
+        >>> codes.tolist(), scale.tolist()
+        ([[127, -64, 0], [0, 0, 0]], [[2.0], [0.0]])
+    """
+    x32 = x.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    inverse = jnp.where(absmax > 0, 127.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
+    codes = jnp.clip(jnp.round(x32 * inverse), -127, 127).astype(jnp.int8)
+    return codes, absmax / 127.0
+
+
 def quantize_activations_blockwise(x: jax.Array, block: int
                                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Dynamic symmetric int8 per block of `block` inputs, as llama.cpp's Q8_0/Q8_1 rows.
@@ -594,11 +619,7 @@ def quantize_activations_blockwise(x: jax.Array, block: int
         ([[[127, -64], [0, 127]]], [[2.0, 0.003936767578125]], [[126.0, 0.5]])
     """
     x = x.astype(jnp.float32)
-    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    inverse = jnp.where(absmax > 0, 127.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
-    codes = jnp.clip(jnp.round(blocks * inverse), -127, 127).astype(jnp.int8)
-    scale = absmax / 127.0
+    codes, scale = quantize_absmax_int8(x.reshape(*x.shape[:-1], x.shape[-1] // block, block))
     block_sum = scale * jnp.sum(codes.astype(jnp.int32), axis=-1, keepdims=True).astype(
         jnp.float32)
     to_half = lambda v: v.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
@@ -614,15 +635,13 @@ def _blockwise_int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     block = w.act_group
     k, n = w.codes_shape_canonical
     blocks = k // block
-    codes = w.codes()  # (K, N) int32: signed, or unsigned u for asymmetric grids
+    # int8 codes (K, N): centered (u - z) for integer zero points, u for a float offset
+    codes = w.codes() if w.zero == "float" else ungrouped(_int8_codes(w), k)
+    codes = codes.astype(jnp.int8).reshape(blocks, block, n)
     scale, zero = w._canonical_scale_zero()  # (G, 1, N)
     # the weight group of each activation block (a group is a whole number of blocks)
     group_of_block = [b * block // w.group_size if scale.shape[0] > 1 else 0
                       for b in range(blocks)]
-    if zero is not None and w.zero != "float":
-        group_of_k = jnp.asarray(group_of_block).repeat(block)
-        codes = codes - jnp.take(zero[:, 0, :], group_of_k, axis=0).astype(jnp.int32)
-    codes = codes.astype(jnp.int8).reshape(blocks, block, n)
     w_scale = jnp.take(scale.astype(jnp.float32), jnp.asarray(group_of_block), axis=0)
     lead = x.shape[:-1]
     xq, x_scale, x_sum = quantize_activations_blockwise(x.reshape(-1, k), block)  # (M, B, ·)
@@ -738,8 +757,8 @@ def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if w.act_bits == 8:
         return _int8_matmul(x, w).reshape(out_shape)
     rows = math.prod(x.shape[:-1])
-    if rows <= native.MAX_ROWS and x.dtype == jnp.float32 and native.path_in_use()[0]:
-        y = native.native_matmul(x.reshape(rows, x.shape[-1]), w)  # None: not handled
+    if native.path_in_use()[0]:  # None: not handled (rows, dtype, form)
+        y = native.native_matmul(x.reshape(rows, x.shape[-1]), w)
         if y is not None:
             return y.reshape(out_shape)
     if rows >= BF16_MIN_ROWS and x.dtype == jnp.float32 and _bf16_compute(w.compute):
