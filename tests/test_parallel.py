@@ -28,9 +28,15 @@ CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=256, hidden_
                      head_dim=8, max_position_embeddings=128, bos_token_id=1, eos_token_ids=(2,))
 MESHES = ["data=8,model=1", "data=1,model=8", "data=2,model=4", "data=4,model=2"]
 RECIPES = ["fp32", "w8", "w4g128", "nm-2:4", "svd-20"]
-# ScaledInputWeight (AWQ's kept scales) on the two meshes that split it: rows and columns
-CASES = [(mesh, recipe) for mesh in MESHES for recipe in RECIPES] + [
-    ("data=1,model=8", "w4g128-awq"), ("data=2,model=4", "w4g128-awq")]
+# The float model on every mesh shape; every weight form on the mesh that splits both axes
+# (data=2,model=4: each leaf's rows or columns in four), and on model=8 for the forms whose
+# groups, N:M blocks or ranks the finest split cuts; ScaledInputWeight (AWQ's kept scales)
+# on the two meshes that split it: rows and columns. A form's layout does not depend on the
+# data axis, which the float cases cover.
+CASES = ([(mesh, "fp32") for mesh in MESHES]
+         + [("data=2,model=4", recipe) for recipe in RECIPES[1:]]
+         + [("data=1,model=8", recipe) for recipe in ("w4g128", "nm-2:4", "svd-20")]
+         + [("data=1,model=8", "w4g128-awq"), ("data=2,model=4", "w4g128-awq")])
 
 
 def setup_module():

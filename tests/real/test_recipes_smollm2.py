@@ -9,7 +9,6 @@ import pytest
 
 from jaxopt_llm import cli
 from jaxopt_llm.data import pydoc_text
-from jaxopt_llm.evaluate import perplexity
 from jaxopt_llm.io import loader
 from jaxopt_llm.io.artifact import WEIGHTS_FILE
 from jaxopt_llm.models import build_model
@@ -80,18 +79,15 @@ def test_optimize_artifact_roundtrip_is_bit_identical(capsys, cached_model, tmp_
     assert json.loads(out)["recipe"] == "w4g128"
 
 
-def test_eval_recipe_json_and_w8_accuracy(capsys, cached_model, eval_ids):
+def test_eval_recipe_json(capsys, cached_model):
     code, out, err = _run(capsys, "eval", "--model", "smollm2-135m", "--recipe", "w8a8",
                           "--tokens", "1024", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["recipe"] == "w8a8" and result["dense_param_bytes"] == 4 * 134_515_008
     assert result["param_bytes"] < result["dense_param_bytes"] * 0.5
-    # w8 on 4,096 evaluation tokens: perplexity within 0.5% of float32.
-    config, params = BUILTIN_RECIPES["w8"](cached_model.config, cached_model.params)
-    base = perplexity(cached_model.config, cached_model.params, eval_ids, num_tokens=4096)
-    w8 = perplexity(config, params, eval_ids, num_tokens=4096)
-    assert abs(w8.ppl / base.ppl - 1) <= 0.005, (base.ppl, w8.ppl)
+    # w8's accuracy target (within 0.5% of float32 on 4,096 tokens) is checked next to the
+    # float model's perplexity in tests/real/test_smollm2.py.
 
 
 def test_structured_recipe_shrinks_the_real_model(cached_model):
