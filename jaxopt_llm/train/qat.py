@@ -2,9 +2,12 @@
 to integers.
 
 `qat_recipe` rewrites a recipe for training: `quantize` rules become `fake_quant` on the
-same grid (straight-through gradients to a float master weight), N:M pruning keeps a
-`MaskedWeight`. `convert` turns every `FakeQuantWeight` into the `QuantizedWeight` that
-computes exactly what the fake-quantized forward computed (same grid: ranges recomputed
+same grid (straight-through gradients to a float master weight); other rules are kept as
+they are (an N:M rule's compressed leaf trains its kept values at fixed positions, so the
+trained artifact keeps the recipe's storage).
+
+`convert` turns every `FakeQuantWeight` into the `QuantizedWeight` that computes exactly
+what the fake-quantized forward computed (same grid: ranges recomputed
 from the trained master weight, or the learned LSQ step sizes; float32 scales), so a QAT
 model can be saved as a real integer artifact.
 """
@@ -169,7 +172,7 @@ def trainable_quantized(params: Any) -> Any:
 
 def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:
     """The trainable form of a recipe: quantize → fake_quant (same grid; with LSQ step
-    sizes if `learn_scale`), N:M masked.
+    sizes if `learn_scale`); every other rule unchanged.
 
     Args:
         recipe: the recipe to train towards.
@@ -195,9 +198,6 @@ def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:
                 if learn_scale:
                     fake["learn_scale"] = True
                 rule = Rule(match=rule.match, op="fake_quant", options=tuple(fake.items()))
-            elif rule.op == "nm":
-                rule = Rule(match=rule.match, op="nm",
-                            options=tuple({**options, "format": "masked"}.items()))
             rules.append(rule)
         stages.append(Stage(name=stage.name, rules=tuple(rules)))
     return Recipe(name=f"{recipe.name}-qat", description=recipe.description,
