@@ -83,6 +83,7 @@ _SOURCES = {
     "qat_recipe": "jaxopt_llm.train",
     "quantize_weight": "jaxopt_llm.weights",
     "with_activation_blocks": "jaxopt_llm.transforms.quantize",
+    "compute_in": "jaxopt_llm.transforms.precision",
     "QuantizedWeight": "jaxopt_llm.weights",
     "QuantSpec": "jaxopt_llm.weights",
     "read_recipe_file": "jaxopt_llm.pipeline",

@@ -231,7 +231,12 @@ def _model(args: argparse.Namespace, decoder_only: str | None = None, with_float
             args.json or not recipe or calibration is not None):
         loaded = apply_recipe(loaded, recipe, calibration=calibration)
     placement = _placement(args)
-    params = placement.place_params(loaded.config, loaded.params)
+    params = loaded.params
+    if getattr(args, "compute", "float32") != "float32":
+        from jaxopt_llm.transforms.precision import compute_in
+
+        params = compute_in(params, args.compute)
+    params = placement.place_params(loaded.config, params)
     config = loaded.config
     if getattr(args, "kv_cache", "float") != "float":
         if config.is_encoder:
@@ -240,6 +245,13 @@ def _model(args: argparse.Namespace, decoder_only: str | None = None, with_float
         config = dataclasses.replace(config, kv_cache=args.kv_cache)
     out = dataclasses.replace(loaded, config=config, params=params), placement
     return (*out, original) if with_float else out
+
+
+def _compute_dtype(args: argparse.Namespace) -> str:
+    """The dtype --compute resolved to on this backend ("auto" → what it picked)."""
+    from jaxopt_llm.transforms.precision import resolve_compute
+
+    return resolve_compute(args.compute)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -278,6 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         out = evaluate_text(loaded, text, num_tokens=args.tokens, window=args.window,
                             batch_size=args.batch_size or 1, placement=placement,
                             progress=lambda done, total: update(completed=done, total=total))
+    out["compute"] = _compute_dtype(args)
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
                      f"scored tokens ({out['windows']} windows of {out['window']}), "
@@ -348,6 +361,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     with _spinner("compiling and generating", args.json):
         out = generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
                             sampling=sampling, seed=args.seed, placement=placement)
+    out["compute"] = _compute_dtype(args)
     if not args.json:
         print(args.prompt + out["text"])
         stderr.print(f"prefill {out['prefill_tok_s']:.1f} tok/s, "

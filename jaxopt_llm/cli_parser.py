@@ -94,6 +94,12 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
                        help="KV cache storage: float (default) or int8 with per token and "
                             "head scales (evaluation rounds keys and values the same way)")
 
+    def add_compute(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--compute", choices=("float32", "bfloat16", "auto"), default="float32",
+                       help="run float weights and activations in bfloat16 (quantized codes "
+                            "stay; norms in float32); auto: bfloat16 only where this backend "
+                            "has native bf16 (GPU/TPU, AVX-512 BF16 or AMX CPUs)")
+
     def add_recipe(p: argparse.ArgumentParser, required: bool = False) -> None:
         p.add_argument("--recipe", required=required,
                        help="built-in recipe name (see `jaxopt-llm recipes`) or a .yaml/.json "
@@ -132,6 +138,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
                  "protocol); an encoder's embeddings against its float model's")
     ev.add_argument("--text", help="UTF-8 text file (default: the embedded pydoc text)")
     add_kv_cache(ev)
+    add_compute(ev)
     ev.add_argument("--texts", type=_positive_int("--texts"), default=256,
                     help="encoders: sentences of the text compared (default 256)")
     ev.add_argument("--tokens", type=_positive_int("--tokens"), default=65_536)
@@ -144,6 +151,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], dict]]
     gen = command("generate", commands["generate"], "generate text from a prompt")
     gen.add_argument("--prompt", required=True)
     add_kv_cache(gen)
+    add_compute(gen)
     gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64)
     gen.add_argument("--temperature", type=_number("--temperature", float, allow_zero=True),
                      default=0.0, help="0 = greedy (default)")
