@@ -237,3 +237,13 @@ def pytest_sessionfinish(session, exitstatus):
 
     if os.environ.get("JAXOPT_LLM_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heavy tests (marked `slow`: the real model) first, each group in file order.
+
+    xdist hands tests to its workers in collection order, so a long test collected last
+    runs alone at the end while the other workers idle; started first, the short tests
+    fill in around it.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
