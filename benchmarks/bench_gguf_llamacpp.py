@@ -14,7 +14,7 @@ activation blocks), the ratios, and llama.cpp's own greedy continuation of a pro
 against both of ours.
 
 Run:  python benchmarks/bench_gguf_llamacpp.py --json benchmarks/results/gguf_llamacpp.json \\
-          [--types q8_0,q4_0,q4_1] [--tokens 4096] [--recipe fp32]
+          [--types q8_0,q4_0,q4_1] [--tokens 4096] [--recipe fp32] [--llama-variants]
 Without llama-cpp-python installed it says so and exits 0 (pip install -e '.[peers]').
 """
 
@@ -31,11 +31,13 @@ from pathlib import Path
 import numpy as np
 
 
-def llama_cpp_ppl(path: Path, ids: list[int], tokens: int) -> tuple[float, float]:
+def llama_cpp_ppl(path: Path, ids: list[int], tokens: int, **settings) -> tuple[float, float]:
+    """llama.cpp's perplexity and eval tok/s; `settings` go to `llama_cpp.Llama` (e.g.
+    type_k/type_v for the KV cache's type, flash_attn)."""
     import llama_cpp
 
     model = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True,
-                            n_threads=2, verbose=False)
+                            n_threads=2, verbose=False, **settings)
     nll, count = 0.0, 0
     start = time.perf_counter()
     for window in np.asarray(ids[:tokens]).reshape(-1, 512):
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="fp32")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--llama-variants", action="store_true",
+                        help="also llama.cpp's perplexity with a float32 KV cache and with "
+                             "flash attention")
     args = parser.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401
@@ -120,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                    "ratio_to_activation_blocks": theirs_ppl / blocks_ppl,
                    "greedy_tokens_agreeing_activation_blocks": agreeing(blocks),
                    "greedy_tokens": len(got), "llama_cpp_eval_tok_s": tok_s}
+            if args.llama_variants:
+                # llama.cpp's own configurations: its default KV cache is float16 (ours
+                # float32), and flash attention takes another path; how far they move
+                # llama.cpp's perplexity is the noise floor of this comparison
+                import llama_cpp
+
+                f32 = llama_cpp.GGML_TYPE_F32
+                row["ppl_llama_cpp_kv_f32"] = llama_cpp_ppl(path, ids, args.tokens,
+                                                            type_k=f32, type_v=f32)[0]
+                row["ppl_llama_cpp_flash_attn"] = llama_cpp_ppl(path, ids, args.tokens,
+                                                                flash_attn=True)[0]
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
