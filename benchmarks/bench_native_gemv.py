@@ -23,6 +23,14 @@ is per pass over all layers. Arms are interleaved round by round and the median 
 rounds is reported. GB/s counts the bytes of the weights as stored (codes + scales +
 zeros; 4·K·N for float32) per call or pass.
 
+A "head" table (`--head`, default SmolLM2's tied LM head: a (49152, 576) embedding table)
+runs the tied head x (M, 576) · tableᵀ with the table quantized along its rows (axis 1,
+groups along D, ggml's layout), three arms again: f32 `x @ table.T`, jax (the pure-JAX
+`QuantizedWeight.attend`: dequantize the whole table, then multiply) and native
+(`native_attend`, the table kernel), for t8 (int8 per row), t4g32f (4-bit, groups of 32,
+float offsets: Q4_1) and t4g128a (4-bit asymmetric, groups of 128 with a shorter last group,
+uint8 zero points); 113 MB of float32, so every arm reads its table from DRAM.
+
 Run:  python benchmarks/bench_native_gemv.py --json benchmarks/results/native_gemv.json
       (under 2 minutes on 2 cores; --quick: 3 rounds)
 """
@@ -59,6 +67,18 @@ def formats():
                              partial_groups=True),
         "w4g32f": QuantSpec(bits=4, symmetric=False, zero="float", granularity="group",
                             group_size=32),
+    }
+
+
+def head_formats():
+    from jaxopt_llm.weights import QuantSpec
+
+    return {
+        "t8": QuantSpec(bits=8),
+        "t4g32f": QuantSpec(bits=4, symmetric=False, zero="float", granularity="group",
+                            group_size=32),
+        "t4g128a": QuantSpec(bits=4, symmetric=False, granularity="group", group_size=128,
+                             partial_groups=True),
     }
 
 
@@ -101,6 +121,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--no-layer", action="store_true")
     parser.add_argument("--tasks", type=int, default=0, help="native column chunks (0: auto)")
+    parser.add_argument("--head", default="49152x576",
+                        help="V×D of the tied-head table row ('' or 0: no head row)")
+    parser.add_argument("--head-formats", default="t8,t4g32f,t4g128a")
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -110,7 +133,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jaxopt_llm.weights import quantize_weight
-    from jaxopt_llm.weights.native import native_matmul, native_status
+    from jaxopt_llm.weights.native import native_attend, native_matmul, native_status
 
     available, status = native_status()
     log(f"native: {status}")
@@ -128,7 +151,18 @@ def main() -> None:
         assert y is not None, "native_matmul declined the weight"
         return y
 
-    quantize = jax.jit(quantize_weight, static_argnums=1)
+    def f32_head(x, table):
+        return x @ table.T
+
+    def pure_head(x, table):
+        return x @ table.materialize().T
+
+    def native_head(x, table):
+        y = native_attend(x, table, tasks=args.tasks)
+        assert y is not None, "native_attend declined the table"
+        return y
+
+    quantize = jax.jit(quantize_weight, static_argnums=1, static_argnames=("axis",))
     rng = np.random.default_rng(0)
     specs = {name: spec for name, spec in formats().items() if name in args.formats.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
@@ -157,32 +191,61 @@ def main() -> None:
     if args.layers:
         groups.append((f"model ({args.layers} layers × 7)", LAYER, args.layers))
     loops = {}
+    arms = {"f32": f32, "jax": pure, "native": native}
+    head_shape = tuple(int(d) for d in args.head.split("x")) if args.head not in ("", "0") \
+        else None
+    head_specs = {name: spec for name, spec in head_formats().items()
+                  if name in args.head_formats.split(",")}
+    if head_shape:  # the tied head: (V, D) tables, x (M, D) · tableᵀ
+        arms.update({"f32 head": f32_head, "jax head": pure_head, "native head": native_head})
+        groups.append((f"head {head_shape[0]}×{head_shape[1]}", [head_shape], 1))
 
     def loop(arm, shapes, iters):
         key = (arm, tuple(shapes), iters)
         if key not in loops:
-            loops[key] = looped([{"f32": f32, "jax": pure, "native": native}[arm]] * len(shapes),
-                                iters)
+            loops[key] = looped([arms[arm]] * len(shapes), iters)
         return loops[key]
+
+    def is_head(label):
+        return label.startswith("head ")
+
+    def table(shape, fmt):
+        if (shape, fmt, "table") not in quant_cache:
+            quant_cache[shape, fmt, "table"] = quantize(dense(shape), head_specs[fmt], axis=1)
+        return quant_cache[shape, fmt, "table"]
+
+    def formats_of(label):
+        return head_specs if is_head(label) else specs
 
     for label, shapes, layers in groups:
         f32_bytes = sum(4 * k * n for k, n in shapes)
         iters = 1 if layers > 1 else args.iters or max(1, int(60e6 / f32_bytes))
+        head = " head" if is_head(label) else ""
         for batch in batches:
             x_of = {k: jnp.asarray(rng.normal(size=(batch, k)).astype(np.float32))
                     for k, _ in shapes}
-            xs = tuple(x_of[k] for k, _ in shapes)
+            if head:  # x (M, D) against a (V, D) table
+                x_of = {d: jnp.asarray(rng.normal(size=(batch, d)).astype(np.float32))
+                        for _, d in shapes}
+                xs = tuple(x_of[d] for _, d in shapes)
+            else:
+                xs = tuple(x_of[k] for k, _ in shapes)
             per_layer = [tuple(dense(s, i) for s in shapes) for i in range(layers)]
-            cases[label, batch, "f32", "f32"] = (loop("f32", shapes, iters), xs, per_layer,
-                                                 iters, f32_bytes * layers)
-            for fmt in specs:
-                per_layer = [tuple(quantized(s, fmt, i) for s in shapes) for i in range(layers)]
+            cases[label, batch, "f32", "f32"] = (loop("f32" + head, shapes, iters), xs,
+                                                 per_layer, iters, f32_bytes * layers)
+            for fmt in formats_of(label):
+                if head:
+                    per_layer = [tuple(table(s, fmt) for s in shapes)]
+                else:
+                    per_layer = [tuple(quantized(s, fmt, i) for s in shapes)
+                                 for i in range(layers)]
                 nbytes = sum(weight_bytes(w) for ws in per_layer for w in ws)
                 for arm in ("jax", "native"):
-                    cases[label, batch, fmt, arm] = (loop(arm, shapes, iters), xs, per_layer,
-                                                     iters, nbytes)
+                    cases[label, batch, fmt, arm] = (loop(arm + head, shapes, iters), xs,
+                                                     per_layer, iters, nbytes)
     log(f"{len(cases)} cases, compiling and checking")
     check_native, check_pure = jax.jit(native), jax.jit(pure)
+    check_native_head, check_pure_head = jax.jit(native_head), jax.jit(pure_head)
     checked = set()
     for (label, batch, fmt, arm), (fn, xs, per_layer, _, _) in cases.items():
         fn(xs, per_layer[0]).block_until_ready()
@@ -192,6 +255,12 @@ def main() -> None:
             if (x.shape, w.shape2d, fmt) in checked:
                 continue
             checked.add((x.shape, w.shape2d, fmt))
+            if w.axis == 1:
+                got = np.asarray(check_native_head(x, w))
+                want = np.asarray(check_pure_head(x, w))
+                bound = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.materialize())).T
+                assert np.all(np.abs(got - want) <= 1e-5 * bound + 1e-6), (label, batch, fmt)
+                continue
             got, want = np.asarray(check_native(x, w)), np.asarray(check_pure(x, w))
             bound = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.materialize()))
             assert np.all(np.abs(got - want) <= 1e-5 * bound + 1e-6), (label, batch, fmt)
@@ -221,7 +290,7 @@ def main() -> None:
                                 format="f32", arm="f32", seconds=base, weight_bytes=f32_bytes,
                                 gb_per_s=f32_bytes / base / 1e9, ratio_vs_f32=1.0,
                                 all_seconds=times[label, batch, "f32", "f32"]))
-            for fmt in specs:
+            for fmt in formats_of(label):
                 row = {}
                 for arm in ("jax", "native"):
                     t = statistics.median(times[label, batch, fmt, arm])

@@ -329,6 +329,225 @@ JAXOPT_LLM_AVX2 void Avx2Dispatch(const Problem& p, int64_t n0, int64_t n1) {
 }
 #endif  // JAXOPT_LLM_X86
 
+// ------------------------------------------------------------------- table (axis 1) kernels
+//
+// A table T (V, D) stored row-major with groups along D (ggml's layout): y[m, v] =
+// Σ_d x[m, d] · t[v, d], one dot product per table row. Each row's codes are contiguous, so
+// the kernel walks d and vectorises along it: per group, the codes of R rows are decoded to
+// float32 weights w = c·s (+ o), exactly the dequantized table, and FMA'd against x[m, d:d+8]
+// into one vector accumulator per (row, m), reduced horizontally once per row. The table is
+// read once per row block; x (≤ 8 rows of D floats) stays in L1. 4-bit rows hold two d per
+// byte (even d in the low nibble), so x is split once per call into its even and odd
+// entries (xe, xo) and the low / high nibbles of 8 bytes meet xe / xo[b:b+8].
+
+template <Codes C, ZeroKind Z>
+void TableScalarRows(const TableProblem& p, int64_t v0, int64_t v1) {
+  const int64_t D = p.D, B = p.B, rows = p.rows;
+  float total[kMaxRows];
+  for (int64_t v = v0; v < v1; ++v) {
+    std::fill(total, total + rows, 0.0f);
+    const uint8_t* row = p.q + v * B;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t d0 = g * p.group, d1 = std::min(D, d0 + p.group);
+      const float s = LoadFloat(p.scale, p.scale_f16, v * p.G + g);
+      float offset = 0.0f;
+      int32_t zero = C == Codes::kUint4 && Z == ZeroKind::kNone ? 8 : 0;
+      if constexpr (Z == ZeroKind::kFloat) offset = LoadFloat(p.zero, p.zero_f16, v * p.G + g);
+      if constexpr (Z == ZeroKind::kInteger) zero = static_cast<const uint8_t*>(p.zero)[v * p.G + g];
+      for (int64_t d = d0; d < d1; ++d) {
+        int32_t code;
+        if constexpr (C == Codes::kInt8) {
+          code = static_cast<int8_t>(row[d]);
+        } else if constexpr (C == Codes::kUint8) {
+          code = row[d];
+        } else {
+          code = (d & 1) ? (row[d >> 1] >> 4) : (row[d >> 1] & 0x0f);
+        }
+        float w = static_cast<float>(code - zero) * s;
+        if constexpr (Z == ZeroKind::kFloat) w += offset;
+        for (int64_t m = 0; m < rows; ++m) total[m] += p.x[m * D + d] * w;
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m) p.y[m * p.V + v] = total[m];
+  }
+}
+
+template <Codes C, ZeroKind Z>
+void TableScalarDispatch(const TableProblem& p, int64_t v0, int64_t v1) {
+  TableScalarRows<C, Z>(p, v0, v1);
+}
+
+#ifdef JAXOPT_LLM_X86
+JAXOPT_LLM_AVX2 inline float HorizontalSum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// One scale / offset with F16C (the portable HalfToFloat costs a branchy function per group).
+JAXOPT_LLM_AVX2 inline float LoadFloat1(const void* base, bool f16, int64_t i) {
+  return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(base)[i])
+             : static_cast<const float*>(base)[i];
+}
+
+// Table rows decoded together: R rows share each load of x (R·M accumulators).
+template <int M>
+constexpr int TableRowsAtOnce() {
+  return M == 1 ? 4 : M <= 4 ? 2 : 1;
+}
+
+// y[0:M, v:v+R] of the block.
+template <Codes C, ZeroKind Z, int M, int R>
+JAXOPT_LLM_AVX2 void TableAvx2Tile(const TableProblem& p, int64_t v) {
+  const int64_t D = p.D, B = p.B, G = p.G;
+  {  // the codes two tiles ahead: short rows end streams before the prefetcher catches up
+    const uint8_t* ahead = p.q + std::min(p.V, v + 2 * R) * B;
+    const uint8_t* end = p.q + std::min(p.V, v + 3 * R) * B;
+    for (; ahead < end; ahead += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+  }
+  __m256 acc[R][M];
+  float tail[R][M];
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    JAXOPT_LLM_UNROLL
+    for (int m = 0; m < M; ++m) {
+      acc[r][m] = _mm256_setzero_ps();
+      tail[r][m] = 0.0f;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t d0 = g * p.group, d1 = std::min(D, d0 + p.group);
+    __m256 s[R], offset[R];
+    __m256i zero[R];
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      s[r] = _mm256_set1_ps(LoadFloat1(p.scale, p.scale_f16, (v + r) * G + g));
+      offset[r] = Z == ZeroKind::kFloat
+                      ? _mm256_set1_ps(LoadFloat1(p.zero, p.zero_f16, (v + r) * G + g))
+                      : _mm256_setzero_ps();
+      zero[r] = _mm256_set1_epi32(
+          Z == ZeroKind::kInteger ? static_cast<const uint8_t*>(p.zero)[(v + r) * G + g]
+          : (C == Codes::kUint4 && Z == ZeroKind::kNone) ? 8 : 0);
+    }
+    if constexpr (C == Codes::kUint4) {
+      // bytes [b0, b1) of each row: d0 is even (checked by the handler), an odd d1 ends in
+      // a low nibble whose high partner meets xo = 0 (the padding of xo)
+      const int64_t b0 = d0 >> 1, b1 = (d1 + 1) >> 1;
+      const __m256i low_mask = _mm256_set1_epi32(0x0f);
+      int64_t b = b0;
+      for (; b + 8 <= b1; b += 8) {
+        JAXOPT_LLM_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const __m256i bytes = Load8U8(p.q + (v + r) * B + b);
+          __m256i lo = _mm256_and_si256(bytes, low_mask);
+          __m256i hi = _mm256_srli_epi32(bytes, 4);
+          if constexpr (Z != ZeroKind::kFloat) {
+            lo = _mm256_sub_epi32(lo, zero[r]);
+            hi = _mm256_sub_epi32(hi, zero[r]);
+          }
+          __m256 w_lo = _mm256_cvtepi32_ps(lo), w_hi = _mm256_cvtepi32_ps(hi);
+          if constexpr (Z == ZeroKind::kFloat) {
+            w_lo = _mm256_fmadd_ps(w_lo, s[r], offset[r]);
+            w_hi = _mm256_fmadd_ps(w_hi, s[r], offset[r]);
+          } else {
+            w_lo = _mm256_mul_ps(w_lo, s[r]);
+            w_hi = _mm256_mul_ps(w_hi, s[r]);
+          }
+          JAXOPT_LLM_UNROLL
+          for (int m = 0; m < M; ++m) {
+            acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.xe + m * B + b), w_lo, acc[r][m]);
+            acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.xo + m * B + b), w_hi, acc[r][m]);
+          }
+        }
+      }
+      for (; b < b1; ++b) {
+        JAXOPT_LLM_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const uint8_t byte = p.q[(v + r) * B + b];
+          const float sr = _mm256_cvtss_f32(s[r]), orr = _mm256_cvtss_f32(offset[r]);
+          const int32_t zr = _mm256_cvtsi256_si32(zero[r]);
+          float w_lo, w_hi;
+          if constexpr (Z == ZeroKind::kFloat) {
+            w_lo = static_cast<float>(byte & 0x0f) * sr + orr;
+            w_hi = static_cast<float>(byte >> 4) * sr + orr;
+          } else {
+            w_lo = static_cast<float>((byte & 0x0f) - zr) * sr;
+            w_hi = static_cast<float>((byte >> 4) - zr) * sr;
+          }
+          JAXOPT_LLM_UNROLL
+          for (int m = 0; m < M; ++m) {
+            tail[r][m] += p.xe[m * B + b] * w_lo + p.xo[m * B + b] * w_hi;
+          }
+        }
+      }
+    } else {
+      int64_t d = d0;
+      for (; d + 8 <= d1; d += 8) {
+        JAXOPT_LLM_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* row = p.q + (v + r) * B + d;
+          __m256i codes = C == Codes::kInt8 ? Load8S8(row) : Load8U8(row);
+          if constexpr (Z == ZeroKind::kInteger) codes = _mm256_sub_epi32(codes, zero[r]);
+          __m256 w = _mm256_cvtepi32_ps(codes);
+          w = Z == ZeroKind::kFloat ? _mm256_fmadd_ps(w, s[r], offset[r]) : _mm256_mul_ps(w, s[r]);
+          JAXOPT_LLM_UNROLL
+          for (int m = 0; m < M; ++m) {
+            acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.x + m * D + d), w, acc[r][m]);
+          }
+        }
+      }
+      for (; d < d1; ++d) {
+        JAXOPT_LLM_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const uint8_t byte = p.q[(v + r) * B + d];
+          const int32_t code = C == Codes::kInt8 ? static_cast<int8_t>(byte)
+                                                 : static_cast<int32_t>(byte);
+          const float sr = _mm256_cvtss_f32(s[r]);
+          float w;
+          if constexpr (Z == ZeroKind::kFloat) {
+            w = static_cast<float>(code) * sr + _mm256_cvtss_f32(offset[r]);
+          } else {
+            w = static_cast<float>(code - _mm256_cvtsi256_si32(zero[r])) * sr;
+          }
+          JAXOPT_LLM_UNROLL
+          for (int m = 0; m < M; ++m) tail[r][m] += p.x[m * D + d] * w;
+        }
+      }
+    }
+  }
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    JAXOPT_LLM_UNROLL
+    for (int m = 0; m < M; ++m) p.y[m * p.V + v + r] = HorizontalSum(acc[r][m]) + tail[r][m];
+  }
+}
+
+template <Codes C, ZeroKind Z, int M>
+JAXOPT_LLM_AVX2 void TableAvx2Rows(const TableProblem& p, int64_t v0, int64_t v1) {
+  constexpr int R = TableRowsAtOnce<M>();
+  int64_t v = v0;
+  for (; v + R <= v1; v += R) TableAvx2Tile<C, Z, M, R>(p, v);
+  if constexpr (R > 1) {
+    for (; v < v1; ++v) TableAvx2Tile<C, Z, M, 1>(p, v);
+  }
+}
+
+template <Codes C, ZeroKind Z>
+JAXOPT_LLM_AVX2 void TableAvx2Dispatch(const TableProblem& p, int64_t v0, int64_t v1) {
+  switch (p.rows) {
+    case 1: return TableAvx2Rows<C, Z, 1>(p, v0, v1);
+    case 2: return TableAvx2Rows<C, Z, 2>(p, v0, v1);
+    case 3: return TableAvx2Rows<C, Z, 3>(p, v0, v1);
+    case 4: return TableAvx2Rows<C, Z, 4>(p, v0, v1);
+    case 5: return TableAvx2Rows<C, Z, 5>(p, v0, v1);
+    case 6: return TableAvx2Rows<C, Z, 6>(p, v0, v1);
+    case 7: return TableAvx2Rows<C, Z, 7>(p, v0, v1);
+    default: return TableAvx2Rows<C, Z, 8>(p, v0, v1);
+  }
+}
+#endif  // JAXOPT_LLM_X86
+
 // The (codes, zero kind) combinations the handlers accept, for either kernel family.
 #define JAXOPT_LLM_FORMAT_SWITCH(KERNEL, p, n0, n1)                                     \
   switch ((p).codes) {                                                                  \
@@ -667,6 +886,227 @@ ffi::Error GemvWithZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   return Gemv(pool, x, q, scale, &zero, y, bits, group_size, zero_kind, variant, tasks);
 }
 
+// ---------------------------------------------------------------------- table handler
+
+struct TableJob {
+  const TableProblem* problem;
+  Variant variant;
+  int64_t rows_per_task;
+};
+
+void TableScalarRun(const TableProblem& p, int64_t v0, int64_t v1) {
+  JAXOPT_LLM_FORMAT_SWITCH(TableScalarDispatch, p, v0, v1)
+}
+
+void TableAvx2Run(const TableProblem& p, int64_t v0, int64_t v1) {
+#ifdef JAXOPT_LLM_X86
+  JAXOPT_LLM_FORMAT_SWITCH(TableAvx2Dispatch, p, v0, v1)
+#else
+  TableScalarRun(p, v0, v1);
+#endif
+}
+
+void RunTableRows(const void* ctx, int64_t task) {
+  const auto& job = *static_cast<const TableJob*>(ctx);
+  const TableProblem& p = *job.problem;
+  const int64_t v0 = task * job.rows_per_task;
+  const int64_t v1 = std::min(p.V, v0 + job.rows_per_task);
+  if (v0 >= v1) return;
+  if (job.variant == Variant::kAvx2) {
+    TableAvx2Run(p, v0, v1);
+  } else {
+    TableScalarRun(p, v0, v1);
+  }
+}
+
+// x (..., rows, D) against a table (..., V, B) with scales (..., V, G): y (..., rows, V).
+ffi::Error TableGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                     ffi::AnyBuffer scale, const ffi::AnyBuffer* zero,
+                     ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits, int64_t group_size,
+                     int64_t zero_kind, int64_t variant_attr, int64_t tasks_attr) {
+  const auto x_dims = x.dimensions(), q_dims = q.dimensions(), s_dims = scale.dimensions();
+  const auto y_dims = y->dimensions();
+  const size_t rank = x_dims.size();
+  if (rank < 2 || q_dims.size() != rank || s_dims.size() != rank || y_dims.size() != rank ||
+      (zero != nullptr && zero->dimensions().size() != rank)) {
+    return ffi::Error::InvalidArgument("table gemv: operands must share one rank >= 2, got x " +
+                                       ShapeString(x_dims) + ", codes " + ShapeString(q_dims) +
+                                       ", scale " + ShapeString(s_dims));
+  }
+  const int64_t R = x_dims[rank - 2], D = x_dims[rank - 1];
+  const int64_t V = q_dims[rank - 2], B = q_dims[rank - 1];
+  const int64_t G = s_dims[rank - 1];
+
+  TableProblem base;
+  base.D = D;
+  base.V = V;
+  base.B = B;
+  base.G = G;
+  base.group = group_size;
+  if (zero_kind < 0 || zero_kind > 2 || (zero == nullptr) != (zero_kind == 0)) {
+    return ffi::Error::InvalidArgument("table gemv: bad zero_kind " + std::to_string(zero_kind));
+  }
+  base.zero_kind = static_cast<ZeroKind>(zero_kind);
+  if (bits == 8) {
+    if (q.element_type() == ffi::DataType::S8 && zero_kind == 0) {
+      base.codes = Codes::kInt8;
+    } else if (q.element_type() == ffi::DataType::U8 && zero_kind != 0) {
+      base.codes = Codes::kUint8;
+    } else {
+      return ffi::Error::InvalidArgument(
+          "table gemv: 8-bit codes are int8 (symmetric) or uint8 with a zero");
+    }
+    if (B != D) {
+      return ffi::Error::InvalidArgument("table gemv: codes " + ShapeString(q_dims) +
+                                         " do not match D = " + std::to_string(D));
+    }
+  } else if (bits == 4) {
+    if (q.element_type() != ffi::DataType::U8) {
+      return ffi::Error::InvalidArgument("table gemv: 4-bit codes must be packed uint8");
+    }
+    base.codes = Codes::kUint4;
+    if (B != (D + 1) / 2) {
+      return ffi::Error::InvalidArgument("table gemv: packed codes " + ShapeString(q_dims) +
+                                         " do not match D = " + std::to_string(D));
+    }
+  } else {
+    return ffi::Error::InvalidArgument("table gemv: bits must be 4 or 8, got " +
+                                       std::to_string(bits));
+  }
+  if (group_size < 1 || G != (D + group_size - 1) / group_size || s_dims[rank - 2] != V) {
+    return ffi::Error::InvalidArgument("table gemv: scale " + ShapeString(s_dims) +
+                                       " does not match V = " + std::to_string(V) + ", D = " +
+                                       std::to_string(D) + ", group_size " +
+                                       std::to_string(group_size));
+  }
+  if (base.codes == Codes::kUint4 && G > 1 && group_size % 2) {
+    return ffi::Error::InvalidArgument("table gemv: 4-bit groups must hold an even count");
+  }
+  if (scale.element_type() == ffi::DataType::F16) {
+    base.scale_f16 = true;
+  } else if (scale.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("table gemv: scales must be float32 or float16");
+  }
+  if (zero != nullptr) {
+    const auto z_dims = zero->dimensions();
+    for (size_t i = 0; i < rank; ++i) {
+      if (z_dims[i] != s_dims[i]) {
+        return ffi::Error::InvalidArgument("table gemv: zero " + ShapeString(z_dims) +
+                                           " and scale " + ShapeString(s_dims) + " differ");
+      }
+    }
+    const auto type = zero->element_type();
+    if (base.zero_kind == ZeroKind::kInteger && type != ffi::DataType::U8) {
+      return ffi::Error::InvalidArgument("table gemv: integer zero points must be uint8");
+    }
+    if (base.zero_kind == ZeroKind::kFloat) {
+      if (type == ffi::DataType::F16) {
+        base.zero_f16 = true;
+      } else if (type != ffi::DataType::F32) {
+        return ffi::Error::InvalidArgument("table gemv: float offsets must be float32/16");
+      }
+    }
+  }
+  if (y_dims[rank - 2] != R || y_dims[rank - 1] != V) {
+    return ffi::Error::InvalidArgument("table gemv: result " + ShapeString(y_dims) +
+                                       " is not (rows, V)");
+  }
+  const ffi::AnyBuffer* operands[4] = {nullptr, &q, &scale, zero};
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    bool ok = x_dims[i] == 1 || x_dims[i] == y_dims[i];
+    for (int j = 1; j < 4; ++j) {
+      if (operands[j] != nullptr) {
+        const int64_t d = operands[j]->dimensions()[i];
+        ok = ok && (d == 1 || d == y_dims[i]);
+      }
+    }
+    if (!ok) return ffi::Error::InvalidArgument("table gemv: batch dimensions do not match");
+  }
+
+  Variant variant = static_cast<Variant>(variant_attr);
+  if (variant == Variant::kAuto) variant = HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
+  if (variant == Variant::kAvx2 && !HaveAvx2()) {
+    return ffi::Error::InvalidArgument("table gemv: this CPU has no AVX2 + FMA + F16C");
+  }
+  if (variant != Variant::kAvx2 && variant != Variant::kScalar) {
+    return ffi::Error::InvalidArgument("table gemv: unknown variant " +
+                                       std::to_string(variant_attr));
+  }
+
+  const int64_t pool_threads = pool.num_threads();
+  g_last_pool_threads.store(pool_threads, std::memory_order_relaxed);
+  const int64_t weight_bytes = V * B;
+  std::vector<float> split_x;
+  const uint8_t* q_base = static_cast<const uint8_t*>(q.untyped_data());
+  const char* s_base = static_cast<const char*>(scale.untyped_data());
+  const char* z_base = zero ? static_cast<const char*>(zero->untyped_data()) : nullptr;
+  const int64_t s_width = base.scale_f16 ? 2 : 4;
+  const int64_t z_width = zero == nullptr ? 0 : (base.zero_kind == ZeroKind::kInteger ? 1
+                                                 : base.zero_f16 ? 2 : 4);
+
+  auto run_rows = [&](const float* x_rows, float* y_rows, int64_t count, const uint8_t* q_ptr,
+                      const void* s_ptr, const void* z_ptr) {
+    for (int64_t r0 = 0; r0 < count; r0 += kMaxRows) {
+      TableProblem p = base;
+      p.rows = std::min<int64_t>(kMaxRows, count - r0);
+      p.x = x_rows + r0 * D;
+      p.y = y_rows + r0 * V;
+      p.q = q_ptr;
+      p.scale = s_ptr;
+      p.zero = z_ptr;
+      if (p.codes == Codes::kUint4) {  // even and odd d of each row, xo zero-padded
+        split_x.assign(2 * p.rows * B, 0.0f);
+        float* xe = split_x.data();
+        float* xo = xe + p.rows * B;
+        for (int64_t m = 0; m < p.rows; ++m) {
+          for (int64_t d = 0; d < D; ++d) {
+            (d & 1 ? xo : xe)[m * B + (d >> 1)] = p.x[m * D + d];
+          }
+        }
+        p.xe = xe;
+        p.xo = xo;
+      }
+      const TaskSplit split = ChooseTasks(weight_bytes, p.rows, V, pool_threads, tasks_attr);
+      TableJob job{&p, variant, split.columns_per_task};
+      ParallelFor(pool, split.tasks, split.helpers, &RunTableRows, &job);
+    }
+  };
+
+  const float* x_data = x.typed_data();
+  float* y_data = y->typed_data();
+  const int64_t batches = BatchCount(y_dims);
+  if (batches == 0 || R == 0 || V == 0) return ffi::Error::Success();  // an empty result
+  const bool shared_weight = BatchCount(q_dims) == 1 && BatchCount(s_dims) == 1 &&
+                             (zero == nullptr || BatchCount(zero->dimensions()) == 1) &&
+                             BatchCount(x_dims) == batches;
+  if (shared_weight) {  // every batch entry against one table: one (batches·R, D) problem
+    run_rows(x_data, y_data, batches * R, q_base, s_base, z_base);
+    return ffi::Error::Success();
+  }
+  for (int64_t b = 0; b < batches; ++b) {
+    const int64_t zo = zero ? BatchOffset(zero->dimensions(), y_dims, b) : 0;
+    run_rows(x_data + BatchOffset(x_dims, y_dims, b), y_data + b * R * V, R,
+             q_base + BatchOffset(q_dims, y_dims, b),
+             s_base + BatchOffset(s_dims, y_dims, b) * s_width,
+             z_base ? z_base + zo * z_width : nullptr);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error TableGemvNoZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                           ffi::AnyBuffer scale, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                           int64_t bits, int64_t group_size, int64_t variant, int64_t tasks) {
+  return TableGemv(pool, x, q, scale, nullptr, y, bits, group_size, 0, variant, tasks);
+}
+
+ffi::Error TableGemvWithZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                             ffi::AnyBuffer scale, ffi::AnyBuffer zero,
+                             ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits,
+                             int64_t group_size, int64_t zero_kind, int64_t variant,
+                             int64_t tasks) {
+  return TableGemv(pool, x, q, scale, &zero, y, bits, group_size, zero_kind, variant, tasks);
+}
+
 }  // namespace
 
 void RunScalar(const Problem& p, int64_t n0, int64_t n1) {
@@ -710,6 +1150,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemv, jaxopt_llm::GemvNoZero,
                                   .Attr<int64_t>("tasks"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemvZero, jaxopt_llm::GemvWithZero,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("zero_kind")
+                                  .Attr<int64_t>("variant")
+                                  .Attr<int64_t>("tasks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmTableGemv, jaxopt_llm::TableGemvNoZero,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("variant")
+                                  .Attr<int64_t>("tasks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmTableGemvZero, jaxopt_llm::TableGemvWithZero,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()

@@ -9,6 +9,11 @@
 //          w = (u - 8) * s (symmetric), (u - z) * s, or u * s + m
 // with s, z, m per group of `group` consecutive k (G = ceil(K / group) groups, the last one
 // possibly shorter) and per output column: s and m float32 or float16 (G, N), z uint8 (G, N).
+//
+// The table form (a tied LM head, the QuantizedWeight of axis 1, ggml's layout):
+// y (rows, V) float32 = x (rows, D) float32 @ dequant(T)ᵀ, T (V, D) stored row-major with
+// the same codes along D (4-bit: two consecutive d per byte, (V, ceil(D/2))) and s, z, m
+// (V, G) per row v and group of `group` consecutive d.
 #ifndef JAXOPT_LLM_CSRC_GEMV_H_
 #define JAXOPT_LLM_CSRC_GEMV_H_
 
@@ -20,6 +25,8 @@ struct XLA_FFI_CallFrame;
 // The FFI handlers (typed FFI, api_version 1), exported for the Python module's capsules.
 XLA_FFI_Error* JaxoptLlmWeightGemv(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxoptLlmWeightGemvZero(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxoptLlmTableGemv(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxoptLlmTableGemvZero(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace jaxopt_llm {
@@ -47,6 +54,27 @@ struct Problem {
   int64_t G = 0;
   const float* xsum = nullptr;  // (rows, G): sum of x over each group (kFloat only)
   float* y = nullptr;         // (rows, N), row stride N
+  Codes codes = Codes::kInt8;
+  ZeroKind zero_kind = ZeroKind::kNone;
+};
+
+// One block of at most kMaxRows rows against a whole table (axis 1).
+struct TableProblem {
+  const float* x = nullptr;   // (rows, D), row stride D
+  const float* xe = nullptr;  // 4-bit only: x[:, 0::2] and x[:, 1::2], (rows, B) each,
+  const float* xo = nullptr;  //   row stride B, xo zero-padded for an odd D
+  int64_t rows = 0;           // 1..kMaxRows
+  int64_t D = 0;
+  int64_t V = 0;
+  int64_t B = 0;              // bytes of codes per table row: D, or ceil(D/2) for 4-bit
+  const uint8_t* q = nullptr; // codes (V, B)
+  const void* scale = nullptr;  // (V, G) float32, or float16 when scale_f16
+  bool scale_f16 = false;
+  const void* zero = nullptr;   // (V, G): uint8 (kInteger), float32/float16 (kFloat)
+  bool zero_f16 = false;
+  int64_t group = 0;          // d values per group (D for a single group)
+  int64_t G = 0;
+  float* y = nullptr;         // (rows, V), row stride V
   Codes codes = Codes::kInt8;
   ZeroKind zero_kind = ZeroKind::kNone;
 };

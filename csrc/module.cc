@@ -15,6 +15,8 @@ PyObject* Registrations(PyObject*, PyObject*) {
   const Target targets[] = {
       {"jaxopt_llm_weight_gemv", reinterpret_cast<void*>(&JaxoptLlmWeightGemv)},
       {"jaxopt_llm_weight_gemv_zero", reinterpret_cast<void*>(&JaxoptLlmWeightGemvZero)},
+      {"jaxopt_llm_table_gemv", reinterpret_cast<void*>(&JaxoptLlmTableGemv)},
+      {"jaxopt_llm_table_gemv_zero", reinterpret_cast<void*>(&JaxoptLlmTableGemvZero)},
   };
   PyObject* result = PyDict_New();
   if (result == nullptr) return nullptr;

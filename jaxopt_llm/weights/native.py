@@ -31,11 +31,22 @@ on one thread and there is no thread pool of our own. Rows beyond 8 run in block
 vmapped call whose weight is not batched becomes one call with the batch folded into the
 rows (`vmap_method="expand_dims"`), a batched weight loops inside the kernel.
 
-`native_matmul` returns None where the kernel does not apply (`supports`): tables (axis 1),
-W8A8 (act_bits), other widths (2, 3, 5, 6, 7 bits), odd 4-bit group sizes, more than
-`MAX_ROWS` rows, non-float32 inputs or weights (materialize() would round the weight to that
-dtype; the kernel does not), a default backend other than CPU, or the extension missing.
-The call has no derivative (inference only) and knows nothing of meshes: arrays sharded
+Tables (axis 1: a tied LM head, `QuantizedWeight.attend`) have their own kernel,
+`native_attend`: y[m, v] = Σ_d x[m, d]·t[v, d], one dot product per table row with groups
+along D (ggml's layout). Codes (V, D) int8/uint8 or (V, ceil(D/2)) packed 4-bit, scales and
+zeros (V, G); per tensor (1, 1) is broadcast to (V, 1) here. Each row's codes are contiguous,
+so that kernel vectorises along d: it decodes 8 codes of R table rows into float32 weights
+w = c·s (+ m) and FMAs them against x[m, d:d+8] (4-bit: the low / high nibbles against the
+even / odd entries of x, split once per call), one horizontal sum per row; table rows are
+split over XLA's pool in chunks of 32 like the kernel's columns.
+
+`native_matmul` returns None where the kernel does not apply (`supports`): tables (axis 1,
+see `native_attend`), W8A8 (act_bits), other widths (2, 3, 5, 6, 7 bits), odd 4-bit group
+sizes, more than `MAX_ROWS` rows, non-float32 inputs or weights (materialize() would round
+the weight to that dtype; the kernel does not), a default backend other than CPU, or the
+extension missing; `native_attend` likewise for tables.
+Both calls differentiate as the pure-JAX product does (a custom JVP; the kernels
+themselves have no derivative) and know nothing of meshes: arrays sharded
 over several devices are not its use.
 """
 
@@ -59,6 +70,8 @@ VARIANTS = {"auto": 0, "scalar": 1, "avx2": 2}
 
 _TARGET = "jaxopt_llm_weight_gemv"
 _TARGET_ZERO = "jaxopt_llm_weight_gemv_zero"
+_TABLE_TARGET = "jaxopt_llm_table_gemv"
+_TABLE_TARGET_ZERO = "jaxopt_llm_table_gemv_zero"
 _SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
@@ -82,8 +95,8 @@ def native_status() -> tuple[bool, str]:
     """Whether the native kernels run here, and a one-line description or reason.
 
     The first call loads the extension, registers its FFI targets and runs one tiny
-    matmul against numpy, so "available" means a call really went through; the result is
-    cached.
+    matmul against a kernel and one against a table (the tied-head kernel), checked with
+    numpy, so "available" means a call really went through; the result is cached.
 
     Returns:
         (available, description): e.g. (True, "avx2 kernel, 2 threads (XLA CPU pool)") or
@@ -113,6 +126,17 @@ def native_status() -> tuple[bool, str]:
         want = x @ (codes.astype(np.float32) * scale)
         if not np.allclose(got, want, rtol=1e-6, atol=1e-6):
             return False, f"self-check failed: {got.tolist()} != {want.tolist()}"
+        # the same codes as a (V=4, D=4) table with one scale per row: x @ (codes·s)ᵀ
+        row_scale = scale.reshape(4, 1)
+        call = jax.ffi.ffi_call(_TABLE_TARGET, jax.ShapeDtypeStruct((1, 4), jnp.float32),
+                                vmap_method="expand_dims")
+        with jax.ensure_compile_time_eval():
+            got = np.asarray(call(jnp.asarray(x), jnp.asarray(codes), jnp.asarray(row_scale),
+                                  bits=np.int64(8), group_size=np.int64(4),
+                                  variant=np.int64(0), tasks=np.int64(0)))
+        want = x @ (codes.astype(np.float32) * row_scale).T
+        if not np.allclose(got, want, rtol=1e-6, atol=1e-6):
+            return False, f"table self-check failed: {got.tolist()} != {want.tolist()}"
     except Exception as error:  # noqa: BLE001 - a failed call means "not available"
         return False, f"self-check call failed: {type(error).__name__}: {error}"
     threads = module.pool_threads()
@@ -147,7 +171,7 @@ def path_in_use() -> tuple[bool, str]:
 
 
 def supports(w: object, rows: int) -> bool:
-    """Whether `native_matmul` runs the kernel for this weight and this many rows.
+    """Whether `native_matmul` (a kernel) or `native_attend` (a table) runs natively.
 
     Only the weight's static properties and the default backend are looked at, so this
     works on traced weights too; the extension itself is checked by `native_status`.
@@ -157,9 +181,9 @@ def supports(w: object, rows: int) -> bool:
         rows: rows (tokens) of the input, M of x (M, K).
 
     Returns:
-        True for weight-only 4-bit (even group sizes) and 8-bit kernels (axis 0) in
-        float32 with float32/float16/bfloat16 scales, 1 ≤ rows ≤ `MAX_ROWS`, on a CPU
-        default backend.
+        True for weight-only 4-bit (even group sizes) and 8-bit kernels (axis 0) and
+        tables (axis 1) in float32 with float32/float16/bfloat16 scales,
+        1 ≤ rows ≤ `MAX_ROWS`, on a CPU default backend.
 
     Example:
         >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
@@ -172,11 +196,13 @@ def supports(w: object, rows: int) -> bool:
     """
     if type(w).__name__ != "QuantizedWeight" or not 1 <= rows <= MAX_ROWS:
         return False  # (by name: quantized.py imports this module, not the reverse)
-    if w.axis != 0 or w.act_bits is not None or w.bits not in (4, 8) or w.dtype != "float32":
+    if w.axis not in (0, 1) or w.act_bits is not None or w.act_group is not None:
+        return False
+    if w.bits not in (4, 8) or w.dtype != "float32":
         return False
     if w.bits == 8 and (w.symmetric != (w.zero_point is None)):
         return False
-    k = w.shape2d[0]
+    k = w.shape2d[w.axis]  # the contraction length: K of a kernel, D of a table
     if w.bits == 4 and w.granularity == "group" and w.group_size % 2 and w.group_size < k:
         return False
     if jnp.dtype(w.scale.dtype) not in _SCALE_DTYPES:
@@ -192,6 +218,15 @@ def _kernel_float(values: jax.Array, columns: int) -> jax.Array:
         values = values.astype(jnp.float32)
     if values.shape[-1] != columns:  # per tensor: (1, 1) → (1, N)
         values = jnp.broadcast_to(values, (values.shape[0], columns))
+    return values
+
+
+def _table_per_row(values: jax.Array, rows: int) -> jax.Array:
+    """A table's scales / zeros as the table kernel reads them: (V, G); (1, 1) → (V, 1)."""
+    if values.dtype == jnp.bfloat16:
+        values = values.astype(jnp.float32)
+    if values.shape[0] != rows:
+        values = jnp.broadcast_to(values, (rows, values.shape[1]))
     return values
 
 
@@ -223,12 +258,50 @@ def native_matmul(x2: jax.Array, w: Any, *, variant: str = "auto",
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    if x2.ndim != 2 or x2.dtype != jnp.float32 or not supports(w, x2.shape[0]):
+    if x2.ndim != 2 or x2.dtype != jnp.float32 or not supports(w, x2.shape[0]) or w.axis != 0:
         return None
     k, n = w.shape2d
     if x2.shape[1] != k or _load()[0] is None:
         return None
     return _differentiable_call(x2, w, variant, tasks)
+
+
+def native_attend(x2: jax.Array, table: Any, *, variant: str = "auto",
+                  tasks: int = 0) -> jax.Array | None:
+    """x2 (M, D) float32 against a quantized (V, D) table → logits (M, V); None if not handled.
+
+    The tied LM head: equal to `x2 @ table.materialize().T` up to float32 rounding, one
+    dot product per table row along D (groups along D), without materializing the table.
+    Works under `jit` and `vmap`; its derivative is the pure-JAX product's.
+
+    Args:
+        x2: float32 hidden states (M, D), M ≤ `MAX_ROWS`.
+        table: a weight-only `QuantizedWeight` of a table (axis 1) with `table.shape[1] == D`.
+        variant: "auto" (the best kernel for this CPU), "scalar" or "avx2" (`VARIANTS`).
+        tasks: chunks of table rows to split the work into (0: by size and XLA's pool).
+
+    Returns:
+        The float32 (M, V) logits, or None when `supports(table, M)` is false, the table
+        is a kernel (axis 0), x2 is not a float32 (M, D) matrix, or the extension is not
+        available.
+
+    Raises:
+        ValueError: for an unknown `variant`.
+
+    Example:
+        >>> from jaxopt_llm.weights import QuantSpec, quantize_weight
+        >>> t = quantize_weight(jnp.array([[1.0, -2.0, 7.0], [0.5, -3.5, 1.0]]),
+        ...                     QuantSpec(bits=4), axis=1)
+        >>> native_attend(jnp.array([[0.0, 0.0, 1.0]]), t).tolist()  # doctest: +SKIP
+        [[7.0, 1.0]]
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if x2.ndim != 2 or x2.dtype != jnp.float32 or not supports(table, x2.shape[0]):
+        return None
+    if table.axis != 1 or x2.shape[1] != table.shape[1] or _load()[0] is None:
+        return None
+    return _differentiable_call(x2, table, variant, tasks)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -240,13 +313,16 @@ def _differentiable_call(x2: jax.Array, w: Any, variant: str, tasks: int) -> jax
 @_differentiable_call.defjvp
 def _jvp(variant, tasks, primals, tangents):
     def pure(x2, w):
-        return x2 @ w.materialize().reshape(w.shape2d).astype(jnp.float32)
+        dense = w.materialize().reshape(w.shape2d).astype(jnp.float32)
+        return x2 @ (dense if w.axis == 0 else dense.T)
 
     _, tangent = jax.jvp(pure, primals, tangents)
     return _call(*primals, variant, tasks), tangent
 
 
 def _call(x2: jax.Array, w: Any, variant: str, tasks: int) -> jax.Array:
+    if w.axis == 1:
+        return _table_call(x2, w, variant, tasks)
     k, n = w.shape2d
     group = w.group_size if w.granularity == "group" else k
     attrs = dict(bits=np.int64(w.bits), group_size=np.int64(min(group, k)),
@@ -265,3 +341,19 @@ def _call(x2: jax.Array, w: Any, variant: str, tasks: int) -> jax.Array:
             zero = jnp.broadcast_to(zero, (zero.shape[0], n))
     call = jax.ffi.ffi_call(_TARGET_ZERO, out, vmap_method="expand_dims")
     return call(x2, codes, scale, zero, zero_kind=np.int64(kind), **attrs)
+
+
+def _table_call(x2: jax.Array, table: Any, variant: str, tasks: int) -> jax.Array:
+    v, d = table.shape2d
+    group = table.group_size if table.granularity == "group" else d
+    attrs = dict(bits=np.int64(table.bits), group_size=np.int64(min(group, d)),
+                 variant=np.int64(VARIANTS[variant]), tasks=np.int64(tasks))
+    out = jax.ShapeDtypeStruct((x2.shape[0], v), jnp.float32)
+    scale = _table_per_row(table.scale, v)
+    if table.zero_point is None:
+        call = jax.ffi.ffi_call(_TABLE_TARGET, out, vmap_method="expand_dims")
+        return call(x2, table.qvalue, scale, **attrs)
+    kind = 2 if table.zero == "float" else 1
+    zero = _table_per_row(table.zero_point, v)
+    call = jax.ffi.ffi_call(_TABLE_TARGET_ZERO, out, vmap_method="expand_dims")
+    return call(x2, table.qvalue, scale, zero, zero_kind=np.int64(kind), **attrs)

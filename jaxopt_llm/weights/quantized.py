@@ -266,6 +266,11 @@ class QuantizedWeight(WeightLeaf):
             raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
         if self.act_group is not None:  # llama.cpp's tied head: activation blocks too
             return _blockwise_int8_matmul(x, self)
+        if native.path_in_use()[0]:  # None: not handled (rows, dtype, form)
+            rows = math.prod(x.shape[:-1])
+            y = native.native_attend(x.reshape(rows, x.shape[-1]), self)
+            if y is not None:
+                return y.reshape(*x.shape[:-1], self.shape[0])
         return jnp.einsum("...d,vd->...v", x, self.materialize().astype(x.dtype))
 
     def viewed_as(self, shape: tuple[int, ...]) -> QuantizedWeight:

@@ -1,6 +1,7 @@
 """The native weight-only GEMV kernels (jaxopt_llm.weights.native, csrc/gemv.cc) against the
-independent pure-JAX path `x @ w.materialize()`, for every handled storage form, eagerly,
-under jit and under vmap, with both kernel variants and forced multi-threaded splits."""
+independent pure-JAX path `x @ w.materialize()` (kernels) and `x @ table.materialize().T`
+(tables, the tied head), for every handled storage form, eagerly, under jit and under vmap,
+with both kernel variants and forced multi-threaded splits."""
 
 import functools
 import shutil
@@ -199,8 +200,11 @@ def test_declines_what_it_does_not_handle():
     require_native()
     w8, _ = weight("int8 channel f32", (75, 40))
     w4, _ = weight("int4 g32 f16", (96, 40))
+    table = quantize(jnp.ones((8, 64)), QuantSpec(bits=8), axis=1)
+    assert native.supports(table, 1)  # by native_attend, not by native_matmul
+    assert native.native_matmul(jnp.ones((1, 64), jnp.float32), table) is None
+    assert native.native_attend(jnp.ones((1, 75), jnp.float32), w8) is None  # a kernel
     cases = {
-        "table (axis 1)": quantize(jnp.ones((8, 64)), QuantSpec(bits=8), axis=1),
         "3 bits": quantize(jnp.ones((64, 8)), QuantSpec(bits=3)),
         # the static fields quantize_weight sets for act_bits=8 / a bfloat16 weight
         "W8A8": w8.replace(act_bits=8),
@@ -277,3 +281,209 @@ def test_the_first_status_check_may_come_while_a_model_is_traced():
     text = jax.jit(lambda x: w.linear(x)).lower(jnp.ones((1, 64), jnp.float32)).as_text()
     assert native.path_in_use()[0], native.path_in_use()[1]
     assert "jaxopt_llm_weight_gemv" in text
+
+
+# ------------------------------------------------------------------ tables (axis 1, tied head)
+
+# name -> (spec, scale_dtype or None for the default, [(V, D), ...]); V not a multiple of the
+# 4 table rows the AVX2 kernel decodes together, D with partial groups and group tails
+TABLE_FORMS = {
+    "int8 row f32": (QuantSpec(bits=8), None, [(133, 75), (37, 576)]),
+    "int8 row f16": (QuantSpec(bits=8), "float16", [(133, 75)]),
+    "int8 row bf16": (QuantSpec(bits=8), "bfloat16", [(37, 64)]),
+    "int8 g32 f16": (QuantSpec(bits=8, granularity="group", group_size=32), None,
+                     [(133, 96)]),
+    "int8 g12 partial": (QuantSpec(bits=8, granularity="group", group_size=12,
+                                   partial_groups=True), "float32", [(37, 75)]),
+    "uint8 zero row": (QuantSpec(bits=8, symmetric=False), None, [(133, 75)]),
+    "uint8 float offset g32": (QuantSpec(bits=8, symmetric=False, zero="float",
+                                         granularity="group", group_size=32), None,
+                               [(37, 96)]),
+    "int4 row odd D": (QuantSpec(bits=4), None, [(133, 75)]),
+    "int4 tensor": (QuantSpec(bits=4, granularity="tensor"), None, [(37, 96)]),
+    "int4 g32 f16": (QuantSpec(bits=4, granularity="group", group_size=32), None,
+                     [(133, 96), (37, 576)]),
+    "int4 g128 partial odd D": (QuantSpec(bits=4, granularity="group", group_size=128,
+                                          partial_groups=True), None, [(37, 201)]),
+    "int4 g20 partial": (QuantSpec(bits=4, granularity="group", group_size=20,
+                                   partial_groups=True), "float32", [(37, 70)]),
+    "int4 zero g32": (QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32),
+                      None, [(133, 96)]),
+    "int4 zero g128 f32": (QuantSpec(bits=4, symmetric=False, granularity="group",
+                                     group_size=128, partial_groups=True), "float32",
+                           [(37, 576)]),
+    "int4 float offset g32 f16": (QuantSpec(bits=4, symmetric=False, zero="float",
+                                            granularity="group", group_size=32), None,
+                                  [(133, 96), (37, 576)]),
+    "int4 float offset g32 f32": (QuantSpec(bits=4, symmetric=False, zero="float",
+                                            granularity="group", group_size=32), "float32",
+                                  [(37, 96)]),
+    "int4 float offset bf16": (QuantSpec(bits=4, symmetric=False, zero="float",
+                                         granularity="group", group_size=32), "bfloat16",
+                               [(37, 96)]),
+    "int4 zero row": (QuantSpec(bits=4, symmetric=False), None, [(133, 75)]),
+}
+TABLE_CASES = [(name, shape) for name, (_, _, shapes) in TABLE_FORMS.items() for shape in shapes]
+
+
+@functools.cache
+def table(name: str, shape: tuple[int, int], seed: int = 0):
+    """(a QuantizedWeight table (axis 1), its materialized float32 (V, D) table as numpy)."""
+    spec, scale_dtype, _ = TABLE_FORMS[name]
+    rng = np.random.default_rng([zlib.crc32(name.encode()), *shape, seed, 1])
+    dense = rng.normal(0.0, 0.1, shape).astype(np.float32)
+    dense[0] += 0.3  # an asymmetric row: zero points and offsets far from the middle
+    qt = quantize(jnp.asarray(dense), spec, scale_dtype=scale_dtype, axis=1)
+    return qt, np.asarray(jax.jit(lambda t: t.materialize())(qt))
+
+
+@jax.jit
+def pure_attend(x, t):
+    """The pure-JAX tied head (what `QuantizedWeight.attend` runs with the native path off)."""
+    return jnp.einsum("...d,vd->...v", x, t.materialize().astype(x.dtype))
+
+
+def assert_table_matches(got, want, x, dense):
+    assert_matches(got, want, x, dense.T)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("name", "shape"), TABLE_CASES,
+                         ids=[f"{n} {v}x{d}" for n, (v, d) in TABLE_CASES])
+def test_table_matches_pure_jax(name, shape, rows):
+    require_native()
+    t, dense = table(name, shape)
+    assert native.supports(t, rows)
+    x = inputs(rows, shape[1])
+    want = np.asarray(pure_attend(jnp.asarray(x), t))
+    for variant in variants():
+        got = jax.jit(functools.partial(native.native_attend, variant=variant))(
+            jnp.asarray(x), t)
+        assert_table_matches(got, want, x, dense)
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 5])
+def test_table_forced_row_splits(tasks):
+    """Chunks of 32 table rows over XLA's pool (the tail chunk shorter, V % 4 ≠ 0)."""
+    require_native()
+    for name, shape in [("int4 g32 f16", (133, 96)), ("int8 row f32", (133, 75)),
+                        ("int4 float offset g32 f16", (133, 96))]:
+        t, dense = table(name, shape)
+        x = inputs(8, shape[1])
+        got = native.native_attend(jnp.asarray(x), t, tasks=tasks)
+        assert_table_matches(got, np.asarray(pure_attend(jnp.asarray(x), t)), x, dense)
+
+
+@pytest.mark.parametrize("name", ["int8 row f32", "int4 g32 f16", "int4 float offset g32 f16"])
+def test_table_vmap(name):
+    """A batch of inputs against one table (folded into rows), and stacked tables."""
+    require_native()
+    shape = TABLE_FORMS[name][2][0]
+    t, dense = table(name, shape)
+    for lead, rows in [((4,), 8), ((2,), 1), ((3,), 3)]:
+        x = inputs(rows, shape[1], lead=lead)
+        got = jax.jit(jax.vmap(native.native_attend, in_axes=(0, None)))(jnp.asarray(x), t)
+        want = np.asarray(pure_attend(jnp.asarray(x), t))
+        assert_table_matches(got, want, x, dense)
+    t1, d1 = table(name, shape, 1)
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), t, t1)
+    x = inputs(3, shape[1], lead=(2,))
+    got = jax.vmap(native.native_attend)(jnp.asarray(x), stacked)
+    want = np.stack([np.asarray(pure_attend(jnp.asarray(x[0]), t)),
+                     np.asarray(pure_attend(jnp.asarray(x[1]), t1))])
+    assert_table_matches(got, want, x, np.maximum(np.abs(dense), np.abs(d1)))
+
+
+def test_attend_calls_the_table_kernel_at_decode_sizes_only(monkeypatch):
+    """`QuantizedWeight.attend` (the tied head) runs the table kernel for ≤ MAX_ROWS float32
+    rows and falls back to the pure path (still correct) for more rows or bfloat16 inputs;
+    its gradient with respect to x is the pure-JAX product's."""
+    require_native()
+    t, dense = table("int4 float offset g32 f16", (133, 96))
+
+    def jaxpr(x):
+        return str(jax.make_jaxpr(lambda a: t.attend(a))(x))
+
+    assert "jaxopt_llm_table_gemv" in jaxpr(jnp.ones((1, 96), jnp.float32))
+    assert "jaxopt_llm_table_gemv" in jaxpr(jnp.ones((2, 4, 96), jnp.float32))
+    for x in [inputs(9, 96), inputs(3, 96, lead=(3,))]:  # 9 rows: XLA
+        assert "jaxopt_llm_table_gemv" not in jaxpr(jnp.asarray(x))
+        got = jax.jit(lambda a: t.attend(a))(jnp.asarray(x))
+        assert_table_matches(got, np.asarray(pure_attend(jnp.asarray(x), t)), x, dense)
+    x16 = jnp.asarray(inputs(1, 96), jnp.bfloat16)
+    assert "jaxopt_llm_table_gemv" not in jaxpr(x16)
+    assert native.native_attend(x16, t) is None
+    got = jax.jit(lambda a: t.attend(a))(x16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(pure_attend(x16, t), np.float32))
+    assert native.native_attend(jnp.ones((9, 96), jnp.float32), t) is None
+    assert native.native_attend(jnp.ones((1, 95), jnp.float32), t) is None  # D mismatch
+    w8a8 = quantize(jnp.asarray(dense), QuantSpec(bits=8), axis=1).replace(act_bits=8)
+    assert not native.supports(w8a8, 1)
+    assert native.native_attend(jnp.ones((1, 96), jnp.float32), w8a8) is None
+
+    x = jnp.asarray(inputs(3, 96))
+    c = jnp.asarray(np.random.default_rng(9).normal(size=(3, 133)), jnp.float32)
+    got = jax.jit(jax.grad(lambda a: jnp.sum(t.attend(a) * c)))(x)
+    want = jax.grad(lambda a: jnp.sum(pure_attend(a, t) * c))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(c) @ dense, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
+    assert "jaxopt_llm_table_gemv" not in jaxpr(jnp.ones((1, 96), jnp.float32))
+
+
+def test_table_kernel_rejects_inconsistent_operands():
+    require_native()
+    x = jnp.ones((1, 64), jnp.float32)
+    codes = jnp.ones((8, 64), jnp.int8)
+    out = jax.ShapeDtypeStruct((1, 8), jnp.float32)
+    call = jax.ffi.ffi_call("jaxopt_llm_table_gemv", out, vmap_method="expand_dims")
+    attrs = dict(bits=np.int64(8), variant=np.int64(0), tasks=np.int64(0))
+    good = call(x, codes, jnp.ones((8, 2), jnp.float32), group_size=np.int64(32), **attrs)
+    np.testing.assert_allclose(np.asarray(good), np.full((1, 8), 64.0))
+    with pytest.raises(Exception, match="scale"):  # 3 groups of 32 do not cover D = 64
+        call(x, codes, jnp.ones((8, 3), jnp.float32), group_size=np.int64(32),
+             **attrs).block_until_ready()
+    with pytest.raises(Exception, match="codes"):  # 4-bit codes of D = 64 are 32 bytes
+        call(x, codes.astype(jnp.uint8), jnp.ones((8, 2), jnp.float32),
+             group_size=np.int64(32), bits=np.int64(4), variant=np.int64(0),
+             tasks=np.int64(0)).block_until_ready()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8),
+                                  QuantSpec(bits=4, symmetric=False, zero="float",
+                                            granularity="group", group_size=16)],
+                         ids=["int8 row", "int4 float offset g16"])
+def test_tied_llama_generates_the_same_tokens_native_on_and_off(spec, tiny_config,
+                                                                random_params, monkeypatch):
+    """End to end: a tiny Llama whose tied embedding table is quantized (axis 1) decodes the
+    same greedy tokens through the table kernel as through the pure-JAX head."""
+    require_native()
+    from jaxopt_llm import generation
+
+    config = tiny_config(tie_word_embeddings=True, num_layers=1)
+    params = jax.tree.map(jnp.asarray, random_params(config, std=0.3))
+    qt = quantize(params["embed_tokens"]["embedding"], spec, axis=1)
+    params = {**params, "embed_tokens": {"embedding": qt}}
+    prompt = [[3, 17, 42, 5]]
+
+    def run():
+        """(greedy ids, whether the compiled decode program calls the table kernel)."""
+        generation._PROGRAMS.clear()  # path_in_use is read while tracing: trace again
+        generation._prefill.clear_cache()
+        generation._decode.clear_cache()
+        ids = generation.generate(config, params, prompt, max_new_tokens=12,
+                                  eos_token_ids=()).new_ids
+        (_, decode), = generation._PROGRAMS.values()
+        return ids, "jaxopt_llm_table_gemv" in decode.as_text()
+
+    native_ids, native_called = run()
+    monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
+    pure_ids, pure_called = run()
+    generation._PROGRAMS.clear()  # no program traced with the path off outlives the test
+    generation._prefill.clear_cache()
+    generation._decode.clear_cache()
+    assert native_called and not pure_called
+    assert len(native_ids[0]) == 12
+    assert native_ids == pure_ids
