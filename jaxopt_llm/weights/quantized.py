@@ -13,7 +13,8 @@ Execution:
 - weight-only at decode sizes (≤ 8 rows, float32, CPU): the native kernel of
   `jaxopt_llm.weights.native` where it is built and handles the form (int8 and 4-bit,
   per channel or grouped, any zero kind), reading the codes without materializing the
-  float weight; otherwise, and for more rows:
+  float weight; a table's tied head (`attend`, axis=1) likewise through `native_attend`;
+  otherwise, and for more rows:
 - weight-only: dequantize, then one float32 matmul (compute="float32", the default: the
   result does not depend on how the model is sharded beyond float32 rounding). With
   compute="bfloat16", inputs of ≥ 128 rows (prefill, evaluation) run a bfloat16 matmul
