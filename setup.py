@@ -1,10 +1,11 @@
 """Build of the optional native extension `jaxopt_llm._native_gemv` (csrc/).
 
 Everything else about the package is in pyproject.toml. The extension holds XLA FFI
-handlers for weight-only quantized matmuls (jaxopt_llm.weights.native); it needs a C++17
+handlers for weight-only quantized matmuls (jaxopt_llm.weights.native) and causal-prefix
+attention (jaxopt_llm.models.native_attention); it needs a C++17
 compiler and the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`). It is
 optional: without a compiler or headers the package installs without it, and
-`jaxopt_llm.weights.native.native_status()` says why.
+`jaxopt_llm.native_extension.load()` says why.
 
 The headers are found, in order, in `$JAXOPT_LLM_FFI_INCLUDE`, through an importable jax
 (a non-isolated build), or in the site-packages of the interpreter running the build: pip's
@@ -91,8 +92,8 @@ def native_extensions() -> list[Extension]:
     return [
         Extension(
             "jaxopt_llm._native_gemv",
-            sources=["csrc/gemv.cc", "csrc/module.cc"],
-            depends=["csrc/gemv.h"],
+            sources=["csrc/gemv.cc", "csrc/attention.cc", "csrc/module.cc"],
+            depends=["csrc/gemv.h", "csrc/attention.h"],
             include_dirs=["csrc"],
             # -isystem: the FFI headers are not warning-clean under Python's -Wall
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-isystem",

@@ -1,8 +1,10 @@
-// The Python extension module jaxopt_llm._native_gemv: the FFI handlers of gemv.cc as
-// PyCapsules for jax.ffi.register_ffi_target, and what the kernels will run on this CPU.
+// The Python extension module jaxopt_llm._native_gemv: the FFI handlers of gemv.cc and
+// attention.cc as PyCapsules for jax.ffi.register_ffi_target, and what the kernels will run
+// on this CPU.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "attention.h"
 #include "gemv.h"
 
 namespace {
@@ -17,6 +19,7 @@ PyObject* Registrations(PyObject*, PyObject*) {
       {"jaxopt_llm_weight_gemv_zero", reinterpret_cast<void*>(&JaxoptLlmWeightGemvZero)},
       {"jaxopt_llm_table_gemv", reinterpret_cast<void*>(&JaxoptLlmTableGemv)},
       {"jaxopt_llm_table_gemv_zero", reinterpret_cast<void*>(&JaxoptLlmTableGemvZero)},
+      {"jaxopt_llm_prefix_attention", reinterpret_cast<void*>(&JaxoptLlmPrefixAttention)},
   };
   PyObject* result = PyDict_New();
   if (result == nullptr) return nullptr;
@@ -53,8 +56,9 @@ PyMethodDef kMethods[] = {
 PyModuleDef kModule = {
     PyModuleDef_HEAD_INIT,
     "_native_gemv",
-    "Native weight-only quantized GEMV kernels (XLA FFI handlers); see "
-    "jaxopt_llm.weights.native.",
+    "Native CPU kernels as XLA FFI handlers: weight-only quantized GEMV (see "
+    "jaxopt_llm.weights.native) and causal-prefix attention (jaxopt_llm.models."
+    "native_attention).",
     -1,
     kMethods,
 };

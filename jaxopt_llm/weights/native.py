@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import functools
 import os
-from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxopt_llm import native_extension
 
 # Rows (tokens) up to which `native_matmul` runs the kernel; more go through XLA.
 MAX_ROWS = 8
@@ -75,19 +76,8 @@ _TABLE_TARGET_ZERO = "jaxopt_llm_table_gemv_zero"
 _SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
-@functools.cache
-def _load() -> tuple[ModuleType | None, str]:
-    """The extension with its FFI targets registered (once), or None and why not."""
-    try:
-        from jaxopt_llm import _native_gemv
-    except ImportError as error:
-        return None, f"extension not built: {error}"
-    try:
-        for name, capsule in _native_gemv.registrations().items():
-            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    except Exception as error:  # noqa: BLE001 - any failure means "not available"
-        return None, f"FFI registration failed: {type(error).__name__}: {error}"
-    return _native_gemv, ""
+# The extension, loaded and registered once for every native kernel of the package.
+_load = native_extension.load
 
 
 @functools.cache

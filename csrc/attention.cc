@@ -1,0 +1,679 @@
+// Causal-prefix attention as an XLA FFI handler (see attention.h).
+//
+// Algorithm: the online softmax of FlashAttention (Dao et al., "FlashAttention: Fast and
+// Memory-Efficient Exact Attention with IO-Awareness", 2022) on CPU-cache-sized tiles. A
+// task owns one query block of one kv head: the G query heads of that kv head at `rows_t`
+// consecutive positions, M = rows_t·G rows (row = position·G + head), so every K/V tile is
+// loaded once for all G heads. It walks the key blocks of kKeyBlock keys up to its last
+// position (the caller guarantees later keys are masked) and per block
+//     S = Q·Kᵀ                      (M × W scores, in the log2 domain: Q carries log2(e)/√D)
+//     S[r, j] = -inf where the mask hides key j from row r (or j is past the block)
+//     m' = max(m, max_j S[r, :]);  P = 2^(S - m');  α = 2^(m - m')
+//     l = α·l + Σ_j P[r, j];  O = α·O + P·V;  m = m'
+// and finally out = O / l (0 where l = 0: a row that sees no key). The mask tile of a block
+// is classified first (bytes checked 8 at a time): a block nobody sees is skipped (sliding
+// windows, left padding), a block everybody sees skips the masking.
+//
+// Kernels. K is packed once per call into panels of 16 keys, transposed ((D, 16) each,
+// zero-padded past T), so S is a register-blocked product vectorised along keys: 6 rows ×
+// 16 keys in 12 AVX2 accumulators, one Q broadcast and two panel loads per d. P·V
+// vectorises along D: 6 rows × 16 columns, the rescale by α folded into the load of O.
+// 2^x is a degree-6 polynomial on the fraction (Cephes' exp2f coefficients, ~1.7e-7
+// relative error) times 2^n built in the exponent bits; x < -125 (and -inf) gives 0.
+// A portable scalar path runs the same tiles; the variant is chosen at run time.
+//
+// Threads: tasks (query blocks of each (b, kv head), the longest first, since causal blocks
+// grow with their position) are claimed from an atomic counter by the calling thread and
+// tasks scheduled on XLA's own CPU thread pool (the FFI ThreadPool context), as in gemv.cc.
+#include "attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gemv.h"  // Variant, HaveAvx2
+#include "xla/ffi/api/ffi.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(JAXOPT_LLM_PORTABLE_ONLY)
+#define JAXOPT_LLM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace jaxopt_llm {
+namespace {
+
+constexpr int64_t kPanel = 16;        // keys per packed K panel: two AVX2 vectors
+constexpr int64_t kKeyBlock = 64;     // keys per tile, a multiple of kPanel
+constexpr int64_t kRowsPerTile = 96;  // target M: Q, O and S tiles of ~24 KB each (D = 64)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.44269504088896340736f;
+
+// One (query block, key block) tile as the kernels see it.
+struct Tile {
+  const float* q;        // (M, D): queries · log2(e)/√D, row = position·G + head
+  const float* kp;       // the block's key panels: (W / 16, D, 16)
+  const float* v;        // the block's first value row; key j at v + j·v_stride
+  int64_t v_stride;
+  const uint8_t* mask;   // mask[first position, first key]; nullptr: every key < n visible
+  int64_t mask_stride;   // T
+  int64_t G;             // rows per position
+  int64_t M, D;
+  int64_t n;             // keys in the block
+  int64_t W;             // n rounded up to whole panels (columns of s)
+  float* s;              // (M, W): scores, replaced by probabilities
+  float* o;              // (M, D): unnormalized output
+  float* m;              // (M): running max
+  float* l;              // (M): running sum of probabilities
+  float* alpha;          // (M): this block's rescale of o
+};
+
+struct Kernels {
+  void (*scores)(const Tile&);
+  void (*softmax)(const Tile&);
+  void (*accumulate)(const Tile&);
+};
+
+// ----------------------------------------------------------------------------- scalar
+
+void ScoresScalar(const Tile& t) {
+  for (int64_t r = 0; r < t.M; ++r) {
+    const float* q = t.q + r * t.D;
+    for (int64_t p = 0; p < t.W / kPanel; ++p) {
+      const float* panel = t.kp + p * t.D * kPanel;
+      float acc[kPanel] = {};
+      for (int64_t d = 0; d < t.D; ++d) {
+        for (int64_t i = 0; i < kPanel; ++i) acc[i] += q[d] * panel[d * kPanel + i];
+      }
+      std::copy(acc, acc + kPanel, t.s + r * t.W + p * kPanel);
+    }
+  }
+}
+
+inline const uint8_t* MaskRow(const Tile& t, int64_t r) {
+  return t.mask == nullptr ? nullptr : t.mask + (r / t.G) * t.mask_stride;
+}
+
+// The online-softmax bookkeeping of row r once its masked row maximum is known: the new
+// max, or false when the row has seen no key yet (its probabilities must be zeroed).
+inline bool UpdateMax(const Tile& t, int64_t r, float row_max, float* m_new) {
+  *m_new = std::max(t.m[r], row_max);
+  if (*m_new == kNegInf) {
+    t.alpha[r] = 1.0f;  // o and l are still 0
+    return false;
+  }
+  return true;
+}
+
+inline void UpdateSum(const Tile& t, int64_t r, float m_new, float block_sum) {
+  const float alpha = std::exp2(t.m[r] - m_new);  // 0 for the first visible block
+  t.l[r] = t.l[r] * alpha + block_sum;
+  t.m[r] = m_new;
+  t.alpha[r] = alpha;
+}
+
+void SoftmaxScalar(const Tile& t) {
+  for (int64_t r = 0; r < t.M; ++r) {
+    float* s = t.s + r * t.W;
+    const uint8_t* mask = MaskRow(t, r);
+    float row_max = kNegInf;
+    for (int64_t j = 0; j < t.W; ++j) {
+      if (j >= t.n || (mask != nullptr && mask[j] == 0)) s[j] = kNegInf;
+      row_max = std::max(row_max, s[j]);
+    }
+    float m_new;
+    if (!UpdateMax(t, r, row_max, &m_new)) {
+      std::fill(s, s + t.W, 0.0f);
+      continue;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < t.W; ++j) {
+      s[j] = std::exp2(s[j] - m_new);
+      sum += s[j];
+    }
+    UpdateSum(t, r, m_new, sum);
+  }
+}
+
+// o[r, c0:D] = α·o + Σ_j p[r, j]·v[j, c0:D] for rows [r0, r1).
+void AccumulateColumnsScalar(const Tile& t, int64_t r0, int64_t r1, int64_t c0) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* o = t.o + r * t.D;
+    const float* p = t.s + r * t.W;
+    for (int64_t c = c0; c < t.D; ++c) o[c] *= t.alpha[r];
+    for (int64_t j = 0; j < t.n; ++j) {
+      if (p[j] == 0.0f) continue;
+      const float* v = t.v + j * t.v_stride;
+      for (int64_t c = c0; c < t.D; ++c) o[c] += p[j] * v[c];
+    }
+  }
+}
+
+void AccumulateScalar(const Tile& t) { AccumulateColumnsScalar(t, 0, t.M, 0); }
+
+constexpr Kernels kScalarKernels = {&ScoresScalar, &SoftmaxScalar, &AccumulateScalar};
+
+// ----------------------------------------------------------------------------- AVX2
+
+#ifdef JAXOPT_LLM_X86
+#define JAXOPT_LLM_AVX2 __attribute__((target("avx2,fma")))
+#if defined(__clang__)
+#define JAXOPT_LLM_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define JAXOPT_LLM_UNROLL _Pragma("GCC unroll 16")
+#else
+#define JAXOPT_LLM_UNROLL
+#endif
+
+constexpr int kRows = 6;  // rows per register block: 12 accumulators + 3 operands ≤ 16 ymm
+
+// s[0:R, 0:16] = q[0:R] · panelᵀ (12 accumulators for R = 6).
+template <int R>
+JAXOPT_LLM_AVX2 inline void ScorePanel(const float* q, int64_t D, const float* panel, float* s,
+                                       int64_t W) {
+  __m256 acc[R][2];
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(panel + d * kPanel);
+    const __m256 k1 = _mm256_loadu_ps(panel + d * kPanel + 8);
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(q + r * D + d);
+      acc[r][0] = _mm256_fmadd_ps(x, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, k1, acc[r][1]);
+    }
+  }
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(s + r * W, acc[r][0]);
+    _mm256_storeu_ps(s + r * W + 8, acc[r][1]);
+  }
+}
+
+template <int R>
+JAXOPT_LLM_AVX2 void ScoreRows(const Tile& t, int64_t r0) {
+  for (int64_t p = 0; p < t.W / kPanel; ++p) {
+    ScorePanel<R>(t.q + r0 * t.D, t.D, t.kp + p * t.D * kPanel, t.s + r0 * t.W + p * kPanel,
+                  t.W);
+  }
+}
+
+JAXOPT_LLM_AVX2 void ScoresAvx2(const Tile& t) {
+  int64_t r = 0;
+  for (; r + kRows <= t.M; r += kRows) ScoreRows<kRows>(t, r);
+  switch (t.M - r) {
+    case 5: return ScoreRows<5>(t, r);
+    case 4: return ScoreRows<4>(t, r);
+    case 3: return ScoreRows<3>(t, r);
+    case 2: return ScoreRows<2>(t, r);
+    case 1: return ScoreRows<1>(t, r);
+    default: return;
+  }
+}
+
+JAXOPT_LLM_AVX2 inline float HorizontalMax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+JAXOPT_LLM_AVX2 inline float HorizontalSum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// 2^x for x ≤ 0: 2^n · p(x - n), n = round(x), p Cephes' exp2f polynomial on [-1/2, 1/2];
+// x < -125 (including -inf, a masked score) gives exactly 0.
+JAXOPT_LLM_AVX2 inline __m256 Exp2(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-125.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lowest);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 value = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
+  return _mm256_and_ps(value, keep);
+}
+
+// Lanes of columns [c, c + 8) that row `mask` sees among the block's n keys.
+JAXOPT_LLM_AVX2 inline __m256 VisibleLanes(const uint8_t* mask, int64_t c, int64_t n) {
+  if (c + 8 <= n) {
+    if (mask == nullptr) return _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    const __m256i bytes =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + c)));
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()));
+  }
+  alignas(32) int32_t lanes[8];
+  for (int64_t i = 0; i < 8; ++i) {
+    lanes[i] = c + i < n && (mask == nullptr || mask[c + i] != 0) ? -1 : 0;
+  }
+  return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
+}
+
+JAXOPT_LLM_AVX2 void SoftmaxAvx2(const Tile& t) {
+  const bool dense = t.mask == nullptr && t.n == t.W;
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  for (int64_t r = 0; r < t.M; ++r) {
+    float* s = t.s + r * t.W;
+    const uint8_t* mask = MaskRow(t, r);
+    __m256 vmax = neg_inf;
+    for (int64_t c = 0; c < t.W; c += 8) {
+      __m256 x = _mm256_loadu_ps(s + c);
+      if (!dense) {
+        x = _mm256_blendv_ps(neg_inf, x, VisibleLanes(mask, c, t.n));
+        _mm256_storeu_ps(s + c, x);
+      }
+      vmax = _mm256_max_ps(vmax, x);
+    }
+    float m_new;
+    if (!UpdateMax(t, r, HorizontalMax(vmax), &m_new)) {
+      std::fill(s, s + t.W, 0.0f);
+      continue;
+    }
+    const __m256 shift = _mm256_set1_ps(m_new);
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= t.W; c += 16) {
+      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), shift));
+      const __m256 p1 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c + 8), shift));
+      _mm256_storeu_ps(s + c, p0);
+      _mm256_storeu_ps(s + c + 8, p1);
+      sum0 = _mm256_add_ps(sum0, p0);
+      sum1 = _mm256_add_ps(sum1, p1);
+    }
+    for (; c < t.W; c += 8) {
+      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), shift));
+      _mm256_storeu_ps(s + c, p0);
+      sum0 = _mm256_add_ps(sum0, p0);
+    }
+    UpdateSum(t, r, m_new, HorizontalSum(_mm256_add_ps(sum0, sum1)));
+  }
+}
+
+// o[r0:r0+R, c:c+8V] = α·o + P·V over the block's keys (R·V accumulators).
+template <int R, int V>
+JAXOPT_LLM_AVX2 inline void AccumulateBlock(const Tile& t, int64_t r0, int64_t c) {
+  __m256 acc[R][V];
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const __m256 alpha = _mm256_broadcast_ss(t.alpha + r0 + r);
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < V; ++i) {
+      acc[r][i] = _mm256_mul_ps(alpha, _mm256_loadu_ps(t.o + (r0 + r) * t.D + c + 8 * i));
+    }
+  }
+  const float* p = t.s + r0 * t.W;
+  const float* v = t.v + c;
+  for (int64_t j = 0; j < t.n; ++j, v += t.v_stride) {
+    __m256 x[V];
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < V; ++i) x[i] = _mm256_loadu_ps(v + 8 * i);
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 w = _mm256_broadcast_ss(p + r * t.W + j);
+      JAXOPT_LLM_UNROLL
+      for (int i = 0; i < V; ++i) acc[r][i] = _mm256_fmadd_ps(w, x[i], acc[r][i]);
+    }
+  }
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < V; ++i) _mm256_storeu_ps(t.o + (r0 + r) * t.D + c + 8 * i, acc[r][i]);
+  }
+}
+
+template <int R>
+JAXOPT_LLM_AVX2 void AccumulateRows(const Tile& t, int64_t r0) {
+  int64_t c = 0;
+  for (; c + 16 <= t.D; c += 16) AccumulateBlock<R, 2>(t, r0, c);
+  if (c + 8 <= t.D) {
+    AccumulateBlock<R, 1>(t, r0, c);
+    c += 8;
+  }
+  if (c < t.D) AccumulateColumnsScalar(t, r0, r0 + R, c);  // the last D % 8 columns
+}
+
+JAXOPT_LLM_AVX2 void AccumulateAvx2(const Tile& t) {
+  int64_t r = 0;
+  for (; r + kRows <= t.M; r += kRows) AccumulateRows<kRows>(t, r);
+  switch (t.M - r) {
+    case 5: return AccumulateRows<5>(t, r);
+    case 4: return AccumulateRows<4>(t, r);
+    case 3: return AccumulateRows<3>(t, r);
+    case 2: return AccumulateRows<2>(t, r);
+    case 1: return AccumulateRows<1>(t, r);
+    default: return;
+  }
+}
+
+constexpr Kernels kAvx2Kernels = {&ScoresAvx2, &SoftmaxAvx2, &AccumulateAvx2};
+#else
+constexpr Kernels kAvx2Kernels = kScalarKernels;
+#endif  // JAXOPT_LLM_X86
+
+// ------------------------------------------------------------------------- the driver
+
+struct Problem {
+  const float* q;       // (B, T, H, D)
+  const float* k;       // (B, T, Hkv, D)
+  const float* v;       // (B, T, Hkv, D)
+  const uint8_t* mask;  // (B, T, T)
+  float* out;           // (B, T, H, D)
+  int64_t B, T, H, Hkv, G, D;
+  int64_t rows_t;       // positions per query block
+  int64_t q_blocks;     // query blocks per (b, kv head)
+  int64_t panels;       // key panels per (b, kv head): ceil(T / 16)
+  float* kp;            // packed keys (B, Hkv, panels, D, 16)
+  float q_scale;        // log2(e) / √D
+  Kernels kernels;
+};
+
+// Panels per packing task.
+constexpr int64_t kPanelsPerPackTask = 32;
+
+void PackKeys(const Problem& p, int64_t task) {
+  const int64_t chunks = (p.panels + kPanelsPerPackTask - 1) / kPanelsPerPackTask;
+  const int64_t bh = task / chunks, chunk = task % chunks;
+  const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv, D = p.D;
+  const int64_t p0 = chunk * kPanelsPerPackTask;
+  const int64_t p1 = std::min(p.panels, p0 + kPanelsPerPackTask);
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    float* out = p.kp + (bh * p.panels + panel) * D * kPanel;
+    for (int64_t i = 0; i < kPanel; ++i) {
+      const int64_t s = panel * kPanel + i;
+      if (s >= p.T) {
+        for (int64_t d = 0; d < D; ++d) out[d * kPanel + i] = 0.0f;
+        continue;
+      }
+      const float* key = p.k + ((b * p.T + s) * p.Hkv + kvh) * D;
+      for (int64_t d = 0; d < D; ++d) out[d * kPanel + i] = key[d];
+    }
+  }
+}
+
+enum class Seen { kNone, kAll, kSome };
+
+inline bool HasZeroByte(uint64_t word) {
+  return ((word - 0x0101010101010101ull) & ~word & 0x8080808080808080ull) != 0;
+}
+
+// Which of keys [0, n) rows [0, rows) of a mask tile (row stride `stride`) see.
+Seen ClassifyMask(const uint8_t* mask, int64_t stride, int64_t rows, int64_t n) {
+  bool any = false, all = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = mask + r * stride;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      uint64_t word;
+      std::memcpy(&word, row + j, sizeof(word));
+      any = any || word != 0;
+      all = all && !HasZeroByte(word);
+    }
+    for (; j < n; ++j) {
+      any = any || row[j] != 0;
+      all = all && row[j] != 0;
+    }
+    if (any && !all) return Seen::kSome;
+  }
+  return !any ? Seen::kNone : all ? Seen::kAll : Seen::kSome;
+}
+
+// Per-thread tiles, grown on demand and reused across calls.
+struct Scratch {
+  std::vector<float> q, o, s, m, l, alpha;
+};
+
+void RunQueryBlock(const Problem& p, int64_t task) {
+  const int64_t heads = p.B * p.Hkv;  // tasks are ordered longest (last) query block first
+  const int64_t block = p.q_blocks - 1 - task / heads, bh = task % heads;
+  const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv, G = p.G, D = p.D, T = p.T;
+  const int64_t t0 = block * p.rows_t, t1 = std::min(T, t0 + p.rows_t);
+  const int64_t M = (t1 - t0) * G;
+
+  thread_local Scratch scratch;
+  scratch.q.resize(M * D);
+  scratch.o.assign(M * D, 0.0f);
+  scratch.s.resize(M * kKeyBlock);
+  scratch.m.assign(M, kNegInf);
+  scratch.l.assign(M, 0.0f);
+  scratch.alpha.resize(M);
+  for (int64_t t = t0; t < t1; ++t) {  // the G heads of one position are contiguous
+    const float* src = p.q + ((b * T + t) * p.H + kvh * G) * D;
+    float* dst = scratch.q.data() + (t - t0) * G * D;
+    for (int64_t i = 0; i < G * D; ++i) dst[i] = src[i] * p.q_scale;
+  }
+
+  Tile tile;
+  tile.q = scratch.q.data();
+  tile.v_stride = p.Hkv * D;
+  tile.mask_stride = T;
+  tile.G = G;
+  tile.M = M;
+  tile.D = D;
+  tile.s = scratch.s.data();
+  tile.o = scratch.o.data();
+  tile.m = scratch.m.data();
+  tile.l = scratch.l.data();
+  tile.alpha = scratch.alpha.data();
+  const uint8_t* mask_rows = p.mask + (b * T + t0) * T;
+  for (int64_t s0 = 0; s0 < t1; s0 += kKeyBlock) {  // keys ≥ t1 are masked (causal prefix)
+    tile.n = std::min(kKeyBlock, t1 - s0);
+    const Seen seen = ClassifyMask(mask_rows + s0, T, t1 - t0, tile.n);
+    if (seen == Seen::kNone) continue;
+    tile.W = (tile.n + kPanel - 1) / kPanel * kPanel;
+    tile.kp = p.kp + (bh * p.panels + s0 / kPanel) * D * kPanel;
+    tile.v = p.v + ((b * T + s0) * p.Hkv + kvh) * D;
+    tile.mask = seen == Seen::kAll ? nullptr : mask_rows + s0;
+    p.kernels.scores(tile);
+    p.kernels.softmax(tile);
+    p.kernels.accumulate(tile);
+  }
+
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t t = t0 + r / G, h = kvh * G + r % G;
+    float* dst = p.out + ((b * T + t) * p.H + h) * D;
+    const float* o = scratch.o.data() + r * D;
+    const float l = scratch.l[r];
+    if (l > 0.0f) {
+      const float inv = 1.0f / l;
+      for (int64_t d = 0; d < D; ++d) dst[d] = o[d] * inv;
+    } else {
+      std::fill(dst, dst + D, 0.0f);  // a row that sees no key
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ threading
+
+// Tasks claimed from an atomic counter by the caller and by pool tasks. The job outlives the
+// call through the pool tasks' shared_ptr: a task that starts late finds nothing left and
+// returns without touching the (by then dead) problem; the caller only waits for tasks
+// that were started.
+struct ParallelJob {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  void (*fn)(const Problem&, int64_t) = nullptr;
+  const Problem* problem = nullptr;
+};
+
+void Drain(ParallelJob& job) {
+  for (;;) {
+    const int64_t i = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= job.total) return;
+    job.fn(*job.problem, i);
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t tasks,
+                 void (*fn)(const Problem&, int64_t), const Problem& problem) {
+  const int64_t helpers = std::min(threads, tasks) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < tasks; ++i) fn(problem, i);
+    return;
+  }
+  auto job = std::make_shared<ParallelJob>();
+  job->total = tasks;
+  job->fn = fn;
+  job->problem = &problem;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { Drain(*job); });
+  Drain(*job);
+  for (int64_t spins = 0; job->done.load(std::memory_order_acquire) < tasks; ++spins) {
+    if (spins < 256) {
+#ifdef JAXOPT_LLM_X86
+      _mm_pause();
+#else
+      std::this_thread::yield();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- handler
+
+std::string ShapeString(ffi::Span<const int64_t> dims) {
+  std::string text = "(";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + ")";
+}
+
+std::string TypeName(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::PRED: return "bool";
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::S8: return "int8";
+    case ffi::DataType::U8: return "uint8";
+    case ffi::DataType::S32: return "int32";
+    default: return "element type " + std::to_string(static_cast<int>(type));
+  }
+}
+
+ffi::Error Invalid(const std::string& message) {
+  return ffi::Error::InvalidArgument("prefix attention: " + message);
+}
+
+ffi::Error PrefixAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                           ffi::AnyBuffer v, ffi::AnyBuffer mask,
+                           ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t variant_attr,
+                           int64_t tasks_attr) {
+  const auto q_dims = q.dimensions(), k_dims = k.dimensions(), v_dims = v.dimensions();
+  const auto mask_dims = mask.dimensions(), out_dims = out->dimensions();
+  const struct {
+    const char* name;
+    const ffi::AnyBuffer& buffer;
+  } operands[] = {{"q", q}, {"k", k}, {"v", v}};
+  for (const auto& operand : operands) {
+    if (operand.buffer.dimensions().size() != 4) {
+      return Invalid(std::string(operand.name) + " must be (B, T, heads, D), got shape " +
+                     ShapeString(operand.buffer.dimensions()));
+    }
+    if (operand.buffer.element_type() != ffi::DataType::F32) {
+      return Invalid(std::string(operand.name) + " must be float32, got " +
+                     TypeName(operand.buffer.element_type()));
+    }
+  }
+  if (mask_dims.size() != 3 || mask.element_type() != ffi::DataType::PRED) {
+    return Invalid("mask must be bool (B, T, T), got " + TypeName(mask.element_type()) + " " +
+                   ShapeString(mask_dims));
+  }
+  const int64_t B = q_dims[0], T = q_dims[1], H = q_dims[2], D = q_dims[3];
+  const int64_t Hkv = k_dims[2];
+  for (int i = 0; i < 4; ++i) {
+    if (k_dims[i] != v_dims[i]) {
+      return Invalid("k " + ShapeString(k_dims) + " and v " + ShapeString(v_dims) + " differ");
+    }
+  }
+  if (k_dims[0] != B || k_dims[1] != T || k_dims[3] != D) {
+    return Invalid("k and v " + ShapeString(k_dims) + " do not match q " +
+                   ShapeString(q_dims) + " in B, T or D");
+  }
+  if (Hkv < 1 || H % Hkv != 0) {
+    return Invalid("H = " + std::to_string(H) + " query heads is not a multiple of Hkv = " +
+                   std::to_string(Hkv) + " kv heads");
+  }
+  if (mask_dims[0] != B || mask_dims[1] != T || mask_dims[2] != T) {
+    return Invalid("mask " + ShapeString(mask_dims) + " is not (B, T, T) = (" +
+                   std::to_string(B) + ", " + std::to_string(T) + ", " + std::to_string(T) +
+                   ")");
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (out_dims.size() != 4 || out_dims[i] != q_dims[i]) {
+      return Invalid("result " + ShapeString(out_dims) + " is not q's shape " +
+                     ShapeString(q_dims));
+    }
+  }
+  Variant variant = static_cast<Variant>(variant_attr);
+  if (variant == Variant::kAuto) variant = HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
+  if (variant == Variant::kAvx2 && !HaveAvx2()) {
+    return Invalid("this CPU has no AVX2 + FMA (use variant 'scalar' or 'auto')");
+  }
+  if (variant != Variant::kAvx2 && variant != Variant::kScalar) {
+    return Invalid("unknown variant " + std::to_string(variant_attr));
+  }
+  if (B == 0 || T == 0 || H == 0 || D == 0) return ffi::Error::Success();  // nothing to do
+
+  Problem p;
+  p.q = static_cast<const float*>(q.untyped_data());
+  p.k = static_cast<const float*>(k.untyped_data());
+  p.v = static_cast<const float*>(v.untyped_data());
+  p.mask = static_cast<const uint8_t*>(mask.untyped_data());
+  p.out = out->typed_data();
+  p.B = B;
+  p.T = T;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.G = H / Hkv;
+  p.D = D;
+  p.rows_t = std::max<int64_t>(1, kRowsPerTile / p.G);
+  p.q_blocks = (T + p.rows_t - 1) / p.rows_t;
+  p.panels = (T + kPanel - 1) / kPanel;
+  std::vector<float> packed(static_cast<size_t>(B * Hkv * p.panels * D * kPanel));
+  p.kp = packed.data();
+  p.q_scale = kLog2e / std::sqrt(static_cast<float>(D));
+  p.kernels = variant == Variant::kAvx2 ? kAvx2Kernels : kScalarKernels;
+
+  const int64_t threads = tasks_attr > 0 ? tasks_attr : std::max<int64_t>(1, pool.num_threads());
+  const int64_t pack_tasks = B * Hkv * ((p.panels + kPanelsPerPackTask - 1) / kPanelsPerPackTask);
+  ParallelFor(pool, threads, pack_tasks, &PackKeys, p);
+  ParallelFor(pool, threads, B * Hkv * p.q_blocks, &RunQueryBlock, p);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jaxopt_llm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmPrefixAttention, jaxopt_llm::PrefixAttention,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("variant")
+                                  .Attr<int64_t>("tasks"));

@@ -1,0 +1,61 @@
+"""The optional native extension `jaxopt_llm._native_gemv` (csrc/, built by setup.py).
+
+It holds XLA FFI handlers: weight-only quantized GEMV kernels (`jaxopt_llm.weights.native`)
+and causal-prefix attention (`jaxopt_llm.models.native_attention`). `load()` imports it and
+registers every handler with `jax.ffi.register_ffi_target` once, so either user can call its
+targets without importing the other (the model code must not import `jaxopt_llm.weights`).
+
+`JAXOPT_LLM_NATIVE=off` (or 0, no, false) keeps every caller on its pure-JAX path; each
+caller checks `disabled()` itself, because loading is cached and the setting is not.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import jax
+
+# JAXOPT_LLM_NATIVE=off (or 0, no, false) turns every native kernel off.
+ENV = "JAXOPT_LLM_NATIVE"
+_OFF = ("off", "0", "no", "false")
+
+
+@functools.cache
+def load() -> tuple[ModuleType | None, str]:
+    """The extension with all its FFI targets registered (once), or None and why not.
+
+    Returns:
+        (module, "") when loaded, e.g. `module.best_variant()` then says "avx2" or "scalar";
+        (None, reason) otherwise, e.g. "extension not built: No module named ...".
+
+    Example:
+        >>> module, reason = load()
+        >>> module is not None or reason.startswith(("extension not built", "FFI"))
+        True
+    """
+    try:
+        from jaxopt_llm import _native_gemv
+    except ImportError as error:
+        return None, f"extension not built: {error}"
+    try:
+        for name, capsule in _native_gemv.registrations().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    except Exception as error:  # noqa: BLE001 - any failure means "not available"
+        return None, f"FFI registration failed: {type(error).__name__}: {error}"
+    return _native_gemv, ""
+
+
+def disabled() -> str | None:
+    """The `JAXOPT_LLM_NATIVE` setting when it turns the native kernels off, else None.
+
+    Returns:
+        The lower-cased setting ("off", "0", "no" or "false") or None (kernels allowed).
+
+    Example:
+        >>> disabled() is None or disabled() in ("off", "0", "no", "false")
+        True
+    """
+    setting = os.environ.get(ENV, "").strip().lower()
+    return setting if setting in _OFF else None
