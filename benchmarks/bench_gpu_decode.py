@@ -66,7 +66,7 @@ import numpy as np
 
 from jaxopt_llm.generation import generate, init_cache
 from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.recipes import load_recipe
 from jaxopt_llm.tree import freeze
 from jaxopt_llm.weights import param_bytes

@@ -254,6 +254,13 @@ def _compute_dtype(args: argparse.Namespace) -> str:
     return resolve_compute(args.compute)
 
 
+def _attention_path(args: argparse.Namespace, length: int) -> str:
+    """The prefix-attention formulation a decoder runs for `length` tokens here."""
+    from jaxopt_llm.models.attention import prefix_path
+
+    return prefix_path(length, _compute_dtype(args))
+
+
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     """`jaxopt-llm eval`: perplexity of --model (with --recipe) on a text.
 
@@ -291,6 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
                             batch_size=args.batch_size or 1, placement=placement,
                             progress=lambda done, total: update(completed=done, total=total))
     out["compute"] = _compute_dtype(args)
+    out["attention"] = _attention_path(args, out["window"])
     if not args.json:
         stderr.print(f"[bold]perplexity[/bold] {out['ppl']:.4f} over {out['tokens_scored']} "
                      f"scored tokens ({out['windows']} windows of {out['window']}), "
@@ -362,6 +370,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         out = generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
                             sampling=sampling, seed=args.seed, placement=placement)
     out["compute"] = _compute_dtype(args)
+    out["attention"] = _attention_path(args, len(out["prompt_ids"]))
     if not args.json:
         print(args.prompt + out["text"])
         stderr.print(f"prefill {out['prefill_tok_s']:.1f} tok/s, "
@@ -587,11 +596,13 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from jaxopt_llm import hardware
+    from jaxopt_llm.models.attention import describe_prefix_attention
     from jaxopt_llm.weights.native import path_in_use
 
     out = {"jax": jax.__version__, "backend": jax.default_backend(),
            "devices": [str(d) for d in jax.devices()], **hardware.describe(),
-           "quantized_decode": path_in_use()[1], **args.compile_cache}
+           "quantized_decode": path_in_use()[1],
+           "prefix_attention": describe_prefix_attention(), **args.compile_cache}
     if not args.json:
         for key, value in out.items():
             print(f"{key:<16} {value}")

@@ -81,7 +81,7 @@ def tiny_gpt2_config(tiny_config):
 def _init_inputs():
     import jax.numpy as jnp
 
-    from jaxopt_llm.models.layers import attention_mask
+    from jaxopt_llm.models.attention import attention_mask
 
     tokens = jnp.zeros((1, 4), jnp.int32)
     return tokens, tokens, attention_mask(jnp.ones((1, 4), bool), 0, 4)

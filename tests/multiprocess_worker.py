@@ -40,7 +40,7 @@ def tiny_params(config, seed: int = SEED):
     import jax.numpy as jnp
 
     from jaxopt_llm.models import build_model
-    from jaxopt_llm.models.layers import attention_mask
+    from jaxopt_llm.models.attention import attention_mask
 
     tokens = jnp.zeros((1, 4), jnp.int32)
     mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)

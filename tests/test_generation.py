@@ -9,7 +9,7 @@ import pytest
 
 import jaxopt_llm.generation as gen
 from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 
 CONFIG = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=32,
                      intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

@@ -117,7 +117,7 @@ def test_gradients_off_the_straight_through_path_match_finite_differences():
 
     def loss_traced(params):
         from jaxopt_llm.models import build_model
-        from jaxopt_llm.models.layers import attention_mask
+        from jaxopt_llm.models.attention import attention_mask
 
         length = tokens.shape[1]
         logits = build_model(CONFIG).apply(

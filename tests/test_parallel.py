@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from jaxopt_llm.evaluate import perplexity
 from jaxopt_llm.generation import compiled_program_count, generate
 from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.parallel import (
     check_mesh,
     make_mesh,

@@ -29,7 +29,7 @@ from tests.test_train import CONFIG, _batches, _params, _recipe, _train
 
 def _logits(config, params, tokens):
     from jaxopt_llm.models import build_model
-    from jaxopt_llm.models.layers import attention_mask
+    from jaxopt_llm.models.attention import attention_mask
 
     length = tokens.shape[1]
     mask = attention_mask(jnp.ones(tokens.shape, bool), 0, length)

@@ -23,7 +23,7 @@ from flax import nnx
 from jaxopt_llm.byo import linen_apply, nnx_params, nnx_with_params
 from jaxopt_llm.io.params import expected_shapes
 from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.pipeline import Recipe, Stage, read_recipe_file, save_recipe
 from jaxopt_llm.plan import plan
 from jaxopt_llm.recipes import BUILTIN_RECIPES, load_recipe

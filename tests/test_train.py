@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.pipeline import Recipe, Stage
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
 from jaxopt_llm.train import TrainOptions, lm_loss, make_trainer, trainable_mask

@@ -21,8 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxopt_llm.models.attention import dot_product_attention
 from jaxopt_llm.models.config import ModelConfig
-from jaxopt_llm.models.layers import Embed, LayerNorm, Linear, dot_product_attention
+from jaxopt_llm.models.layers import Embed, LayerNorm, Linear
 
 
 class Attention(nn.Module):

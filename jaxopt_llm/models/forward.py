@@ -12,10 +12,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.models.config import ModelConfig
 from jaxopt_llm.models.family import family_spec
-from jaxopt_llm.models.kv_cache import empty_cache
-from jaxopt_llm.models.layers import KVCache, attention_mask
+from jaxopt_llm.models.kv_cache import KVCache, empty_cache
 
 
 def build_model(config: ModelConfig):

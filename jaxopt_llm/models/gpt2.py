@@ -18,14 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxopt_llm.models.attention import attend_with_cache
 from jaxopt_llm.models.config import ModelConfig
-from jaxopt_llm.models.layers import (
-    Embed,
-    KVCache,
-    LayerNorm,
-    Linear,
-    attend_with_cache,
-)
+from jaxopt_llm.models.kv_cache import KVCache
+from jaxopt_llm.models.layers import Embed, LayerNorm, Linear
 
 
 class Attention(nn.Module):

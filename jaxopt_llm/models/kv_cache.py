@@ -164,3 +164,9 @@ def cache_bytes(cache: tuple) -> int:
         192
     """
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(cache))
+
+
+# One layer's cache: keys, values, each (B, S, Hkv, D) arrays or `Int8Slots`. A head-major
+# (B, Hkv, S, D) layout was measured 10% slower for decode on CPU
+# (benchmarks/bench_foundation.py), so slots lead.
+KVCache = tuple[jax.Array | Int8Slots, jax.Array | Int8Slots]

@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: projections, norms, RoPE, attention.
+"""Building blocks shared by the model families: projections, norms, RoPE (attention
+is `jaxopt_llm.models.attention`).
 
 Every projection goes through `jaxopt_llm.weights.linear`, so a model never
 knows whether its weights are dense, quantized, low-rank or sparse.
@@ -12,13 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm.models.kv_cache import round_trip as kv_round_trip
 from jaxopt_llm.weights import attend, embed, linear
-
-# One layer: keys, values, each (B, S, Hkv, D). A head-major (B, Hkv, S, D) layout was
-# measured 10% slower for decode on CPU (benchmarks/bench_foundation.py), so slots lead.
-KVCache = tuple[jax.Array, jax.Array]
-PREFILL_QUERY_BLOCKS = 8  # at most this many query blocks in a causal prefill
 
 
 def _weight(module: nn.Module, name: str, init, shape: tuple[int, ...]):
@@ -189,143 +184,3 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)  # rotate in float32 whatever the compute dtype
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
-
-
-def attention_mask(
-    key_valid: jax.Array, cache_index: jax.Array | int, num_queries: int,
-    sliding_window: int | None = None,
-) -> jax.Array:
-    """Which keys each query may see: (B, T, S) bool.
-
-    Args:
-        key_valid: (B, S), True where a slot holds a real token (False for padding or
-            unwritten cache slots).
-        cache_index: the slot of query 0; query t sits in slot cache_index + t and sees
-            slots at or before its own.
-        num_queries: T.
-        sliding_window: if set, a query sees fewer than this many slots back.
-
-    Returns:
-        The mask (B, T, S).
-
-    Example:
-        >>> attention_mask(jnp.ones((1, 3), bool), 0, 3)[0].astype(int).tolist()
-        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
-    """
-    num_keys = key_valid.shape[1]
-    query_slot = cache_index + jnp.arange(num_queries)[:, None]  # (T, 1)
-    key_slot = jnp.arange(num_keys)[None, :]  # (1, S)
-    allowed = key_slot <= query_slot
-    if sliding_window is not None:
-        allowed &= query_slot - key_slot < sliding_window
-    return allowed[None] & key_valid[:, None, :]
-
-
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-) -> jax.Array:
-    """Grouped-query attention.
-
-    Args:
-        q: (B, T, H, D) queries.
-        k / v: (B, S, Hkv, D) keys and values, H a multiple of Hkv (query head h uses kv
-            head h // (H // Hkv)).
-        mask: (B, T, S), True where a query may see a key.
-
-    Returns:
-        (B, T, H, D), softmax(q·kᵀ/√D) · v with masked scores left out.
-
-    Example:
-        >>> q = k = v = jnp.ones((1, 2, 2, 4))
-        >>> dot_product_attention(q, k, v, jnp.ones((1, 2, 2), bool)).shape
-        (1, 2, 2, 4)
-    """
-    batch, num_queries, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
-    group = num_heads // num_kv
-    q = q.reshape(batch, num_queries, num_kv, group, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, num_queries, num_heads, head_dim)
-
-
-def causal_prefix_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, min_block: int = 128
-) -> jax.Array:
-    """Attention for queries in slots 0..T-1 (prefill, evaluation) over keys 0..T-1.
-
-    Same result as `dot_product_attention`, but queries are cut into blocks and
-    a block scores only the keys up to its own end: causal masking makes the
-    rest zero anyway, so this skips about half the score FLOPs and keeps the
-    score tensor small for long prompts.
-
-    Args:
-        q / k / v / mask: as `dot_product_attention`, with S = T.
-        min_block: the smallest query block.
-
-    Returns:
-        (B, T, H, D).
-
-    Example:
-        >>> q = k = v = jnp.ones((1, 4, 2, 4))
-        >>> mask = attention_mask(jnp.ones((1, 4), bool), 0, 4)
-        >>> causal_prefix_attention(q, k, v, mask, min_block=2).shape
-        (1, 4, 2, 4)
-    """
-    length = q.shape[1]
-    block = max(min_block, -(-length // PREFILL_QUERY_BLOCKS))
-    outputs = []
-    for start in range(0, length, block):
-        end = min(start + block, length)
-        outputs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
-                                             mask[:, start:end, :end]))
-    return jnp.concatenate(outputs, axis=1)
-
-
-def attend_with_cache(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-    cache: KVCache | None, cache_index: jax.Array | int, kv_cache: str = "float",
-) -> tuple[jax.Array, KVCache | None]:
-    """Write k, v (B, T, Hkv, D) into the cache (if any) and attend; returns (out, cache).
-
-    A static cache_index of 0 means the queries are a prefix (prefill or no
-    cache): keys past T are invisible, so the blocked causal path applies.
-    With kv_cache="int8" keys and values are rounded as the int8 cache stores them
-    (`kv_cache.Int8Slots`) whether or not a cache is passed, so a prefill, an evaluation
-    and a decode over the cache all see the same keys and values.
-
-    Args:
-        q: (B, T, H, D) queries.
-        k / v: (B, T, Hkv, D) this step's keys and values.
-        mask: (B, T, S) from `attention_mask`.
-        cache: (keys, values), each (B, S, Hkv, D) arrays or `Int8Slots`, or None.
-        cache_index: the slot k and v are written at.
-        kv_cache: the cache's storage (`ModelConfig.kv_cache`).
-
-    Returns:
-        (attention output (B, T, H, D), the updated cache or None).
-
-    Example:
-        >>> q = k = v = jnp.ones((1, 3, 2, 4))
-        >>> out, cache = attend_with_cache(q, k, v, attention_mask(jnp.ones((1, 3), bool), 0, 3),
-        ...                                None, 0)
-        >>> out.shape, cache
-        ((1, 3, 2, 4), None)
-    """
-    prefix = isinstance(cache_index, int) and cache_index == 0
-    int8 = kv_cache == "int8"
-    if cache is not None:
-        start = (0, cache_index, 0, 0)
-        cache = tuple(
-            slots.write(x, cache_index) if int8
-            else jax.lax.dynamic_update_slice(slots, x.astype(slots.dtype), start)
-            for slots, x in zip(cache, (k, v), strict=True))
-    if prefix:
-        length = q.shape[1]
-        if int8:
-            k, v = kv_round_trip(k), kv_round_trip(v)
-        return causal_prefix_attention(q, k, v, mask[:, :, :length]), cache
-    keys, values = (slots.read(q.dtype) for slots in cache) if int8 else cache
-    return dot_product_attention(q, keys, values, mask), cache

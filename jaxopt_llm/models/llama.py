@@ -22,14 +22,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from jaxopt_llm.models.attention import attend_with_cache
 from jaxopt_llm.models.config import ModelConfig
+from jaxopt_llm.models.kv_cache import KVCache
 from jaxopt_llm.models.layers import (
     Embed,
-    KVCache,
     Linear,
     RMSNorm,
     apply_rope,
-    attend_with_cache,
     rope_cos_sin,
     rope_inverse_frequencies,
 )
@@ -93,7 +93,7 @@ class LlamaModel(nn.Module):
         self,
         tokens: jax.Array,  # (B, T) int32
         positions: jax.Array,  # (B, T) int32, RoPE positions (pads may hold anything)
-        mask: jax.Array,  # (B, T, S) bool, from layers.attention_mask
+        mask: jax.Array,  # (B, T, S) bool, from attention.attention_mask
         cache: tuple[KVCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
         last_only: bool = False,  # logits of the last position only (prefill needs no more)

@@ -21,7 +21,7 @@ from jaxopt_llm.io.loader import load_model
 from jaxopt_llm.io.safetensors_file import read_safetensors, write_safetensors
 from jaxopt_llm.io.tokenizer import Tokenizer
 from jaxopt_llm.models import build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.tree import flatten, unflatten
 from jaxopt_llm.weights import WeightLeaf, linear, param_bytes
 

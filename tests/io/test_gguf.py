@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as Q
 from jaxopt_llm.io.gguf_file import load_gguf
 from jaxopt_llm.io.hf import hf_to_ours
 from jaxopt_llm.models import build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.tree import flatten
 
 torch = pytest.importorskip("torch")

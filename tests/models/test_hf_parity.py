@@ -12,7 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 from jaxopt_llm.generation import generate  # noqa: E402
 from jaxopt_llm.io.hf import load_hf_directory  # noqa: E402
 from jaxopt_llm.models import build_model  # noqa: E402
-from jaxopt_llm.models.layers import attention_mask  # noqa: E402
+from jaxopt_llm.models.attention import attention_mask  # noqa: E402
 
 VOCAB = 96
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

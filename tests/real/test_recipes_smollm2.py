@@ -12,7 +12,7 @@ from jaxopt_llm.data import pydoc_text
 from jaxopt_llm.io import loader
 from jaxopt_llm.io.artifact import WEIGHTS_FILE
 from jaxopt_llm.models import build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.recipes import BUILTIN_RECIPES
 from jaxopt_llm.weights import QuantizedWeight, param_bytes
 

@@ -7,7 +7,7 @@ from jaxopt_llm.data import pydoc_text
 from jaxopt_llm.evaluate import perplexity
 from jaxopt_llm.generation import generate
 from jaxopt_llm.models import build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow

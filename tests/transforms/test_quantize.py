@@ -10,7 +10,7 @@ import pytest
 from pipeline_helpers import KERNELS, jit_run, make_recipe, make_stage, mini_tree, rtn_reference
 
 from jaxopt_llm.models import build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
 from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import QuantizedWeight, materialize, param_bytes

@@ -15,7 +15,7 @@ import pytest
 
 from jaxopt_llm.generation import generate
 from jaxopt_llm.models import build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.transforms.structured import (
     prune_attention_heads,
     prune_mlp_neurons,

@@ -15,7 +15,7 @@ from jaxopt_llm.evaluate import perplexity
 from jaxopt_llm.generation import generate
 from jaxopt_llm.io.artifact import load_artifact, save_artifact
 from jaxopt_llm.models import ModelConfig, build_model
-from jaxopt_llm.models.layers import attention_mask
+from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.parallel import make_mesh, param_specs, shard_params
 from jaxopt_llm.weights import WeightLeaf, materialize, param_bytes
 
