@@ -11,16 +11,21 @@
 //     m' = max(m, max_j S[r, :]);  P = 2^(S - m');  α = 2^(m - m')
 //     l = α·l + Σ_j P[r, j];  O = α·O + P·V;  m = m'
 // and finally out = O / l (0 where l = 0: a row that sees no key). The mask tile of a block
-// is classified first (bytes checked 8 at a time): a block nobody sees is skipped (sliding
+// is classified first (a min / max over its bytes): a block nobody sees is skipped (sliding
 // windows, left padding), a block everybody sees skips the masking.
 //
-// Kernels. K is packed once per call into panels of 16 keys, transposed ((D, 16) each,
-// zero-padded past T), so S is a register-blocked product vectorised along keys: 6 rows ×
-// 16 keys in 12 AVX2 accumulators, one Q broadcast and two panel loads per d. P·V
-// vectorises along D: 6 rows × 16 columns, the rescale by α folded into the load of O.
+// Kernels. K and V are packed once per call, per kv head: K in panels of 16 keys,
+// transposed ((D, 16) each, zero-padded past T), V as contiguous (T, D) rows. The AVX2
+// kernel takes a block 6 rows at a time through all three steps while their scores are
+// still in L1 (the block's K panels and V rows, 32 KB at D = 64, are shared by all row
+// groups): S by a register-blocked product vectorised along keys (6 rows × 16 keys in 12
+// accumulators: one Q broadcast and two panel loads per d), the softmax step for those
+// rows as one vector over the rows (no scalar exponential on the row's critical path), then
+// P·V vectorised along D (3 rows × 32 columns, the rescale by α folded into the load of O).
 // 2^x is a degree-6 polynomial on the fraction (Cephes' exp2f coefficients, ~1.7e-7
-// relative error) times 2^n built in the exponent bits; x < -125 (and -inf) gives 0.
-// A portable scalar path runs the same tiles; the variant is chosen at run time.
+// relative error) times 2^n built in the exponent bits; x < -125, -inf and NaN give 0.
+// The portable scalar kernel computes the same steps for the whole block in plain loops;
+// the variant is chosen at run time.
 //
 // Threads: tasks (query blocks of each (b, kv head), the longest first, since causal blocks
 // grow with their position) are claimed from an atomic counter by the calling thread and
@@ -76,72 +81,14 @@ struct Tile {
   float* alpha;          // (M): this block's rescale of o
 };
 
-struct Kernels {
-  void (*scores)(const Tile&);
-  void (*softmax)(const Tile&);
-  void (*accumulate)(const Tile&);
-};
-
-// ----------------------------------------------------------------------------- scalar
-
-void ScoresScalar(const Tile& t) {
-  for (int64_t r = 0; r < t.M; ++r) {
-    const float* q = t.q + r * t.D;
-    for (int64_t p = 0; p < t.W / kPanel; ++p) {
-      const float* panel = t.kp + p * t.D * kPanel;
-      float acc[kPanel] = {};
-      for (int64_t d = 0; d < t.D; ++d) {
-        for (int64_t i = 0; i < kPanel; ++i) acc[i] += q[d] * panel[d * kPanel + i];
-      }
-      std::copy(acc, acc + kPanel, t.s + r * t.W + p * kPanel);
-    }
-  }
-}
+// Updates s, o, m, l (and alpha) of every row of the tile with one key block.
+using BlockKernel = void (*)(const Tile&);
 
 inline const uint8_t* MaskRow(const Tile& t, int64_t r) {
   return t.mask == nullptr ? nullptr : t.mask + (r / t.G) * t.mask_stride;
 }
 
-// The online-softmax bookkeeping of row r once its masked row maximum is known: the new
-// max, or false when the row has seen no key yet (its probabilities must be zeroed).
-inline bool UpdateMax(const Tile& t, int64_t r, float row_max, float* m_new) {
-  *m_new = std::max(t.m[r], row_max);
-  if (*m_new == kNegInf) {
-    t.alpha[r] = 1.0f;  // o and l are still 0
-    return false;
-  }
-  return true;
-}
-
-inline void UpdateSum(const Tile& t, int64_t r, float m_new, float block_sum) {
-  const float alpha = std::exp2(t.m[r] - m_new);  // 0 for the first visible block
-  t.l[r] = t.l[r] * alpha + block_sum;
-  t.m[r] = m_new;
-  t.alpha[r] = alpha;
-}
-
-void SoftmaxScalar(const Tile& t) {
-  for (int64_t r = 0; r < t.M; ++r) {
-    float* s = t.s + r * t.W;
-    const uint8_t* mask = MaskRow(t, r);
-    float row_max = kNegInf;
-    for (int64_t j = 0; j < t.W; ++j) {
-      if (j >= t.n || (mask != nullptr && mask[j] == 0)) s[j] = kNegInf;
-      row_max = std::max(row_max, s[j]);
-    }
-    float m_new;
-    if (!UpdateMax(t, r, row_max, &m_new)) {
-      std::fill(s, s + t.W, 0.0f);
-      continue;
-    }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < t.W; ++j) {
-      s[j] = std::exp2(s[j] - m_new);
-      sum += s[j];
-    }
-    UpdateSum(t, r, m_new, sum);
-  }
-}
+// ----------------------------------------------------------------------------- scalar
 
 // o[r, c0:D] = α·o + Σ_j p[r, j]·v[j, c0:D] for rows [r0, r1).
 void AccumulateColumnsScalar(const Tile& t, int64_t r0, int64_t r1, int64_t c0) {
@@ -157,9 +104,41 @@ void AccumulateColumnsScalar(const Tile& t, int64_t r0, int64_t r1, int64_t c0) 
   }
 }
 
-void AccumulateScalar(const Tile& t) { AccumulateColumnsScalar(t, 0, t.M, 0); }
-
-constexpr Kernels kScalarKernels = {&ScoresScalar, &SoftmaxScalar, &AccumulateScalar};
+void BlockScalar(const Tile& t) {
+  for (int64_t r = 0; r < t.M; ++r) {
+    float* s = t.s + r * t.W;
+    const float* q = t.q + r * t.D;
+    for (int64_t p = 0; p < t.W / kPanel; ++p) {  // scores
+      const float* panel = t.kp + p * t.D * kPanel;
+      float acc[kPanel] = {};
+      for (int64_t d = 0; d < t.D; ++d) {
+        for (int64_t i = 0; i < kPanel; ++i) acc[i] += q[d] * panel[d * kPanel + i];
+      }
+      std::copy(acc, acc + kPanel, s + p * kPanel);
+    }
+    const uint8_t* mask = MaskRow(t, r);  // softmax
+    float row_max = kNegInf;
+    for (int64_t j = 0; j < t.W; ++j) {
+      if (j >= t.n || (mask != nullptr && mask[j] == 0)) s[j] = kNegInf;
+      row_max = std::max(row_max, s[j]);
+    }
+    const float m_new = std::max(t.m[r], row_max);
+    if (m_new == kNegInf) {  // nothing seen yet: o and l stay 0
+      std::fill(s, s + t.W, 0.0f);
+      t.alpha[r] = 0.0f;
+      continue;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < t.W; ++j) {
+      s[j] = std::exp2(s[j] - m_new);
+      sum += s[j];
+    }
+    t.alpha[r] = std::exp2(t.m[r] - m_new);  // 0 for the first block the row sees
+    t.l[r] = t.l[r] * t.alpha[r] + sum;
+    t.m[r] = m_new;
+  }
+  AccumulateColumnsScalar(t, 0, t.M, 0);
+}
 
 // ----------------------------------------------------------------------------- AVX2
 
@@ -173,9 +152,11 @@ constexpr Kernels kScalarKernels = {&ScoresScalar, &SoftmaxScalar, &AccumulateSc
 #define JAXOPT_LLM_UNROLL
 #endif
 
-constexpr int kRows = 6;  // rows per register block: 12 accumulators + 3 operands ≤ 16 ymm
+// Rows per register block of the scores: 6 rows × 16 keys in 12 accumulators, + 2 panel
+// vectors + 1 broadcast ≤ 16 ymm registers.
+constexpr int kScoreRows = 6;
 
-// s[0:R, 0:16] = q[0:R] · panelᵀ (12 accumulators for R = 6).
+// s[0:R, 0:16] = q[0:R] · panelᵀ.
 template <int R>
 JAXOPT_LLM_AVX2 inline void ScorePanel(const float* q, int64_t D, const float* panel, float* s,
                                        int64_t W) {
@@ -199,27 +180,6 @@ JAXOPT_LLM_AVX2 inline void ScorePanel(const float* q, int64_t D, const float* p
   }
 }
 
-template <int R>
-JAXOPT_LLM_AVX2 void ScoreRows(const Tile& t, int64_t r0) {
-  for (int64_t p = 0; p < t.W / kPanel; ++p) {
-    ScorePanel<R>(t.q + r0 * t.D, t.D, t.kp + p * t.D * kPanel, t.s + r0 * t.W + p * kPanel,
-                  t.W);
-  }
-}
-
-JAXOPT_LLM_AVX2 void ScoresAvx2(const Tile& t) {
-  int64_t r = 0;
-  for (; r + kRows <= t.M; r += kRows) ScoreRows<kRows>(t, r);
-  switch (t.M - r) {
-    case 5: return ScoreRows<5>(t, r);
-    case 4: return ScoreRows<4>(t, r);
-    case 3: return ScoreRows<3>(t, r);
-    case 2: return ScoreRows<2>(t, r);
-    case 1: return ScoreRows<1>(t, r);
-    default: return;
-  }
-}
-
 JAXOPT_LLM_AVX2 inline float HorizontalMax(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));
@@ -235,7 +195,7 @@ JAXOPT_LLM_AVX2 inline float HorizontalSum(__m256 v) {
 }
 
 // 2^x for x ≤ 0: 2^n · p(x - n), n = round(x), p Cephes' exp2f polynomial on [-1/2, 1/2];
-// x < -125 (including -inf, a masked score) gives exactly 0.
+// x < -125, -inf (a hidden key) and NaN (-inf - -inf: a row that has seen nothing) give 0.
 JAXOPT_LLM_AVX2 inline __m256 Exp2(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(-125.0f);
   const __m256 keep = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
@@ -269,12 +229,21 @@ JAXOPT_LLM_AVX2 inline __m256 VisibleLanes(const uint8_t* mask, int64_t c, int64
   return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
 }
 
-JAXOPT_LLM_AVX2 void SoftmaxAvx2(const Tile& t) {
+// The online-softmax step of rows [r0, r0 + rows), rows ≤ 8: mask, row max, probabilities,
+// and m, l, α as one vector over the rows, so no row waits on a scalar exponential.
+JAXOPT_LLM_AVX2 void SoftmaxRows(const Tile& t, int64_t r0, int64_t rows) {
   const bool dense = t.mask == nullptr && t.n == t.W;
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
-  for (int64_t r = 0; r < t.M; ++r) {
-    float* s = t.s + r * t.W;
-    const uint8_t* mask = MaskRow(t, r);
+  alignas(32) float row_max[8], shift[8], sums[8], m[8], l[8];
+  for (int64_t i = 0; i < 8; ++i) {
+    row_max[i] = m[i] = kNegInf;
+    sums[i] = l[i] = 0.0f;
+  }
+  std::copy(t.m + r0, t.m + r0 + rows, m);
+  std::copy(t.l + r0, t.l + r0 + rows, l);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = t.s + (r0 + i) * t.W;
+    const uint8_t* mask = MaskRow(t, r0 + i);
     __m256 vmax = neg_inf;
     for (int64_t c = 0; c < t.W; c += 8) {
       __m256 x = _mm256_loadu_ps(s + c);
@@ -284,32 +253,44 @@ JAXOPT_LLM_AVX2 void SoftmaxAvx2(const Tile& t) {
       }
       vmax = _mm256_max_ps(vmax, x);
     }
-    float m_new;
-    if (!UpdateMax(t, r, HorizontalMax(vmax), &m_new)) {
-      std::fill(s, s + t.W, 0.0f);
-      continue;
-    }
-    const __m256 shift = _mm256_set1_ps(m_new);
+    row_max[i] = HorizontalMax(vmax);
+  }
+  // A row that has seen nothing keeps m = -inf; its 2^(s - m) are 2^NaN = 0 and α = 0.
+  const __m256 m_old = _mm256_load_ps(m);
+  const __m256 m_new = _mm256_max_ps(m_old, _mm256_load_ps(row_max));
+  const __m256 alpha = Exp2(_mm256_sub_ps(m_old, m_new));  // 0 for a row's first block
+  _mm256_store_ps(shift, m_new);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = t.s + (r0 + i) * t.W;
+    const __m256 max = _mm256_set1_ps(shift[i]);
     __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 16 <= t.W; c += 16) {
-      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), shift));
-      const __m256 p1 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c + 8), shift));
+      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), max));
+      const __m256 p1 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c + 8), max));
       _mm256_storeu_ps(s + c, p0);
       _mm256_storeu_ps(s + c + 8, p1);
       sum0 = _mm256_add_ps(sum0, p0);
       sum1 = _mm256_add_ps(sum1, p1);
     }
     for (; c < t.W; c += 8) {
-      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), shift));
+      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), max));
       _mm256_storeu_ps(s + c, p0);
       sum0 = _mm256_add_ps(sum0, p0);
     }
-    UpdateSum(t, r, m_new, HorizontalSum(_mm256_add_ps(sum0, sum1)));
+    sums[i] = HorizontalSum(_mm256_add_ps(sum0, sum1));
   }
+  alignas(32) float scale[8];
+  _mm256_store_ps(l, _mm256_fmadd_ps(_mm256_load_ps(l), alpha, _mm256_load_ps(sums)));
+  _mm256_store_ps(scale, alpha);
+  std::copy(l, l + rows, t.l + r0);
+  std::copy(shift, shift + rows, t.m + r0);
+  std::copy(scale, scale + rows, t.alpha + r0);
 }
 
-// o[r0:r0+R, c:c+8V] = α·o + P·V over the block's keys (R·V accumulators).
+// o[r0:r0+R, c:c+8V] = α·o + P·V over the block's keys (R·V accumulators; R = 3, V = 4
+// needs one register more than the 16, which costs less than the extra broadcasts of
+// 6 × 16 tiles).
 template <int R, int V>
 JAXOPT_LLM_AVX2 inline void AccumulateBlock(const Tile& t, int64_t r0, int64_t c) {
   __m256 acc[R][V];
@@ -344,7 +325,11 @@ JAXOPT_LLM_AVX2 inline void AccumulateBlock(const Tile& t, int64_t r0, int64_t c
 template <int R>
 JAXOPT_LLM_AVX2 void AccumulateRows(const Tile& t, int64_t r0) {
   int64_t c = 0;
-  for (; c + 16 <= t.D; c += 16) AccumulateBlock<R, 2>(t, r0, c);
+  for (; c + 32 <= t.D; c += 32) AccumulateBlock<R, 4>(t, r0, c);
+  if (c + 16 <= t.D) {
+    AccumulateBlock<R, 2>(t, r0, c);
+    c += 16;
+  }
   if (c + 8 <= t.D) {
     AccumulateBlock<R, 1>(t, r0, c);
     c += 8;
@@ -352,27 +337,43 @@ JAXOPT_LLM_AVX2 void AccumulateRows(const Tile& t, int64_t r0) {
   if (c < t.D) AccumulateColumnsScalar(t, r0, r0 + R, c);  // the last D % 8 columns
 }
 
-JAXOPT_LLM_AVX2 void AccumulateAvx2(const Tile& t) {
-  int64_t r = 0;
-  for (; r + kRows <= t.M; r += kRows) AccumulateRows<kRows>(t, r);
-  switch (t.M - r) {
-    case 5: return AccumulateRows<5>(t, r);
-    case 4: return AccumulateRows<4>(t, r);
-    case 3: return AccumulateRows<3>(t, r);
-    case 2: return AccumulateRows<2>(t, r);
-    case 1: return AccumulateRows<1>(t, r);
-    default: return;
+// One register block of R ≤ 6 rows through the whole block: scores, softmax, P·V, while
+// its scores are still in L1 (the block's K panels and V rows, 32 KB at D = 64, are reused
+// by every row block of the tile).
+template <int R>
+JAXOPT_LLM_AVX2 void BlockRows(const Tile& t, int64_t r0) {
+  for (int64_t p = 0; p < t.W / kPanel; ++p) {
+    ScorePanel<R>(t.q + r0 * t.D, t.D, t.kp + p * t.D * kPanel, t.s + r0 * t.W + p * kPanel,
+                  t.W);
+  }
+  SoftmaxRows(t, r0, R);
+  if constexpr (R > 3) {
+    AccumulateRows<3>(t, r0);
+    AccumulateRows<R - 3>(t, r0 + 3);
+  } else {
+    AccumulateRows<R>(t, r0);
   }
 }
 
-constexpr Kernels kAvx2Kernels = {&ScoresAvx2, &SoftmaxAvx2, &AccumulateAvx2};
+JAXOPT_LLM_AVX2 void BlockAvx2(const Tile& t) {
+  int64_t r = 0;
+  for (; r + kScoreRows <= t.M; r += kScoreRows) BlockRows<kScoreRows>(t, r);
+  switch (t.M - r) {
+    case 5: return BlockRows<5>(t, r);
+    case 4: return BlockRows<4>(t, r);
+    case 3: return BlockRows<3>(t, r);
+    case 2: return BlockRows<2>(t, r);
+    case 1: return BlockRows<1>(t, r);
+    default: return;
+  }
+}
 #else
-constexpr Kernels kAvx2Kernels = kScalarKernels;
+void BlockAvx2(const Tile& t) { BlockScalar(t); }
 #endif  // JAXOPT_LLM_X86
 
 // ------------------------------------------------------------------------- the driver
 
-struct Problem {
+struct AttentionProblem {
   const float* q;       // (B, T, H, D)
   const float* k;       // (B, T, Hkv, D)
   const float* v;       // (B, T, Hkv, D)
@@ -383,14 +384,16 @@ struct Problem {
   int64_t q_blocks;     // query blocks per (b, kv head)
   int64_t panels;       // key panels per (b, kv head): ceil(T / 16)
   float* kp;            // packed keys (B, Hkv, panels, D, 16)
+  float* vp;            // packed values (B, Hkv, T, D): one contiguous stream per kv head
   float q_scale;        // log2(e) / √D
-  Kernels kernels;
+  BlockKernel block;
 };
 
 // Panels per packing task.
 constexpr int64_t kPanelsPerPackTask = 32;
 
-void PackKeys(const Problem& p, int64_t task) {
+// Keys (transposed into panels) and values of kPanelsPerPackTask panels of one kv head.
+void PackKeysValues(const AttentionProblem& p, int64_t task) {
   const int64_t chunks = (p.panels + kPanelsPerPackTask - 1) / kPanelsPerPackTask;
   const int64_t bh = task / chunks, chunk = task % chunks;
   const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv, D = p.D;
@@ -400,41 +403,36 @@ void PackKeys(const Problem& p, int64_t task) {
     float* out = p.kp + (bh * p.panels + panel) * D * kPanel;
     for (int64_t i = 0; i < kPanel; ++i) {
       const int64_t s = panel * kPanel + i;
-      if (s >= p.T) {
+      if (s >= p.T) {  // padding keys: finite scores, hidden by the kernels
         for (int64_t d = 0; d < D; ++d) out[d * kPanel + i] = 0.0f;
         continue;
       }
       const float* key = p.k + ((b * p.T + s) * p.Hkv + kvh) * D;
       for (int64_t d = 0; d < D; ++d) out[d * kPanel + i] = key[d];
+      std::copy(p.v + ((b * p.T + s) * p.Hkv + kvh) * D,
+                p.v + ((b * p.T + s) * p.Hkv + kvh + 1) * D, p.vp + (bh * p.T + s) * D);
     }
   }
 }
 
 enum class Seen { kNone, kAll, kSome };
 
-inline bool HasZeroByte(uint64_t word) {
-  return ((word - 0x0101010101010101ull) & ~word & 0x8080808080808080ull) != 0;
-}
-
-// Which of keys [0, n) rows [0, rows) of a mask tile (row stride `stride`) see.
+// Which of keys [0, n) rows [0, rows) of a mask tile (row stride `stride`) see. The loops
+// over a row are plain min / max reductions, which compilers vectorise.
 Seen ClassifyMask(const uint8_t* mask, int64_t stride, int64_t rows, int64_t n) {
-  bool any = false, all = true;
+  uint8_t lowest = 1, highest = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = mask + r * stride;
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      uint64_t word;
-      std::memcpy(&word, row + j, sizeof(word));
-      any = any || word != 0;
-      all = all && !HasZeroByte(word);
+    uint8_t row_min = 0xff, row_max = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      row_min = std::min(row_min, row[j]);
+      row_max = std::max(row_max, row[j]);
     }
-    for (; j < n; ++j) {
-      any = any || row[j] != 0;
-      all = all && row[j] != 0;
-    }
-    if (any && !all) return Seen::kSome;
+    lowest = std::min(lowest, row_min);
+    highest = std::max(highest, row_max);
+    if (highest != 0 && lowest == 0) return Seen::kSome;
   }
-  return !any ? Seen::kNone : all ? Seen::kAll : Seen::kSome;
+  return highest == 0 ? Seen::kNone : lowest != 0 ? Seen::kAll : Seen::kSome;
 }
 
 // Per-thread tiles, grown on demand and reused across calls.
@@ -442,7 +440,7 @@ struct Scratch {
   std::vector<float> q, o, s, m, l, alpha;
 };
 
-void RunQueryBlock(const Problem& p, int64_t task) {
+void RunQueryBlock(const AttentionProblem& p, int64_t task) {
   const int64_t heads = p.B * p.Hkv;  // tasks are ordered longest (last) query block first
   const int64_t block = p.q_blocks - 1 - task / heads, bh = task % heads;
   const int64_t b = bh / p.Hkv, kvh = bh % p.Hkv, G = p.G, D = p.D, T = p.T;
@@ -455,7 +453,7 @@ void RunQueryBlock(const Problem& p, int64_t task) {
   scratch.s.resize(M * kKeyBlock);
   scratch.m.assign(M, kNegInf);
   scratch.l.assign(M, 0.0f);
-  scratch.alpha.resize(M);
+  scratch.alpha.assign(M, 0.0f);
   for (int64_t t = t0; t < t1; ++t) {  // the G heads of one position are contiguous
     const float* src = p.q + ((b * T + t) * p.H + kvh * G) * D;
     float* dst = scratch.q.data() + (t - t0) * G * D;
@@ -464,7 +462,7 @@ void RunQueryBlock(const Problem& p, int64_t task) {
 
   Tile tile;
   tile.q = scratch.q.data();
-  tile.v_stride = p.Hkv * D;
+  tile.v_stride = D;
   tile.mask_stride = T;
   tile.G = G;
   tile.M = M;
@@ -481,11 +479,9 @@ void RunQueryBlock(const Problem& p, int64_t task) {
     if (seen == Seen::kNone) continue;
     tile.W = (tile.n + kPanel - 1) / kPanel * kPanel;
     tile.kp = p.kp + (bh * p.panels + s0 / kPanel) * D * kPanel;
-    tile.v = p.v + ((b * T + s0) * p.Hkv + kvh) * D;
+    tile.v = p.vp + (bh * T + s0) * D;
     tile.mask = seen == Seen::kAll ? nullptr : mask_rows + s0;
-    p.kernels.scores(tile);
-    p.kernels.softmax(tile);
-    p.kernels.accumulate(tile);
+    p.block(tile);
   }
 
   for (int64_t r = 0; r < M; ++r) {
@@ -502,6 +498,26 @@ void RunQueryBlock(const Problem& p, int64_t task) {
   }
 }
 
+// The whole computation for checked operands (p's pointers and sizes set): pack K and V,
+// then every query block. `for_each(count, fn, p)` runs fn(p, i) for every i < count, in
+// any order and on any threads (XLA's pool in the handler).
+template <class ForEach>
+void Attend(AttentionProblem p, BlockKernel block, ForEach&& for_each) {
+  p.G = p.H / p.Hkv;
+  p.rows_t = std::max<int64_t>(1, kRowsPerTile / p.G);
+  p.q_blocks = (p.T + p.rows_t - 1) / p.rows_t;
+  p.panels = (p.T + kPanel - 1) / kPanel;
+  std::vector<float> keys(static_cast<size_t>(p.B * p.Hkv * p.panels * p.D * kPanel));
+  std::vector<float> values(static_cast<size_t>(p.B * p.Hkv * p.T * p.D));
+  p.kp = keys.data();
+  p.vp = values.data();
+  p.q_scale = kLog2e / std::sqrt(static_cast<float>(p.D));
+  p.block = block;
+  const int64_t chunks = (p.panels + kPanelsPerPackTask - 1) / kPanelsPerPackTask;
+  for_each(p.B * p.Hkv * chunks, &PackKeysValues, p);
+  for_each(p.B * p.Hkv * p.q_blocks, &RunQueryBlock, p);
+}
+
 // ------------------------------------------------------------------------ threading
 
 // Tasks claimed from an atomic counter by the caller and by pool tasks. The job outlives the
@@ -512,8 +528,8 @@ struct ParallelJob {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   int64_t total = 0;
-  void (*fn)(const Problem&, int64_t) = nullptr;
-  const Problem* problem = nullptr;
+  void (*fn)(const AttentionProblem&, int64_t) = nullptr;
+  const AttentionProblem* problem = nullptr;
 };
 
 void Drain(ParallelJob& job) {
@@ -526,7 +542,7 @@ void Drain(ParallelJob& job) {
 }
 
 void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t tasks,
-                 void (*fn)(const Problem&, int64_t), const Problem& problem) {
+                 void (*fn)(const AttentionProblem&, int64_t), const AttentionProblem& problem) {
   const int64_t helpers = std::min(threads, tasks) - 1;
   if (helpers <= 0) {
     for (int64_t i = 0; i < tasks; ++i) fn(problem, i);
@@ -637,7 +653,7 @@ ffi::Error PrefixAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   }
   if (B == 0 || T == 0 || H == 0 || D == 0) return ffi::Error::Success();  // nothing to do
 
-  Problem p;
+  AttentionProblem p;
   p.q = static_cast<const float*>(q.untyped_data());
   p.k = static_cast<const float*>(k.untyped_data());
   p.v = static_cast<const float*>(v.untyped_data());
@@ -647,20 +663,11 @@ ffi::Error PrefixAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   p.T = T;
   p.H = H;
   p.Hkv = Hkv;
-  p.G = H / Hkv;
   p.D = D;
-  p.rows_t = std::max<int64_t>(1, kRowsPerTile / p.G);
-  p.q_blocks = (T + p.rows_t - 1) / p.rows_t;
-  p.panels = (T + kPanel - 1) / kPanel;
-  std::vector<float> packed(static_cast<size_t>(B * Hkv * p.panels * D * kPanel));
-  p.kp = packed.data();
-  p.q_scale = kLog2e / std::sqrt(static_cast<float>(D));
-  p.kernels = variant == Variant::kAvx2 ? kAvx2Kernels : kScalarKernels;
-
   const int64_t threads = tasks_attr > 0 ? tasks_attr : std::max<int64_t>(1, pool.num_threads());
-  const int64_t pack_tasks = B * Hkv * ((p.panels + kPanelsPerPackTask - 1) / kPanelsPerPackTask);
-  ParallelFor(pool, threads, pack_tasks, &PackKeys, p);
-  ParallelFor(pool, threads, B * Hkv * p.q_blocks, &RunQueryBlock, p);
+  Attend(p, variant == Variant::kAvx2 ? &BlockAvx2 : &BlockScalar,
+         [&](int64_t count, void (*fn)(const AttentionProblem&, int64_t),
+             const AttentionProblem& problem) { ParallelFor(pool, threads, count, fn, problem); });
   return ffi::Error::Success();
 }
 
