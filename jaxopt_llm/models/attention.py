@@ -243,8 +243,8 @@ def describe_prefix_attention() -> str:
     """One line for `jaxopt-llm info`: which prefix-attention path runs here, and why.
 
     Returns:
-        e.g. "native avx2 prefix attention kernel (XLA CPU pool) for float32; pure-JAX
-        flash (blocks of 256) for other dtypes".
+        e.g. "native avx2 prefix attention kernel (XLA CPU pool) for float32; other
+        dtypes: pure-JAX flash (blocks of 256) from 1024 tokens, blocked below".
 
     Example:
         >>> isinstance(describe_prefix_attention(), str)
@@ -259,9 +259,10 @@ def describe_prefix_attention() -> str:
         return f"blocked ({ATTENTION_ENV}=blocked)"
     if forced == "flash":
         return f"{flash} ({ATTENTION_ENV}=flash)"
+    fallback = f"{flash} from {FLASH_MIN_LENGTH} tokens, blocked below"
     if available:
-        return f"native {why} for float32; {flash} for other dtypes"
-    return (f"{flash} from {FLASH_MIN_LENGTH} tokens, blocked below (native kernel: {why})")
+        return f"native {why} for float32; other dtypes: {fallback}"
+    return f"{fallback} (native kernel: {why})"
 
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
