@@ -652,23 +652,119 @@ TaskSplit ChooseTasks(int64_t weight_bytes, int64_t rows, int64_t N, int64_t poo
   return {tasks, per_task, helpers};
 }
 
-struct ColumnJob {
-  const Problem* problem;
-  Variant variant;
-  int64_t columns_per_task;
+// ------------------------------------------------------------------ weight layouts
+//
+// The kernel (axis 0) and table (axis 1) handlers differ only in the weight's layout: where
+// its extents sit in the shapes, which block type their kernels take, what a block needs
+// prepared and which kernel runs it. A layout says that; validation, the split over threads
+// and the batch loop are Gemv<Layout> below, once. "Inputs" are the contraction length (K
+// of a kernel, D of a table), "outputs" what y has per row (N columns, V table rows),
+// "stored" the code bytes along the inputs (the inputs, or half of them for 4-bit).
+
+// A kernel: codes (..., stored, N) K-major and scales (..., G, N); outputs are columns n.
+struct KernelLayout {
+  using Block = Problem;
+  static constexpr const char* kName = "weight gemv";
+  static constexpr const char* kInputs = "K";
+  static constexpr const char* kOutputs = "N";
+  static int64_t Outputs(ffi::Span<const int64_t> codes) { return codes[codes.size() - 1]; }
+  static int64_t Stored(ffi::Span<const int64_t> codes) { return codes[codes.size() - 2]; }
+  static int64_t Groups(ffi::Span<const int64_t> scale) { return scale[scale.size() - 2]; }
+  static int64_t ScaleOutputs(ffi::Span<const int64_t> scale) {
+    return scale[scale.size() - 1];
+  }
+  static void SetExtents(Block& p, int64_t inputs, int64_t outputs, int64_t) {
+    p.K = inputs;
+    p.N = outputs;
+  }
+  static int64_t OutputCount(const Block& p) { return p.N; }
+  // A float offset needs Σ x over each group of each row (in `buffer`).
+  static void Prepare(Block& p, std::vector<float>& buffer) {
+    if (p.zero_kind != ZeroKind::kFloat) return;
+    buffer.assign(p.rows * p.G, 0.0f);
+    for (int64_t m = 0; m < p.rows; ++m) {
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t k1 = std::min(p.K, (g + 1) * p.group);
+        float total = 0.0f;
+        for (int64_t k = g * p.group; k < k1; ++k) total += p.x[m * p.K + k];
+        buffer[m * p.G + g] = total;
+      }
+    }
+    p.xsum = buffer.data();
+  }
+  static void Run(const Block& p, Variant variant, int64_t n0, int64_t n1) {
+    if (variant == Variant::kAvx2) {
+      RunAvx2(p, n0, n1);
+    } else {
+      RunScalar(p, n0, n1);
+    }
+  }
 };
 
-void RunColumns(const void* ctx, int64_t task) {
-  const auto& job = *static_cast<const ColumnJob*>(ctx);
-  const Problem& p = *job.problem;
-  const int64_t n0 = task * job.columns_per_task;
-  const int64_t n1 = std::min(p.N, n0 + job.columns_per_task);
-  if (n0 >= n1) return;
-  if (job.variant == Variant::kAvx2) {
-    RunAvx2(p, n0, n1);
-  } else {
-    RunScalar(p, n0, n1);
+void TableScalarRun(const TableProblem& p, int64_t v0, int64_t v1) {
+  JAXOPT_LLM_FORMAT_SWITCH(TableScalarDispatch, p, v0, v1)
+}
+
+void TableAvx2Run(const TableProblem& p, int64_t v0, int64_t v1) {
+#ifdef JAXOPT_LLM_X86
+  JAXOPT_LLM_FORMAT_SWITCH(TableAvx2Dispatch, p, v0, v1)
+#else
+  TableScalarRun(p, v0, v1);
+#endif
+}
+
+// A table: codes (..., V, stored) row-major and scales (..., V, G); outputs are rows v.
+struct TableLayout {
+  using Block = TableProblem;
+  static constexpr const char* kName = "table gemv";
+  static constexpr const char* kInputs = "D";
+  static constexpr const char* kOutputs = "V";
+  static int64_t Outputs(ffi::Span<const int64_t> codes) { return codes[codes.size() - 2]; }
+  static int64_t Stored(ffi::Span<const int64_t> codes) { return codes[codes.size() - 1]; }
+  static int64_t Groups(ffi::Span<const int64_t> scale) { return scale[scale.size() - 1]; }
+  static int64_t ScaleOutputs(ffi::Span<const int64_t> scale) {
+    return scale[scale.size() - 2];
   }
+  static void SetExtents(Block& p, int64_t inputs, int64_t outputs, int64_t stored) {
+    p.D = inputs;
+    p.V = outputs;
+    p.B = stored;
+  }
+  static int64_t OutputCount(const Block& p) { return p.V; }
+  // 4-bit rows meet x's even and odd entries (in `buffer`; xo zero-padded for an odd D).
+  static void Prepare(Block& p, std::vector<float>& buffer) {
+    if (p.codes != Codes::kUint4) return;
+    buffer.assign(2 * p.rows * p.B, 0.0f);
+    float* xe = buffer.data();
+    float* xo = xe + p.rows * p.B;
+    for (int64_t m = 0; m < p.rows; ++m) {
+      for (int64_t d = 0; d < p.D; ++d) (d & 1 ? xo : xe)[m * p.B + (d >> 1)] = p.x[m * p.D + d];
+    }
+    p.xe = xe;
+    p.xo = xo;
+  }
+  static void Run(const Block& p, Variant variant, int64_t v0, int64_t v1) {
+    if (variant == Variant::kAvx2) {
+      TableAvx2Run(p, v0, v1);
+    } else {
+      TableScalarRun(p, v0, v1);
+    }
+  }
+};
+
+template <class Layout>
+struct Job {
+  const typename Layout::Block* block;
+  Variant variant;
+  int64_t outputs_per_task;
+};
+
+template <class Layout>
+void RunOutputs(const void* ctx, int64_t task) {
+  const auto& job = *static_cast<const Job<Layout>*>(ctx);
+  const int64_t o0 = task * job.outputs_per_task;
+  const int64_t o1 = std::min(Layout::OutputCount(*job.block), o0 + job.outputs_per_task);
+  if (o0 < o1) Layout::Run(*job.block, job.variant, o0, o1);
 }
 
 // Element offset of batch `index` (over the output's batch dims) in an operand whose batch
@@ -700,30 +796,37 @@ std::string ShapeString(ffi::Span<const int64_t> dims) {
   return text + ")";
 }
 
+// ---------------------------------------------------------------------------- handler
+
+// x (..., rows, inputs) against a weight of `Layout` (codes, scales and zeros with batch dims
+// each 1 or y's): y (..., rows, outputs).
+template <class Layout>
 ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                 ffi::AnyBuffer scale, const ffi::AnyBuffer* zero,
                 ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits, int64_t group_size,
                 int64_t zero_kind, int64_t variant_attr, int64_t tasks_attr) {
+  const auto invalid = [](const std::string& message) {
+    return ffi::Error::InvalidArgument(std::string(Layout::kName) + ": " + message);
+  };
+  const std::string inputs_name = Layout::kInputs, outputs_name = Layout::kOutputs;
   const auto x_dims = x.dimensions(), q_dims = q.dimensions(), s_dims = scale.dimensions();
   const auto y_dims = y->dimensions();
   const size_t rank = x_dims.size();
   if (rank < 2 || q_dims.size() != rank || s_dims.size() != rank || y_dims.size() != rank ||
       (zero != nullptr && zero->dimensions().size() != rank)) {
-    return ffi::Error::InvalidArgument("weight gemv: operands must share one rank >= 2, got x " +
-                                       ShapeString(x_dims) + ", codes " + ShapeString(q_dims) +
-                                       ", scale " + ShapeString(s_dims));
+    return invalid("operands must share one rank >= 2, got x " + ShapeString(x_dims) +
+                   ", codes " + ShapeString(q_dims) + ", scale " + ShapeString(s_dims));
   }
-  const int64_t R = x_dims[rank - 2], K = x_dims[rank - 1];
-  const int64_t N = q_dims[rank - 1], K_stored = q_dims[rank - 2];
-  const int64_t G = s_dims[rank - 2];
+  const int64_t R = x_dims[rank - 2], K = x_dims[rank - 1];  // K: the inputs
+  const int64_t N = Layout::Outputs(q_dims), stored = Layout::Stored(q_dims);
+  const int64_t G = Layout::Groups(s_dims);
 
-  Problem base;
-  base.K = K;
-  base.N = N;
+  typename Layout::Block base;
+  Layout::SetExtents(base, K, N, stored);
   base.G = G;
   base.group = group_size;
   if (zero_kind < 0 || zero_kind > 2 || (zero == nullptr) != (zero_kind == 0)) {
-    return ffi::Error::InvalidArgument("weight gemv: bad zero_kind " + std::to_string(zero_kind));
+    return invalid("bad zero_kind " + std::to_string(zero_kind));
   }
   base.zero_kind = static_cast<ZeroKind>(zero_kind);
   if (bits == 8) {
@@ -732,63 +835,60 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
     } else if (q.element_type() == ffi::DataType::U8 && zero_kind != 0) {
       base.codes = Codes::kUint8;
     } else {
-      return ffi::Error::InvalidArgument(
-          "weight gemv: 8-bit codes are int8 (symmetric) or uint8 with a zero");
+      return invalid("8-bit codes are int8 (symmetric) or uint8 with a zero");
     }
-    if (K_stored != K) {
-      return ffi::Error::InvalidArgument("weight gemv: codes " + ShapeString(q_dims) +
-                                         " do not match K = " + std::to_string(K));
+    if (stored != K) {
+      return invalid("codes " + ShapeString(q_dims) + " do not match " + inputs_name + " = " +
+                     std::to_string(K));
     }
   } else if (bits == 4) {
     if (q.element_type() != ffi::DataType::U8) {
-      return ffi::Error::InvalidArgument("weight gemv: 4-bit codes must be packed uint8");
+      return invalid("4-bit codes must be packed uint8");
     }
     base.codes = Codes::kUint4;
-    if (K_stored != (K + 1) / 2) {
-      return ffi::Error::InvalidArgument("weight gemv: packed codes " + ShapeString(q_dims) +
-                                         " do not match K = " + std::to_string(K));
+    if (stored != (K + 1) / 2) {
+      return invalid("packed codes " + ShapeString(q_dims) + " do not match " + inputs_name +
+                     " = " + std::to_string(K));
     }
   } else {
-    return ffi::Error::InvalidArgument("weight gemv: bits must be 4 or 8, got " +
-                                       std::to_string(bits));
+    return invalid("bits must be 4 or 8, got " + std::to_string(bits));
   }
-  if (group_size < 1 || G != (K + group_size - 1) / group_size || s_dims[rank - 1] != N) {
-    return ffi::Error::InvalidArgument("weight gemv: scale " + ShapeString(s_dims) +
-                                       " does not match K = " + std::to_string(K) + ", N = " +
-                                       std::to_string(N) + ", group_size " +
-                                       std::to_string(group_size));
+  if (group_size < 1 || G != (K + group_size - 1) / group_size ||
+      Layout::ScaleOutputs(s_dims) != N) {
+    return invalid("scale " + ShapeString(s_dims) + " does not match " + inputs_name + " = " +
+                   std::to_string(K) + ", " + outputs_name + " = " + std::to_string(N) +
+                   ", group_size " + std::to_string(group_size));
   }
   if (base.codes == Codes::kUint4 && G > 1 && group_size % 2) {
-    return ffi::Error::InvalidArgument("weight gemv: 4-bit groups must hold an even count");
+    return invalid("4-bit groups must hold an even count");
   }
   if (scale.element_type() == ffi::DataType::F16) {
     base.scale_f16 = true;
   } else if (scale.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("weight gemv: scales must be float32 or float16");
+    return invalid("scales must be float32 or float16");
   }
   if (zero != nullptr) {
     const auto z_dims = zero->dimensions();
     for (size_t i = 0; i < rank; ++i) {
       if (z_dims[i] != s_dims[i]) {
-        return ffi::Error::InvalidArgument("weight gemv: zero " + ShapeString(z_dims) +
-                                           " and scale " + ShapeString(s_dims) + " differ");
+        return invalid("zero " + ShapeString(z_dims) + " and scale " + ShapeString(s_dims) +
+                       " differ");
       }
     }
     const auto type = zero->element_type();
     if (base.zero_kind == ZeroKind::kInteger && type != ffi::DataType::U8) {
-      return ffi::Error::InvalidArgument("weight gemv: integer zero points must be uint8");
+      return invalid("integer zero points must be uint8");
     }
     if (base.zero_kind == ZeroKind::kFloat) {
       if (type == ffi::DataType::F16) {
         base.zero_f16 = true;
       } else if (type != ffi::DataType::F32) {
-        return ffi::Error::InvalidArgument("weight gemv: float offsets must be float32/16");
+        return invalid("float offsets must be float32/16");
       }
     }
   }
   if (y_dims[rank - 2] != R || y_dims[rank - 1] != N) {
-    return ffi::Error::InvalidArgument("weight gemv: result " + ShapeString(y_dims) +
-                                       " is not (rows, N)");
+    return invalid("result " + ShapeString(y_dims) + " is not (rows, " + outputs_name + ")");
   }
   const ffi::AnyBuffer* operands[4] = {nullptr, &q, &scale, zero};
   for (size_t i = 0; i + 2 < rank; ++i) {
@@ -799,23 +899,21 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
         ok = ok && (d == 1 || d == y_dims[i]);
       }
     }
-    if (!ok) return ffi::Error::InvalidArgument("weight gemv: batch dimensions do not match");
+    if (!ok) return invalid("batch dimensions do not match");
   }
 
   Variant variant = static_cast<Variant>(variant_attr);
   if (variant == Variant::kAuto) variant = HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
   if (variant == Variant::kAvx2 && !HaveAvx2()) {
-    return ffi::Error::InvalidArgument("weight gemv: this CPU has no AVX2 + FMA + F16C");
+    return invalid("this CPU has no AVX2 + FMA + F16C");
   }
   if (variant != Variant::kAvx2 && variant != Variant::kScalar) {
-    return ffi::Error::InvalidArgument("weight gemv: unknown variant " +
-                                       std::to_string(variant_attr));
+    return invalid("unknown variant " + std::to_string(variant_attr));
   }
 
   const int64_t pool_threads = pool.num_threads();
   g_last_pool_threads.store(pool_threads, std::memory_order_relaxed);
-  const int64_t weight_bytes = K_stored * N;
-  std::vector<float> xsum;
+  std::vector<float> prepared;  // what Layout::Prepare derives from each block of x
   const uint8_t* q_base = static_cast<const uint8_t*>(q.untyped_data());
   const char* s_base = static_cast<const char*>(scale.untyped_data());
   const char* z_base = zero ? static_cast<const char*>(zero->untyped_data()) : nullptr;
@@ -823,32 +921,21 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
   const int64_t z_width = zero == nullptr ? 0 : (base.zero_kind == ZeroKind::kInteger ? 1
                                                  : base.zero_f16 ? 2 : 4);
 
-  // rows [r0, r0 + count) of one x matrix (row stride K) against one weight.
+  // `count` rows of one x matrix (row stride K) against one weight, kMaxRows at a time.
   auto run_rows = [&](const float* x_rows, float* y_rows, int64_t count, const uint8_t* q_ptr,
                       const void* s_ptr, const void* z_ptr) {
     for (int64_t r0 = 0; r0 < count; r0 += kMaxRows) {
-      Problem p = base;
+      typename Layout::Block p = base;
       p.rows = std::min<int64_t>(kMaxRows, count - r0);
       p.x = x_rows + r0 * K;
       p.y = y_rows + r0 * N;
       p.q = q_ptr;
       p.scale = s_ptr;
       p.zero = z_ptr;
-      if (p.zero_kind == ZeroKind::kFloat) {
-        xsum.assign(p.rows * G, 0.0f);
-        for (int64_t m = 0; m < p.rows; ++m) {
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t k1 = std::min(K, (g + 1) * group_size);
-            float total = 0.0f;
-            for (int64_t k = g * group_size; k < k1; ++k) total += p.x[m * K + k];
-            xsum[m * G + g] = total;
-          }
-        }
-        p.xsum = xsum.data();
-      }
-      const TaskSplit split = ChooseTasks(weight_bytes, p.rows, N, pool_threads, tasks_attr);
-      ColumnJob job{&p, variant, split.columns_per_task};
-      ParallelFor(pool, split.tasks, split.helpers, &RunColumns, &job);
+      Layout::Prepare(p, prepared);
+      const TaskSplit split = ChooseTasks(stored * N, p.rows, N, pool_threads, tasks_attr);
+      Job<Layout> job{&p, variant, split.columns_per_task};
+      ParallelFor(pool, split.tasks, split.helpers, &RunOutputs<Layout>, &job);
     }
   };
 
@@ -873,238 +960,20 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
   return ffi::Error::Success();
 }
 
+template <class Layout>
 ffi::Error GemvNoZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                       ffi::AnyBuffer scale, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits,
                       int64_t group_size, int64_t variant, int64_t tasks) {
-  return Gemv(pool, x, q, scale, nullptr, y, bits, group_size, 0, variant, tasks);
+  return Gemv<Layout>(pool, x, q, scale, nullptr, y, bits, group_size, 0, variant, tasks);
 }
 
+template <class Layout>
 ffi::Error GemvWithZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                         ffi::AnyBuffer scale, ffi::AnyBuffer zero,
                         ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits, int64_t group_size,
                         int64_t zero_kind, int64_t variant, int64_t tasks) {
-  return Gemv(pool, x, q, scale, &zero, y, bits, group_size, zero_kind, variant, tasks);
-}
-
-// ---------------------------------------------------------------------- table handler
-
-struct TableJob {
-  const TableProblem* problem;
-  Variant variant;
-  int64_t rows_per_task;
-};
-
-void TableScalarRun(const TableProblem& p, int64_t v0, int64_t v1) {
-  JAXOPT_LLM_FORMAT_SWITCH(TableScalarDispatch, p, v0, v1)
-}
-
-void TableAvx2Run(const TableProblem& p, int64_t v0, int64_t v1) {
-#ifdef JAXOPT_LLM_X86
-  JAXOPT_LLM_FORMAT_SWITCH(TableAvx2Dispatch, p, v0, v1)
-#else
-  TableScalarRun(p, v0, v1);
-#endif
-}
-
-void RunTableRows(const void* ctx, int64_t task) {
-  const auto& job = *static_cast<const TableJob*>(ctx);
-  const TableProblem& p = *job.problem;
-  const int64_t v0 = task * job.rows_per_task;
-  const int64_t v1 = std::min(p.V, v0 + job.rows_per_task);
-  if (v0 >= v1) return;
-  if (job.variant == Variant::kAvx2) {
-    TableAvx2Run(p, v0, v1);
-  } else {
-    TableScalarRun(p, v0, v1);
-  }
-}
-
-// x (..., rows, D) against a table (..., V, B) with scales (..., V, G): y (..., rows, V).
-ffi::Error TableGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                     ffi::AnyBuffer scale, const ffi::AnyBuffer* zero,
-                     ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits, int64_t group_size,
-                     int64_t zero_kind, int64_t variant_attr, int64_t tasks_attr) {
-  const auto x_dims = x.dimensions(), q_dims = q.dimensions(), s_dims = scale.dimensions();
-  const auto y_dims = y->dimensions();
-  const size_t rank = x_dims.size();
-  if (rank < 2 || q_dims.size() != rank || s_dims.size() != rank || y_dims.size() != rank ||
-      (zero != nullptr && zero->dimensions().size() != rank)) {
-    return ffi::Error::InvalidArgument("table gemv: operands must share one rank >= 2, got x " +
-                                       ShapeString(x_dims) + ", codes " + ShapeString(q_dims) +
-                                       ", scale " + ShapeString(s_dims));
-  }
-  const int64_t R = x_dims[rank - 2], D = x_dims[rank - 1];
-  const int64_t V = q_dims[rank - 2], B = q_dims[rank - 1];
-  const int64_t G = s_dims[rank - 1];
-
-  TableProblem base;
-  base.D = D;
-  base.V = V;
-  base.B = B;
-  base.G = G;
-  base.group = group_size;
-  if (zero_kind < 0 || zero_kind > 2 || (zero == nullptr) != (zero_kind == 0)) {
-    return ffi::Error::InvalidArgument("table gemv: bad zero_kind " + std::to_string(zero_kind));
-  }
-  base.zero_kind = static_cast<ZeroKind>(zero_kind);
-  if (bits == 8) {
-    if (q.element_type() == ffi::DataType::S8 && zero_kind == 0) {
-      base.codes = Codes::kInt8;
-    } else if (q.element_type() == ffi::DataType::U8 && zero_kind != 0) {
-      base.codes = Codes::kUint8;
-    } else {
-      return ffi::Error::InvalidArgument(
-          "table gemv: 8-bit codes are int8 (symmetric) or uint8 with a zero");
-    }
-    if (B != D) {
-      return ffi::Error::InvalidArgument("table gemv: codes " + ShapeString(q_dims) +
-                                         " do not match D = " + std::to_string(D));
-    }
-  } else if (bits == 4) {
-    if (q.element_type() != ffi::DataType::U8) {
-      return ffi::Error::InvalidArgument("table gemv: 4-bit codes must be packed uint8");
-    }
-    base.codes = Codes::kUint4;
-    if (B != (D + 1) / 2) {
-      return ffi::Error::InvalidArgument("table gemv: packed codes " + ShapeString(q_dims) +
-                                         " do not match D = " + std::to_string(D));
-    }
-  } else {
-    return ffi::Error::InvalidArgument("table gemv: bits must be 4 or 8, got " +
-                                       std::to_string(bits));
-  }
-  if (group_size < 1 || G != (D + group_size - 1) / group_size || s_dims[rank - 2] != V) {
-    return ffi::Error::InvalidArgument("table gemv: scale " + ShapeString(s_dims) +
-                                       " does not match V = " + std::to_string(V) + ", D = " +
-                                       std::to_string(D) + ", group_size " +
-                                       std::to_string(group_size));
-  }
-  if (base.codes == Codes::kUint4 && G > 1 && group_size % 2) {
-    return ffi::Error::InvalidArgument("table gemv: 4-bit groups must hold an even count");
-  }
-  if (scale.element_type() == ffi::DataType::F16) {
-    base.scale_f16 = true;
-  } else if (scale.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("table gemv: scales must be float32 or float16");
-  }
-  if (zero != nullptr) {
-    const auto z_dims = zero->dimensions();
-    for (size_t i = 0; i < rank; ++i) {
-      if (z_dims[i] != s_dims[i]) {
-        return ffi::Error::InvalidArgument("table gemv: zero " + ShapeString(z_dims) +
-                                           " and scale " + ShapeString(s_dims) + " differ");
-      }
-    }
-    const auto type = zero->element_type();
-    if (base.zero_kind == ZeroKind::kInteger && type != ffi::DataType::U8) {
-      return ffi::Error::InvalidArgument("table gemv: integer zero points must be uint8");
-    }
-    if (base.zero_kind == ZeroKind::kFloat) {
-      if (type == ffi::DataType::F16) {
-        base.zero_f16 = true;
-      } else if (type != ffi::DataType::F32) {
-        return ffi::Error::InvalidArgument("table gemv: float offsets must be float32/16");
-      }
-    }
-  }
-  if (y_dims[rank - 2] != R || y_dims[rank - 1] != V) {
-    return ffi::Error::InvalidArgument("table gemv: result " + ShapeString(y_dims) +
-                                       " is not (rows, V)");
-  }
-  const ffi::AnyBuffer* operands[4] = {nullptr, &q, &scale, zero};
-  for (size_t i = 0; i + 2 < rank; ++i) {
-    bool ok = x_dims[i] == 1 || x_dims[i] == y_dims[i];
-    for (int j = 1; j < 4; ++j) {
-      if (operands[j] != nullptr) {
-        const int64_t d = operands[j]->dimensions()[i];
-        ok = ok && (d == 1 || d == y_dims[i]);
-      }
-    }
-    if (!ok) return ffi::Error::InvalidArgument("table gemv: batch dimensions do not match");
-  }
-
-  Variant variant = static_cast<Variant>(variant_attr);
-  if (variant == Variant::kAuto) variant = HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
-  if (variant == Variant::kAvx2 && !HaveAvx2()) {
-    return ffi::Error::InvalidArgument("table gemv: this CPU has no AVX2 + FMA + F16C");
-  }
-  if (variant != Variant::kAvx2 && variant != Variant::kScalar) {
-    return ffi::Error::InvalidArgument("table gemv: unknown variant " +
-                                       std::to_string(variant_attr));
-  }
-
-  const int64_t pool_threads = pool.num_threads();
-  g_last_pool_threads.store(pool_threads, std::memory_order_relaxed);
-  const int64_t weight_bytes = V * B;
-  std::vector<float> split_x;
-  const uint8_t* q_base = static_cast<const uint8_t*>(q.untyped_data());
-  const char* s_base = static_cast<const char*>(scale.untyped_data());
-  const char* z_base = zero ? static_cast<const char*>(zero->untyped_data()) : nullptr;
-  const int64_t s_width = base.scale_f16 ? 2 : 4;
-  const int64_t z_width = zero == nullptr ? 0 : (base.zero_kind == ZeroKind::kInteger ? 1
-                                                 : base.zero_f16 ? 2 : 4);
-
-  auto run_rows = [&](const float* x_rows, float* y_rows, int64_t count, const uint8_t* q_ptr,
-                      const void* s_ptr, const void* z_ptr) {
-    for (int64_t r0 = 0; r0 < count; r0 += kMaxRows) {
-      TableProblem p = base;
-      p.rows = std::min<int64_t>(kMaxRows, count - r0);
-      p.x = x_rows + r0 * D;
-      p.y = y_rows + r0 * V;
-      p.q = q_ptr;
-      p.scale = s_ptr;
-      p.zero = z_ptr;
-      if (p.codes == Codes::kUint4) {  // even and odd d of each row, xo zero-padded
-        split_x.assign(2 * p.rows * B, 0.0f);
-        float* xe = split_x.data();
-        float* xo = xe + p.rows * B;
-        for (int64_t m = 0; m < p.rows; ++m) {
-          for (int64_t d = 0; d < D; ++d) {
-            (d & 1 ? xo : xe)[m * B + (d >> 1)] = p.x[m * D + d];
-          }
-        }
-        p.xe = xe;
-        p.xo = xo;
-      }
-      const TaskSplit split = ChooseTasks(weight_bytes, p.rows, V, pool_threads, tasks_attr);
-      TableJob job{&p, variant, split.columns_per_task};
-      ParallelFor(pool, split.tasks, split.helpers, &RunTableRows, &job);
-    }
-  };
-
-  const float* x_data = x.typed_data();
-  float* y_data = y->typed_data();
-  const int64_t batches = BatchCount(y_dims);
-  if (batches == 0 || R == 0 || V == 0) return ffi::Error::Success();  // an empty result
-  const bool shared_weight = BatchCount(q_dims) == 1 && BatchCount(s_dims) == 1 &&
-                             (zero == nullptr || BatchCount(zero->dimensions()) == 1) &&
-                             BatchCount(x_dims) == batches;
-  if (shared_weight) {  // every batch entry against one table: one (batches·R, D) problem
-    run_rows(x_data, y_data, batches * R, q_base, s_base, z_base);
-    return ffi::Error::Success();
-  }
-  for (int64_t b = 0; b < batches; ++b) {
-    const int64_t zo = zero ? BatchOffset(zero->dimensions(), y_dims, b) : 0;
-    run_rows(x_data + BatchOffset(x_dims, y_dims, b), y_data + b * R * V, R,
-             q_base + BatchOffset(q_dims, y_dims, b),
-             s_base + BatchOffset(s_dims, y_dims, b) * s_width,
-             z_base ? z_base + zo * z_width : nullptr);
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error TableGemvNoZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                           ffi::AnyBuffer scale, ffi::Result<ffi::Buffer<ffi::F32>> y,
-                           int64_t bits, int64_t group_size, int64_t variant, int64_t tasks) {
-  return TableGemv(pool, x, q, scale, nullptr, y, bits, group_size, 0, variant, tasks);
-}
-
-ffi::Error TableGemvWithZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
-                             ffi::AnyBuffer scale, ffi::AnyBuffer zero,
-                             ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t bits,
-                             int64_t group_size, int64_t zero_kind, int64_t variant,
-                             int64_t tasks) {
-  return TableGemv(pool, x, q, scale, &zero, y, bits, group_size, zero_kind, variant, tasks);
+  return Gemv<Layout>(pool, x, q, scale, &zero, y, bits, group_size, zero_kind, variant,
+                      tasks);
 }
 
 }  // namespace
@@ -1137,7 +1006,8 @@ int64_t LastPoolThreads() { return g_last_pool_threads.load(std::memory_order_re
 
 }  // namespace jaxopt_llm
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemv, jaxopt_llm::GemvNoZero,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemv,
+                              jaxopt_llm::GemvNoZero<jaxopt_llm::KernelLayout>,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
@@ -1149,7 +1019,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemv, jaxopt_llm::GemvNoZero,
                                   .Attr<int64_t>("variant")
                                   .Attr<int64_t>("tasks"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemvZero, jaxopt_llm::GemvWithZero,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemvZero,
+                              jaxopt_llm::GemvWithZero<jaxopt_llm::KernelLayout>,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
@@ -1163,7 +1034,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmWeightGemvZero, jaxopt_llm::GemvWithZero,
                                   .Attr<int64_t>("variant")
                                   .Attr<int64_t>("tasks"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmTableGemv, jaxopt_llm::TableGemvNoZero,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmTableGemv,
+                              jaxopt_llm::GemvNoZero<jaxopt_llm::TableLayout>,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
@@ -1175,7 +1047,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmTableGemv, jaxopt_llm::TableGemvNoZero,
                                   .Attr<int64_t>("variant")
                                   .Attr<int64_t>("tasks"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmTableGemvZero, jaxopt_llm::TableGemvWithZero,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxoptLlmTableGemvZero,
+                              jaxopt_llm::GemvWithZero<jaxopt_llm::TableLayout>,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
