@@ -435,9 +435,25 @@ Seen ClassifyMask(const uint8_t* mask, int64_t stride, int64_t rows, int64_t n) 
   return highest == 0 ? Seen::kNone : lowest != 0 ? Seen::kAll : Seen::kSome;
 }
 
+// Floats starting on a cache line, so that no aligned row's vector load straddles two lines
+// (malloc's large blocks start 16 bytes into a page). Grown on demand.
+class LineAligned {
+ public:
+  float* Get(size_t count) {
+    if (count + kSlack > storage_.size()) storage_.resize(count + kSlack);
+    const uintptr_t address = reinterpret_cast<uintptr_t>(storage_.data());
+    return storage_.data() + (-address % 64) / sizeof(float);
+  }
+
+ private:
+  static constexpr size_t kSlack = 64 / sizeof(float);
+  std::vector<float> storage_;
+};
+
 // Per-thread tiles, grown on demand and reused across calls.
 struct Scratch {
-  std::vector<float> q, o, s, m, l, alpha;
+  LineAligned q, o, s;
+  std::vector<float> m, l, alpha;
 };
 
 void RunQueryBlock(const AttentionProblem& p, int64_t task) {
@@ -448,27 +464,27 @@ void RunQueryBlock(const AttentionProblem& p, int64_t task) {
   const int64_t M = (t1 - t0) * G;
 
   thread_local Scratch scratch;
-  scratch.q.resize(M * D);
-  scratch.o.assign(M * D, 0.0f);
-  scratch.s.resize(M * kKeyBlock);
+  float* q = scratch.q.Get(M * D);
+  float* o = scratch.o.Get(M * D);
+  std::fill(o, o + M * D, 0.0f);
   scratch.m.assign(M, kNegInf);
   scratch.l.assign(M, 0.0f);
   scratch.alpha.assign(M, 0.0f);
   for (int64_t t = t0; t < t1; ++t) {  // the G heads of one position are contiguous
     const float* src = p.q + ((b * T + t) * p.H + kvh * G) * D;
-    float* dst = scratch.q.data() + (t - t0) * G * D;
+    float* dst = q + (t - t0) * G * D;
     for (int64_t i = 0; i < G * D; ++i) dst[i] = src[i] * p.q_scale;
   }
 
   Tile tile;
-  tile.q = scratch.q.data();
+  tile.q = q;
   tile.v_stride = D;
   tile.mask_stride = T;
   tile.G = G;
   tile.M = M;
   tile.D = D;
-  tile.s = scratch.s.data();
-  tile.o = scratch.o.data();
+  tile.s = scratch.s.Get(M * kKeyBlock);
+  tile.o = o;
   tile.m = scratch.m.data();
   tile.l = scratch.l.data();
   tile.alpha = scratch.alpha.data();
@@ -487,11 +503,11 @@ void RunQueryBlock(const AttentionProblem& p, int64_t task) {
   for (int64_t r = 0; r < M; ++r) {
     const int64_t t = t0 + r / G, h = kvh * G + r % G;
     float* dst = p.out + ((b * T + t) * p.H + h) * D;
-    const float* o = scratch.o.data() + r * D;
+    const float* row = o + r * D;
     const float l = scratch.l[r];
     if (l > 0.0f) {
       const float inv = 1.0f / l;
-      for (int64_t d = 0; d < D; ++d) dst[d] = o[d] * inv;
+      for (int64_t d = 0; d < D; ++d) dst[d] = row[d] * inv;
     } else {
       std::fill(dst, dst + D, 0.0f);  // a row that sees no key
     }
@@ -507,10 +523,9 @@ void Attend(AttentionProblem p, BlockKernel block, ForEach&& for_each) {
   p.rows_t = std::max<int64_t>(1, kRowsPerTile / p.G);
   p.q_blocks = (p.T + p.rows_t - 1) / p.rows_t;
   p.panels = (p.T + kPanel - 1) / kPanel;
-  std::vector<float> keys(static_cast<size_t>(p.B * p.Hkv * p.panels * p.D * kPanel));
-  std::vector<float> values(static_cast<size_t>(p.B * p.Hkv * p.T * p.D));
-  p.kp = keys.data();
-  p.vp = values.data();
+  LineAligned keys, values;
+  p.kp = keys.Get(static_cast<size_t>(p.B * p.Hkv * p.panels * p.D * kPanel));
+  p.vp = values.Get(static_cast<size_t>(p.B * p.Hkv * p.T * p.D));
   p.q_scale = kLog2e / std::sqrt(static_cast<float>(p.D));
   p.block = block;
   const int64_t chunks = (p.panels + kPanelsPerPackTask - 1) / kPanelsPerPackTask;
