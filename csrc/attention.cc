@@ -194,11 +194,14 @@ JAXOPT_LLM_AVX2 inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
-// 2^x for x ≤ 0: 2^n · p(x - n), n = round(x), p Cephes' exp2f polynomial on [-1/2, 1/2];
-// x < -125, -inf (a hidden key) and NaN (-inf - -inf: a row that has seen nothing) give 0.
+// 2^x for x ≤ 0: 2^n · p(x - n), n = round(x), p Cephes' exp2f polynomial on [-1/2, 1/2].
+// With kExact, x < -125, -inf (a hidden key) and NaN (-inf - -inf: a row that has seen
+// nothing) give 0; without (finite x only), x < -125 gives 2^-125.
+template <bool kExact = true>
 JAXOPT_LLM_AVX2 inline __m256 Exp2(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(-125.0f);
-  const __m256 keep = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
+  __m256 keep;
+  if constexpr (kExact) keep = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
   x = _mm256_max_ps(x, lowest);
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
@@ -211,7 +214,8 @@ JAXOPT_LLM_AVX2 inline __m256 Exp2(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   const __m256 value = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
-  return _mm256_and_ps(value, keep);
+  if constexpr (kExact) return _mm256_and_ps(value, keep);
+  return value;
 }
 
 // Lanes of columns [c, c + 8) that row `mask` sees among the block's n keys.
@@ -227,6 +231,32 @@ JAXOPT_LLM_AVX2 inline __m256 VisibleLanes(const uint8_t* mask, int64_t c, int64
     lanes[i] = c + i < n && (mask == nullptr || mask[c + i] != 0) ? -1 : 0;
   }
   return _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
+}
+
+// s[r] = 2^(s[r] - max[r]) for rows [r0, r0 + rows), and sums[r] = Σ of the new row.
+template <bool kExact>
+JAXOPT_LLM_AVX2 inline void ExponentiateRows(const Tile& t, int64_t r0, int64_t rows,
+                                             const float* max, float* sums) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = t.s + (r0 + i) * t.W;
+    const __m256 shift = _mm256_set1_ps(max[i]);
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= t.W; c += 16) {
+      const __m256 p0 = Exp2<kExact>(_mm256_sub_ps(_mm256_loadu_ps(s + c), shift));
+      const __m256 p1 = Exp2<kExact>(_mm256_sub_ps(_mm256_loadu_ps(s + c + 8), shift));
+      _mm256_storeu_ps(s + c, p0);
+      _mm256_storeu_ps(s + c + 8, p1);
+      sum0 = _mm256_add_ps(sum0, p0);
+      sum1 = _mm256_add_ps(sum1, p1);
+    }
+    for (; c < t.W; c += 8) {
+      const __m256 p0 = Exp2<kExact>(_mm256_sub_ps(_mm256_loadu_ps(s + c), shift));
+      _mm256_storeu_ps(s + c, p0);
+      sum0 = _mm256_add_ps(sum0, p0);
+    }
+    sums[i] = HorizontalSum(_mm256_add_ps(sum0, sum1));
+  }
 }
 
 // The online-softmax step of rows [r0, r0 + rows), rows ≤ 8: mask, row max, probabilities,
@@ -260,25 +290,10 @@ JAXOPT_LLM_AVX2 void SoftmaxRows(const Tile& t, int64_t r0, int64_t rows) {
   const __m256 m_new = _mm256_max_ps(m_old, _mm256_load_ps(row_max));
   const __m256 alpha = Exp2(_mm256_sub_ps(m_old, m_new));  // 0 for a row's first block
   _mm256_store_ps(shift, m_new);
-  for (int64_t i = 0; i < rows; ++i) {
-    float* s = t.s + (r0 + i) * t.W;
-    const __m256 max = _mm256_set1_ps(shift[i]);
-    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
-    int64_t c = 0;
-    for (; c + 16 <= t.W; c += 16) {
-      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), max));
-      const __m256 p1 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c + 8), max));
-      _mm256_storeu_ps(s + c, p0);
-      _mm256_storeu_ps(s + c + 8, p1);
-      sum0 = _mm256_add_ps(sum0, p0);
-      sum1 = _mm256_add_ps(sum1, p1);
-    }
-    for (; c < t.W; c += 8) {
-      const __m256 p0 = Exp2(_mm256_sub_ps(_mm256_loadu_ps(s + c), max));
-      _mm256_storeu_ps(s + c, p0);
-      sum0 = _mm256_add_ps(sum0, p0);
-    }
-    sums[i] = HorizontalSum(_mm256_add_ps(sum0, sum1));
+  if (dense) {  // finite scores, every row has seen a key
+    ExponentiateRows<false>(t, r0, rows, shift, sums);
+  } else {
+    ExponentiateRows<true>(t, r0, rows, shift, sums);
   }
   alignas(32) float scale[8];
   _mm256_store_ps(l, _mm256_fmadd_ps(_mm256_load_ps(l), alpha, _mm256_load_ps(sums)));
