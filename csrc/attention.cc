@@ -156,10 +156,10 @@ void BlockScalar(const Tile& t) {
 // vectors + 1 broadcast ≤ 16 ymm registers.
 constexpr int kScoreRows = 6;
 
-// s[0:R, 0:16] = q[0:R] · panelᵀ.
-template <int R>
+// s[0:R, 0:16] = q[0:R] · panelᵀ; with kMax, also row_max[r] = max(row_max[r], s[r, :]).
+template <int R, bool kMax>
 JAXOPT_LLM_AVX2 inline void ScorePanel(const float* q, int64_t D, const float* panel, float* s,
-                                       int64_t W) {
+                                       int64_t W, __m256* row_max) {
   __m256 acc[R][2];
   JAXOPT_LLM_UNROLL
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -177,6 +177,9 @@ JAXOPT_LLM_AVX2 inline void ScorePanel(const float* q, int64_t D, const float* p
   for (int r = 0; r < R; ++r) {
     _mm256_storeu_ps(s + r * W, acc[r][0]);
     _mm256_storeu_ps(s + r * W + 8, acc[r][1]);
+    if constexpr (kMax) {
+      row_max[r] = _mm256_max_ps(row_max[r], _mm256_max_ps(acc[r][0], acc[r][1]));
+    }
   }
 }
 
@@ -261,7 +264,10 @@ JAXOPT_LLM_AVX2 inline void ExponentiateRows(const Tile& t, int64_t r0, int64_t 
 
 // The online-softmax step of rows [r0, r0 + rows), rows ≤ 8: mask, row max, probabilities,
 // and m, l, α as one vector over the rows, so no row waits on a scalar exponential.
-JAXOPT_LLM_AVX2 void SoftmaxRows(const Tile& t, int64_t r0, int64_t rows) {
+// `known_max`: the rows' maxima over the block, from the scores of a block every row sees
+// in full (nullptr: mask and find them here).
+JAXOPT_LLM_AVX2 void SoftmaxRows(const Tile& t, int64_t r0, int64_t rows,
+                                 const float* known_max) {
   const bool dense = t.mask == nullptr && t.n == t.W;
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   alignas(32) float row_max[8], shift[8], sums[8], m[8], l[8];
@@ -271,7 +277,8 @@ JAXOPT_LLM_AVX2 void SoftmaxRows(const Tile& t, int64_t r0, int64_t rows) {
   }
   std::copy(t.m + r0, t.m + r0 + rows, m);
   std::copy(t.l + r0, t.l + r0 + rows, l);
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = 0; i < rows && known_max != nullptr; ++i) row_max[i] = known_max[i];
+  for (int64_t i = 0; i < rows && known_max == nullptr; ++i) {
     float* s = t.s + (r0 + i) * t.W;
     const uint8_t* mask = MaskRow(t, r0 + i);
     __m256 vmax = neg_inf;
@@ -357,11 +364,25 @@ JAXOPT_LLM_AVX2 void AccumulateRows(const Tile& t, int64_t r0) {
 // by every row block of the tile).
 template <int R>
 JAXOPT_LLM_AVX2 void BlockRows(const Tile& t, int64_t r0) {
-  for (int64_t p = 0; p < t.W / kPanel; ++p) {
-    ScorePanel<R>(t.q + r0 * t.D, t.D, t.kp + p * t.D * kPanel, t.s + r0 * t.W + p * kPanel,
-                  t.W);
+  const float* q = t.q + r0 * t.D;
+  float* s = t.s + r0 * t.W;
+  if (t.mask == nullptr && t.n == t.W) {  // every row sees every key: maxima on the way
+    __m256 row_max[R];
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) row_max[r] = _mm256_set1_ps(kNegInf);
+    for (int64_t p = 0; p < t.W / kPanel; ++p) {
+      ScorePanel<R, true>(q, t.D, t.kp + p * t.D * kPanel, s + p * kPanel, t.W, row_max);
+    }
+    float known_max[R];
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) known_max[r] = HorizontalMax(row_max[r]);
+    SoftmaxRows(t, r0, R, known_max);
+  } else {
+    for (int64_t p = 0; p < t.W / kPanel; ++p) {
+      ScorePanel<R, false>(q, t.D, t.kp + p * t.D * kPanel, s + p * kPanel, t.W, nullptr);
+    }
+    SoftmaxRows(t, r0, R, nullptr);
   }
-  SoftmaxRows(t, r0, R);
   if constexpr (R > 3) {
     AccumulateRows<3>(t, r0);
     AccumulateRows<R - 3>(t, r0 + 3);
