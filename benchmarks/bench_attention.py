@@ -17,7 +17,7 @@ ratio to torch (< 1: faster than torch). Short lengths repeat the call inside on
 compared with torch's (max |difference|).
 
 Run:  python benchmarks/bench_attention.py --json /tmp/attention.json
-      (about 2 minutes on 2 cores; --quick: 3 rounds; --lengths 4096 for the target row)
+      (under a minute on 2 cores; --quick: 3 rounds; --lengths 4096 for the target row)
 """
 
 from __future__ import annotations
