@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "gemv.h"  // Variant, HaveAvx2
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(JAXOPT_LLM_PORTABLE_ONLY)
@@ -578,51 +579,14 @@ void Attend(AttentionProblem p, BlockKernel block, ForEach&& for_each) {
 
 // ------------------------------------------------------------------------ threading
 
-// Tasks claimed from an atomic counter by the caller and by pool tasks. The job outlives the
-// call through the pool tasks' shared_ptr: a task that starts late finds nothing left and
-// returns without touching the (by then dead) problem; the caller only waits for tasks
-// that were started.
-struct ParallelJob {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-  void (*fn)(const AttentionProblem&, int64_t) = nullptr;
-  const AttentionProblem* problem = nullptr;
+struct AttentionTask {
+  void (*fn)(const AttentionProblem&, int64_t);
+  const AttentionProblem* problem;
 };
 
-void Drain(ParallelJob& job) {
-  for (;;) {
-    const int64_t i = job.next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= job.total) return;
-    job.fn(*job.problem, i);
-    job.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t tasks,
-                 void (*fn)(const AttentionProblem&, int64_t), const AttentionProblem& problem) {
-  const int64_t helpers = std::min(threads, tasks) - 1;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < tasks; ++i) fn(problem, i);
-    return;
-  }
-  auto job = std::make_shared<ParallelJob>();
-  job->total = tasks;
-  job->fn = fn;
-  job->problem = &problem;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { Drain(*job); });
-  Drain(*job);
-  for (int64_t spins = 0; job->done.load(std::memory_order_acquire) < tasks; ++spins) {
-    if (spins < 256) {
-#ifdef JAXOPT_LLM_X86
-      _mm_pause();
-#else
-      std::this_thread::yield();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
-  }
+void RunAttentionTask(const void* ctx, int64_t i) {
+  const auto& task = *static_cast<const AttentionTask*>(ctx);
+  task.fn(*task.problem, i);
 }
 
 // ---------------------------------------------------------------------------- handler
@@ -725,7 +689,11 @@ ffi::Error PrefixAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   const int64_t threads = tasks_attr > 0 ? tasks_attr : std::max<int64_t>(1, pool.num_threads());
   Attend(p, variant == Variant::kAvx2 ? &BlockAvx2 : &BlockScalar,
          [&](int64_t count, void (*fn)(const AttentionProblem&, int64_t),
-             const AttentionProblem& problem) { ParallelFor(pool, threads, count, fn, problem); });
+             const AttentionProblem& problem) {
+           const AttentionTask task{fn, &problem};
+           parallel::ParallelFor(pool, count, std::min(threads, count) - 1, &RunAttentionTask,
+                                 &task);
+         });
   return ffi::Error::Success();
 }
 

@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(JAXOPT_LLM_PORTABLE_ONLY)
@@ -565,56 +566,7 @@ JAXOPT_LLM_AVX2 void TableAvx2Dispatch(const TableProblem& p, int64_t v0, int64_
       return KERNEL<Codes::kUint4, ZeroKind::kNone>(p, n0, n1);                         \
   }
 
-// ------------------------------------------------------------------------ threading
-
-// Chunks claimed from an atomic counter by the caller and by pool tasks. The job outlives
-// the call through the tasks' shared_ptr: a task that starts late finds no chunk left and
-// returns without touching the (by then dead) problem.
-struct ParallelJob {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-  void (*fn)(const void*, int64_t) = nullptr;
-  const void* ctx = nullptr;
-};
-
-void Drain(ParallelJob& job) {
-  for (;;) {
-    const int64_t i = job.next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= job.total) return;
-    job.fn(job.ctx, i);
-    job.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-inline void Relax() {
-#ifdef JAXOPT_LLM_X86
-  _mm_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, int64_t helpers,
-                 void (*fn)(const void*, int64_t), const void* ctx) {
-  if (tasks <= 1 || helpers <= 0) {
-    for (int64_t i = 0; i < tasks; ++i) fn(ctx, i);
-    return;
-  }
-  auto job = std::make_shared<ParallelJob>();
-  job->total = tasks;
-  job->fn = fn;
-  job->ctx = ctx;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { Drain(*job); });
-  Drain(*job);
-  for (int64_t spins = 0; job->done.load(std::memory_order_acquire) < tasks; ++spins) {
-    if (spins < 256) {  // a few µs: about one chunk; then let a descheduled helper run
-      Relax();
-    } else {
-      std::this_thread::yield();
-    }
-  }
-}
+using parallel::ParallelFor;
 
 // ---------------------------------------------------------------------------- handler
 

@@ -211,6 +211,15 @@ def flash_prefix_attention(
     return out[:, :length]
 
 
+def _forced_path() -> str:
+    """JAXOPT_LLM_ATTENTION, checked: one of `PREFIX_PATHS` ("auto" when unset)."""
+    forced = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if forced not in PREFIX_PATHS:
+        raise ValueError(f"{ATTENTION_ENV} must be one of {', '.join(PREFIX_PATHS)}, "
+                         f"got {forced!r}")
+    return forced
+
+
 def prefix_path(length: int, dtype: jnp.dtype) -> str:
     """Which formulation `prefix_attention` runs for a prefix of `length` tokens.
 
@@ -225,10 +234,7 @@ def prefix_path(length: int, dtype: jnp.dtype) -> str:
         >>> prefix_path(16, jnp.float32) in PREFIX_PATHS
         True
     """
-    forced = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
-    if forced not in PREFIX_PATHS:
-        raise ValueError(f"{ATTENTION_ENV} must be one of {', '.join(PREFIX_PATHS)}, "
-                         f"got {forced!r}")
+    forced = _forced_path()
     if forced == "blocked":
         return "blocked"
     if forced in ("auto", "native") and jnp.dtype(dtype) == jnp.float32 \
@@ -250,9 +256,10 @@ def describe_prefix_attention() -> str:
         >>> isinstance(describe_prefix_attention(), str)
         True
     """
-    forced = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
-    if forced not in PREFIX_PATHS:
-        return f"{ATTENTION_ENV}={forced!r} is not one of {', '.join(PREFIX_PATHS)}"
+    try:
+        forced = _forced_path()
+    except ValueError as error:
+        return str(error)
     available, why = prefix_attention_status()
     flash = f"pure-JAX flash (blocks of {FLASH_BLOCK})"
     if forced == "blocked":
