@@ -76,6 +76,10 @@ FORMS = {
                                          granularity="group", group_size=32), "bfloat16",
                                [(96, 13)]),
     "int4 zero channel": (QuantSpec(bits=4, symmetric=False), None, [(130, 40)]),
+    # wider than one panel (2,048 columns for one row, 256 for eight), N % 8 ≠ 0
+    "int8 channel wide": (QuantSpec(bits=8), None, [(21, 2100)]),
+    "int4 zero g32 wide": (QuantSpec(bits=4, symmetric=False, granularity="group",
+                                      group_size=32, partial_groups=True), None, [(72, 2100)]),
 }
 CASES = [(name, shape) for name, (_, _, shapes) in FORMS.items() for shape in shapes]
 ROWS = (1, 3, 8)
@@ -145,6 +149,19 @@ def test_forced_column_splits(tasks):
         x = inputs(8, shape[0])
         assert_matches(native.native_matmul(jnp.asarray(x), w, tasks=tasks),
                        reference(x, w), x, dense)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("name", ["int8 channel wide", "int4 zero g32 wide"])
+def test_one_chunk_of_several_panels(name, rows):
+    """One chunk (tasks=1) walks several panels: 2,100 columns, blocks of 8 code rows and a
+    shorter last block (K 21; K 72 in groups of 32, 32, 8), the last 2,100 % 8 columns by
+    the scalar loop."""
+    require_native()
+    shape = FORMS[name][2][0]
+    w, dense = weight(name, shape)
+    x = inputs(rows, shape[0])
+    assert_matches(native.native_matmul(jnp.asarray(x), w, tasks=1), reference(x, w), x, dense)
 
 
 @pytest.mark.parametrize("name", ["int8 g32 f16", "int4 g128 partial odd K",
