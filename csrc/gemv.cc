@@ -307,9 +307,10 @@ JAXOPT_LLM_AVX2 void Avx2Dispatch(const Problem& p, int64_t n0, int64_t n1) {
 //
 // A table T (V, D) stored row-major with groups along D (ggml's layout): y[m, v] =
 // Σ_d x[m, d] · t[v, d], one dot product per table row. Each row's codes are contiguous, so
-// the kernel walks d and vectorises along it: per group, the codes of R rows are decoded to
-// float32 weights w = c·s (+ o), exactly the dequantized table, and FMA'd against x[m, d:d+8]
-// into one vector accumulator per (row, m), reduced horizontally once per row. The table is
+// the kernel walks d and vectorises along it: per group, the codes of R rows are converted to
+// float32 (exact small integers, integer zero points subtracted first) and FMA'd against
+// x[m, d:d+8] into a group accumulator per (row, m), scaled into the row's accumulator once
+// per group (a float offset adds o·Σ_{d∈g} x), reduced horizontally once per row. The table is
 // read once per row block; x (≤ 8 rows of D floats) stays in L1. 4-bit rows hold two d per
 // byte (even d in the low nibble), so x is split once per call into its even and odd
 // entries (xe, xo) and the low / high nibbles of 8 bytes meet xe / xo[b:b+8].
@@ -365,13 +366,15 @@ JAXOPT_LLM_AVX2 inline float LoadFloat1(const void* base, bool f16, int64_t i) {
              : static_cast<const float*>(base)[i];
 }
 
-// Table rows decoded together: R rows share each load of x (R·M accumulators).
+// Table rows decoded together: R rows share each load of x (2·R·M accumulators).
 template <int M>
 constexpr int TableRowsAtOnce() {
-  return M == 1 ? 4 : M <= 4 ? 2 : 1;
+  return M == 1 ? 4 : M == 2 ? 2 : 1;
 }
 
-// y[0:M, v:v+R] of the block.
+// y[0:M, v:v+R] of the block. Per group, gacc = Σ_d x[m, d]·c[v, d] on the exact integer
+// codes (integer zero points subtracted in integers), then acc += s·gacc (and, for a float
+// offset, o·Σ_{d∈g} x[m, d] from p.xsum): one scale FMA per group, none per 8 codes.
 template <Codes C, ZeroKind Z, int M, int R>
 JAXOPT_LLM_AVX2 void TableAvx2Tile(const TableProblem& p, int64_t v) {
   const int64_t D = p.D, B = p.B, G = p.G;
@@ -392,17 +395,21 @@ JAXOPT_LLM_AVX2 void TableAvx2Tile(const TableProblem& p, int64_t v) {
   }
   for (int64_t g = 0; g < G; ++g) {
     const int64_t d0 = g * p.group, d1 = std::min(D, d0 + p.group);
-    __m256 s[R], offset[R];
+    float s[R];
     __m256i zero[R];
+    __m256 gacc[R][M];
+    float gtail[R][M];
     JAXOPT_LLM_UNROLL
     for (int r = 0; r < R; ++r) {
-      s[r] = _mm256_set1_ps(LoadFloat1(p.scale, p.scale_f16, (v + r) * G + g));
-      offset[r] = Z == ZeroKind::kFloat
-                      ? _mm256_set1_ps(LoadFloat1(p.zero, p.zero_f16, (v + r) * G + g))
-                      : _mm256_setzero_ps();
+      s[r] = LoadFloat1(p.scale, p.scale_f16, (v + r) * G + g);
       zero[r] = _mm256_set1_epi32(
           Z == ZeroKind::kInteger ? static_cast<const uint8_t*>(p.zero)[(v + r) * G + g]
           : (C == Codes::kUint4 && Z == ZeroKind::kNone) ? 8 : 0);
+      JAXOPT_LLM_UNROLL
+      for (int m = 0; m < M; ++m) {
+        gacc[r][m] = _mm256_setzero_ps();
+        gtail[r][m] = 0.0f;
+      }
     }
     if constexpr (C == Codes::kUint4) {
       // bytes [b0, b1) of each row: d0 is even (checked by the handler), an odd d1 ends in
@@ -420,18 +427,11 @@ JAXOPT_LLM_AVX2 void TableAvx2Tile(const TableProblem& p, int64_t v) {
             lo = _mm256_sub_epi32(lo, zero[r]);
             hi = _mm256_sub_epi32(hi, zero[r]);
           }
-          __m256 w_lo = _mm256_cvtepi32_ps(lo), w_hi = _mm256_cvtepi32_ps(hi);
-          if constexpr (Z == ZeroKind::kFloat) {
-            w_lo = _mm256_fmadd_ps(w_lo, s[r], offset[r]);
-            w_hi = _mm256_fmadd_ps(w_hi, s[r], offset[r]);
-          } else {
-            w_lo = _mm256_mul_ps(w_lo, s[r]);
-            w_hi = _mm256_mul_ps(w_hi, s[r]);
-          }
+          const __m256 w_lo = _mm256_cvtepi32_ps(lo), w_hi = _mm256_cvtepi32_ps(hi);
           JAXOPT_LLM_UNROLL
           for (int m = 0; m < M; ++m) {
-            acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.xe + m * B + b), w_lo, acc[r][m]);
-            acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.xo + m * B + b), w_hi, acc[r][m]);
+            gacc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.xe + m * B + b), w_lo, gacc[r][m]);
+            gacc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.xo + m * B + b), w_hi, gacc[r][m]);
           }
         }
       }
@@ -439,19 +439,12 @@ JAXOPT_LLM_AVX2 void TableAvx2Tile(const TableProblem& p, int64_t v) {
         JAXOPT_LLM_UNROLL
         for (int r = 0; r < R; ++r) {
           const uint8_t byte = p.q[(v + r) * B + b];
-          const float sr = _mm256_cvtss_f32(s[r]), orr = _mm256_cvtss_f32(offset[r]);
-          const int32_t zr = _mm256_cvtsi256_si32(zero[r]);
-          float w_lo, w_hi;
-          if constexpr (Z == ZeroKind::kFloat) {
-            w_lo = static_cast<float>(byte & 0x0f) * sr + orr;
-            w_hi = static_cast<float>(byte >> 4) * sr + orr;
-          } else {
-            w_lo = static_cast<float>((byte & 0x0f) - zr) * sr;
-            w_hi = static_cast<float>((byte >> 4) - zr) * sr;
-          }
+          const int32_t zr = Z == ZeroKind::kFloat ? 0 : _mm256_cvtsi256_si32(zero[r]);
+          const float w_lo = static_cast<float>((byte & 0x0f) - zr);
+          const float w_hi = static_cast<float>((byte >> 4) - zr);
           JAXOPT_LLM_UNROLL
           for (int m = 0; m < M; ++m) {
-            tail[r][m] += p.xe[m * B + b] * w_lo + p.xo[m * B + b] * w_hi;
+            gtail[r][m] += p.xe[m * B + b] * w_lo + p.xo[m * B + b] * w_hi;
           }
         }
       }
@@ -463,11 +456,10 @@ JAXOPT_LLM_AVX2 void TableAvx2Tile(const TableProblem& p, int64_t v) {
           const uint8_t* row = p.q + (v + r) * B + d;
           __m256i codes = C == Codes::kInt8 ? Load8S8(row) : Load8U8(row);
           if constexpr (Z == ZeroKind::kInteger) codes = _mm256_sub_epi32(codes, zero[r]);
-          __m256 w = _mm256_cvtepi32_ps(codes);
-          w = Z == ZeroKind::kFloat ? _mm256_fmadd_ps(w, s[r], offset[r]) : _mm256_mul_ps(w, s[r]);
+          const __m256 w = _mm256_cvtepi32_ps(codes);
           JAXOPT_LLM_UNROLL
           for (int m = 0; m < M; ++m) {
-            acc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.x + m * D + d), w, acc[r][m]);
+            gacc[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.x + m * D + d), w, gacc[r][m]);
           }
         }
       }
@@ -477,16 +469,23 @@ JAXOPT_LLM_AVX2 void TableAvx2Tile(const TableProblem& p, int64_t v) {
           const uint8_t byte = p.q[(v + r) * B + d];
           const int32_t code = C == Codes::kInt8 ? static_cast<int8_t>(byte)
                                                  : static_cast<int32_t>(byte);
-          const float sr = _mm256_cvtss_f32(s[r]);
-          float w;
-          if constexpr (Z == ZeroKind::kFloat) {
-            w = static_cast<float>(code) * sr + _mm256_cvtss_f32(offset[r]);
-          } else {
-            w = static_cast<float>(code - _mm256_cvtsi256_si32(zero[r])) * sr;
-          }
+          const int32_t zr = Z == ZeroKind::kInteger ? _mm256_cvtsi256_si32(zero[r]) : 0;
+          const float w = static_cast<float>(code - zr);
           JAXOPT_LLM_UNROLL
-          for (int m = 0; m < M; ++m) tail[r][m] += p.x[m * D + d] * w;
+          for (int m = 0; m < M; ++m) gtail[r][m] += p.x[m * D + d] * w;
         }
+      }
+    }
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 sr = _mm256_set1_ps(s[r]);
+      const float offset =
+          Z == ZeroKind::kFloat ? LoadFloat1(p.zero, p.zero_f16, (v + r) * G + g) : 0.0f;
+      JAXOPT_LLM_UNROLL
+      for (int m = 0; m < M; ++m) {
+        acc[r][m] = _mm256_fmadd_ps(sr, gacc[r][m], acc[r][m]);
+        tail[r][m] += s[r] * gtail[r][m];
+        if constexpr (Z == ZeroKind::kFloat) tail[r][m] += offset * p.xsum[m * G + g];
       }
     }
   }
@@ -657,17 +656,36 @@ struct TableLayout {
     p.B = stored;
   }
   static int64_t OutputCount(const Block& p) { return p.V; }
-  // 4-bit rows meet x's even and odd entries (in `buffer`; xo zero-padded for an odd D).
+  // 4-bit rows meet x's even and odd entries (xo zero-padded for an odd D); a float offset
+  // needs Σ x over each group of each row (both in `buffer`).
   static void Prepare(Block& p, std::vector<float>& buffer) {
-    if (p.codes != Codes::kUint4) return;
-    buffer.assign(2 * p.rows * p.B, 0.0f);
-    float* xe = buffer.data();
-    float* xo = xe + p.rows * p.B;
-    for (int64_t m = 0; m < p.rows; ++m) {
-      for (int64_t d = 0; d < p.D; ++d) (d & 1 ? xo : xe)[m * p.B + (d >> 1)] = p.x[m * p.D + d];
+    const bool split = p.codes == Codes::kUint4, sums = p.zero_kind == ZeroKind::kFloat;
+    if (!split && !sums) return;
+    buffer.assign((split ? 2 * p.rows * p.B : 0) + (sums ? p.rows * p.G : 0), 0.0f);
+    float* next = buffer.data();
+    if (split) {
+      float* xe = next;
+      float* xo = xe + p.rows * p.B;
+      for (int64_t m = 0; m < p.rows; ++m) {
+        for (int64_t d = 0; d < p.D; ++d) {
+          (d & 1 ? xo : xe)[m * p.B + (d >> 1)] = p.x[m * p.D + d];
+        }
+      }
+      p.xe = xe;
+      p.xo = xo;
+      next = xo + p.rows * p.B;
     }
-    p.xe = xe;
-    p.xo = xo;
+    if (sums) {
+      for (int64_t m = 0; m < p.rows; ++m) {
+        for (int64_t g = 0; g < p.G; ++g) {
+          const int64_t d1 = std::min(p.D, (g + 1) * p.group);
+          float total = 0.0f;
+          for (int64_t d = g * p.group; d < d1; ++d) total += p.x[m * p.D + d];
+          next[m * p.G + g] = total;
+        }
+      }
+      p.xsum = next;
+    }
   }
   static void Run(const Block& p, Variant variant, int64_t v0, int64_t v1) {
     if (variant == Variant::kAvx2) {

@@ -74,6 +74,7 @@ struct TableProblem {
   bool zero_f16 = false;
   int64_t group = 0;          // d values per group (D for a single group)
   int64_t G = 0;
+  const float* xsum = nullptr;  // (rows, G): sum of x over each group (kFloat only)
   float* y = nullptr;         // (rows, V), row stride V
   Codes codes = Codes::kInt8;
   ZeroKind zero_kind = ZeroKind::kNone;

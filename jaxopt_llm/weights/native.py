@@ -39,10 +39,11 @@ Tables (axis 1: a tied LM head, `QuantizedWeight.attend`) have their own kernel,
 `native_attend`: y[m, v] = Σ_d x[m, d]·t[v, d], one dot product per table row with groups
 along D (ggml's layout). Codes (V, D) int8/uint8 or (V, ceil(D/2)) packed 4-bit, scales and
 zeros (V, G); per tensor (1, 1) is broadcast to (V, 1) here. Each row's codes are contiguous,
-so that kernel vectorises along d: it decodes 8 codes of R table rows into float32 weights
-w = c·s (+ m) and FMAs them against x[m, d:d+8] (4-bit: the low / high nibbles against the
-even / odd entries of x, split once per call), one horizontal sum per row; table rows are
-split over the same threads like the kernel's columns.
+so that kernel vectorises along d: it converts 8 codes of R table rows to float32 (exact
+integers) and FMAs them against x[m, d:d+8] (4-bit: the low / high nibbles against the even
+/ odd entries of x, split once per call), scaling each group's sum once (+ m·Σ x for a float
+offset), one horizontal sum per row; table rows are split over the same threads like the
+kernel's columns.
 
 `native_matmul` returns None where the kernel does not apply (`supports`): tables (axis 1,
 see `native_attend`), W8A8 (act_bits), other widths (2, 3, 5, 6, 7 bits), odd 4-bit group
