@@ -3,17 +3,24 @@ llama.cpp on the same machine, interleaved in one run.
 
 Rows, each timed `--rounds` times in turn (medians; machines here are shared and noisy,
 so only ratios within this run mean anything):
-- ours: fp32, and each of `--recipes` twice: with the native quantized kernels
-  (`jaxopt_llm.weights.native`, what `QuantizedWeight.linear` uses for ≤ 8 rows) and with
-  JAXOPT_LLM_NATIVE=off (dequantize + XLA matmul). `generate` on a 32-token prompt,
+- ours: fp32, and each of `--recipes` twice: with the native kernels
+  (`jaxopt_llm.weights.native`, what `QuantizedWeight.linear` and `linear` on a float
+  kernel use for ≤ 8 rows) and with JAXOPT_LLM_NATIVE=off (XLA's matmul, after
+  dequantizing a quantized weight). `generate` on a 32-token prompt,
   `--new-tokens` greedy tokens, decode tok/s as `generate` reports it (compile excluded);
+  A recipe name ending in `+table8` also stores the tied embedding table (the LM head) as
+  int8 per row, as llama.cpp's Q8_0 does (`w8+table8`: 135 MB against Q8_0's 145 MB; plain
+  `w8` keeps the 113 MB float32 table, 220 MB in all);
 - llama.cpp (llama-cpp-python, the optional `.[peers]` extra, 2 threads): F32 and Q8_0
   files exported from the float model by `export_gguf`, and the shipped Q4_1 file; the
   same prompt ids, then one `eval` per new token (sampling excluded: argmax in numpy).
+  Each llama.cpp measurement runs in a child process, so a llama.cpp crash loses its row,
+  not the run (llama.cpp's AMX code segfaults on some virtual Sapphire Rapids hosts: build
+  the extra there with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ..." and no AMX).
 Without llama-cpp-python its rows are skipped, saying so.
 
 Run:  python benchmarks/bench_decode.py --json benchmarks/results/decode.json \\
-          [--recipes w8,w4g128,w4g32-float] [--rounds 3] [--new-tokens 64]
+          [--recipes w8,w8+table8,w4g128,w4g128+table8] [--rounds 3] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +39,22 @@ from pathlib import Path
 
 import numpy as np
 
+TABLE8 = "+table8"
 
-def llama_cpp_decode(path: Path, prompt: list[int], steps: int) -> float:
+
+def llama_cpp_decode(path: Path, prompt: list[int], steps: int) -> float | None:
+    """Decode tok/s of llama.cpp on `path` measured in a child process (None: it crashed)."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--llama-cpp-child", str(path), "--new-tokens", str(steps),
+         "--prompt", ",".join(map(str, prompt))], capture_output=True, text=True)
+    if child.returncode != 0:
+        print(f"llama.cpp on {path.name} failed (exit {child.returncode}): "
+              f"{child.stderr.strip()[-300:]}", flush=True)
+        return None
+    return float(child.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_child(path: Path, prompt: list[int], steps: int) -> float:
     """Decode tok/s of llama.cpp on `path`: `steps` single-token evals after the prompt."""
     import llama_cpp
 
@@ -55,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="w8,w4g128,w4g32-float")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--llama-cpp-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.llama_cpp_child:
+        print(llama_cpp_child(args.llama_cpp_child, [int(t) for t in args.prompt.split(",")],
+                              args.new_tokens))
+        return 0
 
     import jax
 
@@ -63,15 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     from jaxopt_llm.generation import generate
     from jaxopt_llm.io.export_gguf import export_gguf
     from jaxopt_llm.io.loader import resolve_model_path
+    from jaxopt_llm.pipeline import Recipe, Stage
+    from jaxopt_llm.rules import rule
     from jaxopt_llm.weights import native, param_bytes
+
+    int8_table = Recipe(name="table8", description="the tied embedding table int8 per row",
+                        stages=(Stage(name="table", rules=(
+                            rule(".*embed_tokens/embedding", "quantize", bits=8),)),))
 
     model = load_model("smollm2-135m")
     prompt = model.tokenizer.encode(pydoc_text())[1000:1032]
     ours = {"fp32": (model.config, model.params)}
     for name in args.recipes.split(","):
-        ours[name] = load_recipe(name)(model.config, model.params)
-    runs = [(name, "native") for name in ours if name != "fp32"] + \
-        [(name, "pure") for name in ours]
+        ours[name] = load_recipe(name.removesuffix(TABLE8))(model.config, model.params)
+        if name.endswith(TABLE8):
+            ours[name] = int8_table(*ours[name])
+    runs = [(name, "native") for name in ours] + [(name, "pure") for name in ours]
 
     def ours_decode(name: str, path: str) -> float:
         os.environ[native.ENV] = "on" if path == "native" else "off"
@@ -100,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in runs:
             speeds.setdefault(f"ours {name} ({path})", []).append(ours_decode(name, path))
         for label, file in peers.items():
-            speeds.setdefault(label, []).append(llama_cpp_decode(file, prompt,
-                                                                 args.new_tokens))
+            tok_s = llama_cpp_decode(file, prompt, args.new_tokens)
+            if tok_s is not None:
+                speeds.setdefault(label, []).append(tok_s)
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.1f}"
                                                   for k, v in speeds.items()), flush=True)
     os.environ.pop(native.ENV, None)
@@ -112,11 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["vs_ours_fp32"] = row["decode_tok_s"] / by_label["ours fp32 (pure)"]
     for name in ours:
-        if name != "fp32":
-            key = f"ours {name} (native)"
-            for label in peers:
-                by_label_ratio = by_label[key] / by_label[label]
-                next(r for r in rows if r["system"] == key)[f"vs {label}"] = by_label_ratio
+        key = f"ours {name} (native)"
+        for label in (label for label in peers if label in by_label):
+            by_label_ratio = by_label[key] / by_label[label]
+            next(r for r in rows if r["system"] == key)[f"vs {label}"] = by_label_ratio
     sizes = {name: param_bytes(params) for name, (_, params) in ours.items()}
     for row in rows:
         print(json.dumps(row))

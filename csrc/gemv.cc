@@ -79,6 +79,28 @@ inline int32_t CodeAt(const uint8_t* q, int64_t N, int64_t k, int64_t n) {
   }
 }
 
+// Bytes per stored value along N (codes, or float32 / bfloat16 weights).
+template <Codes C>
+constexpr int64_t CodeBytes() {
+  return C == Codes::kFloat32 ? 4 : C == Codes::kBFloat16 ? 2 : 1;
+}
+
+// The weight value at (k, n) before scale and zero point, as float32.
+template <Codes C>
+inline float ValueAt(const uint8_t* q, int64_t N, int64_t k, int64_t n) {
+  if constexpr (C == Codes::kFloat32) {
+    return reinterpret_cast<const float*>(q)[k * N + n];
+  } else if constexpr (C == Codes::kBFloat16) {
+    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(q)[k * N + n])
+                          << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else {
+    return static_cast<float>(CodeAt<C>(q, N, k, n));
+  }
+}
+
 template <Codes C, ZeroKind Z>
 void ScalarCols(const Problem& p, int64_t n0, int64_t n1) {
   constexpr int64_t kTile = 32;
@@ -105,7 +127,7 @@ void ScalarCols(const Problem& p, int64_t n0, int64_t n1) {
       }
       for (int64_t k = k0; k < k1; ++k) {
         for (int64_t j = 0; j < width; ++j) {
-          weight[j] = static_cast<float>(CodeAt<C>(p.q, N, k, nb + j) - zero[j]);
+          weight[j] = ValueAt<C>(p.q, N, k, nb + j) - static_cast<float>(zero[j]);
         }
         for (int64_t m = 0; m < rows; ++m) {
           const float xv = p.x[m * K + k];
@@ -185,13 +207,16 @@ template <Codes C, ZeroKind Z, int M, int Rows>
 JAXOPT_LLM_AVX2 __attribute__((always_inline)) inline void PanelBlock(
     float (*gacc)[PanelWidth<M>()], const float* x, int64_t K, int64_t k, const uint8_t* codes,
     int64_t N, int64_t W, const uint8_t* zero, bool last_low_only) {
+  constexpr int64_t kBytes = CodeBytes<C>();
+  const int64_t stride = N * kBytes;  // bytes per code row
   const __m256i low_mask = _mm256_set1_epi32(0x0f);
-  const uint8_t* ahead = codes + kBlocksAhead * kRowsPerBlock * N;
+  const uint8_t* ahead = codes + kBlocksAhead * kRowsPerBlock * stride;
   for (int64_t j = 0; j < W; j += 8) {
-    if ((j & (kCacheLine - 1)) == 0) {
+    if (((j * kBytes) & (kCacheLine - 1)) == 0) {
       JAXOPT_LLM_UNROLL
       for (int r = 0; r < Rows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * N + j), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride + j * kBytes),
+                     _MM_HINT_T0);
       }
     }
     __m256i z = _mm256_setzero_si256();
@@ -205,7 +230,18 @@ JAXOPT_LLM_AVX2 __attribute__((always_inline)) inline void PanelBlock(
     for (int m = 0; m < M; ++m) a[m] = _mm256_loadu_ps(gacc[m] + j);
     JAXOPT_LLM_UNROLL
     for (int r = 0; r < Rows; ++r) {
-      if constexpr (C == Codes::kUint4) {
+      if constexpr (C == Codes::kFloat32 || C == Codes::kBFloat16) {
+        const uint8_t* at = codes + r * stride + j * kBytes;
+        const __m256 w = C == Codes::kFloat32
+            ? _mm256_loadu_ps(reinterpret_cast<const float*>(at))
+            : _mm256_castsi256_ps(_mm256_slli_epi32(
+                  _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))),
+                  16));
+        JAXOPT_LLM_UNROLL
+        for (int m = 0; m < M; ++m) {
+          a[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k + r), w, a[m]);
+        }
+      } else if constexpr (C == Codes::kUint4) {
         const __m256i bytes = Load8U8(codes + r * N + j);
         __m256i lo = _mm256_and_si256(bytes, low_mask);
         __m256i hi = _mm256_srli_epi32(bytes, 4);
@@ -252,12 +288,13 @@ JAXOPT_LLM_AVX2 void Avx2Panel(const Problem& p, int64_t c0, int64_t W) {
     const uint8_t* zero =
         Z == ZeroKind::kInteger ? static_cast<const uint8_t*>(p.zero) + g * N + c0 : nullptr;
     int64_t k = k0;
-    const uint8_t* codes = p.q + (k0 / kPerByte) * N + c0;
+    constexpr int64_t kBytes = CodeBytes<C>();
+    const uint8_t* codes = p.q + ((k0 / kPerByte) * N + c0) * kBytes;
     constexpr int64_t kBlockK = kRowsPerBlock * kPerByte;
-    for (; k + kBlockK <= k1; k += kBlockK, codes += kRowsPerBlock * N) {
+    for (; k + kBlockK <= k1; k += kBlockK, codes += kRowsPerBlock * N * kBytes) {
       PanelBlock<C, Z, M, kRowsPerBlock>(gacc, p.x, K, k, codes, N, W, zero, false);
     }
-    for (; k < k1; k += kPerByte, codes += N) {
+    for (; k < k1; k += kPerByte, codes += N * kBytes) {
       PanelBlock<C, Z, M, 1>(gacc, p.x, K, k, codes, N, W, zero, k + 1 == k1);
     }
     for (int64_t j = 0; j < W; j += 8) {
@@ -521,7 +558,8 @@ JAXOPT_LLM_AVX2 void TableAvx2Dispatch(const TableProblem& p, int64_t v0, int64_
 }
 #endif  // JAXOPT_LLM_X86
 
-// The (codes, zero kind) combinations the handlers accept, for either kernel family.
+// The quantized (codes, zero kind) combinations the handlers accept, for either kernel family
+// (the dense float forms, kernels only, are dispatched before it).
 #define JAXOPT_LLM_FORMAT_SWITCH(KERNEL, p, n0, n1)                                     \
   switch ((p).codes) {                                                                  \
     case Codes::kInt8:                                                                  \
@@ -536,6 +574,9 @@ JAXOPT_LLM_AVX2 void TableAvx2Dispatch(const TableProblem& p, int64_t v0, int64_
       if ((p).zero_kind == ZeroKind::kInteger)                                          \
         return KERNEL<Codes::kUint4, ZeroKind::kInteger>(p, n0, n1);                    \
       return KERNEL<Codes::kUint4, ZeroKind::kNone>(p, n0, n1);                         \
+    case Codes::kFloat32:                                                               \
+    case Codes::kBFloat16:                                                              \
+      return;                                                                           \
   }
 
 using parallel::ParallelFor;
@@ -590,6 +631,7 @@ TaskSplit ChooseTasks(int64_t weight_bytes, int64_t rows, int64_t N, int64_t poo
 struct KernelLayout {
   using Block = Problem;
   static constexpr const char* kName = "weight gemv";
+  static constexpr bool kDense = true;  // float32 / bfloat16 weights too (bits 32 / 16)
   static constexpr const char* kInputs = "K";
   static constexpr const char* kOutputs = "N";
   static int64_t Outputs(ffi::Span<const int64_t> codes) { return codes[codes.size() - 1]; }
@@ -642,6 +684,7 @@ void TableAvx2Run(const TableProblem& p, int64_t v0, int64_t v1) {
 struct TableLayout {
   using Block = TableProblem;
   static constexpr const char* kName = "table gemv";
+  static constexpr bool kDense = false;
   static constexpr const char* kInputs = "D";
   static constexpr const char* kOutputs = "V";
   static int64_t Outputs(ffi::Span<const int64_t> codes) { return codes[codes.size() - 2]; }
@@ -794,8 +837,20 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
       return invalid("packed codes " + ShapeString(q_dims) + " do not match " + inputs_name +
                      " = " + std::to_string(K));
     }
+  } else if ((bits == 32 || bits == 16) && Layout::kDense) {
+    const bool f32 = bits == 32;
+    if (q.element_type() != (f32 ? ffi::DataType::F32 : ffi::DataType::BF16) || zero_kind) {
+      return invalid(std::string("a dense weight of bits ") + (f32 ? "32 is float32" : "16 is "
+                     "bfloat16") + ", without zero points");
+    }
+    base.codes = f32 ? Codes::kFloat32 : Codes::kBFloat16;
+    if (stored != K) {
+      return invalid("weight " + ShapeString(q_dims) + " does not match " + inputs_name +
+                     " = " + std::to_string(K));
+    }
   } else {
-    return invalid("bits must be 4 or 8, got " + std::to_string(bits));
+    return invalid(std::string("bits must be 4 or 8") + (Layout::kDense ? " (32, 16: dense)" : "") +
+                   ", got " + std::to_string(bits));
   }
   if (group_size < 1 || G != (K + group_size - 1) / group_size ||
       Layout::ScaleOutputs(s_dims) != N) {
@@ -859,6 +914,8 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
   g_last_pool_threads.store(pool_threads, std::memory_order_relaxed);
   std::vector<float> prepared;  // what Layout::Prepare derives from each block of x
   const uint8_t* q_base = static_cast<const uint8_t*>(q.untyped_data());
+  const int64_t q_width = base.codes == Codes::kFloat32 ? 4 : base.codes == Codes::kBFloat16 ? 2
+                                                                                             : 1;
   const char* s_base = static_cast<const char*>(scale.untyped_data());
   const char* z_base = zero ? static_cast<const char*>(zero->untyped_data()) : nullptr;
   const int64_t s_width = base.scale_f16 ? 2 : 4;
@@ -877,7 +934,8 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
       p.scale = s_ptr;
       p.zero = z_ptr;
       Layout::Prepare(p, prepared);
-      const TaskSplit split = ChooseTasks(stored * N, p.rows, N, pool_threads, tasks_attr);
+      const TaskSplit split = ChooseTasks(stored * N * q_width, p.rows, N, pool_threads,
+                                          tasks_attr);
       Job<Layout> job{&p, variant, split.columns_per_task};
       ParallelFor(pool, split.tasks, split.helpers, &RunOutputs<Layout>, &job);
     }
@@ -897,7 +955,7 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
   for (int64_t b = 0; b < batches; ++b) {
     const int64_t zo = zero ? BatchOffset(zero->dimensions(), y_dims, b) : 0;
     run_rows(x_data + BatchOffset(x_dims, y_dims, b), y_data + b * R * N, R,
-             q_base + BatchOffset(q_dims, y_dims, b),
+             q_base + BatchOffset(q_dims, y_dims, b) * q_width,
              s_base + BatchOffset(s_dims, y_dims, b) * s_width,
              z_base ? z_base + zo * z_width : nullptr);
   }
@@ -923,11 +981,19 @@ ffi::Error GemvWithZero(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
 }  // namespace
 
 void RunScalar(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.codes == Codes::kFloat32) return ScalarDispatch<Codes::kFloat32, ZeroKind::kNone>(p, n0, n1);
+  if (p.codes == Codes::kBFloat16) {
+    return ScalarDispatch<Codes::kBFloat16, ZeroKind::kNone>(p, n0, n1);
+  }
   JAXOPT_LLM_FORMAT_SWITCH(ScalarDispatch, p, n0, n1)
 }
 
 #ifdef JAXOPT_LLM_X86
 void RunAvx2(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.codes == Codes::kFloat32) return Avx2Dispatch<Codes::kFloat32, ZeroKind::kNone>(p, n0, n1);
+  if (p.codes == Codes::kBFloat16) {
+    return Avx2Dispatch<Codes::kBFloat16, ZeroKind::kNone>(p, n0, n1);
+  }
   JAXOPT_LLM_FORMAT_SWITCH(Avx2Dispatch, p, n0, n1)
 }
 

@@ -7,6 +7,7 @@
 //   uint8  codes u (K, N), w = (u - z) * s  or  u * s + m   (asymmetric 8-bit)
 //   uint4  codes packed two per byte along K (even k in the low nibble), (ceil(K/2), N):
 //          w = (u - 8) * s (symmetric), (u - z) * s, or u * s + m
+//   float32 / bfloat16 (K, N), w = value * s (bits 32 / 16: a dense weight, s = 1)
 // with s, z, m per group of `group` consecutive k (G = ceil(K / group) groups, the last one
 // possibly shorter) and per output column: s and m float32 or float16 (G, N), z uint8 (G, N).
 //
@@ -31,7 +32,9 @@ XLA_FFI_Error* JaxoptLlmTableGemvZero(XLA_FFI_CallFrame* call_frame);
 
 namespace jaxopt_llm {
 
-enum class Codes : int { kInt8 = 0, kUint8 = 1, kUint4 = 2 };
+// kFloat32 / kBFloat16: a dense float kernel (K, N) read as is, with scales of 1 (the same
+// panels stream a float32 or bfloat16 weight; kernels only, not tables).
+enum class Codes : int { kInt8 = 0, kUint8 = 1, kUint4 = 2, kFloat32 = 3, kBFloat16 = 4 };
 enum class ZeroKind : int { kNone = 0, kInteger = 1, kFloat = 2 };
 // Which kernel runs: 0 the best one this CPU supports, 1 the portable scalar one, 2 AVX2.
 enum class Variant : int { kAuto = 0, kScalar = 1, kAvx2 = 2 };

@@ -11,12 +11,14 @@ Shapes: a linear kernel is stored Flax-style, (d_in, d_out); an embedding table 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm.weights import native
 from jaxopt_llm.weights.base import WeightLeaf
 
 
@@ -44,6 +46,11 @@ def linear(x: jax.Array, w: Any) -> jax.Array:
     if isinstance(w, WeightLeaf):
         return w.linear(x)
     _check_weight(w, "linear")
+    rows = math.prod(x.shape[:-1])
+    if native.path_in_use()[0] and native.supports_dense(w, rows):  # decode sizes on CPU
+        y = native.native_dense_matmul(x.reshape(rows, x.shape[-1]), w)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], w.shape[1])
     return jnp.matmul(x, w.astype(x.dtype))
 
 

@@ -504,3 +504,112 @@ def test_tied_llama_generates_the_same_tokens_native_on_and_off(spec, tiny_confi
     assert native_called and not pure_called
     assert len(native_ids[0]) == 12
     assert native_ids == pure_ids
+
+
+# ---------------------------------------------------------------- dense float32 / bfloat16
+
+DENSE_SHAPES = [(576, 1536), (75, 40), (21, 2100), (130, 13)]
+
+
+def dense_weight(shape: tuple[int, int], dtype) -> jax.Array:
+    rng = np.random.default_rng([*shape, 3])
+    return jnp.asarray(rng.normal(0.0, 0.1, shape).astype(np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=[f"{k}x{n}" for k, n in DENSE_SHAPES])
+def test_dense_matches_numpy(shape, rows, dtype):
+    """A float32 or bfloat16 kernel read as stored: x @ w in float64 numpy (bfloat16 values
+    widened exactly), every variant, tasks chosen and forced to one chunk."""
+    require_native()
+    w = dense_weight(shape, dtype)
+    wide = np.asarray(w.astype(jnp.float32)).astype(np.float64)
+    x = inputs(rows, shape[0])
+    want = (x.astype(np.float64) @ wide).astype(np.float32)
+    assert native.supports_dense(w, rows)
+    for variant in variants():
+        for tasks in (0, 1):
+            got = native.native_dense_matmul(jnp.asarray(x), w, variant=variant, tasks=tasks)
+            assert_matches(got, want, x, wide)
+
+
+def test_dense_under_jit_vmap_and_grad():
+    require_native()
+    w = dense_weight((75, 40), jnp.float32)
+    x = inputs(3, 75, lead=(2,))
+    want = x @ np.asarray(w)
+    got = jax.jit(jax.vmap(native.native_dense_matmul, in_axes=(0, None)))(jnp.asarray(x), w)
+    assert_matches(got, want, x, np.asarray(w))
+    c = jnp.asarray(np.random.default_rng(4).normal(size=(3, 40)), jnp.float32)
+
+    def loss(a, b, product):
+        return jnp.sum(product(a, b) * c)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+        jnp.asarray(x[0]), w, native.native_dense_matmul)
+    want = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x[0]), w, jnp.matmul)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_bfloat16_inputs_come_back_in_bfloat16():
+    require_native()
+    w = dense_weight((64, 24), jnp.bfloat16)
+    x = jnp.asarray(inputs(2, 64), jnp.bfloat16)
+    got = native.native_dense_matmul(x, w)
+    assert got.dtype == jnp.bfloat16
+    want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=1e-2)
+
+
+def test_dense_declines_what_it_does_not_handle():
+    require_native()
+    w = dense_weight((64, 24), jnp.float32)
+    assert native.native_dense_matmul(jnp.ones((9, 64)), w) is None  # more than MAX_ROWS
+    assert native.native_dense_matmul(jnp.ones((1, 63)), w) is None  # K mismatch
+    assert native.native_dense_matmul(jnp.ones((1, 64), jnp.float16), w) is None
+    assert native.native_dense_matmul(jnp.ones((1, 64)), w.astype(jnp.float16)) is None
+    assert native.native_dense_matmul(jnp.ones((1, 64)), jnp.ones((2, 64, 24))) is None
+    qw = quantize(w, QuantSpec(bits=8))
+    assert not native.supports_dense(qw, 1)
+    with pytest.raises(ValueError, match="variant"):
+        native.native_dense_matmul(jnp.ones((1, 64)), w, variant="avx9")
+
+
+def test_dense_kernel_rejects_inconsistent_operands():
+    require_native()
+    x = jnp.ones((1, 64), jnp.float32)
+    out = jax.ShapeDtypeStruct((1, 24), jnp.float32)
+    call = jax.ffi.ffi_call("jaxopt_llm_weight_gemv", out, vmap_method="expand_dims")
+    attrs = dict(group_size=np.int64(64), variant=np.int64(0), tasks=np.int64(0))
+    ones = jnp.ones((1, 24), jnp.float32)
+    good = call(x, jnp.ones((64, 24), jnp.float32), ones, bits=np.int64(32), **attrs)
+    np.testing.assert_allclose(np.asarray(good), np.full((1, 24), 64.0))
+    with pytest.raises(Exception, match="bits 32 is float32"):
+        call(x, jnp.ones((64, 24), jnp.bfloat16), ones, bits=np.int64(32),
+             **attrs).block_until_ready()
+    with pytest.raises(Exception, match="does not match K"):
+        call(x, jnp.ones((63, 24), jnp.float32), ones, bits=np.int64(32),
+             **attrs).block_until_ready()
+
+
+def test_linear_of_a_float_kernel_calls_the_dense_kernel_at_decode_sizes_only(monkeypatch):
+    """`dispatch.linear` on a plain float32 kernel: native for ≤ MAX_ROWS rows on CPU, XLA
+    above and with JAXOPT_LLM_NATIVE off, the same values either way."""
+    require_native()
+    from jaxopt_llm.weights.dispatch import linear
+
+    w = dense_weight((96, 40), jnp.float32)
+
+    def jaxpr(x):
+        return str(jax.make_jaxpr(lambda a: linear(a, w))(x))
+
+    assert "jaxopt_llm_weight_gemv" in jaxpr(jnp.ones((2, 1, 96)))
+    assert "jaxopt_llm_weight_gemv" not in jaxpr(jnp.ones((3, 3, 96)))  # 9 rows
+    x = inputs(4, 96, lead=(2,))
+    got = jax.jit(lambda a: linear(a, w))(jnp.asarray(x))
+    assert got.shape == (2, 4, 40)
+    assert_matches(got, x @ np.asarray(w), x, np.asarray(w))
+    monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
+    assert "jaxopt_llm_weight_gemv" not in jaxpr(jnp.ones((1, 96)))
