@@ -549,7 +549,7 @@ def test_dense_under_jit_vmap_and_grad():
     got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
         jnp.asarray(x[0]), w, native.native_dense_matmul)
     want = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x[0]), w, jnp.matmul)
-    for g, h in zip(got, want):
+    for g, h in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-6)
 
 
