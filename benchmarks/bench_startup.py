@@ -33,7 +33,7 @@ def run_generate(cache: Path, recipe: str | None) -> tuple[float, dict]:
     command = [sys.executable, "-m", "jaxopt_llm.cli", "generate", "--model", "smollm2-135m",
                "--prompt", "def add(a, b):", "--max-new-tokens", "1", "--json"]
     if recipe:
-        command[5:5] = ["--recipe", recipe]
+        command += ["--recipe", recipe]
     env = {**os.environ, "JAXOPT_LLM_COMPILE_CACHE": str(cache)}
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
