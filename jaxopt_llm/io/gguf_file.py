@@ -9,6 +9,7 @@ match HF's rotate-half layout.
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,46 @@ _GPT2_NAMES = {
 }
 
 
+class _BulkArrayReader(gguf.GGUFReader):
+    """`gguf.GGUFReader` with metadata arrays of strings and scalars parsed in bulk.
+
+    The package's reader slices its memory map once or twice per array element; for a
+    tokenizer's 49,152 tokens and 48,900 merges that took ~3 s of SmolLM2's ~3.7 s load.
+    This builds the same `ReaderField` parts (one array per string length, string and
+    scalar element; the same data indices and types) with `np.frombuffer` and
+    `struct.unpack_from`, ~0.2 s. Files in the host's byte order only (the package's
+    code handles byte-swapped files, and nested arrays).
+    """
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list, list]:
+        value_type = gguf.GGUFValueType(raw_type)
+        if value_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        buffer = self.data
+        raw_item_type = np.frombuffer(buffer, np.uint32, 1, orig_offs)
+        item_type = gguf.GGUFValueType(int(raw_item_type[0]))
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        if item_type != gguf.GGUFValueType.STRING and scalar is None:
+            return super()._get_field_parts(orig_offs, raw_type)  # nested arrays
+        length = np.frombuffer(buffer, np.uint64, 1, orig_offs + 4)
+        count, offset = int(length[0]), orig_offs + 12
+        parts: list[np.ndarray] = [raw_item_type, length]
+        if item_type == gguf.GGUFValueType.STRING:
+            for _ in range(count):
+                (size,) = struct.unpack_from("=Q", buffer, offset)
+                parts.append(np.frombuffer(buffer, np.uint64, 1, offset))
+                parts.append(np.frombuffer(buffer, np.uint8, size, offset + 8))
+                offset += 8 + size
+            data = list(range(3, 2 + 2 * count, 2))
+        else:
+            values = np.frombuffer(buffer, scalar, count, offset)
+            parts += [values[i:i + 1] for i in range(count)]
+            offset += values.nbytes
+            data = list(range(2, 2 + count))
+        types = [value_type, item_type] if count else [value_type]
+        return offset - orig_offs, parts, data, types
+
+
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A `gguf.GGUFReader` on `path`, with a clear error for a damaged file.
 
@@ -65,7 +106,7 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """
     path = Path(path)
     try:
-        return gguf.GGUFReader(path)
+        return _BulkArrayReader(path)
     except Exception as err:  # the reader raises many types on damaged files
         raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupted ({err})") \
             from None

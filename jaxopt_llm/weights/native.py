@@ -95,7 +95,7 @@ def native_status() -> tuple[bool, str]:
     numpy, so "available" means a call really went through; the result is cached.
 
     Returns:
-        (available, description): e.g. (True, "avx2 kernel, 2 threads (XLA CPU pool)") or
+        (available, description): e.g. (True, "avx2 kernel, 2 threads (as XLA's CPU pool)") or
         (False, "extension not built: No module named 'jaxopt_llm._native_gemv'").
 
     Example:
@@ -136,7 +136,7 @@ def native_status() -> tuple[bool, str]:
     except Exception as error:  # noqa: BLE001 - a failed call means "not available"
         return False, f"self-check call failed: {type(error).__name__}: {error}"
     threads = module.pool_threads()
-    return True, f"{module.best_variant()} kernel, {threads} threads (XLA CPU pool)"
+    return True, f"{module.best_variant()} kernel, {threads} threads (as XLA's CPU pool)"
 
 
 # JAXOPT_LLM_NATIVE=off (or 0, no, false) keeps every matmul on the pure-JAX path.

@@ -502,3 +502,54 @@ def test_missing_and_unexpected_tensors(tmp_path):
     with pytest.raises(ValueError, match=r"extra\.gguf: unexpected tensor "
                                          r"'blk\.0\.attn_sinks\.weight' for a llama GGUF"):
         load_gguf(path)
+
+
+def assert_same_fields(package: gguf.GGUFReader, ours: gguf.GGUFReader) -> None:
+    """Every field equal part by part (dtype and values), with the same data indices,
+    types and contents; the same tensors."""
+    assert list(package.fields) == list(ours.fields)
+    for key, want in package.fields.items():
+        got = ours.fields[key]
+        assert (got.types, got.data, got.offset) == (want.types, want.data, want.offset), key
+        assert len(got.parts) == len(want.parts), key
+        for a, b in zip(got.parts, want.parts, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b), key
+        assert got.contents() == want.contents(), key
+    assert [(t.name, t.tensor_type, t.data_offset, t.shape.tolist()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset, t.shape.tolist()) for t in package.tensors]
+
+
+def test_bulk_metadata_reader_equals_the_package_reader(tmp_path):
+    """`open_gguf` parses arrays in bulk: the same fields as `gguf.GGUFReader` for arrays of
+    strings (empty and non-ASCII ones too), of each scalar type, empty arrays and nested
+    arrays (left to the package), and scalars."""
+    from jaxopt_llm.io.gguf_file import open_gguf
+
+    path = tmp_path / "arrays.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("test.strings", ["a", "", "Ġthe", "日本", "x" * 300])
+    writer.add_array("test.ints", [3, -1, 7])
+    writer.add_array("test.floats", [0.5, -2.25])
+    writer.add_array("test.bools", [True, False, True])
+    writer.add_array("test.empty", [])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    writer.add_uint32("test.scalar", 42)
+    writer.add_string("test.string", "hello")
+    writer.add_tensor("t", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = open_gguf(path)
+    assert type(ours) is not gguf.GGUFReader  # the bulk reader ran
+    assert_same_fields(gguf.GGUFReader(path), ours)
+    assert ours.fields["test.strings"].contents() == ["a", "", "Ġthe", "日本", "x" * 300]
+
+
+@pytest.mark.slow
+def test_bulk_metadata_reader_on_the_shipped_model():
+    from jaxopt_llm.io.gguf_file import open_gguf
+    from jaxopt_llm.io.loader import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    assert_same_fields(gguf.GGUFReader(path), open_gguf(path))
