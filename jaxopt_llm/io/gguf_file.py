@@ -25,6 +25,9 @@ SUPPORTED_QUANT_TYPES = (
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 )
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2")
+_WHOLE_TENSOR_DEQUANTIZE = {Q.Q8_0: gguf.quants.Q8_0, Q.Q4_0: gguf.quants.Q4_0,
+                            Q.Q4_1: gguf.quants.Q4_1, Q.Q5_0: gguf.quants.Q5_0,
+                            Q.Q5_1: gguf.quants.Q5_1}
 
 _LLAMA_NAMES = {
     "attn_norm.weight": ("input_norm/scale", False),
@@ -198,6 +201,12 @@ def _dequantize(tensor: Any, source: str) -> np.ndarray:
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if qtype == Q.F32:
         array = np.asarray(tensor.data, dtype=np.float32)
+    elif qtype in _WHOLE_TENSOR_DEQUANTIZE:
+        # the package's block arithmetic on all blocks at once (its `dequantize` loops over
+        # small row groups in Python: ~1 s of SmolLM2's load); elementwise, so the same values
+        type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+        blocks = np.asarray(tensor.data, np.uint8).reshape(-1, type_size)
+        array = _WHOLE_TENSOR_DEQUANTIZE[qtype].dequantize_blocks(blocks)
     else:
         array = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
     if array.size != int(np.prod(shape)):

@@ -553,3 +553,24 @@ def test_bulk_metadata_reader_on_the_shipped_model():
 
     path = resolve_model_path("smollm2-135m")
     assert_same_fields(gguf.GGUFReader(path), open_gguf(path))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
+def test_whole_tensor_dequantization_equals_the_package(qtype):
+    """`_dequantize` runs the package's block arithmetic on every block at once: bit for bit
+    what `gguf.quants.dequantize` gives (rows of 64, 96 and 320 values)."""
+    from types import SimpleNamespace
+
+    from jaxopt_llm.io.gguf_file import _dequantize
+
+    rng = np.random.default_rng(int(qtype))
+    for rows, cols in [(3, 64), (5, 96), (7, 320)]:
+        w = rng.normal(0.0, 1.0, (rows, cols)).astype(np.float32)
+        w[0, :32] += 3.0  # an offset block
+        data = gguf.quants.quantize(w, qtype)
+        tensor = SimpleNamespace(name="t", tensor_type=qtype, shape=np.array([cols, rows]),
+                                 data=data)
+        got = _dequantize(tensor, "t.gguf")
+        want = gguf.quants.dequantize(data, qtype).reshape(rows, cols)
+        assert got.dtype == np.float32 and got.shape == (rows, cols)
+        np.testing.assert_array_equal(got, want)

@@ -132,3 +132,27 @@ def test_forward_equals_the_module_called_by_hand(family):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="key_valid is required with a cache"):
         forward(config, params, nxt, cache=cache, cache_index=9)
+
+
+@pytest.mark.parametrize("layers", [1, 3, 12])
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("llama", {}), ("llama", {"tie_word_embeddings": True, "qkv_bias": True, "o_bias": True}),
+    ("gpt2", {}), ("bert", {}), ("llama", {"model_type": "qwen2", "qkv_bias": True}),
+    ("llama", {"mlp_bias": True}),
+])
+def test_param_shapes_equal_tracing_every_layer(family, overrides, layers):
+    """`param_shapes` traces one layer and repeats it; tracing all of them gives the same
+    tree (paths, order, shapes, dtypes), and callers get their own containers."""
+    from jaxopt_llm.models import param_shapes
+
+    config = ModelConfig.tiny(family, num_layers=layers, **overrides)
+    traced = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    got = param_shapes(config)
+    assert list(got) == list(traced)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(traced)
+    assert jax.tree_util.tree_leaves(got) == jax.tree_util.tree_leaves(traced)
+    first, second = family_spec(config).block(0), family_spec(config).block(1)
+    got[first]["extra"] = 1
+    assert "extra" not in param_shapes(config)[first]
+    if layers > 1:
+        assert "extra" not in got[second]
