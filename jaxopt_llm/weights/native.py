@@ -145,7 +145,7 @@ ENV = "JAXOPT_LLM_NATIVE"
 
 @functools.cache
 def path_in_use() -> tuple[bool, str]:
-    """Whether `QuantizedWeight.linear` calls the kernels here, and why (or why not).
+    """Whether `QuantizedWeight.linear` and `dispatch.linear` call the kernels here, and why.
 
     Returns:
         (enabled, description): `native_status()`, unless JAXOPT_LLM_NATIVE turns the
@@ -163,7 +163,8 @@ def path_in_use() -> tuple[bool, str]:
     available, description = native_status()
     if not available:
         return False, f"{description}: pure-JAX dequantize + matmul"
-    return True, f"native {description} for ≤ {MAX_ROWS} rows; XLA above"
+    return True, (f"native {description} for ≤ {MAX_ROWS} rows (quantized, float32 and "
+                  "bfloat16 kernels); XLA above")
 
 
 def supports(w: object, rows: int) -> bool:
