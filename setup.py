@@ -93,7 +93,8 @@ def native_extensions() -> list[Extension]:
         Extension(
             "jaxopt_llm._native_gemv",
             sources=["csrc/gemv.cc", "csrc/attention.cc", "csrc/module.cc"],
-            depends=["csrc/gemv.h", "csrc/attention.h", "csrc/parallel_for.h"],
+            depends=["csrc/gemv.h", "csrc/gemv_panel.inc", "csrc/attention.h",
+                     "csrc/parallel_for.h"],
             include_dirs=["csrc"],
             # -isystem: the FFI headers are not warning-clean under Python's -Wall
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-isystem",

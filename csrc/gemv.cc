@@ -183,161 +183,82 @@ JAXOPT_LLM_AVX2 inline __m256i Load8S8(const uint8_t* p) {
   return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Panels. The weight is K-major, so a column range of it is a run of short row segments
-// N bytes apart. Walking all K for a few register-wide columns (one segment per row, as a
-// register tile would) defeats the hardware prefetchers: from DRAM that read ~8 GB/s on two
-// cores. A panel instead walks up to PanelWidth<M>() columns contiguously for kRowsPerBlock
-// code rows at a time, accumulating into an L1-resident buffer (M·PanelWidth floats, 8 KB),
-// and prefetches the code rows kBlocksAhead blocks ahead by hand. SmolLM2's 210 int8
-// projections (106 MB) in a C++ loop on two threads: 13.1 ms as register tiles, 6.1 ms as
-// panels of 256 columns, 4.4 ms (24 GB/s) as panels of 2,048; the machine streams ~31 GB/s.
-// Per 8 weights the decode costs ~2 (8-bit) or ~3.5 (4-bit) vector uops besides the M FMAs,
-// plus a load and a store of the M accumulators per block.
-template <int M>
-constexpr int64_t PanelWidth() { return 2048 / M / 8 * 8; }
-constexpr int kRowsPerBlock = 8;  // code rows (bytes along K) per block: 8 k, or 16 for 4-bit
-constexpr int kBlocksAhead = 2;
-constexpr int64_t kCacheLine = 64;
-
-// gacc[m, j·8 : j·8+8] += Σ_r x[m, k + r·T + t] · w(r, t) over the `rows` code rows of one
-// block (T = 1 value per byte, or 2 for 4-bit: low nibble t=0, high t=1), for the W columns
-// at `codes` (row stride N); `zero` the group's uint8 zero points at the same columns (kInteger)
-// or null. `last_low_only`: the final byte row holds a single k in its low nibble (odd K).
-template <Codes C, ZeroKind Z, int M, int Rows>
-JAXOPT_LLM_AVX2 __attribute__((always_inline)) inline void PanelBlock(
-    float (*gacc)[PanelWidth<M>()], const float* x, int64_t K, int64_t k, const uint8_t* codes,
-    int64_t N, int64_t W, const uint8_t* zero, bool last_low_only) {
-  constexpr int64_t kBytes = CodeBytes<C>();
-  const int64_t stride = N * kBytes;  // bytes per code row
-  const __m256i low_mask = _mm256_set1_epi32(0x0f);
-  const uint8_t* ahead = codes + kBlocksAhead * kRowsPerBlock * stride;
-  for (int64_t j = 0; j < W; j += 8) {
-    if (((j * kBytes) & (kCacheLine - 1)) == 0) {
-      JAXOPT_LLM_UNROLL
-      for (int r = 0; r < Rows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride + j * kBytes),
-                     _MM_HINT_T0);
-      }
-    }
-    __m256i z = _mm256_setzero_si256();
-    if constexpr (Z == ZeroKind::kInteger) {
-      z = Load8U8(zero + j);
-    } else if constexpr (C == Codes::kUint4 && Z == ZeroKind::kNone) {
-      z = _mm256_set1_epi32(8);  // symmetric 4-bit codes are stored offset by 8
-    }
-    __m256 a[M];
-    JAXOPT_LLM_UNROLL
-    for (int m = 0; m < M; ++m) a[m] = _mm256_loadu_ps(gacc[m] + j);
-    JAXOPT_LLM_UNROLL
-    for (int r = 0; r < Rows; ++r) {
-      if constexpr (C == Codes::kFloat32 || C == Codes::kBFloat16) {
-        const uint8_t* at = codes + r * stride + j * kBytes;
-        const __m256 w = C == Codes::kFloat32
-            ? _mm256_loadu_ps(reinterpret_cast<const float*>(at))
-            : _mm256_castsi256_ps(_mm256_slli_epi32(
-                  _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))),
-                  16));
-        JAXOPT_LLM_UNROLL
-        for (int m = 0; m < M; ++m) {
-          a[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k + r), w, a[m]);
-        }
-      } else if constexpr (C == Codes::kUint4) {
-        const __m256i bytes = Load8U8(codes + r * N + j);
-        __m256i lo = _mm256_and_si256(bytes, low_mask);
-        __m256i hi = _mm256_srli_epi32(bytes, 4);
-        if constexpr (Z != ZeroKind::kFloat) {
-          lo = _mm256_sub_epi32(lo, z);
-          hi = _mm256_sub_epi32(hi, z);
-        }
-        const __m256 w_lo = _mm256_cvtepi32_ps(lo);
-        const __m256 w_hi = _mm256_cvtepi32_ps(hi);
-        const int64_t kk = k + 2 * r;
-        const bool high = !(Rows == 1 && last_low_only);
-        JAXOPT_LLM_UNROLL
-        for (int m = 0; m < M; ++m) {
-          a[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + kk), w_lo, a[m]);
-          if (high) a[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + kk + 1), w_hi, a[m]);
-        }
-      } else {
-        __m256i c = C == Codes::kInt8 ? Load8S8(codes + r * N + j) : Load8U8(codes + r * N + j);
-        if constexpr (Z == ZeroKind::kInteger) c = _mm256_sub_epi32(c, z);
-        const __m256 w = _mm256_cvtepi32_ps(c);
-        JAXOPT_LLM_UNROLL
-        for (int m = 0; m < M; ++m) {
-          a[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k + r), w, a[m]);
-        }
-      }
-    }
-    JAXOPT_LLM_UNROLL
-    for (int m = 0; m < M; ++m) _mm256_storeu_ps(gacc[m] + j, a[m]);
-  }
+namespace panel_avx2 {
+#define PANEL_TARGET JAXOPT_LLM_AVX2
+constexpr int64_t kLanes = 8;
+using VF = __m256;
+using VI = __m256i;
+PANEL_TARGET inline VF FLoad(const float* p) { return _mm256_loadu_ps(p); }
+PANEL_TARGET inline void FStore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+PANEL_TARGET inline VF FSet1(float v) { return _mm256_set1_ps(v); }
+PANEL_TARGET inline VF FBcast(const float* p) { return _mm256_broadcast_ss(p); }
+PANEL_TARGET inline VF Fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+PANEL_TARGET inline VF ToFloat(VI v) { return _mm256_cvtepi32_ps(v); }
+PANEL_TARGET inline VI ISet1(int v) { return _mm256_set1_epi32(v); }
+PANEL_TARGET inline VI ISub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+PANEL_TARGET inline VI IAnd(VI a, VI b) { return _mm256_and_si256(a, b); }
+PANEL_TARGET inline VI ISrl4(VI v) { return _mm256_srli_epi32(v, 4); }
+PANEL_TARGET inline VI LoadU8(const uint8_t* p) { return Load8U8(p); }
+PANEL_TARGET inline VI LoadS8(const uint8_t* p) { return Load8S8(p); }
+PANEL_TARGET inline VF LoadF32(const uint8_t* p) {
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
 }
-
-// y[0:M, c0:c0+W] of the block, W ≤ PanelWidth<M>() a multiple of 8.
-template <Codes C, ZeroKind Z, int M>
-JAXOPT_LLM_AVX2 void Avx2Panel(const Problem& p, int64_t c0, int64_t W) {
-  const int64_t N = p.N, K = p.K;
-  constexpr int64_t kPerByte = C == Codes::kUint4 ? 2 : 1;
-  alignas(32) float gacc[M][PanelWidth<M>()];
-  JAXOPT_LLM_UNROLL
-  for (int m = 0; m < M; ++m) std::fill(p.y + m * N + c0, p.y + m * N + c0 + W, 0.0f);
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t k0 = g * p.group, k1 = std::min(K, k0 + p.group);  // k0 even for 4-bit
-    JAXOPT_LLM_UNROLL
-    for (int m = 0; m < M; ++m) std::fill(gacc[m], gacc[m] + W, 0.0f);
-    const uint8_t* zero =
-        Z == ZeroKind::kInteger ? static_cast<const uint8_t*>(p.zero) + g * N + c0 : nullptr;
-    int64_t k = k0;
-    constexpr int64_t kBytes = CodeBytes<C>();
-    const uint8_t* codes = p.q + ((k0 / kPerByte) * N + c0) * kBytes;
-    constexpr int64_t kBlockK = kRowsPerBlock * kPerByte;
-    for (; k + kBlockK <= k1; k += kBlockK, codes += kRowsPerBlock * N * kBytes) {
-      PanelBlock<C, Z, M, kRowsPerBlock>(gacc, p.x, K, k, codes, N, W, zero, false);
-    }
-    for (; k < k1; k += kPerByte, codes += N * kBytes) {
-      PanelBlock<C, Z, M, 1>(gacc, p.x, K, k, codes, N, W, zero, k + 1 == k1);
-    }
-    for (int64_t j = 0; j < W; j += 8) {
-      const __m256 s = Load8Float(p.scale, p.scale_f16, g * N + c0 + j);
-      __m256 offset = _mm256_setzero_ps();
-      if constexpr (Z == ZeroKind::kFloat) {
-        offset = Load8Float(p.zero, p.zero_f16, g * N + c0 + j);
-      }
-      JAXOPT_LLM_UNROLL
-      for (int m = 0; m < M; ++m) {
-        float* out = p.y + m * N + c0 + j;
-        __m256 total = _mm256_fmadd_ps(s, _mm256_loadu_ps(gacc[m] + j), _mm256_loadu_ps(out));
-        if constexpr (Z == ZeroKind::kFloat) {
-          total = _mm256_fmadd_ps(offset, _mm256_set1_ps(p.xsum[m * p.G + g]), total);
-        }
-        _mm256_storeu_ps(out, total);
-      }
-    }
-  }
+PANEL_TARGET inline VF LoadBF16(const uint8_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
-
-template <Codes C, ZeroKind Z, int M>
-JAXOPT_LLM_AVX2 void Avx2Cols(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t vector_end = n0 + (n1 - n0) / 8 * 8;
-  for (int64_t c = n0; c < vector_end; c += PanelWidth<M>()) {
-    Avx2Panel<C, Z, M>(p, c, std::min(PanelWidth<M>(), vector_end - c));
-  }
-  if (vector_end < n1) ScalarCols<C, Z>(p, vector_end, n1);  // the last N % 8 columns
+PANEL_TARGET inline VF LoadScale(const void* base, bool f16, int64_t i) {
+  return Load8Float(base, f16, i);
 }
+#include "gemv_panel.inc"
+#undef PANEL_TARGET
+}  // namespace panel_avx2
 
-template <Codes C, ZeroKind Z>
-JAXOPT_LLM_AVX2 void Avx2Dispatch(const Problem& p, int64_t n0, int64_t n1) {
-  switch (p.rows) {
-    case 1: return Avx2Cols<C, Z, 1>(p, n0, n1);
-    case 2: return Avx2Cols<C, Z, 2>(p, n0, n1);
-    case 3: return Avx2Cols<C, Z, 3>(p, n0, n1);
-    case 4: return Avx2Cols<C, Z, 4>(p, n0, n1);
-    case 5: return Avx2Cols<C, Z, 5>(p, n0, n1);
-    case 6: return Avx2Cols<C, Z, 6>(p, n0, n1);
-    case 7: return Avx2Cols<C, Z, 7>(p, n0, n1);
-    default: return Avx2Cols<C, Z, 8>(p, n0, n1);
-  }
+// The same panels with AVX-512 (16 lanes): half the vector uops per weight. (GCC 12 warns
+// about the `_mm512_undefined` inside its own intrinsic headers: silenced here.)
+#define JAXOPT_LLM_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace panel_avx512 {
+#define PANEL_TARGET JAXOPT_LLM_AVX512
+constexpr int64_t kLanes = 16;
+using VF = __m512;
+using VI = __m512i;
+PANEL_TARGET inline VF FLoad(const float* p) { return _mm512_loadu_ps(p); }
+PANEL_TARGET inline void FStore(float* p, VF v) { _mm512_storeu_ps(p, v); }
+PANEL_TARGET inline VF FSet1(float v) { return _mm512_set1_ps(v); }
+PANEL_TARGET inline VF FBcast(const float* p) { return _mm512_set1_ps(*p); }
+PANEL_TARGET inline VF Fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+PANEL_TARGET inline VF ToFloat(VI v) { return _mm512_cvtepi32_ps(v); }
+PANEL_TARGET inline VI ISet1(int v) { return _mm512_set1_epi32(v); }
+PANEL_TARGET inline VI ISub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+PANEL_TARGET inline VI IAnd(VI a, VI b) { return _mm512_and_si512(a, b); }
+PANEL_TARGET inline VI ISrl4(VI v) { return _mm512_srli_epi32(v, 4); }
+PANEL_TARGET inline VI LoadU8(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+PANEL_TARGET inline VI LoadS8(const uint8_t* p) {
+  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+PANEL_TARGET inline VF LoadF32(const uint8_t* p) {
+  return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+PANEL_TARGET inline VF LoadBF16(const uint8_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+PANEL_TARGET inline VF LoadScale(const void* base, bool f16, int64_t i) {
+  if (f16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i)));
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+}
+#include "gemv_panel.inc"
+#undef PANEL_TARGET
+}  // namespace panel_avx512
+#pragma GCC diagnostic pop
+
 #endif  // JAXOPT_LLM_X86
 
 // ------------------------------------------------------------------- table (axis 1) kernels
@@ -660,7 +581,9 @@ struct KernelLayout {
     p.xsum = buffer.data();
   }
   static void Run(const Block& p, Variant variant, int64_t n0, int64_t n1) {
-    if (variant == Variant::kAvx2) {
+    if (variant == Variant::kAvx512) {
+      RunAvx512(p, n0, n1);
+    } else if (variant == Variant::kAvx2) {
       RunAvx2(p, n0, n1);
     } else {
       RunScalar(p, n0, n1);
@@ -731,7 +654,7 @@ struct TableLayout {
     }
   }
   static void Run(const Block& p, Variant variant, int64_t v0, int64_t v1) {
-    if (variant == Variant::kAvx2) {
+    if (variant == Variant::kAvx2 || variant == Variant::kAvx512) {  // no AVX-512 table code
       TableAvx2Run(p, v0, v1);
     } else {
       TableScalarRun(p, v0, v1);
@@ -902,11 +825,16 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
   }
 
   Variant variant = static_cast<Variant>(variant_attr);
-  if (variant == Variant::kAuto) variant = HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
+  if (variant == Variant::kAuto) {
+    variant = HaveAvx512() ? Variant::kAvx512 : HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
+  }
   if (variant == Variant::kAvx2 && !HaveAvx2()) {
     return invalid("this CPU has no AVX2 + FMA + F16C");
   }
-  if (variant != Variant::kAvx2 && variant != Variant::kScalar) {
+  if (variant == Variant::kAvx512 && !HaveAvx512()) {
+    return invalid("this CPU has no AVX-512F");
+  }
+  if (variant != Variant::kAvx2 && variant != Variant::kAvx512 && variant != Variant::kScalar) {
     return invalid("unknown variant " + std::to_string(variant_attr));
   }
 
@@ -990,11 +918,25 @@ void RunScalar(const Problem& p, int64_t n0, int64_t n1) {
 
 #ifdef JAXOPT_LLM_X86
 void RunAvx2(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.codes == Codes::kFloat32) return Avx2Dispatch<Codes::kFloat32, ZeroKind::kNone>(p, n0, n1);
-  if (p.codes == Codes::kBFloat16) {
-    return Avx2Dispatch<Codes::kBFloat16, ZeroKind::kNone>(p, n0, n1);
-  }
-  JAXOPT_LLM_FORMAT_SWITCH(Avx2Dispatch, p, n0, n1)
+  using panel_avx2::Dispatch;
+  if (p.codes == Codes::kFloat32) return Dispatch<Codes::kFloat32, ZeroKind::kNone>(p, n0, n1);
+  if (p.codes == Codes::kBFloat16) return Dispatch<Codes::kBFloat16, ZeroKind::kNone>(p, n0, n1);
+  JAXOPT_LLM_FORMAT_SWITCH(Dispatch, p, n0, n1)
+}
+
+void RunAvx512(const Problem& p, int64_t n0, int64_t n1) {
+  using panel_avx512::Dispatch;
+  if (p.codes == Codes::kFloat32) return Dispatch<Codes::kFloat32, ZeroKind::kNone>(p, n0, n1);
+  if (p.codes == Codes::kBFloat16) return Dispatch<Codes::kBFloat16, ZeroKind::kNone>(p, n0, n1);
+  JAXOPT_LLM_FORMAT_SWITCH(Dispatch, p, n0, n1)
+}
+
+bool HaveAvx512() {
+  static const bool have = [] {
+    __builtin_cpu_init();
+    return HaveAvx2() && __builtin_cpu_supports("avx512f");
+  }();
+  return have;
 }
 
 bool HaveAvx2() {
@@ -1007,10 +949,14 @@ bool HaveAvx2() {
 }
 #else
 void RunAvx2(const Problem& p, int64_t n0, int64_t n1) { RunScalar(p, n0, n1); }
+void RunAvx512(const Problem& p, int64_t n0, int64_t n1) { RunScalar(p, n0, n1); }
 bool HaveAvx2() { return false; }
+bool HaveAvx512() { return false; }
 #endif
 
-const char* BestVariantName() { return HaveAvx2() ? "avx2" : "scalar"; }
+const char* BestVariantName() {
+  return HaveAvx512() ? "avx512" : HaveAvx2() ? "avx2" : "scalar";
+}
 
 int64_t LastPoolThreads() { return g_last_pool_threads.load(std::memory_order_relaxed); }
 

@@ -36,8 +36,9 @@ namespace jaxopt_llm {
 // panels stream a float32 or bfloat16 weight; kernels only, not tables).
 enum class Codes : int { kInt8 = 0, kUint8 = 1, kUint4 = 2, kFloat32 = 3, kBFloat16 = 4 };
 enum class ZeroKind : int { kNone = 0, kInteger = 1, kFloat = 2 };
-// Which kernel runs: 0 the best one this CPU supports, 1 the portable scalar one, 2 AVX2.
-enum class Variant : int { kAuto = 0, kScalar = 1, kAvx2 = 2 };
+// Which kernel runs: 0 the best one this CPU supports, 1 the portable scalar one, 2 AVX2,
+// 3 AVX-512 (the kernel form; tables run their AVX2 code under it).
+enum class Variant : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
 // The most rows one kernel call accumulates in registers; more rows run in blocks of this.
 constexpr int kMaxRows = 8;
@@ -87,9 +88,13 @@ struct TableProblem {
 void RunScalar(const Problem& p, int64_t n0, int64_t n1);
 // y[:, n0:n1] of the block with AVX2 + FMA + F16C; only when HaveAvx2().
 void RunAvx2(const Problem& p, int64_t n0, int64_t n1);
+// The same with AVX-512F (16 lanes); only when HaveAvx512().
+void RunAvx512(const Problem& p, int64_t n0, int64_t n1);
 // Whether this CPU runs the AVX2 kernel (checked at run time).
 bool HaveAvx2();
-// "avx2" or "scalar": the kernel Variant::kAuto picks on this CPU.
+// Whether this CPU runs the AVX-512 kernel form (AVX2 and AVX-512F).
+bool HaveAvx512();
+// "avx512", "avx2" or "scalar": the kernel form Variant::kAuto picks on this CPU.
 const char* BestVariantName();
 // Threads of XLA's CPU pool seen by the last call (0 before any call).
 int64_t LastPoolThreads();

@@ -47,7 +47,8 @@ PyMethodDef kMethods[] = {
     {"registrations", Registrations, METH_NOARGS,
      "registrations() -> dict: FFI target name -> PyCapsule of its XLA FFI handler."},
     {"best_variant", BestVariant, METH_NOARGS,
-     "best_variant() -> str: 'avx2' or 'scalar', the kernel chosen on this CPU at run time."},
+     "best_variant() -> str: 'avx512', 'avx2' or 'scalar', the GEMV kernel form chosen on "
+     "this CPU at run time (tables and attention run their AVX2 code under 'avx512')."},
     {"pool_threads", PoolThreads, METH_NOARGS,
      "pool_threads() -> int: threads of XLA's CPU pool seen by the last call (0 before)."},
     {nullptr, nullptr, 0, nullptr},

@@ -27,7 +27,8 @@ def load() -> tuple[ModuleType | None, str]:
     """The extension with all its FFI targets registered (once), or None and why not.
 
     Returns:
-        (module, "") when loaded, e.g. `module.best_variant()` then says "avx2" or "scalar";
+        (module, "") when loaded, e.g. `module.best_variant()` then says "avx512", "avx2"
+        or "scalar";
         (None, reason) otherwise, e.g. "extension not built: No module named ...".
 
     Example:

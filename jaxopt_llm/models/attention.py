@@ -249,7 +249,7 @@ def describe_prefix_attention() -> str:
     """One line for `jaxopt-llm info`: which prefix-attention path runs here, and why.
 
     Returns:
-        e.g. "native avx2 prefix attention kernel (XLA CPU pool) for float32; other
+        e.g. "native avx2 prefix attention kernel (threads as XLA's CPU pool) for float32; other
         dtypes: pure-JAX flash (blocks of 256) from 1024 tokens, blocked below".
 
     Example:

@@ -90,7 +90,9 @@ def prefix_attention_status() -> tuple[bool, str]:
     want = np.einsum("hts,sd->thd", weights, v[0, :, 0])[None]
     if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
         return False, f"self-check failed: {got.ravel().tolist()} != {want.ravel().tolist()}"
-    return True, f"{module.best_variant()} prefix attention kernel (XLA CPU pool)"
+    vectorised = module.best_variant() in ("avx2", "avx512")  # attention has AVX2 code only
+    return True, (f"{'avx2' if vectorised else 'scalar'} prefix attention kernel "
+                  "(threads as XLA's CPU pool)")
 
 
 def native_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,

@@ -25,8 +25,10 @@ prefetching the rows two blocks ahead, so the codes stream from memory as contig
 segments (register tiles that walked all K for 32 columns read ~8 GB/s from DRAM; panels
 ~24 GB/s on two cores). Codes are decoded once per k and 8 columns and reused by every row.
 
-Dispatch: at run time the kernel picks AVX2 + FMA + F16C (`__builtin_cpu_supports`) or a
-portable scalar loop (no AVX-512 variant yet: the AVX2 one runs there); columns are split
+Dispatch: at run time the kernel picks AVX-512F (16 lanes), AVX2 + FMA + F16C (8 lanes;
+`__builtin_cpu_supports`) or a portable scalar loop; the panel code is written once
+(csrc/gemv_panel.inc) and compiled for each vector width. Tables and attention have AVX2
+and scalar code only (their AVX2 code runs on AVX-512 hosts); columns are split
 into one chunk per thread of XLA's CPU pool (whole 32-column tiles; small weights stay on
 one thread), claimed from a shared counter by the calling thread and helper threads
 (csrc/parallel_for.h): helpers that spin ~300 µs after each call before sleeping, since an
@@ -73,7 +75,7 @@ MAX_ROWS = 8
 
 # The kernel a call runs: the best this CPU supports, the portable one, or AVX2 (an error
 # where the CPU lacks it).
-VARIANTS = {"auto": 0, "scalar": 1, "avx2": 2}
+VARIANTS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 
 _TARGET = "jaxopt_llm_weight_gemv"
 _TARGET_ZERO = "jaxopt_llm_weight_gemv_zero"
@@ -237,7 +239,8 @@ def native_matmul(x2: jax.Array, w: Any, *, variant: str = "auto",
     Args:
         x2: float32 activations (M, K), M ≤ `MAX_ROWS`.
         w: a weight-only `QuantizedWeight` of a kernel (axis 0) with `w.shape2d[0] == K`.
-        variant: "auto" (the best kernel for this CPU), "scalar" or "avx2" (`VARIANTS`).
+        variant: "auto" (the best kernel for this CPU), "scalar", "avx2" or "avx512"
+            (`VARIANTS`; tables run their AVX2 code under "avx512").
         tasks: column chunks to split the work into (0: by size and XLA's pool threads).
 
     Returns:
@@ -274,7 +277,8 @@ def native_attend(x2: jax.Array, table: Any, *, variant: str = "auto",
     Args:
         x2: float32 hidden states (M, D), M ≤ `MAX_ROWS`.
         table: a weight-only `QuantizedWeight` of a table (axis 1) with `table.shape[1] == D`.
-        variant: "auto" (the best kernel for this CPU), "scalar" or "avx2" (`VARIANTS`).
+        variant: "auto" (the best kernel for this CPU), "scalar", "avx2" or "avx512"
+            (`VARIANTS`; tables run their AVX2 code under "avx512").
         tasks: chunks of table rows to split the work into (0: by size and XLA's pool).
 
     Returns:
@@ -340,7 +344,8 @@ def native_dense_matmul(x2: jax.Array, w: jax.Array, *, variant: str = "auto",
     Args:
         x2: float32 or bfloat16 activations (M, K), M ≤ `MAX_ROWS`.
         w: the kernel (K, N), float32 or bfloat16.
-        variant: "auto" (the best kernel for this CPU), "scalar" or "avx2" (`VARIANTS`).
+        variant: "auto" (the best kernel for this CPU), "scalar", "avx2" or "avx512"
+            (`VARIANTS`; tables run their AVX2 code under "avx512").
         tasks: column chunks to split the work into (0: by size and XLA's pool threads).
 
     Returns:

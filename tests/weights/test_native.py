@@ -123,7 +123,8 @@ def assert_matches(got, want: np.ndarray, x: np.ndarray, dense: np.ndarray) -> N
 def variants() -> list[str]:
     from jaxopt_llm import _native_gemv  # noqa: F401 - only called once available
 
-    return ["scalar", "avx2"] if _native_gemv.best_variant() == "avx2" else ["scalar"]
+    forms = {"avx512": ["scalar", "avx2", "avx512"], "avx2": ["scalar", "avx2"]}
+    return forms.get(_native_gemv.best_variant(), ["scalar"])
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -613,3 +614,20 @@ def test_linear_of_a_float_kernel_calls_the_dense_kernel_at_decode_sizes_only(mo
     assert_matches(got, x @ np.asarray(w), x, np.asarray(w))
     monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
     assert "jaxopt_llm_weight_gemv" not in jaxpr(jnp.ones((1, 96)))
+
+
+def test_avx512_is_refused_where_the_cpu_lacks_it_and_matches_where_it_has_it():
+    """variant="avx512" runs the 16-lane panels on an AVX-512 CPU (equal to the pure path)
+    and is a clear error elsewhere; "auto" picks it where it exists."""
+    require_native()
+    from jaxopt_llm import _native_gemv
+
+    w, dense = weight("int4 zero g32", (96, 40))
+    x = inputs(3, 96)
+    if _native_gemv.best_variant() == "avx512":
+        got = native.native_matmul(jnp.asarray(x), w, variant="avx512")
+        assert_matches(got, reference(x, w), x, dense)
+        assert native.native_status()[1].startswith("avx512 kernel")
+    else:
+        with pytest.raises(Exception, match="AVX-512F"):
+            native.native_matmul(jnp.asarray(x), w, variant="avx512").block_until_ready()
