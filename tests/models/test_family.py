@@ -116,7 +116,10 @@ def test_forward_equals_the_module_called_by_hand(family):
     assert cache is None
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     last, _ = forward(config, params, tokens, last_only=True)
-    np.testing.assert_array_equal(np.asarray(last[:, 0]), np.asarray(expected[:, -1]))
+    # the head of 2 rows runs the native decode GEMV on CPU, the full one XLA's matmul: the
+    # same products summed in another order
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(expected[:, -1]),
+                               rtol=1e-5, atol=1e-5)
     # one decode step at slot 9 of a 12-slot cache after prefilling 9 tokens
     from jaxopt_llm.models import init_cache
 
