@@ -19,8 +19,11 @@ so only ratios within this run mean anything):
   the extra there with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ..." and no AMX).
 Without llama-cpp-python its rows are skipped, saying so.
 
+`--batch 8` decodes 8 copies of the prompt together (ours only; tok/s counts every row).
+
 Run:  python benchmarks/bench_decode.py --json benchmarks/results/decode.json \\
-          [--recipes w8,w8+table8,w4g128,w4g128+table8] [--rounds 3] [--new-tokens 64]
+          [--recipes w8,w8+table8,w4g128,w4g128+table8] [--rounds 3] [--new-tokens 64] \\
+          [--batch 1]
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="w8,w4g128,w4g32-float")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="prompts decoded together (ours only above 1: tok/s of all rows)")
     parser.add_argument("--llama-cpp-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -114,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         jax.clear_caches()  # the path is chosen while tracing: trace again, and do not
         generation._PROGRAMS.clear()  # reuse generate's compiled programs either
         config, params = ours[name]
-        result = generate(config, params, [prompt], max_new_tokens=args.new_tokens,
-                          eos_token_ids=(-1,))
-        return result.decode_tok_s
+        result = generate(config, params, [prompt] * args.batch,
+                          max_new_tokens=args.new_tokens, eos_token_ids=(-1,))
+        return result.decode_tok_s * args.batch  # tokens of all rows per second
 
     peers: dict[str, Path] = {}
     tmp = tempfile.TemporaryDirectory()
-    if importlib.util.find_spec("llama_cpp") is None:
+    if args.batch > 1:
+        print(f"batch {args.batch}: llama.cpp rows skipped (llama-cpp-python's API decodes one "
+              "sequence)")
+    elif importlib.util.find_spec("llama_cpp") is None:
         print("llama-cpp-python is not installed: llama.cpp rows skipped "
               "(pip install -e '.[peers]')")
     else:
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.processor() or platform.machine(),
             "cpu_flags": hardware.describe()["cpu_flags"],
             "native": native.native_status()[1], "new_tokens": args.new_tokens,
+            "batch": args.batch,
             "param_bytes": sizes, "rows": rows}, indent=1) + "\n")
     return 0
 
