@@ -80,9 +80,8 @@ inline int32_t CodeAt(const uint8_t* q, int64_t N, int64_t k, int64_t n) {
 }
 
 // Bytes per stored value along N (codes, or float32 / bfloat16 weights).
-template <Codes C>
-constexpr int64_t CodeBytes() {
-  return C == Codes::kFloat32 ? 4 : C == Codes::kBFloat16 ? 2 : 1;
+constexpr int64_t CodeBytes(Codes codes) {
+  return codes == Codes::kFloat32 ? 4 : codes == Codes::kBFloat16 ? 2 : 1;
 }
 
 // The weight value at (k, n) before scale and zero point, as float32.
@@ -548,6 +547,20 @@ TaskSplit ChooseTasks(int64_t weight_bytes, int64_t rows, int64_t N, int64_t poo
 // of a kernel, D of a table), "outputs" what y has per row (N columns, V table rows),
 // "stored" the code bytes along the inputs (the inputs, or half of them for 4-bit).
 
+// out[m, g] = Σ of x[m, :] over group g (`group` consecutive inputs, the last group possibly
+// shorter): what a float offset multiplies, for either layout.
+void GroupSums(const float* x, int64_t rows, int64_t inputs, int64_t group, int64_t G,
+               float* out) {
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t end = std::min(inputs, (g + 1) * group);
+      float total = 0.0f;
+      for (int64_t i = g * group; i < end; ++i) total += x[m * inputs + i];
+      out[m * G + g] = total;
+    }
+  }
+}
+
 // A kernel: codes (..., stored, N) K-major and scales (..., G, N); outputs are columns n.
 struct KernelLayout {
   using Block = Problem;
@@ -570,14 +583,7 @@ struct KernelLayout {
   static void Prepare(Block& p, std::vector<float>& buffer) {
     if (p.zero_kind != ZeroKind::kFloat) return;
     buffer.assign(p.rows * p.G, 0.0f);
-    for (int64_t m = 0; m < p.rows; ++m) {
-      for (int64_t g = 0; g < p.G; ++g) {
-        const int64_t k1 = std::min(p.K, (g + 1) * p.group);
-        float total = 0.0f;
-        for (int64_t k = g * p.group; k < k1; ++k) total += p.x[m * p.K + k];
-        buffer[m * p.G + g] = total;
-      }
-    }
+    GroupSums(p.x, p.rows, p.K, p.group, p.G, buffer.data());
     p.xsum = buffer.data();
   }
   static void Run(const Block& p, Variant variant, int64_t n0, int64_t n1) {
@@ -642,14 +648,7 @@ struct TableLayout {
       next = xo + p.rows * p.B;
     }
     if (sums) {
-      for (int64_t m = 0; m < p.rows; ++m) {
-        for (int64_t g = 0; g < p.G; ++g) {
-          const int64_t d1 = std::min(p.D, (g + 1) * p.group);
-          float total = 0.0f;
-          for (int64_t d = g * p.group; d < d1; ++d) total += p.x[m * p.D + d];
-          next[m * p.G + g] = total;
-        }
-      }
+      GroupSums(p.x, p.rows, p.D, p.group, p.G, next);
       p.xsum = next;
     }
   }
@@ -842,8 +841,7 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
   g_last_pool_threads.store(pool_threads, std::memory_order_relaxed);
   std::vector<float> prepared;  // what Layout::Prepare derives from each block of x
   const uint8_t* q_base = static_cast<const uint8_t*>(q.untyped_data());
-  const int64_t q_width = base.codes == Codes::kFloat32 ? 4 : base.codes == Codes::kBFloat16 ? 2
-                                                                                             : 1;
+  const int64_t q_width = CodeBytes(base.codes);
   const char* s_base = static_cast<const char*>(scale.untyped_data());
   const char* z_base = zero ? static_cast<const char*>(zero->untyped_data()) : nullptr;
   const int64_t s_width = base.scale_f16 ? 2 : 4;

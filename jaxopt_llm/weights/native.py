@@ -73,8 +73,8 @@ from jaxopt_llm.weights.base import WeightLeaf
 # Rows (tokens) up to which `native_matmul` runs the kernel; more go through XLA.
 MAX_ROWS = 8
 
-# The kernel a call runs: the best this CPU supports, the portable one, or AVX2 (an error
-# where the CPU lacks it).
+# The kernel a call runs: the best this CPU supports, the portable one, AVX2 or AVX-512 (an
+# error where the CPU lacks it).
 VARIANTS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 
 _TARGET = "jaxopt_llm_weight_gemv"
@@ -345,7 +345,7 @@ def native_dense_matmul(x2: jax.Array, w: jax.Array, *, variant: str = "auto",
         x2: float32 or bfloat16 activations (M, K), M ≤ `MAX_ROWS`.
         w: the kernel (K, N), float32 or bfloat16.
         variant: "auto" (the best kernel for this CPU), "scalar", "avx2" or "avx512"
-            (`VARIANTS`; tables run their AVX2 code under "avx512").
+            (`VARIANTS`).
         tasks: column chunks to split the work into (0: by size and XLA's pool threads).
 
     Returns:
