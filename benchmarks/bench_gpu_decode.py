@@ -9,7 +9,8 @@ random weights initialised on the device (nothing is downloaded):
 * bf16: every floating parameter cast to bfloat16 (activations follow the weights);
 * int8: the built-in `w8` recipe on those bf16 params (int8 symmetric per output channel,
   weight-only `QuantizedWeight` kernels for every block linear; the embedding table,
-  which is also the tied output head, and the norms stay bf16).
+  which is also the tied output head, and the norms stay bf16);
+* int4: the built-in `w4g128` recipe likewise (4-bit codes, groups of 128 inputs).
 
 For each batch size (`--batches`, default 1,8,32): prompts of `--prompt-tokens` (32)
 random ids, `--new-tokens` (128) new tokens with EOS disabled, best of `--runs` (2)
@@ -31,11 +32,9 @@ Roofline (decode is memory bound): every step must read
   roofline tok/s per sequence = HBM bandwidth / bytes per step; × batch for the total.
   HBM bandwidth: `--hbm-gbps` (default 4800 GB/s, the H200's 4.8 TB/s spec; 1 GB = 1e9 B).
 
-Caveat, as of writing: `generate` allocates a float32 KV cache whatever the weights'
-dtype, so in decode the attention output is float32, the residual stream is promoted to
-float32 after layer 0's attention, and every later projection (and the tied head) runs
-as a float32 matmul on weights upcast from bf16 / dequantized from int8. The numbers
-measure that; the script logs a warning when the cache dtype is not bf16.
+`generate` allocates the KV cache in the activation dtype (the token table's, here
+bfloat16), so both rows decode with bfloat16 activations and a bfloat16 cache; the JSON
+records the cache dtype of each row.
 
 Run on the GPU machine (one command, a few minutes on an H200):
 
@@ -57,6 +56,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm.generation import generate, init_cache
+from jaxopt_llm.generation import activation_dtype, generate
 from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.recipes import load_recipe
 from jaxopt_llm.tree import freeze
 from jaxopt_llm.weights import param_bytes
 
-DTYPES = ("bf16", "int8")
+DTYPES = ("bf16", "int8", "int4")
+RECIPES = {"int8": "w8", "int4": "w4g128"}
 
 
 def log(message: str) -> None:
@@ -105,18 +106,32 @@ def tiny_config() -> ModelConfig:
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> Any:
-    """Random params created on the default device by one jitted init, floats cast to bf16."""
+    """Random bf16 params drawn on the default device, leaf by leaf.
+
+    Shapes come from `jax.eval_shape` of the model's init (nothing is compiled for the
+    whole model); norm scales are ones, every other float leaf is N(0, 0.02²). Decode
+    speed does not depend on the values, and one small jit per distinct shape starts in
+    seconds where compiling the whole init did not.
+    """
     model = build_model(config)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    mask = attention_mask(jnp.ones((1, 8), bool), 0, 8)
+    shapes = jax.eval_shape(lambda k: model.init(k, tokens, tokens, mask)["params"],
+                            jax.random.key(seed))
 
-    def init(key: jax.Array) -> Any:
-        tokens = jnp.zeros((1, 8), jnp.int32)
-        mask = attention_mask(jnp.ones((1, 8), bool), 0, 8)
-        params = model.init(key, tokens, tokens, mask)["params"]
-        return jax.tree_util.tree_map(
-            lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-            params)
+    @partial(jax.jit, static_argnums=(1, 2))
+    def draw(key: jax.Array, shape: tuple[int, ...], ones: bool) -> jax.Array:
+        if ones:
+            return jnp.ones(shape, jnp.bfloat16)
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
 
-    params = jax.jit(init)(jax.random.key(seed))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    params = []
+    for index, (path, leaf) in enumerate(leaves):
+        is_scale = str(getattr(path[-1], "key", path[-1])) == "scale"
+        params.append(draw(jax.random.fold_in(jax.random.key(seed), index),
+                           tuple(leaf.shape), is_scale))
+    params = jax.tree_util.tree_unflatten(treedef, params)
     jax.block_until_ready(params)
     return params
 
@@ -169,25 +184,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"jax {jax.__version__} on {device.platform}: {device.device_kind}; "
         f"{'tiny' if args.tiny else 'Llama-3.2-1B-shaped'} config")
     bandwidth = args.hbm_gbps * 1e9
-    probe = jax.eval_shape(lambda: init_cache(config, 1, 1))  # what generate allocates
-    cache_dtype = np.dtype(probe[0][0].dtype)
     start = time.perf_counter()
     bf16_params = init_params(config, args.seed)
     log(f"bf16 params initialised on device in {time.perf_counter() - start:.1f} s "
-        f"({param_bytes(bf16_params) / 2**20:.1f} MiB); KV cache dtype {cache_dtype.name}")
-    if cache_dtype != jnp.bfloat16:
-        log(f"warning: generate's KV cache is {cache_dtype.name}; decode activations are "
-            f"promoted to it, so bf16/int8 weights are upcast for {cache_dtype.name} matmuls")
+        f"({param_bytes(bf16_params) / 2**20:.1f} MiB)")
     rows = []
     for dtype in args.dtypes:
         if dtype == "bf16":
             run_config, params = config, bf16_params
         else:
             start = time.perf_counter()
-            run_config, params = load_recipe("w8")(config, bf16_params)
+            run_config, params = load_recipe(RECIPES[dtype])(config, bf16_params)
             jax.block_until_ready(params)
-            log(f"w8 recipe applied in {time.perf_counter() - start:.1f} s")
+            log(f"{RECIPES[dtype]} recipe applied in {time.perf_counter() - start:.1f} s")
         weight_mib = param_bytes(params) / 2**20
+        cache_dtype = np.dtype(activation_dtype(run_config, params))  # what generate allocates
         for batch in args.batches:
             log(f"{dtype} batch {batch}: decoding {args.new_tokens} tokens × {args.runs} runs…")
             point = measure(run_config, params, batch, args.prompt_tokens, args.new_tokens,
@@ -199,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             capacity = args.prompt_tokens + -(-args.new_tokens // 64) * 64  # generate's S
             rows.append({
                 "dtype": dtype, "batch": batch, "param_bytes": param_bytes(params),
+                "kv_cache_dtype": cache_dtype.name,
                 "weight_mib": weight_mib, **point, **traffic,
                 "bytes_per_step": per_step,
                 "kv_capacity_bytes": batch * capacity * traffic["kv_bytes_per_slot_per_seq"],
@@ -215,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "count": jax.device_count()},
         "jax": jax.__version__, "python": platform.python_version(),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
-        "hbm_gbps": args.hbm_gbps, "kv_cache_dtype": cache_dtype.name, "rows": rows,
+        "hbm_gbps": args.hbm_gbps, "rows": rows,
     }
 
 
@@ -255,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=2, help="best of this many runs per point")
     parser.add_argument("--dtypes", type=dtype_list, default=list(DTYPES),
-                        help="comma-separated subset of bf16,int8")
+                        help="comma-separated subset of bf16,int8,int4")
     parser.add_argument("--hbm-gbps", type=float, default=4800.0,
                         help="HBM bandwidth in GB/s for the roofline (H200: 4800)")
     parser.add_argument("--seed", type=int, default=0)

@@ -742,7 +742,8 @@ def _bf16_matmul(x2: jax.Array, w: QuantizedWeight) -> jax.Array:
     x16 = x2.astype(jnp.bfloat16)
     scale, zero = w._canonical_scale_zero()  # (G, 1, N)
     if scale.shape[0] == 1:
-        codes = w.codes()
+        # int8 codes convert straight to bf16 (through int32, XLA on GPU materializes them)
+        codes = w.qvalue.reshape(w.shape2d) if w.stored_as_int8 and w.axis == 0 else w.codes()
         offset = w.zero == "float"
         if zero is not None and not offset:
             codes = codes - zero[0].astype(jnp.int32)
@@ -767,7 +768,12 @@ def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         y = native.native_matmul(x.reshape(rows, x.shape[-1]), w)
         if y is not None:
             return y.reshape(out_shape)
-    if rows >= BF16_MIN_ROWS and x.dtype == jnp.float32 and _bf16_compute(w.compute):
+    # bfloat16 activations (bf16 params, or --compute bfloat16) take the same product: the
+    # exact codes go into the dot and the scale follows it, which is more accurate than a
+    # bf16-rounded dequantized weight and lets XLA on GPU read the int8 codes directly
+    # (2x the bytes/s of dequantize-then-matmul on an H200, benchmarks/bench_gpu_decode.py).
+    if x.dtype == jnp.bfloat16 or (rows >= BF16_MIN_ROWS and x.dtype == jnp.float32
+                                   and _bf16_compute(w.compute)):
         y = _bf16_matmul(x.reshape(rows, x.shape[-1]), w)
         return y.astype(x.dtype).reshape(out_shape)
     w2 = w.materialize().reshape(w.shape2d).astype(x.dtype)

@@ -308,6 +308,33 @@ def test_weight_only_prefill_path_rounds_only_activations(granularity, group_siz
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 200])
+@pytest.mark.parametrize("bits,symmetric,granularity,group_size", [
+    (8, True, "channel", None), (8, False, "channel", None), (4, True, "channel", None),
+    (4, False, "group", 32)])
+def test_bfloat16_activations_meet_exact_codes(rows, bits, symmetric, granularity, group_size):
+    """bf16 activations (bf16 params, --compute bfloat16) at any row count: per channel the
+    exact codes enter an f32-accumulated product and the scale follows it, so the result
+    is the float64 product of the bf16 inputs with the dequantized weight up to the final
+    bf16 rounding; with groups the dequantized weight is rounded to bf16 first."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    x16 = jnp.asarray(rng.standard_normal((rows, 96)), jnp.bfloat16)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity,
+                     group_size=group_size)
+    q = quantize_weight(w, spec)
+    dense = np.asarray(q.materialize(), np.float64)
+    if granularity == "group":
+        dense = dense.astype(ml_dtypes.bfloat16).astype(np.float64)
+    reference = np.asarray(x16.astype(jnp.float32), np.float64) @ dense
+    got = jax.jit(linear)(x16, q)
+    assert got.dtype == jnp.bfloat16
+    bf16_step = 2.0 ** -8 * np.abs(reference) + 1e-6  # one bf16 rounding of the output
+    assert np.all(np.abs(np.asarray(got, np.float64) - reference) <= bf16_step)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_compute_follows_the_cpu(monkeypatch, native):
     """compute='auto' rounds prefill inputs to bf16 only where bf16 runs natively."""
