@@ -7,7 +7,9 @@ for every command, in the user's cache directory (`$XDG_CACHE_HOME/jaxopt-llm/xl
 default `~/.cache/jaxopt-llm/xla`). `JAXOPT_LLM_COMPILE_CACHE` overrides it: a
 directory to use instead, or `off` (also `0`, `no`, `false`) to compile every time; an
 already configured JAX cache (`JAX_COMPILATION_CACHE_DIR`) is left as it is. The cache
-only skips compilation: results are the same program's.
+only skips compilation: results are the same program's. Beside XLA's entries, the
+compiled generation programs themselves are kept (`program_cache`), so a warm start
+skips tracing too.
 """
 
 from __future__ import annotations
@@ -53,12 +55,17 @@ def configure(enabled: bool = True) -> dict[str, object]:
     """
     import jax  # here, not at import: the CLI checks paths before JAX starts
 
+    from jaxopt_llm import program_cache
+
     configured = jax.config.jax_compilation_cache_dir
+    setting = os.environ.get(ENV, "").strip()
     if configured:
+        wanted = enabled and setting.lower() not in _OFF
+        program_cache.enable(Path(configured) if wanted else None)
         return {"compile_cache": str(configured),
                 "compile_cache_source": "set by JAX_COMPILATION_CACHE_DIR"}
-    setting = os.environ.get(ENV, "").strip()
     if not enabled or setting.lower() in _OFF:
+        program_cache.enable(None)
         why = "--no-compile-cache" if not enabled else f"{ENV}={setting}"
         return {"compile_cache": None, "compile_cache_source": f"off ({why})"}
     directory = Path(setting).expanduser() if setting else default_directory()
@@ -71,5 +78,6 @@ def configure(enabled: bool = True) -> dict[str, object]:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     # keep every program: start-up is many small compiles (JAX's default keeps ≥ 1 s ones)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    program_cache.enable(directory)
     return {"compile_cache": str(directory),
             "compile_cache_source": f"{ENV}" if setting else "default (user cache directory)"}

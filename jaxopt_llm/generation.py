@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm import program_cache
 from jaxopt_llm.models import ModelConfig, family_spec, forward
 from jaxopt_llm.models import init_cache as init_cache  # re-exported: callers size the cache
 from jaxopt_llm.models.kv_cache import cache_bytes
@@ -65,7 +66,11 @@ class GenerationResult:
         prompt_tokens: real (unpadded) prompt tokens, all rows.
         decode_steps: decode loop iterations after the first token (all rows advance
             together).
-        compile_seconds: lowering + compiling both programs; 0 when they were reused.
+        compile_seconds: lowering + compiling both programs (or loading them from the
+            program cache); 0 when they were reused in this process.
+        programs: where the two programs came from: "reused" (compiled earlier in this
+            process), "compiled" (program cache off), "cache hit" / "cache miss" (the
+            on-disk program cache, `program_cache`), or "cache partly hit".
     """
     new_ids: list[list[int]]  # per prompt, generated ids (including a final EOS if one came)
     prefill_seconds: float
@@ -74,6 +79,7 @@ class GenerationResult:
     decode_steps: int  # loop iterations after the first token (all rows advance together)
     compile_seconds: float = 0.0  # lowering + compiling both programs; 0 when reused
     kv_cache_bytes: int = 0  # the preallocated KV cache (all rows, all slots)
+    programs: str = "compiled"  # reused | compiled | cache hit | cache miss | cache partly hit
 
     @property
     def prefill_tok_s(self) -> float:
@@ -220,27 +226,37 @@ def _programs(config, sampling, prefill_args, decode_tail):
     """Compiled (prefill, decode) for these shapes, compiled ahead of time on first use.
 
     Compiling explicitly (not on the first call) keeps compile time out of the
-    prefill/decode timings and reports it on its own. Returns (prefill, decode, seconds).
+    prefill/decode timings and reports it on its own. With the program cache on
+    (`program_cache`), a start after the first loads both executables instead of tracing.
+    Returns (prefill, decode, seconds, where they came from).
     """
     abstract_prefill = _abstract(prefill_args)
     signature = (config, sampling, jax.tree_util.tree_structure(abstract_prefill),
                  tuple(jax.tree_util.tree_leaves(abstract_prefill)),
                  tuple(jax.tree_util.tree_leaves(_abstract(decode_tail))))
     if signature in _PROGRAMS:
-        return (*_PROGRAMS[signature], 0.0)
+        return (*_PROGRAMS[signature], 0.0, "reused")
     start = time.perf_counter()
-    prefill = _prefill.lower(*abstract_prefill, config=config, sampling=sampling).compile()
+    static = (config, sampling)
+    prefill, prefill_source = program_cache.cached_compile(
+        "generation.prefill", static, abstract_prefill,
+        lambda: _prefill.lower(*abstract_prefill, config=config, sampling=sampling).compile())
     params, tokens, _, _, cache, _ = abstract_prefill
     batch = tokens.shape[0]
     first = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key_valid, *rest = _abstract(decode_tail)
-    decode = _decode.lower(params, first, first, key_valid, cache, *rest, config=config,
-                           sampling=sampling).compile()
+    abstract_decode = (params, first, first, key_valid, cache, *rest)
+    decode, decode_source = program_cache.cached_compile(
+        "generation.decode", static, abstract_decode,
+        lambda: _decode.lower(*abstract_decode, config=config, sampling=sampling).compile())
     if len(_PROGRAMS) >= MAX_CACHED_PROGRAMS:
         _PROGRAMS.pop(next(iter(_PROGRAMS)))
     _PROGRAMS[signature] = (prefill, decode)
     _COMPILED[0] += 1
-    return prefill, decode, time.perf_counter() - start
+    sources = {prefill_source, decode_source}
+    source = ("compiled" if sources == {"off"} else
+              f"cache {prefill_source}" if len(sources) == 1 else "cache partly hit")
+    return prefill, decode, time.perf_counter() - start, source
 
 
 def compiled_program_count() -> int:
@@ -343,7 +359,8 @@ def generate(
     first_positions = place(positions[:, -1] + 1)
     decode_tail = (place(key_valid), key, constant(np.int32(bucket)),
                    constant(np.int32(max_new_tokens)), constant(np.asarray(eos, np.int32)))
-    prefill, decode, compile_seconds = _programs(config, sampling, prefill_args, decode_tail)
+    prefill, decode, compile_seconds, programs = _programs(config, sampling, prefill_args,
+                                                           decode_tail)
 
     start = time.perf_counter()
     first, cache = prefill(*prefill_args)
@@ -371,5 +388,5 @@ def generate(
     return GenerationResult(
         new_ids=new_ids, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         prompt_tokens=sum(len(p) for p in prompts[:requested]), decode_steps=steps - 1,
-        compile_seconds=compile_seconds, kv_cache_bytes=kv_cache_bytes,
+        compile_seconds=compile_seconds, kv_cache_bytes=kv_cache_bytes, programs=programs,
     )

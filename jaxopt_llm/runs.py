@@ -177,7 +177,8 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
 
     Returns:
         model, recipe, prompt, prompt_ids, new_ids, text (the decoded new tokens), the
-        prefill and decode speeds (tok/s) and seconds, compile_seconds, kv_cache (its
+        prefill and decode speeds (tok/s) and seconds, compile_seconds, programs (where
+        the compiled programs came from), kv_cache (its
         storage) and kv_cache_bytes, mesh.
 
     Example:
@@ -201,6 +202,7 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
         "decode_tok_s": result.decode_tok_s,
         "prefill_seconds": result.prefill_seconds,
         "compile_seconds": result.compile_seconds,
+        "programs": result.programs,
         "decode_seconds": result.decode_seconds,
         "kv_cache": loaded.config.kv_cache,
         "quantized_decode": path_in_use()[1],

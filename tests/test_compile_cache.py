@@ -54,3 +54,21 @@ def test_an_unusable_cache_directory_is_one_clear_error(tmp_path):
     assert proc.stderr.startswith("jaxopt-llm info: error: JAXOPT_LLM_COMPILE_CACHE: cannot "
                                   f"use '{blocker / 'xla'}' as the compilation cache")
     assert proc.stderr.count("\n") == 1
+
+
+def test_a_second_generate_loads_its_programs_from_the_cache(tmp_path):
+    """The first run compiles and stores prefill and decode; the next loads them (no
+    tracing) and gives the same tokens; with the cache off nothing is stored."""
+    argv = ("generate", "--model", "smollm2-135m", "--prompt", "def add(a, b):",
+            "--max-new-tokens", "3", "--json")
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    runs = [_cli(*argv, env=env) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+    first, second = (json.loads(proc.stdout) for proc in runs)
+    assert (first["programs"], second["programs"]) == ("cache miss", "cache hit")
+    assert second["new_ids"] == first["new_ids"]
+    assert len(list((tmp_path / "jaxopt-llm" / "xla" / "programs").glob("*.bin"))) == 2
+    off = _cli(*argv, env={**env, "JAXOPT_LLM_COMPILE_CACHE": "off"})
+    assert off.returncode == 0, off.stderr
+    assert json.loads(off.stdout)["programs"] == "compiled"
