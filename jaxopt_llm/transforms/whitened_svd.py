@@ -30,7 +30,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 from jaxopt_llm import tree
 from jaxopt_llm.calibration import Calibration, linear_statistics
@@ -179,6 +178,8 @@ def svdllm_factorize(w: Any, gram: Any, options: SVDOptions, name: str = "weight
         >>> low.u.shape, low.v.shape
         ((4, 1), (1, 4))
     """
+    import scipy.linalg  # here: importing SciPy costs every CLI start ~0.15 s
+
     kernel = np.asarray(w, np.float64)
     lower, _ = whitening(gram, name)
     u, v, _ = _factors(
