@@ -11,6 +11,7 @@ same compiled programs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm import program_cache
+from jaxopt_llm import native_extension, program_cache
 from jaxopt_llm.models import ModelConfig, family_spec, forward
 from jaxopt_llm.models import init_cache as init_cache  # re-exported: callers size the cache
 from jaxopt_llm.models.kv_cache import cache_bytes
@@ -167,17 +168,22 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("cache",))
-def _prefill(params, tokens, positions, key_valid, cache, key, *, config, sampling):
+# `kernels` (static) says whether native kernels may be traced in: "on", "sharded" or the
+# JAXOPT_LLM_NATIVE setting. The bodies read it through `native_extension` while tracing;
+# as a static argument it keeps traces made under different settings apart.
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "kernels"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens, positions, key_valid, cache, key, *, config, sampling, kernels):
     logits, cache = forward(config, params, tokens, positions=positions, key_valid=key_valid,
                             cache=cache, cache_index=0, last_only=True)
     first = sample_logits(logits[:, -1], key, sampling)
     return first, cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "kernels"),
+                   donate_argnames=("cache",))
 def _decode(params, first, positions, key_valid, cache, key, start_slot, max_new, eos_ids, *,
-            config, sampling):
+            config, sampling, kernels):
     """Decode until max_new tokens per row or every row has emitted an EOS.
 
     first (B,): the token sampled after prefill; positions (B,): its RoPE position;
@@ -231,16 +237,34 @@ def _programs(config, sampling, prefill_args, decode_tail):
     Returns (prefill, decode, seconds, where they came from).
     """
     abstract_prefill = _abstract(prefill_args)
-    signature = (config, sampling, jax.tree_util.tree_structure(abstract_prefill),
+    sharded = not program_cache.single_device(abstract_prefill)
+    kernels = "sharded" if sharded else (native_extension.disabled() or "on")
+    signature = (config, sampling, kernels, jax.tree_util.tree_structure(abstract_prefill),
                  tuple(jax.tree_util.tree_leaves(abstract_prefill)),
                  tuple(jax.tree_util.tree_leaves(_abstract(decode_tail))))
     if signature in _PROGRAMS:
         return (*_PROGRAMS[signature], 0.0, "reused")
     start = time.perf_counter()
-    static = (config, sampling)
+    with contextlib.ExitStack() as stack:
+        if sharded:  # the native kernels have no partitioning rule: none on meshes
+            stack.enter_context(native_extension.sharded_program())
+        prefill, decode, sources = _compile_pair(config, sampling, kernels, abstract_prefill,
+                                                 decode_tail)
+    if len(_PROGRAMS) >= MAX_CACHED_PROGRAMS:
+        _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    _PROGRAMS[signature] = (prefill, decode)
+    _COMPILED[0] += 1
+    source = ("compiled" if set(sources) == {"off"} else
+              f"cache {sources[0]}" if len(set(sources)) == 1 else "cache partly hit")
+    return prefill, decode, time.perf_counter() - start, source
+
+
+def _compile_pair(config, sampling, kernels, abstract_prefill, decode_tail):
+    """(prefill, decode, (where each came from)): compiled, or loaded by `program_cache`."""
+    static = dict(config=config, sampling=sampling, kernels=kernels)
     prefill, prefill_source = program_cache.cached_compile(
         "generation.prefill", static, abstract_prefill,
-        lambda: _prefill.lower(*abstract_prefill, config=config, sampling=sampling).compile())
+        lambda: _prefill.lower(*abstract_prefill, **static).compile())
     params, tokens, _, _, cache, _ = abstract_prefill
     batch = tokens.shape[0]
     first = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -248,15 +272,8 @@ def _programs(config, sampling, prefill_args, decode_tail):
     abstract_decode = (params, first, first, key_valid, cache, *rest)
     decode, decode_source = program_cache.cached_compile(
         "generation.decode", static, abstract_decode,
-        lambda: _decode.lower(*abstract_decode, config=config, sampling=sampling).compile())
-    if len(_PROGRAMS) >= MAX_CACHED_PROGRAMS:
-        _PROGRAMS.pop(next(iter(_PROGRAMS)))
-    _PROGRAMS[signature] = (prefill, decode)
-    _COMPILED[0] += 1
-    sources = {prefill_source, decode_source}
-    source = ("compiled" if sources == {"off"} else
-              f"cache {prefill_source}" if len(sources) == 1 else "cache partly hit")
-    return prefill, decode, time.perf_counter() - start, source
+        lambda: _decode.lower(*abstract_decode, **static).compile())
+    return prefill, decode, (prefill_source, decode_source)
 
 
 def compiled_program_count() -> int:

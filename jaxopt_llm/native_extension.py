@@ -7,12 +7,17 @@ targets without importing the other (the model code must not import `jaxopt_llm.
 
 `JAXOPT_LLM_NATIVE=off` (or 0, no, false) keeps every caller on its pure-JAX path; each
 caller checks `disabled()` itself, because loading is cached and the setting is not.
+`sharded_program()` turns them off too while a program for several devices is traced: the
+kernels have no partitioning rule, so XLA would gather their operands onto every device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import jax
@@ -20,6 +25,7 @@ import jax
 # JAXOPT_LLM_NATIVE=off (or 0, no, false) turns every native kernel off.
 ENV = "JAXOPT_LLM_NATIVE"
 _OFF = ("off", "0", "no", "false")
+_SHARDED = contextvars.ContextVar("jaxopt_llm_sharded_program", default=False)
 
 
 @functools.cache
@@ -60,3 +66,35 @@ def disabled() -> str | None:
     """
     setting = os.environ.get(ENV, "").strip().lower()
     return setting if setting in _OFF else None
+
+
+@contextlib.contextmanager
+def sharded_program() -> Iterator[None]:
+    """Inside this block (tracing a program whose inputs span several devices) every
+    caller takes its pure-JAX path (`in_sharded_program()` is True).
+
+    Example:
+        >>> with sharded_program():
+        ...     in_sharded_program()
+        True
+        >>> in_sharded_program()
+        False
+    """
+    token = _SHARDED.set(True)
+    try:
+        yield
+    finally:
+        _SHARDED.reset(token)
+
+
+def in_sharded_program() -> bool:
+    """True inside `sharded_program()`: callers keep their pure-JAX path.
+
+    Returns:
+        Whether a program for several devices is being traced.
+
+    Example:
+        >>> in_sharded_program()
+        False
+    """
+    return _SHARDED.get()

@@ -34,6 +34,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxopt_llm import native_extension
 from jaxopt_llm.models.kv_cache import KVCache
 from jaxopt_llm.models.kv_cache import round_trip as kv_round_trip
 from jaxopt_llm.models.native_attention import (
@@ -238,7 +239,7 @@ def prefix_path(length: int, dtype: jnp.dtype) -> str:
     if forced == "blocked":
         return "blocked"
     if forced in ("auto", "native") and jnp.dtype(dtype) == jnp.float32 \
-            and prefix_attention_status()[0]:
+            and not native_extension.in_sharded_program() and prefix_attention_status()[0]:
         return "native"
     if forced in ("flash", "native") or length >= FLASH_MIN_LENGTH:
         return "flash"

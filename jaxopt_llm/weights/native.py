@@ -60,7 +60,6 @@ over several devices are not its use.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -145,7 +144,6 @@ def native_status() -> tuple[bool, str]:
 ENV = "JAXOPT_LLM_NATIVE"
 
 
-@functools.cache
 def path_in_use() -> tuple[bool, str]:
     """Whether `QuantizedWeight.linear` and `dispatch.linear` call the kernels here, and why.
 
@@ -159,14 +157,25 @@ def path_in_use() -> tuple[bool, str]:
         >>> isinstance(enabled, bool) and isinstance(why, str)
         True
     """
-    setting = os.environ.get(ENV, "").strip().lower()
-    if setting in ("off", "0", "no", "false"):
+    if native_extension.in_sharded_program():
+        return False, ("off while tracing a program sharded over several devices (the "
+                       "kernels have no partitioning rule): pure-JAX dequantize + matmul")
+    return _path_from_environment()
+
+
+@functools.cache
+def _path_from_environment() -> tuple[bool, str]:  # cache_clear() after changing ENV
+    setting = native_extension.disabled()
+    if setting is not None:
         return False, f"off ({ENV}={setting}): pure-JAX dequantize + matmul"
     available, description = native_status()
     if not available:
         return False, f"{description}: pure-JAX dequantize + matmul"
     return True, (f"native {description} for ≤ {MAX_ROWS} rows (quantized, float32 and "
                   "bfloat16 kernels); XLA above")
+
+
+path_in_use.cache_clear = _path_from_environment.cache_clear  # type: ignore[attr-defined]
 
 
 def supports(w: object, rows: int) -> bool:

@@ -631,3 +631,33 @@ def test_avx512_is_refused_where_the_cpu_lacks_it_and_matches_where_it_has_it():
     else:
         with pytest.raises(Exception, match="AVX-512F"):
             native.native_matmul(jnp.asarray(x), w, variant="avx512").block_until_ready()
+
+
+def test_programs_for_several_devices_keep_the_pure_path(tiny_config, random_params):
+    """The kernels have no partitioning rule (XLA would gather their operands onto every
+    device), so a decode program for a mesh is traced without them; on one device the same
+    weights call them. Tokens agree."""
+    require_native()
+    from jaxopt_llm import generation
+    from jaxopt_llm.parallel import make_mesh
+    from jaxopt_llm.placement import Placement
+
+    config = tiny_config(num_layers=1)
+    params = jax.tree.map(jnp.asarray, random_params(config, std=0.3))
+    kernel = params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    params["layers_0"]["mlp"]["up_proj"]["kernel"] = quantize(kernel, QuantSpec(bits=8))
+    prompt = [[3, 17, 42, 5], [9, 1, 2, 8]]
+
+    def run(placement):
+        generation._PROGRAMS.clear()
+        ids = generation.generate(config, placement.place_params(config, params), prompt,
+                                  max_new_tokens=6, eos_token_ids=(),
+                                  placement=placement).new_ids
+        (_, decode), = generation._PROGRAMS.values()
+        return ids, "jaxopt_llm_weight_gemv" in decode.as_text()
+
+    single_ids, single_native = run(Placement.single())
+    mesh_ids, mesh_native = run(Placement.on_mesh(make_mesh("data=2,model=2")))
+    generation._PROGRAMS.clear()
+    assert single_native and not mesh_native
+    assert mesh_ids == single_ids
