@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxopt_llm import native_extension
 from jaxopt_llm.evaluate import DEFAULT_TOKENS, DEFAULT_WINDOW, check_eval_args, perplexity
 from jaxopt_llm.generation import Sampling, generate
 from jaxopt_llm.io.loaded import LoadedModel
@@ -22,6 +23,15 @@ from jaxopt_llm.pipeline import Recipe
 from jaxopt_llm.placement import Placement
 from jaxopt_llm.weights import param_bytes
 from jaxopt_llm.weights.native import path_in_use
+
+
+def _decode_path(placement: Placement | None) -> str:
+    """The matmul path decode runs: `path_in_use`, or the pure path on several devices."""
+    shape = mesh_shape(placement)
+    if shape is not None and shape["data"] * shape["model"] > 1:
+        with native_extension.sharded_program():
+            return path_in_use()[1]
+    return path_in_use()[1]
 
 
 def mesh_shape(placement: Placement | None) -> dict[str, int] | None:
@@ -205,7 +215,7 @@ def generate_text(loaded: LoadedModel, prompt: str, *, max_new_tokens: int,
         "programs": result.programs,
         "decode_seconds": result.decode_seconds,
         "kv_cache": loaded.config.kv_cache,
-        "quantized_decode": path_in_use()[1],
+        "quantized_decode": _decode_path(placement),
         "kv_cache_bytes": result.kv_cache_bytes,
         "mesh": mesh_shape(placement),
     }
