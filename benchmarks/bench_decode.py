@@ -45,6 +45,16 @@ import numpy as np
 TABLE8 = "+table8"
 
 
+def int8_table_recipe():
+    """What `+table8` adds to a recipe: the tied embedding table (the LM head) int8 per row."""
+    from jaxopt_llm.pipeline import Recipe, Stage
+    from jaxopt_llm.rules import rule
+
+    return Recipe(name="table8", description="the tied embedding table int8 per row",
+                  stages=(Stage(name="table", rules=(
+                      rule(".*embed_tokens/embedding", "quantize", bits=8),)),))
+
+
 def llama_cpp_decode(path: Path, prompt: list[int], steps: int) -> float | None:
     """Decode tok/s of llama.cpp on `path` measured in a child process (None: it crashed)."""
     child = subprocess.run(
@@ -96,13 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxopt_llm.generation import generate
     from jaxopt_llm.io.export_gguf import export_gguf
     from jaxopt_llm.io.loader import resolve_model_path
-    from jaxopt_llm.pipeline import Recipe, Stage
-    from jaxopt_llm.rules import rule
     from jaxopt_llm.weights import native, param_bytes
 
-    int8_table = Recipe(name="table8", description="the tied embedding table int8 per row",
-                        stages=(Stage(name="table", rules=(
-                            rule(".*embed_tokens/embedding", "quantize", bits=8),)),))
+    int8_table = int8_table_recipe()
 
     model = load_model("smollm2-135m")
     prompt = model.tokenizer.encode(pydoc_text())[1000:1032]

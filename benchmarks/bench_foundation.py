@@ -129,16 +129,17 @@ class HFRunner:
         cache = getattr(out, "cache", None)
         return cache if cache is not None else out.past_key_values
 
-    def prefill_and_decode(self, prompt: list[int], new_tokens: int) -> tuple[float, float,
-                                                                            list[int]]:
-        """(prefill s, decode-loop s for new_tokens-1 steps, greedy ids incl. the first)."""
+    def prefill_and_decode(self, prompt: list[int], new_tokens: int, batch: int = 1
+                           ) -> tuple[float, float, list[int]]:
+        """(prefill s, decode-loop s for new_tokens-1 steps, greedy ids incl. the first);
+        `batch` copies of the prompt run together (the ids are the first row's)."""
         torch = self.torch
-        x = torch.tensor([prompt], dtype=torch.long)
+        x = torch.tensor([prompt] * batch, dtype=torch.long)
         with torch.inference_mode():
             start = time.perf_counter()
             out = self.model(x, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            ids = [int(token.item())]
+            ids = [int(token[0, 0].item())]
             prefill_s = time.perf_counter() - start
             cache = self._cache_of(out)
             start = time.perf_counter()
@@ -146,7 +147,7 @@ class HFRunner:
                 out = self.model(token, use_cache=True, **{self.cache_kw: cache})
                 cache = self._cache_of(out)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-                ids.append(int(token.item()))
+                ids.append(int(token[0, 0].item()))
             decode_s = time.perf_counter() - start
         return prefill_s, decode_s, ids
 

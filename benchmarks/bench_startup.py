@@ -27,11 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+START_PROMPT = "def add(a, b):"
 
-def run_generate(cache: Path, recipe: str | None) -> tuple[float, dict]:
-    """Seconds from launch to exit of one `jaxopt-llm generate`, and its JSON record."""
-    command = [sys.executable, "-m", "jaxopt_llm.cli", "generate", "--model", "smollm2-135m",
-               "--prompt", "def add(a, b):", "--max-new-tokens", "1", "--json"]
+
+def run_generate(cache: Path, recipe: str | None, model: str = "smollm2-135m",
+                 extra: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """Seconds from launch to exit of one `jaxopt-llm generate`, and its JSON record
+    (`model`: a registry name, .gguf or artifact; `extra`: more command-line options)."""
+    command = [sys.executable, "-m", "jaxopt_llm.cli", "generate", "--model", model,
+               "--prompt", START_PROMPT, "--max-new-tokens", "1", *extra, "--json"]
     if recipe:
         command += ["--recipe", recipe]
     env = {**os.environ, "JAXOPT_LLM_COMPILE_CACHE": str(cache)}
