@@ -9,7 +9,7 @@ key that covers everything the program depends on:
 * the program's name and static arguments (the model config, the sampling settings);
 * the input tree (its structure, including the static fields of weight leaves such as
   `QuantizedWeight`) and every leaf's shape and dtype;
-* the JAX and jaxlib versions, the backend and device kind, the CPU's instruction sets;
+* the JAX and jaxlib versions, the backend, device kind and device, the CPU's instruction sets;
 * every environment variable that changes what is traced (`JAXOPT_LLM_*`, `XLA_FLAGS`);
 * the package's own source: a digest of every `.py` file and the native extension.
 
@@ -115,14 +115,22 @@ def program_key(name: str, static: Any, arguments: Any) -> str:
         True
     """
     leaves, tree = jax.tree_util.tree_flatten(arguments)
-    device = jax.devices()[0]
+    device = _device_of(arguments)
     parts = (
         name, repr(static), str(tree), [(tuple(a.shape), str(a.dtype)) for a in leaves],
-        jax.__version__, jaxlib.__version__,
-        device.platform, device.device_kind, sorted(hardware.cpu_flags()), _environment(),
-        source_digest(),
+        jax.__version__, jaxlib.__version__, device.platform, device.device_kind, device.id,
+        sorted(hardware.cpu_flags()), _environment(), source_digest(),
     )
     return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _device_of(arguments: Any) -> Any:
+    """The one device the inputs live on (the default device when none is placed yet)."""
+    for leaf in jax.tree_util.tree_leaves(arguments):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            return next(iter(sharding.device_set))
+    return jax.devices()[0]
 
 
 def single_device(arguments: Any) -> bool:
@@ -146,11 +154,12 @@ def single_device(arguments: Any) -> bool:
     return True
 
 
-def load(key: str) -> Any | None:
+def load(key: str, device: Any = None) -> Any | None:
     """The compiled program stored under `key`, or None (missing or unreadable).
 
     Args:
         key: from `program_key`.
+        device: the device to load it onto (default: the first device).
 
     Returns:
         A `jax.stages.Compiled`, or None.
@@ -168,7 +177,7 @@ def load(key: str) -> Any | None:
 
         payload, in_tree, out_tree = pickle.loads(blob)
         return deserialize_and_load(payload, in_tree, out_tree,
-                                    execution_devices=jax.devices()[:1])
+                                    execution_devices=[device or jax.devices()[0]])
     except Exception:  # noqa: BLE001 - any damaged or foreign entry is a miss
         with contextlib.suppress(OSError):
             path.unlink()
@@ -257,7 +266,7 @@ def cached_compile(name: str, static: Any, arguments: Any,
     if active_directory() is None or not single_device(arguments):
         return compile_(), "off"
     key = program_key(name, static, arguments)
-    program = load(key)
+    program = load(key, _device_of(arguments))
     if program is not None:
         return program, "hit"
     with fresh_compile():
