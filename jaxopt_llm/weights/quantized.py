@@ -678,10 +678,20 @@ def _int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         return _blockwise_int8_matmul(x, w)
     if w.zero == "float":
         raise ValueError("W8A8 (act_bits=8) runs integer zero points only, not a float offset")
-    codes = _int8_codes(w)  # (G, g, N)
-    scale, _ = w._canonical_scale_zero()  # (G, 1, N)
     xq, x_scale = quantize_activations_per_token(x)
     lead = x.shape[:-1]
+    rows = math.prod(lead)
+    if rows <= native.MAX_ROWS and native.path_in_use()[0]:
+        # Decode-sized: the weight-only kernel on the rounded activations (integers held in
+        # float32). Its per-group sums of integer products are exact below 2^24, so the
+        # result is the int32 path's up to float32 rounding; XLA's int8 GEMV is slower
+        # than float32 at these sizes (0.7x decode on SmolLM2).
+        y = native.native_matmul(xq.reshape(rows, x.shape[-1]).astype(jnp.float32),
+                                 w.replace(act_bits=None))
+        if y is not None:
+            return (y.reshape(*lead, w.shape2d[1]) * x_scale).astype(x.dtype)
+    codes = _int8_codes(w)  # (G, g, N)
+    scale, _ = w._canonical_scale_zero()  # (G, 1, N)
     groups, size, n = codes.shape
     xq = xq.reshape(-1, x.shape[-1])
     if groups * size > x.shape[-1]:  # partial last group: pad with zeros like the codes

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxopt_llm.weights import QuantSpec, native, quantize_weight
+from jaxopt_llm.weights.quantized import quantize_activations_per_token
 
 RTOL = 1e-5
 # Plus an absolute slack of 1e-6 · Σ_k |x_k|·|w_kn|: the kernel sums in a different order
@@ -299,6 +300,31 @@ def test_the_first_status_check_may_come_while_a_model_is_traced():
     text = jax.jit(lambda x: w.linear(x)).lower(jnp.ones((1, 64), jnp.float32)).as_text()
     assert native.path_in_use()[0], native.path_in_use()[1]
     assert "jaxopt_llm_weight_gemv" in text
+
+
+@pytest.mark.parametrize("bits,granularity", [(8, "channel"), (4, "channel"), (8, "tensor")])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_w8a8_decode_runs_the_weight_kernel_on_rounded_activations(rows, bits, granularity,
+                                                                   monkeypatch):
+    """W8A8 at decode sizes: x rounded to int8 per token, then the weight-only kernel on
+    those integers (float32) and the token scale after; equal to the int8 x int8 -> int32
+    path up to float32 rounding, and to a float64 numpy reference."""
+    require_native()
+    w = quantize_weight(np.random.default_rng(3).normal(size=(96, 40)).astype(np.float32),
+                        QuantSpec(bits=bits, granularity=granularity), act_bits=8)
+    x = jnp.asarray(inputs(rows, 96))
+    xq, x_scale = (np.asarray(a, np.float64) for a in quantize_activations_per_token(x))
+    codes = np.asarray(w.codes(), np.float64)
+    want = (xq @ codes) * np.asarray(w.scale, np.float64) * x_scale
+    native_text = jax.jit(w.linear).lower(x).as_text()
+    got = jax.jit(w.linear)(x)
+    monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
+    pure_text = jax.jit(w.linear).lower(x).as_text()
+    pure = jax.jit(w.linear)(x)
+    assert "jaxopt_llm_weight_gemv" in native_text
+    assert "jaxopt_llm_weight_gemv" not in pure_text
+    np.testing.assert_allclose(np.asarray(got), np.asarray(pure), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ tables (axis 1, tied head)

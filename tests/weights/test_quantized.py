@@ -191,7 +191,8 @@ def test_w8a8_contracts_int8_into_int32(bits, granularity):
     unpadded activations.)"""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((64, 16)).astype(np.float32)
-    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    # 10 rows: more than decode size, where the native weight kernel would take W8A8
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)
     spec = QuantSpec(bits=bits, granularity=granularity[0], group_size=granularity[1],
                      partial_groups=granularity[1] == 96)
     q = quantize_weight(w, spec, act_bits=8, scale_dtype="float32")
