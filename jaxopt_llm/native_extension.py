@@ -73,6 +73,9 @@ def sharded_program() -> Iterator[None]:
     """Inside this block (tracing a program whose inputs span several devices) every
     caller takes its pure-JAX path (`in_sharded_program()` is True).
 
+    Returns:
+        A context manager (nothing is bound by `as`).
+
     Example:
         >>> with sharded_program():
         ...     in_sharded_program()

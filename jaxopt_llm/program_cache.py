@@ -163,6 +163,10 @@ def load(key: str, device: Any = None) -> Any | None:
 
     Returns:
         A `jax.stages.Compiled`, or None.
+
+    Example:
+        >>> enable(None); load("0" * 64) is None  # the cache is off: nothing to load
+        True
     """
     directory = active_directory()
     if directory is None:
@@ -193,6 +197,10 @@ def store(key: str, compiled: Any) -> bool:
 
     Returns:
         Whether an entry was written.
+
+    Example:
+        >>> enable(None); store("0" * 64, None)  # the cache is off: nothing is written
+        False
     """
     directory = active_directory()
     if directory is None:
@@ -236,6 +244,16 @@ def fresh_compile() -> Iterator[None]:
     program that is about to be stored is compiled from scratch. JAX decides once per
     process whether the persistent cache is in use, so the decision is reset around the
     block.
+
+    Returns:
+        A context manager (nothing is bound by `as`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> with fresh_compile():
+        ...     compiled = jax.jit(jnp.sin).lower(1.0).compile()
+        >>> float(compiled(0.0))
+        0.0
     """
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -262,6 +280,14 @@ def cached_compile(name: str, static: Any, arguments: Any,
 
     Returns:
         (the compiled program, "hit" | "miss" | "off").
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> enable(None)
+        >>> program, source = cached_compile("sin", (), [jax.ShapeDtypeStruct((), jnp.float32)],
+        ...                                  lambda: jax.jit(jnp.sin).lower(1.0).compile())
+        >>> source, float(program(0.0))
+        ('off', 0.0)
     """
     if active_directory() is None or not single_device(arguments):
         return compile_(), "off"
