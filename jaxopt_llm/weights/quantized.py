@@ -661,11 +661,18 @@ def _blockwise_int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return y.reshape(*lead, n).astype(x.dtype)
 
 
+def _kernel_codes(w: QuantizedWeight) -> jax.Array:
+    """Codes (K, N) of a kernel: the stored int8 array itself for symmetric 8-bit (no
+    conversion pass; XLA on GPU materializes an int8 -> int32 -> float chain), else
+    `codes()` (int32, signed for symmetric, unsigned for asymmetric grids)."""
+    if w.stored_as_int8 and w.axis == 0:
+        return w.qvalue.reshape(w.shape2d)
+    return w.codes()
+
+
 def _int8_codes(w: QuantizedWeight) -> jax.Array:
     """Centered int8 codes in the grouped view (G, g, N)."""
-    if w.stored_as_int8 and w.axis == 0:  # already int8 and in place: no conversion pass
-        return grouped(w.qvalue.reshape(w.shape2d), w.spec)
-    codes = grouped(w.codes(), w.spec)  # int32, signed (symmetric) or unsigned (asymmetric)
+    codes = grouped(_kernel_codes(w), w.spec)
     if w.zero_point is not None:
         _, zero = w._canonical_scale_zero()
         codes = codes - zero.astype(jnp.int32)  # |u - z| ≤ 2^b - 1 ≤ 127 for b ≤ 7
@@ -752,8 +759,7 @@ def _bf16_matmul(x2: jax.Array, w: QuantizedWeight) -> jax.Array:
     x16 = x2.astype(jnp.bfloat16)
     scale, zero = w._canonical_scale_zero()  # (G, 1, N)
     if scale.shape[0] == 1:
-        # int8 codes convert straight to bf16 (through int32, XLA on GPU materializes them)
-        codes = w.qvalue.reshape(w.shape2d) if w.stored_as_int8 and w.axis == 0 else w.codes()
+        codes = _kernel_codes(w)
         offset = w.zero == "float"
         if zero is not None and not offset:
             codes = codes - zero[0].astype(jnp.int32)
