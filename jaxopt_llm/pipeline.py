@@ -262,7 +262,8 @@ class Recipe:
             "description": self.description,
             "stages": [
                 {"name": s.name,
-                 "rules": [{"match": r.match, "op": r.op, "options": thaw(r.options) or {}}
+                 "rules": [{"match": r.match, "op": r.op, "options": thaw(r.options) or {},
+                            **({"optional": True} if r.optional else {})}
                            for r in s.rules]}
                 for s in self.stages
             ],
@@ -314,13 +315,14 @@ def _recipe_from_dict(data: Any, source: str) -> Recipe:
         rules = []
         for j, item in enumerate(stage["rules"]):
             at = f"{where}.rules[{j}]"
-            _expect_keys(item, at, ["match", "op"], ["options"])
+            _expect_keys(item, at, ["match", "op"], ["options", "optional"])
             options = item.get("options") or {}
             if not isinstance(options, Mapping):
                 raise ValueError(f"{at}.options: expected a mapping of option names to values")
             try:
                 rules.append(Rule(match=item["match"], op=item["op"],
-                                  options=tuple(options.items())))
+                                  options=tuple(options.items()),
+                                  optional=item.get("optional", False)))
             except ValueError as err:
                 raise ValueError(f"{at}: {err}") from None
         stages.append(Stage(name=str(stage["name"]), rules=tuple(rules)))

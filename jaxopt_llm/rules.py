@@ -33,6 +33,9 @@ class Rule:
     match: str
     op: str
     options: tuple[tuple[str, Any], ...] = ()
+    # An optional rule may select nothing (a built-in recipe's rule for parts some models
+    # lack, such as a family's token table); every other rule that selects nothing is an error.
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.match, str) or not self.match:
@@ -43,6 +46,8 @@ class Rule:
             raise ValueError(f"rule match '{self.match}' is not a valid regex: {err}") from None
         if not isinstance(self.op, str) or not self.op:
             raise ValueError(f"rule op must be a non-empty string, got {self.op!r}")
+        if not isinstance(self.optional, bool):
+            raise ValueError(f"rule optional must be true or false, got {self.optional!r}")
         object.__setattr__(self, "options", freeze(dict(self.options)))
 
     @property
@@ -71,12 +76,13 @@ class Rule:
         return f"{self.op}({opts})" if opts else self.op
 
 
-def rule(match: str, op: str, **options: Any) -> Rule:
+def rule(match: str, op: str, *, optional: bool = False, **options: Any) -> Rule:
     """A `Rule` from keyword options: rule(match, op, **options).
 
     Args:
         match: a regex `re.fullmatch`ed against "/"-joined parameter paths.
         op: the op's name (or "keep").
+        optional: the rule may select nothing (otherwise that is an error).
         **options: the op's options.
 
     Returns:
@@ -86,11 +92,12 @@ def rule(match: str, op: str, **options: Any) -> Rule:
         >>> rule(".*kernel", "quantize", bits=8).describe()
         'quantize(bits=8)'
     """
-    return Rule(match=match, op=op, options=tuple(options.items()))
+    return Rule(match=match, op=op, options=tuple(options.items()), optional=optional)
 
 
 def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") -> list[list[str]]:
-    """For each rule, the paths it takes (first match wins); error on a rule that takes none.
+    """For each rule, the paths it takes (first match wins); error on a rule that takes none
+    (unless it is `optional`).
 
     Args:
         rules: the ordered rules.
@@ -114,7 +121,7 @@ def assign(rules: tuple[Rule, ...], paths: list[str], *, where: str = "recipe") 
                 taken[index].append(path)
                 break
     for index, candidate in enumerate(rules):
-        if taken[index]:
+        if taken[index] or candidate.optional:
             continue
         shadowed = [p for p in paths if candidate.matches(p)]
         if shadowed:

@@ -26,7 +26,7 @@ from jaxopt_llm.models import ModelConfig, build_model
 from jaxopt_llm.models.attention import attention_mask
 from jaxopt_llm.pipeline import Recipe, Stage, read_recipe_file, save_recipe
 from jaxopt_llm.plan import plan
-from jaxopt_llm.recipes import BUILTIN_RECIPES, load_recipe
+from jaxopt_llm.recipes import BUILTIN_RECIPES, TABLES_INT8, load_recipe
 from jaxopt_llm.rules import BLOCK_LINEARS, rule
 from jaxopt_llm.tree import flatten
 from jaxopt_llm.weights import (
@@ -222,18 +222,30 @@ def test_builtin_runs_under_jit_and_matches_materialized(models, family, name):
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_builtin_leaves_norms_biases_embeddings_and_head_alone(models, family, name):
+    """Block linears change; the token table (and an untied head) become int8 per row in
+    the weight-quantizing recipes; every other embedding, norm and bias is untouched."""
     model = models[family]
     _, out, _, _ = model.run(name)
     before, after = flatten(model.params), flatten(out)
     block = re.compile(r"(layers|h)_\d+/(attn|mlp)/.*")
-    untouched = [p for p in before if not _is_block_kernel(p)
+    tables = re.compile(TABLES_INT8.match)
+    quantizing = any(r == TABLES_INT8 for s in BUILTIN_RECIPES[name].stages for r in s.rules)
+    int8_tables = [p for p in before if quantizing and tables.fullmatch(p)]
+    untouched = [p for p in before if not _is_block_kernel(p) and p not in int8_tables
                  and not (name in STRUCTURED and block.fullmatch(p))]
-    assert any(p.endswith("embedding") for p in untouched)
     assert any(p.endswith("scale") for p in untouched)
-    if family == "llama":
-        assert "lm_head/kernel" in untouched  # BLOCK_LINEARS leaves an untied head alone
+    if family == "llama":  # the token table and the untied head
+        assert len(int8_tables) == (2 if quantizing else 0)
+        assert quantizing or "lm_head/kernel" in untouched  # BLOCK_LINEARS leaves it alone
     else:
+        assert len(int8_tables) == (1 if quantizing else 0)
+        assert "wpe/embedding" in untouched  # positions stay float
         assert any(p.endswith("ln_1/bias") for p in untouched)
+    for path in int8_tables:  # per row: one scale for each token (each head output)
+        leaf, table = after[path], np.asarray(before[path])
+        assert isinstance(leaf, QuantizedWeight) and leaf.bits == 8, path
+        step = np.abs(table).max(axis=1 if path.endswith("embedding") else 0, keepdims=True)
+        assert (np.abs(np.asarray(materialize(leaf)) - table) <= step / 254 + 1e-7).all()
     for path in untouched:
         assert isinstance(after[path], jax.Array), path
         np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(before[path]))
@@ -359,7 +371,7 @@ MALFORMED = [
      r"stages\[0\]\.rules\[1\]: missing key\(s\) \['op'\]"),
     ("unknown-rule-key.yaml", _rules_yaml("      - {match: '.*', op: nm, opts: {n: 2}}\n"),
      r"stages\[0\]\.rules\[0\]: unknown key\(s\) \['opts'\]; expected \['match', 'op', "
-     r"'options'\]"),
+     r"'optional', 'options'\]"),
     ("unknown-top-key.json", '{"name": "x", "stages": [], "version": 2}',
      r"unknown key\(s\) \['version'\]; expected \['description', 'name', "
      r"'stages'\]"),

@@ -2,13 +2,14 @@
 uninterrupted, the artifact it saves, errors that name Python parameters."""
 
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
 from jaxopt_llm.io.loader import load_model
-from jaxopt_llm.recipes import BUILTIN_RECIPES
+from jaxopt_llm.recipes import BUILTIN_RECIPES, TABLES_INT8
 from jaxopt_llm.train import (
     EVAL_TOKENS,
     TrainOptions,
@@ -135,14 +136,19 @@ def test_qat_starts_from_the_calibrated_weights(loaded, name):
                                                             learning_rate=1e-3),
                            calibration=calibration)
     assert trained.finished and np.isfinite(trained.loss_last)
-    kernels = [leaf for leaf in jax.tree_util.tree_leaves(
-        trained.params, is_leaf=lambda n: isinstance(n, (QuantizedWeight, FakeQuantWeight)))
-        if isinstance(leaf, (QuantizedWeight, FakeQuantWeight))]
+    typed = lambda n: isinstance(n, (QuantizedWeight, FakeQuantWeight))  # noqa: E731
+    kernels = [leaf for leaf in jax.tree_util.tree_leaves(trained.params, is_leaf=typed)
+               if typed(leaf)]
     assert kernels and all(type(k) is QuantizedWeight for k in kernels)
+    tables = re.compile(TABLES_INT8.match)  # the token table and an untied head
     o_proj = trained.params["layers_0"]["attn"]["o_proj"]["kernel"]
     assert isinstance(o_proj, ScaledInputWeight) == (name != "w4-gptq")
     # the artifact computes what its recipe says: W8A8 keeps per-token int8 activations
-    assert {k.act_bits for k in kernels} == ({8} if name == "w8a8-smoothquant" else {None})
+    # (the int8 token table, weight-only in every recipe, is read by gathers and the head)
+    flat = flatten(trained.params)
+    assert {leaf.act_bits for path, leaf in flat.items() if isinstance(leaf, QuantizedWeight)
+            and not tables.fullmatch(path)} == ({8} if name == "w8a8-smoothquant" else {None})
+    assert {flat[p].act_bits for p in flat if tables.fullmatch(p)} == {None}
 
 
 def test_qat_from_a_float_offset_grid_is_refused():

@@ -10,7 +10,9 @@ re-rounding: symmetric int8 groups of 32 with float16 scales are Q8_0 (w = d·q)
 symmetric int4 groups of 32 are Q4_0 (w = d·(u − 8)), asymmetric int4 groups of 32
 with float offsets are Q4_1 (w = d·u + m). Any other leaf (another grid, a pruned or
 low-rank weight) is widened to float and, for a block type, quantized by `gguf.quants`
-(requantized); `plan_gguf` says which before any work, and `strict` refuses instead.
+(requantized; an int8 leaf, such as the built-in recipes' int8 token table, to Q8_0 when
+the requested type is 4-bit, as llama.cpp's own Q4 files keep their token table in Q8_0);
+`plan_gguf` says which before any work, and `strict` refuses instead.
 A kernel whose input dimension is not a multiple of 32 cannot hold blocks and is
 written F32.
 """
@@ -139,6 +141,8 @@ def plan_gguf(config: ModelConfig, params: Any, qtype: str = "q8_0", *,
             written, how = wanted, "widened" if compressed else "float"
         elif inner % BLOCK:
             written, how = Q.F32, "widened" if compressed else "float"
+        elif getattr(leaf, "bits", None) == 8 and wanted in (Q.Q4_0, Q.Q4_1):
+            written, how = Q.Q8_0, "requantized"  # int8 (a token table) stays 8-bit
         else:
             written, how = wanted, "requantized" if compressed else "quantized"
         if strict and how in ("widened", "requantized"):

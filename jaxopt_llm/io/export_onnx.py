@@ -31,8 +31,11 @@ compressed weight would be widened):
   LowRankWeight           its two factors, two MatMuls (each factor as above);
   ScaledInputWeight       x · (1/s) before the inner weight;
   masked, N:M sparse, anything else  → widened to a float32 initializer (listed).
-Embedding tables are written float (a quantized table is widened); a tied head reads the
-same table through Gemm(transB) without a second copy.
+Token tables are written float, or, when int8 symmetric per row (the weight-quantizing
+built-in recipes), as INT8 codes with one scale per row behind DequantizeLinear: the file
+keeps the codes, onnxruntime dequantizes the table once at load (listed as "int8-table");
+other quantized tables are widened. A tied head reads the same table through
+Gemm(transB) without a second copy.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def _onnx():
 class ONNXTensor:
     """One parameter: what it is here and how it is written ("float", "packed": integer
     codes kept, "int8-activations": W8A8 codes in MatMulInteger, "factors": two
-    matmuls, "widened": written as its dense float32 weight)."""
+    matmuls, "int8-table": a token table's int8 codes and row scales, dequantized by the
+    runtime at load, "widened": written as its dense float32 weight)."""
 
     path: str
     stored_as: str
@@ -141,7 +145,8 @@ def plan_onnx(config: ModelConfig, params: Any, *, strict: bool = False) -> list
         stored = leaf.describe() if isinstance(leaf, WeightLeaf) else str(np.dtype(leaf.dtype))
         how, written = _how(leaf)
         if path.endswith("embedding") and isinstance(leaf, WeightLeaf):
-            how, written = "widened", "FLOAT"
+            how, written = (("int8-table", "DequantizeLinear(INT8, per row)")
+                            if _int8_rows(leaf) else ("widened", "FLOAT"))
         if strict and how == "widened" and isinstance(leaf, WeightLeaf):
             raise ValueError(f"ONNX export --strict: {path} ({stored}) would be widened to "
                              "float32; ONNX keeps integer codes (4/8-bit, per channel or "
@@ -362,8 +367,19 @@ def _tied_head(g: _Graph, config: ModelConfig, x: str, table: str) -> None:
     g.nodes.append(onnx.helper.make_node("Reshape", [logits, shape], ["logits"]))
 
 
+def _int8_rows(leaf: Any) -> bool:
+    return isinstance(leaf, QuantizedWeight) and leaf.is_int8_row_table
+
+
 def _table(g: _Graph, flat: dict[str, Any], path: str) -> str:
-    return g.tensor(_np(materialize(flat[path])).astype(np.float32), path)
+    """A token table (V, D): float32, or its int8 codes dequantized per row."""
+    leaf = flat[path]
+    if _int8_rows(leaf):
+        codes = _np(leaf.codes()).T.astype(np.int8)  # codes() is (D, V) for a table
+        scale = _np(leaf.scale).astype(np.float32).reshape(-1)  # (V,)
+        return g.op("DequantizeLinear", [g.tensor(codes, f"{path}/codes"),
+                                         g.tensor(scale, f"{path}/scale")], "dq", axis=0)
+    return g.tensor(_np(materialize(leaf)).astype(np.float32), path)
 
 
 def _llama_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[list, list]:
@@ -466,8 +482,7 @@ def _bert_graph(g: _Graph, config: ModelConfig, flat: dict[str, Any]) -> tuple[l
                                                   ["batch", config.hidden_size])]
 
     def table(name: str) -> str:
-        return g.tensor(_np(materialize(flat[f"{name}/embedding"])).astype(np.float32),
-                        f"{name}/embedding")
+        return _table(g, flat, f"{name}/embedding")
 
     seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1, dtype=np.int64)])
     positions = g.op("Range", [g.const(0, dtype=np.int64), seq, g.const(1, dtype=np.int64)])

@@ -36,8 +36,11 @@ compressed weight would be widened or requantized):
   LowRankWeight       its two factors, two FULLY_CONNECTED (each factor as above);
   ScaledInputWeight   x · (1/s) before the inner weight;
   masked, N:M sparse, anything else → widened to FLOAT32 (listed).
-Embedding tables are written float (a quantized table is widened); a tied head reads the
-same table as FULLY_CONNECTED weights without a second copy. A flatbuffer holds at most
+Token tables are written float, or, when int8 symmetric per row (the weight-quantizing
+built-in recipes), as INT8 with one scale per row behind a DEQUANTIZE (the file keeps the
+codes; LiteRT widens the table once when it prepares the graph; "int8-table"); other
+quantized tables are widened. A tied head reads the same table as FULLY_CONNECTED weights
+without a second copy. A flatbuffer holds at most
 2 GiB: a larger model is refused.
 """
 
@@ -91,8 +94,9 @@ def _schema():
 class TFLiteTensor:
     """One parameter: what it is here and how it is written ("float"; "packed": integer
     codes kept as INT8; "int8-activations": W8A8 codes in a dynamic-range matmul;
-    "requantized": new INT8 codes per channel; "factors": two matmuls; "widened": its
-    dense float32 weight)."""
+    "requantized": new INT8 codes per channel; "factors": two matmuls; "int8-table": a
+    token table's INT8 codes and row scales, dequantized at load; "widened": its dense
+    float32 weight)."""
 
     path: str
     stored_as: str
@@ -171,7 +175,8 @@ def plan_tflite(config: ModelConfig, params: Any, *, strict: bool = False,
         stored = leaf.describe() if isinstance(leaf, WeightLeaf) else str(np.dtype(leaf.dtype))
         how, written = _how(leaf, int8_matmul)
         if path.endswith("embedding") and isinstance(leaf, WeightLeaf):
-            how, written = "widened", "FLOAT32"
+            how, written = (("int8-table", "INT8 per row (DEQUANTIZE)") if _int8_rows(leaf)
+                            else ("widened", "FLOAT32"))
         if strict and how in ("widened", "requantized") and isinstance(leaf, WeightLeaf):
             raise ValueError(f"TFLite export --strict: {path} ({stored}) would be {how} "
                              f"to {written}; TFLite keeps symmetric per-channel 4/8-bit "
@@ -458,9 +463,18 @@ def _input(g: _Graph, name: str, batch: int, seq_len: int) -> int:
     return g.tensor((batch, seq_len), g.s.TensorType.INT32, name)
 
 
-def _table(g: _Graph, flat: dict[str, Any], path: str) -> int:
-    table = _np(materialize(flat[path])).astype(np.float32)
-    return g.tensor(table.shape, g.s.TensorType.FLOAT32, path, data=table)
+def _int8_rows(leaf: Any) -> bool:
+    return isinstance(leaf, QuantizedWeight) and leaf.is_int8_row_table
+
+
+def _table(w: _Weights, flat: dict[str, Any], path: str) -> int:
+    """A token table (V, D): FLOAT32, or its INT8 codes (one scale per row) dequantized."""
+    leaf = flat[path]
+    if _int8_rows(leaf):  # codes() is (D, V) for a table: _int8 writes it back as (V, D)
+        scale = _np(leaf.scale).astype(np.float32).reshape(-1)
+        return w._int8(_np(leaf.codes()), scale, path, dynamic=False)
+    table = _np(materialize(leaf)).astype(np.float32)
+    return w.g.tensor(table.shape, w.g.s.TensorType.FLOAT32, path, data=table)
 
 
 def _llama_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any],
@@ -468,7 +482,7 @@ def _llama_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, An
     spec = family_spec(config)
     hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
     ids = _input(g, "input_ids", batch, seq_len)
-    table = _table(g, flat, spec.embedding)
+    table = _table(w, flat, spec.embedding)
     x = g.gather(table, ids)
     bias = _causal_bias(g, config, seq_len, heads // kv)
     inv_freq = _np(rope_inverse_frequencies(hd, config.rope_theta,
@@ -513,10 +527,10 @@ def _gpt2_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any
                 batch: int, seq_len: int) -> tuple[dict, dict]:
     hd, heads = config.head_dim, config.num_heads
     ids = _input(g, "input_ids", batch, seq_len)
-    table = _table(g, flat, "wte/embedding")
+    table = _table(w, flat, "wte/embedding")
     positions = g.const(np.minimum(np.arange(seq_len), config.max_position_embeddings - 1),
                         "positions", dtype=np.int32)
-    x = g.add(g.gather(table, ids), g.gather(_table(g, flat, "wpe/embedding"), positions))
+    x = g.add(g.gather(table, ids), g.gather(_table(w, flat, "wpe/embedding"), positions))
     bias = _causal_bias(g, config, seq_len, 1)
 
     for i in range(config.num_layers):
@@ -544,8 +558,8 @@ def _bert_graph(g: _Graph, w: _Weights, config: ModelConfig, flat: dict[str, Any
     ids = _input(g, "input_ids", batch, seq_len)
     mask = _input(g, "attention_mask", batch, seq_len)
     positions = g.const(np.arange(seq_len), "positions", dtype=np.int32)
-    x = g.add(g.gather(_table(g, flat, "word_embeddings/embedding"), ids),
-              g.gather(_table(g, flat, "position_embeddings/embedding"), positions))
+    x = g.add(g.gather(_table(w, flat, "word_embeddings/embedding"), ids),
+              g.gather(_table(w, flat, "position_embeddings/embedding"), positions))
     type0 = _np(materialize(flat["token_type_embeddings/embedding"]))[0].astype(np.float32)
     x = g.add(x, g.const(type0, "token_type_embeddings/row0"))
     x = _layer_norm(g, x, _np(flat["embeddings_norm/scale"]), _np(flat["embeddings_norm/bias"]),

@@ -158,12 +158,16 @@ class FamilySpec:
     def activation_dtype(self, params: Mapping[str, Any]) -> Any:
         """The dtype activations run in: the token table's when it is a floating array
         (a bf16 model keeps a bf16 KV cache, so attention does not promote the residual
-        stream to float32), float32 otherwise (absent, typed or integer table)."""
+        stream to float32), a typed table's `compute` dtype when it has one (an int8 table
+        under `compute_in(params, "bfloat16")`), float32 otherwise (absent, other typed or
+        integer table)."""
         node: Any = params
         for key in self.embedding.split("/"):
             if not isinstance(node, Mapping) or key not in node:
                 return jnp.dtype(jnp.float32)
             node = node[key]
+        if getattr(node, "compute", None) == "bfloat16":
+            return jnp.dtype(jnp.bfloat16)
         dtype = jnp.dtype(getattr(node, "dtype", jnp.float32))
         return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
@@ -314,4 +318,19 @@ def blocks_regex(part: Literal["attention", "mlp"]) -> str:
                     for spec in FAMILIES.values())
 
 
-__all__ = ["FAMILIES", "FamilySpec", "Projection", "ScalingGroup", "blocks_regex", "family_spec"]
+def token_tables_regex() -> str:
+    """A regex for the token table of every family (built-in recipes do not know the family;
+    a tied output head reads this same table).
+
+    Returns:
+        The regex.
+
+    Example:
+        >>> print(token_tables_regex())
+        embed_tokens/embedding|wte/embedding|word_embeddings/embedding
+    """
+    return "|".join(re.escape(spec.embedding) for spec in FAMILIES.values())
+
+
+__all__ = ["FAMILIES", "FamilySpec", "Projection", "ScalingGroup", "blocks_regex", "family_spec",
+           "token_tables_regex"]

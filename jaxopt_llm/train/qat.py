@@ -14,13 +14,13 @@ model can be saved as a real integer artifact.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 
 from jaxopt_llm import tree
 from jaxopt_llm.pipeline import Recipe, Stage
-from jaxopt_llm.rules import Rule
 from jaxopt_llm.weights import (
     FakeQuantWeight,
     QuantizedWeight,
@@ -197,7 +197,7 @@ def qat_recipe(recipe: Recipe, *, learn_scale: bool = False) -> Recipe:
                     fake["method"] = options["method"]
                 if learn_scale:
                     fake["learn_scale"] = True
-                rule = Rule(match=rule.match, op="fake_quant", options=tuple(fake.items()))
+                rule = dataclasses.replace(rule, op="fake_quant", options=tuple(fake.items()))
             rules.append(rule)
         stages.append(Stage(name=stage.name, rules=tuple(rules)))
     return Recipe(name=f"{recipe.name}-qat", description=recipe.description,

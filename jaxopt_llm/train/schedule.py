@@ -15,7 +15,6 @@ from typing import Any
 
 from jaxopt_llm import tree
 from jaxopt_llm.pipeline import Recipe, Stage
-from jaxopt_llm.rules import Rule
 from jaxopt_llm.transforms.prune import MagnitudeOptions, magnitude_prune
 
 
@@ -138,8 +137,8 @@ def gradual_recipe(recipe: Recipe, steps: int) -> tuple[Recipe, list[dict[str, A
                 targets.append({"match": rule.match, "stage": stage.name,
                                 "final": float(options.get("sparsity", 0.5)),
                                 "scope": options.get("scope", "layer")})
-                rule = Rule(match=rule.match, op="prune",
-                            options=tuple({**options, "sparsity": 0.0}.items()))
+                rule = dataclasses.replace(
+                    rule, options=tuple({**options, "sparsity": 0.0}.items()))
             rules.append(rule)
         stages.append(Stage(name=stage.name, rules=tuple(rules)))
     if not targets:

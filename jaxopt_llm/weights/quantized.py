@@ -139,6 +139,22 @@ class QuantizedWeight(WeightLeaf):
         """
         return self.bits == 8 and self.symmetric
 
+    @property
+    def is_int8_row_table(self) -> bool:
+        """True for a (V, D) table of symmetric int8 codes with one scale per row, weight
+        only: what the built-in recipes make of a token table, and what exporters keep.
+
+        Returns:
+            Whether this leaf is such a table.
+
+        Example:
+            >>> table = quantize_weight(jnp.ones((3, 4)), QuantSpec(bits=8), axis=1)
+            >>> table.is_int8_row_table
+            True
+        """
+        return (self.axis == 1 and len(self.shape) == 2 and self.stored_as_int8
+                and self.granularity == "channel" and self.act_bits is None)
+
     def codes(self) -> jax.Array:
         """Signed integer codes (K, N) canonical layout (axis 0 is the contraction axis), int32.
 
@@ -232,7 +248,8 @@ class QuantizedWeight(WeightLeaf):
             ids: integer token ids of any shape.
 
         Returns:
-            The rows, shape ids.shape + (D,), in the table's dtype.
+            The rows, shape ids.shape + (D,), in the table's dtype; bfloat16 under
+            compute="bfloat16" (a model's activations follow its token table).
 
         Raises:
             ValueError: for a kernel (axis=0).
@@ -243,7 +260,8 @@ class QuantizedWeight(WeightLeaf):
             >>> qt.embed(jnp.array([1])).tolist()
             [[0.5, -3.5, 1.0]]
         """
-        return _embed(self, ids)
+        rows = _embed(self, ids)
+        return rows.astype(jnp.bfloat16) if self.compute == "bfloat16" else rows
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: x (..., D) against this (V, D) table → logits (..., V).

@@ -145,7 +145,9 @@ def test_recipes_and_plan_commands(capsys, cached_model):
     assert code == 0
     plan = json.loads(out)
     rows = {r["path"]: r for r in plan["parameters"]}
-    assert rows["embed_tokens/embedding"]["op"] == "keep"
+    table = rows["embed_tokens/embedding"]  # int8 per row: a float32 scale per token
+    assert table["op"] == "quantize(bits=8)"
+    assert table["bytes_after"] == 49152 * 576 + 49152 * 4
     gate = rows["layers_0/mlp/gate_proj/kernel"]
     assert gate["bytes_before"] == 576 * 1536 * 4
     # 4-bit codes + per group of 128 (5 groups, the last of 64) a float16 scale and uint8 zero
