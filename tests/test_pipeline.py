@@ -131,6 +131,26 @@ def test_rule_matching_nothing_names_index_and_pattern():
         plan(recipe, None, params)
 
 
+def test_an_optional_rule_may_select_nothing_and_round_trips(tmp_path):
+    """Built-in recipes' table rule: optional, so a model without the part is still
+    compressed; the flag survives to_dict / recipe files; a non-bool flag is refused."""
+    from jaxopt_llm.pipeline import Recipe, read_recipe_file, save_recipe
+
+    params = mini_tree()
+    stage = make_stage(rule(BLOCK_LINEARS, "quantize"),
+                       rule(r"layers_9/.*", "prune", optional=True), name="quant")
+    _, out = stage(None, params)
+    assert isinstance(flatten(out)["layers_0/attn/q_proj/kernel"], QuantizedWeight)
+    assert assign((rule("a", "keep", optional=True), rule("b", "keep")), ["b"]) == [[], ["b"]]
+    recipe = Recipe(name="r", stages=(stage,))
+    saved = save_recipe(recipe, tmp_path / "r.yaml")
+    assert read_recipe_file(saved) == recipe
+    assert recipe.to_dict()["stages"][0]["rules"][1]["optional"] is True
+    assert "optional" not in recipe.to_dict()["stages"][0]["rules"][0]
+    with pytest.raises(ValueError, match=r"rule optional must be true or false, got 'yes'"):
+        Rule(match=".*", op="keep", optional="yes")
+
+
 def test_shadowed_rule_is_an_error():
     paths = list(SHAPES)
     rules = (rule(r".*/kernel", "quantize"), rule(r".*q_proj/kernel", "prune"))
