@@ -8,9 +8,10 @@ so only ratios within this run mean anything):
   kernel use for ≤ 8 rows) and with JAXOPT_LLM_NATIVE=off (XLA's matmul, after
   dequantizing a quantized weight). `generate` on a 32-token prompt,
   `--new-tokens` greedy tokens, decode tok/s as `generate` reports it (compile excluded);
-  A recipe name ending in `+table8` also stores the tied embedding table (the LM head) as
-  int8 per row, as llama.cpp's Q8_0 does (`w8+table8`: 135 MB against Q8_0's 145 MB; plain
-  `w8` keeps the 113 MB float32 table, 220 MB in all);
+  the built-in weight-quantizing recipes store the tied embedding table (the LM head) int8
+  per row, as llama.cpp's Q8_0 and Q4_1 files do (`w8`: 135 MB against Q8_0's 145 MB); a
+  name ending in `+float-table` drops that rule and keeps the 113 MB float32 table
+  (`w8+float-table`: 220 MB in all);
 - llama.cpp (llama-cpp-python, the optional `.[peers]` extra, 2 threads): F32 and Q8_0
   files exported from the float model by `export_gguf`, and the shipped Q4_1 file; the
   same prompt ids, then one `eval` per new token (sampling excluded: argmax in numpy).
@@ -22,7 +23,7 @@ Without llama-cpp-python its rows are skipped, saying so.
 `--batch 8` decodes 8 copies of the prompt together (ours only; tok/s counts every row).
 
 Run:  python benchmarks/bench_decode.py --json benchmarks/results/decode.json \\
-          [--recipes w8,w8+table8,w4g128,w4g128+table8] [--rounds 3] [--new-tokens 64] \\
+          [--recipes w8,w8+float-table,w4g128,w4g128+float-table] [--rounds 3] [--new-tokens 64] \\
           [--batch 1]
 """
 
@@ -42,17 +43,23 @@ from pathlib import Path
 
 import numpy as np
 
-TABLE8 = "+table8"
+FLOAT_TABLE = "+float-table"
 
 
-def int8_table_recipe():
-    """What `+table8` adds to a recipe: the tied embedding table (the LM head) int8 per row."""
+def bench_recipe(name: str):
+    """The recipe a row name stands for: a built-in, or with `+float-table` the built-in
+    without its int8 token-table rule (block linears only)."""
     from jaxopt_llm.pipeline import Recipe, Stage
-    from jaxopt_llm.rules import rule
+    from jaxopt_llm.recipes import TABLES_INT8, load_recipe
 
-    return Recipe(name="table8", description="the tied embedding table int8 per row",
-                  stages=(Stage(name="table", rules=(
-                      rule(".*embed_tokens/embedding", "quantize", bits=8),)),))
+    recipe = load_recipe(name.removesuffix(FLOAT_TABLE))
+    if not name.endswith(FLOAT_TABLE):
+        return recipe
+    stages = tuple(Stage(name=s.name, rules=tuple(r for r in s.rules if r != TABLES_INT8))
+                   for s in recipe.stages)
+    if stages == recipe.stages:
+        raise ValueError(f"{name}: recipe {recipe.name!r} has no token-table rule to drop")
+    return Recipe(name=name, description=recipe.description, stages=stages)
 
 
 def llama_cpp_decode(path: Path, prompt: list[int], steps: int) -> float | None:
@@ -102,21 +109,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from jaxopt_llm import generation, hardware, load_model, load_recipe, pydoc_text
+    from jaxopt_llm import generation, hardware, load_model, pydoc_text
     from jaxopt_llm.generation import generate
     from jaxopt_llm.io.export_gguf import export_gguf
     from jaxopt_llm.io.loader import resolve_model_path
     from jaxopt_llm.weights import native, param_bytes
 
-    int8_table = int8_table_recipe()
-
     model = load_model("smollm2-135m")
     prompt = model.tokenizer.encode(pydoc_text())[1000:1032]
     ours = {"fp32": (model.config, model.params)}
     for name in args.recipes.split(","):
-        ours[name] = load_recipe(name.removesuffix(TABLE8))(model.config, model.params)
-        if name.endswith(TABLE8):
-            ours[name] = int8_table(*ours[name])
+        ours[name] = bench_recipe(name)(model.config, model.params)
     runs = [(name, "native") for name in ours] + [(name, "pure") for name in ours]
 
     def ours_decode(name: str, path: str) -> float:

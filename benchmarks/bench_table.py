@@ -6,10 +6,11 @@ Systems (rows):
 - ours: each of `--recipes` (default `DEFAULT_RECIPES`): `fp32`; `bf16` (the float model
   with `compute_in(params, "bfloat16")`, what `--compute bfloat16` runs); any built-in recipe
   (`jaxopt-llm recipes`; calibrated ones such as `w4g128-gptq` / `w4g128-awq` take minutes
-  to apply, once, before the rounds); a name ending in `+table8` also stores the tied
-  embedding table (the LM head) int8 per row (bench_decode.py), as llama.cpp's Q8_0 and
-  Q4_1 files hold it quantized. Each compressed model is applied once and saved as an
-  artifact (`save_artifact`); the rows load that artifact, as a deployment would.
+  to apply, once, before the rounds); the weight-quantizing built-ins store the tied
+  embedding table (the LM head) int8 per row, as llama.cpp's Q8_0 and Q4_1 files hold it
+  quantized; a name ending in `+float-table` keeps it float32 (bench_decode.py). Each
+  compressed model is applied once and saved as an artifact (`save_artifact`); the rows
+  load that artifact, as a deployment would.
 - HF transformers fp32 (torch, 2 threads), `.[test]`; skipped, saying so, without them.
 - llama.cpp (llama-cpp-python, the optional `.[peers]` extra, 2 threads) on `--llama`
   types: F32, BF16 and Q8_0 files written from the float model by `export_gguf` (Q8_0 by
@@ -54,7 +55,7 @@ ours against the best llama.cpp, evaluation and long prefill against HF fp32.
 
 Run:  python benchmarks/bench_table.py --json benchmarks/results/table.json   # ~40 min
       python benchmarks/bench_table.py --quick                                 # ~4 min
-      [--recipes fp32,w8+table8,...] [--llama f32,q8_0,q4_1] [--no-hf] [--rounds 2]
+      [--recipes fp32,w8+float-table,...] [--llama f32,q8_0,q4_1] [--no-hf] [--rounds 2]
       [--workdir DIR]  (keep the prepared artifacts and GGUF files there and reuse them)
 """
 
@@ -80,13 +81,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_decode import TABLE8, int8_table_recipe, llama_cpp_child  # noqa: E402
+from bench_decode import FLOAT_TABLE, bench_recipe, llama_cpp_child  # noqa: E402
 from bench_foundation import TORCH_THREADS, HFRunner, load_hf, log  # noqa: E402
 from bench_startup import START_PROMPT, run_generate  # noqa: E402
 
-DEFAULT_RECIPES = ("fp32,bf16,w8,w8+table8,w8a8,w4g128,w4g128+table8,nm-2:4,svd-20,"
+DEFAULT_RECIPES = ("fp32,bf16,w8,w8+float-table,w8a8,w4g128,w4g128+float-table,nm-2:4,svd-20,"
                    "w4g128-gptq")
-QUICK_RECIPES = "fp32,w8+table8"
+QUICK_RECIPES = "fp32,w8"
 DEFAULT_LLAMA = "f32,bf16,q8_0,q4_1"
 QUICK_LLAMA = "q8_0"
 LLAMA_NAMES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_1": "Q4_1 (shipped)"}
@@ -124,7 +125,7 @@ def safe(name: str) -> str:
 def prepare(systems: list[str], workdir: Path) -> None:
     """Write what `systems` need into `workdir` (token ids, artifacts, GGUF files, the HF
     checkpoint) and their entries into workdir/manifest.json; entries already there stay."""
-    from jaxopt_llm import load_model, load_recipe, pydoc_text, save_artifact
+    from jaxopt_llm import load_model, pydoc_text, save_artifact
     from jaxopt_llm.data import text_sha256
     from jaxopt_llm.io.export_gguf import export_gguf
     from jaxopt_llm.io.export_hf import export_hf
@@ -163,9 +164,7 @@ def prepare(systems: list[str], workdir: Path) -> None:
             entry = {"model": "smollm2-135m", "compute": compute,
                      "bytes": param_bytes(compute_in(model.params, compute))}
         else:
-            made = apply_recipe(model, load_recipe(name.removesuffix(TABLE8)))
-            if name.endswith(TABLE8):
-                made = apply_recipe(made, int8_table_recipe())
+            made = apply_recipe(model, bench_recipe(name))
             out = workdir / f"ours-{safe(name)}"
             save_artifact(out, config=made.config, params=made.params,
                           tokenizer=made.tokenizer, recipe=made.recipe, extra=made.extra)
@@ -384,7 +383,7 @@ def ratios(rows: dict[str, dict]) -> dict[str, Any]:
     llama = [k for k in rows if k.startswith("llama:")]
     for system in ours:
         name = system.split(":", 1)[1]
-        base = name.removesuffix(TABLE8)
+        base = name.removesuffix(FLOAT_TABLE)
         # w8a8 too: llama.cpp's CPU Q8_0 product rounds activations to int8 blocks as well;
         # w4g32-float is Q4_1's own grid (groups of 32 with float offsets)
         match = {"fp32": "f32", "bf16": "bf16", "w8": "q8_0", "w8a8": "q8_0"}.get(base)
