@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from jaxopt_llm.io.gguf_dequant import XLA_DEQUANTIZED, dequantize_blocks
 from jaxopt_llm.io.params import assemble_params
 from jaxopt_llm.models.config import ModelConfig
 
@@ -250,7 +251,7 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFR
            if config.family == "gpt2" else
            {"token_embd.weight": "embed_tokens/embedding", "output_norm.weight": "norm/scale",
             "output.weight": "lm_head/kernel"})
-    flat: dict[str, np.ndarray] = {}
+    flat: dict[str, Any] = {}
     origin: dict[str, str] = {}
     transposed: set[str] = set()
     for tensor in reader.tensors:
@@ -265,14 +266,26 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFR
         else:
             raise ValueError(f"{source}: unexpected tensor {name!r} for a "
                              f"{config.model_type} GGUF")
-        array = _dequantize(tensor, source)
+        heads = 0
         if config.model_type == "llama" and re.search(r"attn_[qk]\.(weight|bias)$", name):
             heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
-            if array.shape[0] % (2 * heads):
-                raise ValueError(f"{source}: tensor {name!r} has {array.shape[0]} rows, not a "
+            rows = int(tensor.shape[-1])  # GGUF lists dims fastest-first
+            if rows % (2 * heads):
+                raise ValueError(f"{source}: tensor {name!r} has {rows} rows, not a "
                                  f"multiple of 2 x {heads} heads")
-            array = _unpermute_rope_rows(array, heads)
-        flat[path] = array.T if transpose else array
+        if tensor.tensor_type in XLA_DEQUANTIZED and len(tensor.shape) == 2:
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            try:  # straight to a float32 device array, rows reordered, head transposed
+                flat[path] = dequantize_blocks(tensor.data, tensor.tensor_type, shape,
+                                               rope_heads=heads, transpose=transpose)
+            except ValueError as err:
+                raise ValueError(f"{source}: tensor {name!r}: {err}: the file is "
+                                 "corrupted") from None
+        else:
+            array = _dequantize(tensor, source)
+            if heads:
+                array = _unpermute_rope_rows(array, heads)
+            flat[path] = array.T if transpose else array
         origin[path] = name
         if transpose:
             transposed.add(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,14 +92,15 @@ def check_against_config(
 
 
 def assemble_params(
-    config: ModelConfig, flat: dict[str, np.ndarray], source: str, origin: dict[str, str],
+    config: ModelConfig, flat: dict[str, Any], source: str, origin: dict[str, str],
     transposed: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Check `flat` against the config and build the nested tree of float32 jax arrays.
 
     Args:
         config: the model's config.
-        flat: our "/"-joined path → array, as read from the file.
+        flat: our "/"-joined path → array, as read from the file (numpy, or float32 device
+            arrays, which are kept as they are).
         source: the file's name, for error messages.
         origin: each of our paths → the tensor name in the source file.
         transposed: the paths the file stores (d_out, d_in), so that messages quote
@@ -115,5 +117,6 @@ def assemble_params(
     """
     check_against_config(config, {p: tuple(a.shape) for p, a in flat.items()}, source,
                          origin, transposed)
-    return tree.unflatten({p: jnp.asarray(np.asarray(a, dtype=np.float32))
+    return tree.unflatten({p: a if isinstance(a, jax.Array) and a.dtype == jnp.float32
+                           else jax.device_put(np.asarray(a, dtype=np.float32))
                            for p, a in flat.items()})
