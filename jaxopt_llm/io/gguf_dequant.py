@@ -67,9 +67,9 @@ def dequantize_blocks(data: np.ndarray, qtype: Q, shape: tuple[int, ...], *,
 
     Example:
         >>> import gguf
-        >>> data = gguf.quants.quantize(np.ones((1, 32), np.float32), Q.Q8_0)
-        >>> dequantize_blocks(data, Q.Q8_0, (1, 32))[0, :3].tolist()
-        [1.0, 1.0, 1.0]
+        >>> data = gguf.quants.quantize(np.arange(-127.0, 129.0, 8.0)[None], Q.Q8_0)
+        >>> dequantize_blocks(data, Q.Q8_0, (1, 32))[0, :3].tolist()  # d = 1.0
+        [-127.0, -119.0, -111.0]
     """
     size = BLOCK_VALUES // 2 + _HEADER[qtype] if qtype != Q.Q8_0 else BLOCK_VALUES + 2
     raw = np.asarray(data, np.uint8).reshape(-1)

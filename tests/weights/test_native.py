@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxopt_llm import program_cache
 from jaxopt_llm.weights import QuantSpec, native, quantize_weight
 from jaxopt_llm.weights.quantized import quantize_activations_per_token
 
@@ -522,6 +523,9 @@ def test_tied_llama_generates_the_same_tokens_native_on_and_off(spec, tiny_confi
         (_, decode), = generation._PROGRAMS.values()
         return ids, "jaxopt_llm_table_gemv" in decode.as_text()
 
+    # the patched path is not part of the on-disk program cache's key (the environment
+    # that sets it is): keep that cache out, whatever an earlier test left configured
+    monkeypatch.setattr(program_cache, "active_directory", lambda: None)
     native_ids, native_called = run()
     monkeypatch.setattr(native, "path_in_use", lambda: (False, "off"))
     pure_ids, pure_called = run()
