@@ -14,7 +14,9 @@ byte j, value j + 16 in its high nibble).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,11 +43,29 @@ def _blocks_to_float32(blocks: jax.Array, *, qtype: Q, shape: tuple[int, ...],
         else:
             values = d * (unsigned.astype(jnp.int8) - 8).astype(jnp.float32)
     weight = values.reshape(shape)
-    if rope_heads:  # llama.cpp's q/k rows (pairs interleaved per head) → rotate-half order
-        rows = shape[0]
-        weight = (weight.reshape(rope_heads, rows // rope_heads // 2, 2, *shape[1:])
-                  .swapaxes(1, 2).reshape(shape))
+    if rope_heads:
+        weight = unpermute_rope_rows(weight, rope_heads)
     return weight.T if transpose else weight
+
+
+def unpermute_rope_rows(weight: Any, heads: int) -> Any:
+    """Undo llama.cpp's q/k row order (rotary pairs interleaved per head): HF's
+    rotate-half order. numpy or JAX arrays; rows (axis 0) a multiple of 2·heads.
+
+    Args:
+        weight: (rows, ...) as the GGUF file stores it.
+        heads: the number of heads the rows hold.
+
+    Returns:
+        The rows reordered, same shape and type.
+
+    Example:
+        >>> unpermute_rope_rows(np.arange(4), 1).tolist()
+        [0, 2, 1, 3]
+    """
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def dequantize_blocks(data: np.ndarray, qtype: Q, shape: tuple[int, ...], *,
@@ -71,7 +91,7 @@ def dequantize_blocks(data: np.ndarray, qtype: Q, shape: tuple[int, ...], *,
         >>> dequantize_blocks(data, Q.Q8_0, (1, 32))[0, :3].tolist()  # d = 1.0
         [-127.0, -119.0, -111.0]
     """
-    size = BLOCK_VALUES // 2 + _HEADER[qtype] if qtype != Q.Q8_0 else BLOCK_VALUES + 2
+    size = gguf.GGML_QUANT_SIZES[qtype][1]  # bytes per block
     raw = np.asarray(data, np.uint8).reshape(-1)
     values = int(np.prod(shape))
     if values % BLOCK_VALUES or raw.size != values // BLOCK_VALUES * size:
@@ -82,4 +102,4 @@ def dequantize_blocks(data: np.ndarray, qtype: Q, shape: tuple[int, ...], *,
                               transpose=transpose)
 
 
-__all__ = ["XLA_DEQUANTIZED", "dequantize_blocks"]
+__all__ = ["XLA_DEQUANTIZED", "dequantize_blocks", "unpermute_rope_rows"]

@@ -18,6 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from jaxopt_llm.io.gguf_dequant import XLA_DEQUANTIZED, dequantize_blocks
+from jaxopt_llm.io.gguf_dequant import unpermute_rope_rows as _unpermute_rope_rows
 from jaxopt_llm.io.params import assemble_params
 from jaxopt_llm.models.config import ModelConfig
 
@@ -214,13 +215,6 @@ def _dequantize(tensor: Any, source: str) -> np.ndarray:
         raise ValueError(f"{source}: tensor {tensor.name!r} holds {array.size} values, its "
                          f"header says shape {shape}: the file is corrupted")
     return array.reshape(shape).astype(np.float32, copy=False)
-
-
-def _unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order (pairs interleaved per head) -> HF rotate-half order."""
-    rows = weight.shape[0]
-    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
