@@ -12,7 +12,7 @@ For each `--types` entry, SmolLM2 after `--recipe` is exported with `export_gguf
 Rows: file bytes, perplexity by llama.cpp and by us on the file (weight-only and with
 activation blocks), the ratios with the standard error of their logarithm (from the
 windows' paired differences: rounding activations to 8 bits makes two arithmetics that
-differ only in the order of float additions drift apart by ~0.3% of a window's NLL, so
+differ only in the order of float additions drift apart by 0.07–0.3% of a window's NLL, so
 a ratio is only as good as the number of windows behind it; the default is the
 protocol's 65,536 tokens), and llama.cpp's own greedy continuation of a prompt against
 both of ours.
