@@ -35,7 +35,8 @@ from pathlib import Path
 
 ROWS = ("fp32", "magnitude-50", "wanda-50", "sparsegpt-50", "nm-2:4", "wanda-2:4",
         "sparsegpt-2:4", "heads-25", "heads-25-act", "mlp-25", "mlp-25-act", "svd-20",
-        "asvd-20", "svdllm-20", "svd-40", "asvd-40", "svdllm-40", "w4g128",
+        "asvd-20", "svdllm-20", "svdllm-20-global", "svd-40", "asvd-40", "svdllm-40",
+        "svdllm-40-global", "w4g128",
         "sparsegpt-2:4+w4g128-gptq")
 # The best of each family, recovered by default.
 RECOVER = ("sparsegpt-50", "sparsegpt-2:4", "mlp-25-act", "svdllm-20",
@@ -47,17 +48,22 @@ def log(message: str) -> None:
 
 
 def recipe_named(name: str):
-    """A built-in recipe, or the 40% variants of svd-20 / asvd-20 (same ops, ratio 0.4)."""
+    """A built-in recipe, the 40% variants of svd-20 / asvd-20 (same ops, ratio 0.4), or
+    SVD-LLM with ranks allocated over all linears ("-global", as asvd-20's)."""
     from jaxopt_llm import load_recipe
     from jaxopt_llm.pipeline import Recipe, Stage
     from jaxopt_llm.rules import BLOCK_LINEARS, rule
 
     extra = {"svd-40": rule(BLOCK_LINEARS, "svd", ratio=0.4),
-             "asvd-40": rule(BLOCK_LINEARS, "asvd", ratio=0.4, allocation="global")}
+             "asvd-40": rule(BLOCK_LINEARS, "asvd", ratio=0.4, allocation="global"),
+             "svdllm-20-global": rule(BLOCK_LINEARS, "svdllm", ratio=0.2,
+                                      allocation="global"),
+             "svdllm-40-global": rule(BLOCK_LINEARS, "svdllm", ratio=0.4,
+                                      allocation="global"),
+             }
     if name in extra:
-        return Recipe(name=name, description=f"{name[:-3]} removing 40% of the block "
-                      "linears' parameters", stages=(Stage(name="factorize",
-                                                           rules=(extra[name],)),))
+        return Recipe(name=name, description=f"{name} of the block linears' parameters",
+                      stages=(Stage(name="factorize", rules=(extra[name],)),))
     return load_recipe(name)
 
 

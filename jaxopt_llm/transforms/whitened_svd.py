@@ -15,7 +15,10 @@ layer's *outputs* on calibration inputs A (tokens × d_in), not for the weights:
   ε·mean(diag)·I added, ε from 1e-6 up ×10, with a warning.
 
 Ranks come from `rank`, `ratio` or `energy` exactly as for plain SVD (`lowrank.svd_rank`;
-energy is measured on the scaled spectrum); the result is the same `LowRankWeight`.
+energy is measured on the scaled spectrum), or with `allocation="global"` from one
+parameter budget over all selected linears, each linear's cost of a rank being its
+whitened output error (`allocate_ranks`; a linear may stay dense); the result is the
+same `LowRankWeight`.
 Kernels (d_in, d_out), input channel j = row j. SVDs run on the host in float64. Blocks
 are factorized layer-sequentially (each block's statistics come from the outputs of
 the blocks already factorized, as SVD-LLM's authors do).
@@ -49,7 +52,9 @@ ALLOCATIONS = ("uniform", "global")
 class SVDLLMOptions(SVDOptions):
     """The rank (rank / ratio / energy, as `svd`) and how a `ratio` is spread: "uniform"
     (every linear loses that share) or "global" (the selected linears together lose it,
-    each keeping the ranks that cost its outputs least: `allocate_ranks`).
+    each keeping the rank that costs its outputs least, or staying dense:
+    `allocate_ranks`; the ranks come from one pass over the model as it is, the factors
+    layer-sequentially as for "uniform").
 
     Example:
         >>> SVDLLMOptions(ratio=0.2, allocation="global").allocation
@@ -189,26 +194,51 @@ def svdllm_factorize(w: Any, gram: Any, options: SVDOptions, name: str = "weight
     return LowRankWeight(u=jnp.asarray(u, w.dtype), v=jnp.asarray(v, w.dtype))
 
 
+def _lower_hull(points: list[tuple[int, float, int | None]]
+                ) -> list[tuple[int, float, int | None]]:
+    """The lower convex hull of (parameters, error, rank) points, parameters descending:
+    the choices worth taking one after another, each step the cheapest per parameter."""
+    hull: list[tuple[int, float, int | None]] = []
+    for point in sorted(points, key=lambda p: -p[0]):
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
+            # drop hull[-1] when it lies on or above the chord from hull[-2] to point
+            if (y1 - y0) * (x0 - point[0]) >= (point[1] - y0) * (x0 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
 def allocate_ranks(spectra: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]],
-                   ratio: float) -> dict[str, int]:
-    """Per-linear ranks that together remove `ratio` of the linears' parameters, dropping
-    first the singular values that cost least output error per parameter saved.
+                   ratio: float, *, keep_dense: bool = True) -> dict[str, int | None]:
+    """Per-linear ranks that together remove `ratio` of the linears' parameters, spending
+    the budget where dropping singular values costs the outputs least.
 
     With SVD-LLM's whitening, dropping σ_i of a linear adds σ_i² to its squared output
     error on the calibration inputs; divided by the linear's output energy Σσ² it is a
-    share comparable across linears (the sensitivity measure). Ranks start at the
-    largest that saves parameters, k·(m + n) < m·n, and never go below 1.
+    share comparable across linears (the sensitivity measure). Each linear's choices are
+    rank k (k·(m + n) parameters, error Σ_{i≥k} σ_i² / Σσ²) for 1 ≤ k with k·(m + n) <
+    m·n, or, with `keep_dense`, its dense kernel (m·n parameters, no error): a square
+    kernel factorized at all keeps at most half its spectrum, which can cost more than
+    shrinking another linear further. Steps along each linear's lower convex hull of
+    (parameters, error) are taken cheapest error per parameter first until the budget
+    holds; the last step stops at the first rank within it that meets the budget.
 
     Args:
         spectra: per linear, its whitened singular values (descending).
         shapes: per linear, its kernel shape (m, n).
         ratio: the share of Σ m·n to remove, in (0, 1).
+        keep_dense: whether a linear may stay dense (None in the result).
 
     Returns:
-        {linear: rank}, with Σ rank·(m + n) ≤ (1 − ratio)·Σ m·n.
+        {linear: rank, or None for a linear kept dense}, with Σ parameters ≤
+        (1 − ratio)·Σ m·n.
 
     Raises:
-        ValueError: even rank 1 everywhere exceeds the budget (by how many parameters).
+        ValueError: a shape no rank saves parameters for; even rank 1 everywhere exceeds
+            the budget (by how many parameters).
 
     Example:
         >>> spectra = {"a": np.array([4.0, 3.0, 0.1]), "b": np.array([5.0, 1.0, 1.0])}
@@ -217,32 +247,45 @@ def allocate_ranks(spectra: Mapping[str, Any], shapes: Mapping[str, tuple[int, i
     """
     dense = sum(m * n for m, n in shapes.values())
     budget = (1.0 - ratio) * dense
-    ranks = {}
+    top = {}
     for name, (m, n) in shapes.items():
-        ranks[name] = min((m * n - 1) // (m + n), len(spectra[name]))
-        if ranks[name] < 1:
+        top[name] = min((m * n - 1) // (m + n), len(spectra[name]))
+        if top[name] < 1:
             raise ValueError(f"{name} {(m, n)}: no rank saves parameters for this shape")
     floor = sum(m + n for m, n in shapes.values())
     if floor > budget:
         raise ValueError(f"ratio {ratio}: rank 1 in every linear keeps {floor:,} parameters, "
                          f"{floor - budget:,.0f} more than the budget of {budget:,.0f}; use "
                          f"a ratio of at most {1 - floor / dense:.4f}")
-    drops = []  # (cost per parameter, -index, linear): tail first within a linear
-    for name, sigma in spectra.items():
-        energy = np.square(np.asarray(sigma, np.float64))
-        total = float(energy.sum()) or 1.0
+    steps = []  # (error per parameter saved, order, index, linear, from, to)
+    choice: dict[str, int | None] = {}
+    cost = 0
+    for order, (name, sigma) in enumerate(spectra.items()):
         m, n = shapes[name]
-        for i in range(1, ranks[name]):
-            drops.append((energy[i] / total / (m + n), -i, name))
-    drops.sort()
-    cost = sum(ranks[name] * (m + n) for name, (m, n) in shapes.items())
-    for _, _, name in drops:
+        energy = np.square(np.asarray(sigma, np.float64))
+        tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]]) / (float(energy.sum())
+                                                                         or 1.0)
+        points = [(k * (m + n), float(tail[k]), k) for k in range(1, top[name] + 1)]
+        if keep_dense:
+            points.append((m * n, 0.0, None))
+        hull = _lower_hull(points)
+        choice[name] = hull[0][2]
+        cost += hull[0][0]
+        slope = 0.0  # rises along a convex hull; the max keeps rounding from reordering
+        for a, b in zip(hull, hull[1:], strict=False):
+            slope = max(slope, (b[1] - a[1]) / (a[0] - b[0]))
+            steps.append((slope, order, len(steps), name, a, b))
+    steps.sort(key=lambda step: step[:3])
+    for _, _, _, name, (size, _, _), (size_after, _, rank_after) in steps:
         if cost <= budget:
             break
         m, n = shapes[name]
-        ranks[name] -= 1
-        cost -= m + n
-    return ranks
+        if cost - (size - size_after) <= budget:  # a rank inside this step is enough
+            rank = max(min(int((size - (cost - budget)) // (m + n)), top[name]), rank_after)
+            choice[name], cost = rank, cost - size + rank * (m + n)
+            break
+        choice[name], cost = rank_after, cost - size + size_after
+    return choice
 
 
 def _check(flat: Mapping[str, Any], paths: list[str], config: Any, op: str,
@@ -294,25 +337,29 @@ def _apply_for(op: str):
             return config, each_linear_sequentially(
                 flat, by_block, config, calibration,
                 lambda w, path, stats: _factorize_one(op, w, path, stats, options))
-        # global: every linear's statistics first (one pass of the model as it is), the
-        # ranks from all of them, then each linear factorized from its statistics
+        # global: every linear's statistics first (one pass of the model as it is) give
+        # the ranks; then the blocks are factorized in order with those ranks, each from
+        # the inputs the blocks already factorized give it (a rank of None: stays dense)
         stats = linear_statistics(config, tree.unflatten(dict(flat)), calibration)
-        of = {path: stats[path.rsplit("/", 1)[0]] for path in paths}
         spectra = {}
         for path in paths:
-            lower, _ = whitening(of[path].gram, path)
+            lower, _ = whitening(stats[path.rsplit("/", 1)[0]].gram, path)
             spectra[path] = np.linalg.svd(lower.T @ np.asarray(flat[path], np.float64),
                                           compute_uv=False)
         ranks = allocate_ranks(spectra, {p: tuple(flat[p].shape) for p in paths},
                                options.ratio)
-        out = dict(flat)
-        for path in paths:
+
+        def factorize(w: Any, path: str, linear_stats: Any) -> Any:
+            if ranks[path] is None:
+                return w
             fixed = dataclasses.replace(options, ratio=None, rank=ranks[path],
                                         allocation="uniform")
             with warnings.catch_warnings():  # whitening warned once above
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out[path] = _factorize_one(op, flat[path], path, of[path], fixed)
-        return config, out
+                return _factorize_one(op, w, path, linear_stats, fixed)
+
+        return config, each_linear_sequentially(flat, by_block, config, calibration,
+                                                factorize)
 
     return apply
 
