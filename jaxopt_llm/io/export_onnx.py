@@ -33,7 +33,7 @@ compressed weight would be widened):
   masked, N:M sparse, anything else  → widened to a float32 initializer (listed).
 Token tables are written float, or, when int8 symmetric per row (the weight-quantizing
 built-in recipes), as INT8 codes with one scale per row behind DequantizeLinear: the file
-keeps the codes, onnxruntime dequantizes the table once at load (listed as "int8-table");
+keeps the codes, onnxruntime dequantizes the table as it runs (listed as "int8-table");
 other quantized tables are widened. A tied head reads the same table through
 Gemm(transB) without a second copy.
 """
@@ -86,7 +86,7 @@ class ONNXTensor:
     """One parameter: what it is here and how it is written ("float", "packed": integer
     codes kept, "int8-activations": W8A8 codes in MatMulInteger, "factors": two
     matmuls, "int8-table": a token table's int8 codes and row scales, dequantized by the
-    runtime at load, "widened": written as its dense float32 weight)."""
+    runtime, "widened": written as its dense float32 weight)."""
 
     path: str
     stored_as: str
