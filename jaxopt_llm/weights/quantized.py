@@ -669,11 +669,12 @@ def _blockwise_int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     w_scale = jnp.take(scale.astype(jnp.float32), jnp.asarray(group_of_block), axis=0)
     lead = x.shape[:-1]
     xq, x_scale, x_sum = quantize_activations_blockwise(x.reshape(-1, k), block)  # (M, B, ·)
-    # Σ_b d_x·d_w·(q_x · q_w) as one float GEMM of the exact dequantized values
-    # (d·q is exact in float32: an fp16 scale times a code of ≤ 8 bits); only the order
-    # of the float additions differs from a per-block int32 dot, as llama.cpp's own
-    # kernels differ among themselves. A batched per-block dot would materialize
-    # (blocks, M, N): 1.8 GB for a 512-token window against a 49k-row tied head.
+    # Σ_b d_x·d_w·(q_x · q_w) as one float GEMM of the dequantized values: d·q is exact
+    # in float32 for float16 scales (the activations' always, GGUF blocks' too) times
+    # codes of ≤ 8 bits, so only the order of the float additions differs from a
+    # per-block int32 dot, as llama.cpp's own kernels differ among themselves. A batched
+    # per-block dot would materialize (blocks, M, N): 1.8 GB for a 512-token window
+    # against a 49k-row tied head.
     x_hat = (xq.astype(jnp.float32) * x_scale).reshape(-1, k)
     w_hat = (codes.astype(jnp.float32) * w_scale).reshape(k, n)
     y = jnp.dot(x_hat, w_hat, precision=jax.lax.Precision.HIGHEST)
