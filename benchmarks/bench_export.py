@@ -17,7 +17,8 @@ weights:
            evaluation's figure).
 
 Run:  python benchmarks/bench_export.py --json benchmarks/results/export.json \\
-          [--recipes fp32,w8,w4g128] [--tokens 4096] [--new-tokens 32]
+          [--recipes fp32,w8,w4g128,w4g128+float-table] [--models smollm2-135m] \\
+          [--tokens 4096] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
 
-    from jaxopt_llm import load_model, load_recipe, pydoc_text
+    # a built-in, or `+float-table`: without the int8 token-table rule
+    from bench_decode import bench_recipe
+
+    from jaxopt_llm import load_model, pydoc_text
     from jaxopt_llm.encoders import sentences
     from jaxopt_llm.io.export_onnx import DATA_FILE, MODEL_FILE, export_onnx
     from jaxopt_llm.recipes import apply_recipe
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         float_model = load_model(model_name)
         ids = float_model.tokenizer.encode(text)
         for name in args.recipes.split(","):
-            loaded = apply_recipe(float_model, load_recipe(name))
+            loaded = apply_recipe(float_model, bench_recipe(name))
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 out, plan = export_onnx(loaded.config, loaded.params, loaded.tokenizer,
