@@ -29,7 +29,7 @@ ratios within one run):
 - eval tok/s: perplexity of the first `--eval-tokens` (4,096) tokens in windows of 512
   (docs/evaluation.md), every token but a window's first scored; ours `perplexity()`, HF
   one forward per window (`HFRunner.eval_nll`), llama.cpp `llama_cpp_eval` (`logits_all`,
-  NLL in numpy float32: bench_gguf_llamacpp's float64 one costs as much as the forward).
+  NLL from the float32 logits: bench_gguf_llamacpp's `llama_cpp_window_nll`).
   The perplexity itself is the last column (ppl).
 - long prefill s: seconds of the prefill of the first `--long-tokens` (4,096) tokens (ours
   `generate`, HF one forward, llama.cpp `eval` in batches of 512).
@@ -83,6 +83,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_decode import FLOAT_TABLE, bench_recipe, llama_cpp_child  # noqa: E402
 from bench_foundation import TORCH_THREADS, HFRunner, load_hf, log  # noqa: E402
+from bench_gguf_llamacpp import llama_cpp_ppl  # noqa: E402
 from bench_startup import START_PROMPT, run_generate  # noqa: E402
 
 DEFAULT_RECIPES = ("fp32,bf16,w8,w8+float-table,w8a8,w4g128,w4g128+float-table,nm-2:4,svd-20,"
@@ -247,28 +248,9 @@ def hf_child(entry: dict, ids: list[int], s: argparse.Namespace) -> dict[str, An
 
 
 def llama_cpp_eval(path: Path, ids: list[int], tokens: int) -> tuple[float, float]:
-    """llama.cpp's perplexity and eval tok/s on windows of 512: as
-    `bench_gguf_llamacpp.llama_cpp_ppl`, but the NLL from the float32 logits in float32
-    (summed in float64): that function widens each window's 512 × 49,152 logits to float64
-    first, which takes ~0.7-1.2 s a window here, as long as llama.cpp's forward itself."""
-    import llama_cpp
-    import numpy as np
-
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=EVAL_WINDOW, n_batch=EVAL_WINDOW,
-                            logits_all=True, n_threads=THREADS, n_threads_batch=THREADS,
-                            verbose=False)
-    windows = np.asarray(ids[:tokens]).reshape(-1, EVAL_WINDOW)
-    nll = 0.0
-    start = time.perf_counter()
-    for window in windows:
-        model.reset()
-        model.eval([int(t) for t in window])
-        logits = model.scores[:EVAL_WINDOW - 1]  # float32 rows predicting tokens 1…511
-        top = logits.max(-1)
-        lse = np.log(np.exp(logits - top[:, None]).sum(-1, dtype=np.float64)) + top
-        nll += float((lse - logits[np.arange(EVAL_WINDOW - 1), window[1:]]).sum())
-    seconds = time.perf_counter() - start
-    return math.exp(nll / (windows.shape[0] * (EVAL_WINDOW - 1))), windows.size / seconds
+    """llama.cpp's perplexity and eval tok/s on windows of 512
+    (`bench_gguf_llamacpp.llama_cpp_ppl`, its batch threads pinned to THREADS)."""
+    return llama_cpp_ppl(path, ids, tokens, n_threads_batch=THREADS)
 
 
 def llama_child(entry: dict, ids: list[int], s: argparse.Namespace) -> dict[str, Any]:
