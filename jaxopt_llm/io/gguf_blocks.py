@@ -22,6 +22,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm.io.gguf_dequant import split_blocks
 from jaxopt_llm.io.gguf_file import _LLAMA_NAMES, _unpermute_rope_rows, load_gguf
 from jaxopt_llm.models import ModelConfig
 from jaxopt_llm.tree import flatten, unflatten
@@ -34,18 +35,13 @@ _LAYOUT = {Q.Q8_0: (8, True), Q.Q4_0: (4, True), Q.Q4_1: (4, False)}  # bits, sy
 
 def _blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(codes (R, C) as stored: int8 or unsigned nibbles, d (R, C/32), m or None)."""
-    qtype = tensor.tensor_type
     rows_cols = tuple(int(d) for d in reversed(tensor.shape))
     rows, cols = int(np.prod(rows_cols[:-1])), rows_cols[-1]
-    raw = np.asarray(tensor.data, np.uint8).reshape(rows, cols // BLOCK, -1)
-    d = raw[..., :2].copy().view(np.float16)[..., 0]
-    if qtype == Q.Q8_0:
-        return raw[..., 2:].copy().view(np.int8).reshape(rows, cols), d, None
-    head = 4 if qtype == Q.Q4_1 else 2
-    m = raw[..., 2:4].copy().view(np.float16)[..., 0] if qtype == Q.Q4_1 else None
-    nibbles = raw[..., head:]  # (R, C/32, 16)
-    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # values 0..15, 16..31
-    return codes.reshape(rows, cols).astype(np.uint8), d, m
+    size = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]  # bytes per block
+    codes, d, m = split_blocks(np.asarray(tensor.data, np.uint8).reshape(-1, size),
+                               tensor.tensor_type)
+    return (codes.reshape(rows, cols), d.reshape(rows, cols // BLOCK),
+            None if m is None else m.reshape(rows, cols // BLOCK))
 
 
 def _leaf(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, bits: int, symmetric: bool,

@@ -28,20 +28,53 @@ _HEADER = {Q.Q8_0: 2, Q.Q4_0: 2, Q.Q4_1: 4}
 XLA_DEQUANTIZED = frozenset(_HEADER)
 
 
+def _view(x: Any, dtype: Any) -> Any:
+    """The bytes of x's last axis reinterpreted (numpy or JAX): two bytes → one float16
+    (the axis goes), one byte → one int8."""
+    if isinstance(x, np.ndarray):
+        out = np.ascontiguousarray(x).view(dtype)
+        return out[..., 0] if np.dtype(dtype).itemsize > 1 else out
+    return jax.lax.bitcast_convert_type(x, dtype)
+
+
+def split_blocks(blocks: Any, qtype: Q) -> tuple[Any, Any, Any]:
+    """A tensor's raw blocks (n, bytes per block), numpy or JAX, taken apart.
+
+    Args:
+        blocks: uint8 (n, bytes): float16 d (and, for Q4_1, float16 m), then the codes.
+        qtype: one of `XLA_DEQUANTIZED`.
+
+    Returns:
+        (codes (n, 32) in value order: int8 for Q8_0, unsigned 0..15 (uint8) for Q4_0 and
+        Q4_1; d (n,) float16; m (n,) float16 for Q4_1, else None).
+
+    Example:
+        >>> import gguf
+        >>> data = gguf.quants.quantize(np.arange(-127.0, 129.0, 8.0)[None], Q.Q8_0)
+        >>> codes, d, m = split_blocks(data.reshape(1, -1), Q.Q8_0)
+        >>> codes[0, :3].tolist(), float(d[0]), m
+        ([-127, -119, -111], 1.0, None)
+    """
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    d = _view(blocks[:, 0:2], xp.float16)
+    codes = blocks[:, _HEADER[qtype]:]
+    if qtype == Q.Q8_0:
+        return _view(codes, xp.int8), d, None
+    m = _view(blocks[:, 2:4], xp.float16) if qtype == Q.Q4_1 else None
+    return xp.concatenate([codes & 0x0F, codes >> 4], axis=1), d, m
+
+
 @functools.partial(jax.jit, static_argnames=("qtype", "shape", "rope_heads", "transpose"))
 def _blocks_to_float32(blocks: jax.Array, *, qtype: Q, shape: tuple[int, ...],
                        rope_heads: int, transpose: bool) -> jax.Array:
-    d = jax.lax.bitcast_convert_type(blocks[:, 0:2], jnp.float16).astype(jnp.float32)[:, None]
-    codes = blocks[:, _HEADER[qtype]:]
+    codes, d, m = split_blocks(blocks, qtype)
+    d = d.astype(jnp.float32)[:, None]
     if qtype == Q.Q8_0:
-        values = jax.lax.bitcast_convert_type(codes, jnp.int8).astype(jnp.float32) * d
+        values = codes.astype(jnp.float32) * d
+    elif qtype == Q.Q4_1:
+        values = d * codes.astype(jnp.float32) + m.astype(jnp.float32)[:, None]
     else:
-        unsigned = jnp.concatenate([codes & 0x0F, codes >> 4], axis=1)
-        if qtype == Q.Q4_1:
-            m = jax.lax.bitcast_convert_type(blocks[:, 2:4], jnp.float16).astype(jnp.float32)
-            values = d * unsigned.astype(jnp.float32) + m[:, None]
-        else:
-            values = d * (unsigned.astype(jnp.int8) - 8).astype(jnp.float32)
+        values = d * (codes.astype(jnp.int8) - 8).astype(jnp.float32)
     weight = values.reshape(shape)
     if rope_heads:
         weight = unpermute_rope_rows(weight, rope_heads)
@@ -102,4 +135,4 @@ def dequantize_blocks(data: np.ndarray, qtype: Q, shape: tuple[int, ...], *,
                               transpose=transpose)
 
 
-__all__ = ["XLA_DEQUANTIZED", "dequantize_blocks", "unpermute_rope_rows"]
+__all__ = ["XLA_DEQUANTIZED", "dequantize_blocks", "split_blocks", "unpermute_rope_rows"]
