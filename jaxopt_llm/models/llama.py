@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxopt_llm.models.attention import attend_with_cache
 from jaxopt_llm.models.config import ModelConfig
@@ -116,6 +117,8 @@ class LlamaModel(nn.Module):
             logits = embedding.attend(x)
         else:
             logits = Linear(cfg.vocab_size, False, name="lm_head")(x)
+            if jnp.dtype(logits.dtype).itemsize < 4:  # float32 logits, as a tied head's
+                logits = logits.astype(jnp.float32)
         return logits, (None if cache is None else tuple(new_cache))
 
 

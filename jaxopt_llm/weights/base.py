@@ -71,7 +71,7 @@ class WeightLeaf:
     def linear(self, x: jax.Array) -> jax.Array:
         """x (..., K) @ kernel (K, N...) → (..., N...), through the dense weight."""
         dense = self.materialize()
-        out = jnp.matmul(x, dense.reshape(dense.shape[0], -1).astype(x.dtype))
+        out = dense_matmul(x, dense.reshape(dense.shape[0], -1))
         return out.reshape(*x.shape[:-1], *dense.shape[1:])
 
     def embed(self, ids: jax.Array) -> jax.Array:
@@ -79,8 +79,9 @@ class WeightLeaf:
         return jnp.take(self.materialize(), ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output head: x (..., D) against the (V, D) table → logits (..., V)."""
-        return jnp.einsum("...d,vd->...v", x, self.materialize().astype(x.dtype))
+        """Tied output head: x (..., D) against the (V, D) table → logits (..., V)
+        (`dense_logits`)."""
+        return dense_logits(x, self.materialize())
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +131,56 @@ class WeightLeaf:
         """
         dense = self.materialize()
         return dense + delta.astype(dense.dtype)
+
+
+def _accumulation(dtype: Any) -> Any:
+    """float32 for inputs narrower than float32 (bfloat16, float16), else None (x's own)."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) @ a plain (K, N) weight in x's dtype, accumulated in float32.
+
+    A bfloat16 (or float16) product sums in float32 and rounds once, as torch does: more
+    accurate, and on XLA's CPU backend ~5x faster than a bfloat16 result (that dot takes
+    its bf16 GEMM library path; 512 × 576 × 1536 measured 1.5 ms against 7.5 ms).
+
+    Args:
+        x: the activations (..., K).
+        w: the kernel (K, N), any float dtype (cast to x's).
+
+    Returns:
+        (..., N) in x's dtype.
+
+    Example:
+        >>> dense_matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4))).dtype
+        dtype(bfloat16)
+    """
+    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=_accumulation(x.dtype)
+                      ).astype(x.dtype)
+
+
+def dense_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+    """A tied output head on a plain (V, D) table: x (..., D) · tableᵀ → logits (..., V).
+
+    Logits are float32 whatever the activations (bfloat16 ones are multiplied as bfloat16
+    and accumulated in float32): softmax, sampling and perplexity want them unrounded, and
+    a bf16 copy of (tokens × vocab) would cost a pass to write and another to widen.
+
+    Args:
+        x: the hidden states (..., D).
+        table: the embedding table (V, D), cast to x's dtype.
+
+    Returns:
+        (..., V) logits, float32 for float32 or narrower x (x's dtype if wider).
+
+    Example:
+        >>> dense_logits(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((5, 3))).dtype
+        dtype('float32')
+    """
+    out = jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                     preferred_element_type=_accumulation(x.dtype))
+    return out if jnp.dtype(out.dtype).itemsize >= 4 else out.astype(jnp.float32)
 
 
 def axis_spec(shape: tuple[int, ...], dims: Mapping[int, str | None], mesh: Mesh) -> PartitionSpec:

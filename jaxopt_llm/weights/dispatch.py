@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm.weights import native
-from jaxopt_llm.weights.base import WeightLeaf
+from jaxopt_llm.weights.base import WeightLeaf, dense_logits, dense_matmul
 
 
 def _check_weight(w: Any, what: str) -> None:
@@ -37,7 +37,7 @@ def linear(x: jax.Array, w: Any) -> jax.Array:
             `linear`).
 
     Returns:
-        The projection (..., d_out), in x's dtype.
+        The projection (..., d_out), in x's dtype (bfloat16 inputs accumulate in float32).
 
     Example:
         >>> linear(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
@@ -51,7 +51,7 @@ def linear(x: jax.Array, w: Any) -> jax.Array:
         y = native.native_dense_matmul(x.reshape(rows, x.shape[-1]), w)
         if y is not None:
             return y.reshape(*x.shape[:-1], w.shape[1])
-    return jnp.matmul(x, w.astype(x.dtype))
+    return dense_matmul(x, w)
 
 
 def embed(table: Any, ids: jax.Array) -> jax.Array:
@@ -82,7 +82,7 @@ def attend(x: jax.Array, table: Any) -> jax.Array:
         table: the embedding table (vocab, d): a plain array or a `WeightLeaf`.
 
     Returns:
-        The logits x · tableᵀ, shape (..., vocab).
+        The logits x · tableᵀ, shape (..., vocab), float32 (also for bfloat16 x).
 
     Example:
         >>> attend(jnp.ones((2, 3)), jnp.ones((5, 3))).shape
@@ -91,7 +91,7 @@ def attend(x: jax.Array, table: Any) -> jax.Array:
     if isinstance(table, WeightLeaf):
         return table.attend(x)
     _check_weight(table, "attend")
-    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype))
+    return dense_logits(x, table)
 
 
 def is_weight_leaf(node: Any) -> bool:

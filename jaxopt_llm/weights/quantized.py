@@ -43,7 +43,7 @@ from flax import struct
 
 from jaxopt_llm import hardware
 from jaxopt_llm.weights import native, packing
-from jaxopt_llm.weights.base import WeightLeaf
+from jaxopt_llm.weights.base import WeightLeaf, dense_logits, dense_matmul
 from jaxopt_llm.weights.quant_math import (
     QuantSpec,
     dequantize_codes,
@@ -270,7 +270,7 @@ class QuantizedWeight(WeightLeaf):
             x: the hidden states (..., D).
 
         Returns:
-            The logits x · tableᵀ, in x's dtype.
+            The logits x · tableᵀ, float32 (also for bfloat16 x).
 
         Raises:
             ValueError: for a kernel (axis=0).
@@ -284,13 +284,14 @@ class QuantizedWeight(WeightLeaf):
         if self.axis != 1:
             raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
         if self.act_group is not None:  # llama.cpp's tied head: activation blocks too
-            return _blockwise_int8_matmul(x, self)
+            y = _blockwise_int8_matmul(x, self)
+            return y if jnp.dtype(y.dtype).itemsize >= 4 else y.astype(jnp.float32)
         if native.path_in_use()[0]:  # None: not handled (rows, dtype, form)
             rows = math.prod(x.shape[:-1])
             y = native.native_attend(x.reshape(rows, x.shape[-1]), self)
             if y is not None:
                 return y.reshape(*x.shape[:-1], self.shape[0])
-        return jnp.einsum("...d,vd->...v", x, self.materialize().astype(x.dtype))
+        return dense_logits(x, self.materialize())
 
     def viewed_as(self, shape: tuple[int, ...]) -> QuantizedWeight:
         """Codes are stored as the 2-D view (K, prod(rest)) already: only the shape changes.
@@ -816,8 +817,7 @@ def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
                                    and _bf16_compute(w.compute)):
         y = _bf16_matmul(x.reshape(rows, x.shape[-1]), w)
         return y.astype(x.dtype).reshape(out_shape)
-    w2 = w.materialize().reshape(w.shape2d).astype(x.dtype)
-    return jnp.matmul(x, w2).reshape(out_shape)
+    return dense_matmul(x, w.materialize().reshape(w.shape2d)).reshape(out_shape)
 
 
 def _embed(table: QuantizedWeight, ids: jax.Array) -> jax.Array:

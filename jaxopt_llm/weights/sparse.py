@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxopt_llm.weights import packing
-from jaxopt_llm.weights.base import WeightLeaf
+from jaxopt_llm.weights.base import WeightLeaf, dense_matmul
 from jaxopt_llm.weights.dispatch import materialize as dense_of
 
 
@@ -57,7 +57,7 @@ class MaskedWeight(WeightLeaf):
         return jnp.where(self.dense_mask(), self.w, jnp.zeros((), self.w.dtype))
 
     def linear(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x, self.materialize().astype(x.dtype))
+        return dense_matmul(x, self.materialize())
 
     def add_dense(self, delta: jax.Array) -> MaskedWeight:
         """Keeps the sparsity pattern: the delta lands on kept entries only."""
@@ -148,7 +148,7 @@ class NMSparseWeight(WeightLeaf):
         return dense.reshape(k, cols)
 
     def linear(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x, self.materialize().astype(x.dtype))
+        return dense_matmul(x, self.materialize())
 
 
 def nm_sparse_weight(w: jax.Array, keep: jax.Array, kept: int, m: int) -> NMSparseWeight:

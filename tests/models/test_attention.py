@@ -117,7 +117,8 @@ def test_path_choice(monkeypatch):
     assert prefix_path(8, jnp.float32) == "flash"
     monkeypatch.setattr(attention, "prefix_attention_status", lambda: (True, "avx2"))
     assert prefix_path(8, jnp.float32) == "native"
-    assert prefix_path(8, jnp.bfloat16) == "flash"  # the kernel takes float32
+    assert prefix_path(8, jnp.bfloat16) == "native"  # widened to float32 for the kernel
+    assert prefix_path(8, jnp.float16) == "flash"
     monkeypatch.setenv(ATTENTION_ENV, "")
     assert prefix_path(8, jnp.float32) == "native"
     monkeypatch.setenv(ATTENTION_ENV, "blocked")
