@@ -92,8 +92,8 @@ def native_extensions() -> list[Extension]:
     return [
         Extension(
             "jaxopt_llm._native_gemv",
-            sources=["csrc/gemv.cc", "csrc/attention.cc", "csrc/module.cc"],
-            depends=["csrc/gemv.h", "csrc/gemv_panel.inc", "csrc/attention.h",
+            sources=["csrc/gemv.cc", "csrc/nm_gemv.cc", "csrc/attention.cc", "csrc/module.cc"],
+            depends=["csrc/gemv.h", "csrc/gemv_panel.inc", "csrc/nm_gemv.h", "csrc/attention.h",
                      "csrc/parallel_for.h"],
             include_dirs=["csrc"],
             # -isystem: the FFI headers are not warning-clean under Python's -Wall

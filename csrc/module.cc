@@ -1,11 +1,12 @@
-// The Python extension module jaxopt_llm._native_gemv: the FFI handlers of gemv.cc and
-// attention.cc as PyCapsules for jax.ffi.register_ffi_target, and what the kernels will run
+// The Python extension module jaxopt_llm._native_gemv: the FFI handlers of gemv.cc,
+// nm_gemv.cc and attention.cc as PyCapsules for jax.ffi.register_ffi_target, and what the kernels will run
 // on this CPU.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include "attention.h"
 #include "gemv.h"
+#include "nm_gemv.h"
 
 namespace {
 
@@ -20,6 +21,7 @@ PyObject* Registrations(PyObject*, PyObject*) {
       {"jaxopt_llm_table_gemv", reinterpret_cast<void*>(&JaxoptLlmTableGemv)},
       {"jaxopt_llm_table_gemv_zero", reinterpret_cast<void*>(&JaxoptLlmTableGemvZero)},
       {"jaxopt_llm_prefix_attention", reinterpret_cast<void*>(&JaxoptLlmPrefixAttention)},
+      {"jaxopt_llm_nm_gemv", reinterpret_cast<void*>(&JaxoptLlmNmGemv)},
   };
   PyObject* result = PyDict_New();
   if (result == nullptr) return nullptr;

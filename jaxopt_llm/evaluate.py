@@ -96,8 +96,8 @@ def row_logsumexp(rows: jax.Array) -> jax.Array:
 
     Example:
         >>> x = jnp.array([[0.0, 0.0], [1000.0, 1000.0]])
-        >>> row_logsumexp(x).round(4).tolist()
-        [0.6931, 1000.6931]
+        >>> [round(float(v), 3) for v in row_logsumexp(x)]
+        [0.693, 1000.693]
     """
     def block(r: jax.Array) -> jax.Array:
         peak = jax.lax.stop_gradient(r.max(-1, keepdims=True))

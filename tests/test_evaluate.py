@@ -2,13 +2,15 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxopt_llm.evaluate import perplexity  # noqa: E402
+from jaxopt_llm.evaluate import perplexity, row_logsumexp  # noqa: E402
 from jaxopt_llm.io.hf import load_hf_directory  # noqa: E402
 from jaxopt_llm.weights import param_bytes  # noqa: E402
 
@@ -64,3 +66,14 @@ def test_bad_eval_arguments(tiny, kwargs, message):
     ids = np.arange(30) % 50
     with pytest.raises(ValueError, match=message):
         perplexity(config, params, ids, **kwargs)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 13])
+def test_row_logsumexp_matches_numpy(rows):
+    """Row-chunked logsumexp (any row count, not only multiples of its chunk) against a
+    float64 numpy reference, with logits large enough to overflow an unshifted exp."""
+    x = np.random.default_rng(rows).normal(size=(rows, 1000)) * 30 + 500
+    peak = x.max(-1, keepdims=True)
+    want = np.log(np.exp(x - peak).sum(-1)) + peak[:, 0]
+    got = jax.jit(row_logsumexp)(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)

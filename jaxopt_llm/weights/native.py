@@ -171,8 +171,8 @@ def _path_from_environment() -> tuple[bool, str]:  # cache_clear() after changin
     available, description = native_status()
     if not available:
         return False, f"{description}: pure-JAX dequantize + matmul"
-    return True, (f"native {description} for ≤ {MAX_ROWS} rows (quantized, float32 and "
-                  "bfloat16 kernels); XLA above")
+    return True, (f"native {description} for ≤ {MAX_ROWS} rows (quantized, float32, "
+                  "bfloat16 and N:M sparse kernels); XLA above")
 
 
 path_in_use.cache_clear = _path_from_environment.cache_clear  # type: ignore[attr-defined]

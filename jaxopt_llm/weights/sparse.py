@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxopt_llm.weights import packing
+from jaxopt_llm.weights import native_nm, packing
 from jaxopt_llm.weights.base import WeightLeaf, dense_matmul
 from jaxopt_llm.weights.dispatch import materialize as dense_of
 
@@ -148,7 +148,10 @@ class NMSparseWeight(WeightLeaf):
         return dense.reshape(k, cols)
 
     def linear(self, x: jax.Array) -> jax.Array:
-        return dense_matmul(x, self.materialize())
+        """x (..., K) @ this kernel: at decode sizes on CPU the native kernel reads the
+        kept values and positions as stored (`native_nm`); else the expanded kernel."""
+        y = native_nm.native_nm_matmul(x, self)
+        return y if y is not None else dense_matmul(x, self.materialize())
 
 
 def nm_sparse_weight(w: jax.Array, keep: jax.Array, kept: int, m: int) -> NMSparseWeight:
