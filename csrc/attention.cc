@@ -25,6 +25,8 @@
 // 2^x is a degree-6 polynomial on the fraction (Cephes' exp2f coefficients evaluated by
 // Estrin's scheme, ≤ 1.7 ulp) times 2^n built in the exponent bits; x < -125, -inf and NaN
 // give 0.
+// The AVX-512 kernel runs the two products at twice the width (6 rows × 32 keys of scores
+// in 12 zmm accumulators, P·V 6 rows × 64 columns in 24) around the same AVX2 softmax step.
 // The portable scalar kernel computes the same steps for the whole block in plain loops;
 // the variant is chosen at run time.
 //
@@ -411,8 +413,144 @@ JAXOPT_LLM_AVX2 void BlockAvx2(const Tile& t) {
     default: return;
   }
 }
+// ----------------------------------------------------------------------------- AVX-512
+//
+// The two products at twice the width (the softmax step is the AVX2 one): scores for 6 rows
+// × 32 keys (two panels) in 12 zmm accumulators, P·V for 6 rows × 64 columns in 24.
+
+#define JAXOPT_LLM_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+// s[0:R, 0:16·P] = q[0:R] · panelsᵀ for P consecutive panels (P = 1 or 2); with kMax also
+// row_max[r] = max(row_max[r], s[r, :]).
+template <int R, int P, bool kMax>
+JAXOPT_LLM_AVX512 inline void ScorePanels512(const float* q, int64_t D, const float* panels,
+                                             float* s, int64_t W, __m512* row_max) {
+  __m512 acc[R][P];
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < P; ++i) acc[r][i] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 k[P];
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < P; ++i) k[i] = _mm512_loadu_ps(panels + (i * D + d) * kPanel);
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(q[r * D + d]);
+      JAXOPT_LLM_UNROLL
+      for (int i = 0; i < P; ++i) acc[r][i] = _mm512_fmadd_ps(x, k[i], acc[r][i]);
+    }
+  }
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < P; ++i) {
+      _mm512_storeu_ps(s + r * W + i * kPanel, acc[r][i]);
+      if constexpr (kMax) row_max[r] = _mm512_max_ps(row_max[r], acc[r][i]);
+    }
+  }
+}
+
+// o[r0:r0+R, c:c+16V] = α·o + P·V over the block's keys.
+template <int R, int V>
+JAXOPT_LLM_AVX512 inline void AccumulateBlock512(const Tile& t, int64_t r0, int64_t c) {
+  __m512 acc[R][V];
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const __m512 alpha = _mm512_set1_ps(t.alpha[r0 + r]);
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < V; ++i) {
+      acc[r][i] = _mm512_mul_ps(alpha, _mm512_loadu_ps(t.o + (r0 + r) * t.D + c + 16 * i));
+    }
+  }
+  const float* p = t.s + r0 * t.W;
+  const float* v = t.v + c;
+  for (int64_t j = 0; j < t.n; ++j, v += t.v_stride) {
+    __m512 x[V];
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < V; ++i) x[i] = _mm512_loadu_ps(v + 16 * i);
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * t.W + j]);
+      JAXOPT_LLM_UNROLL
+      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
+    }
+  }
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    JAXOPT_LLM_UNROLL
+    for (int i = 0; i < V; ++i) _mm512_storeu_ps(t.o + (r0 + r) * t.D + c + 16 * i, acc[r][i]);
+  }
+}
+
+template <int R>
+JAXOPT_LLM_AVX512 void AccumulateRows512(const Tile& t, int64_t r0) {
+  int64_t c = 0;
+  for (; c + 64 <= t.D; c += 64) AccumulateBlock512<R, 4>(t, r0, c);
+  if (c + 32 <= t.D) {
+    AccumulateBlock512<R, 2>(t, r0, c);
+    c += 32;
+  }
+  if (c + 16 <= t.D) {
+    AccumulateBlock512<R, 1>(t, r0, c);
+    c += 16;
+  }
+  if (c < t.D) AccumulateColumnsScalar(t, r0, r0 + R, c);  // the last D % 16 columns
+}
+
+template <int R>
+JAXOPT_LLM_AVX512 void BlockRows512(const Tile& t, int64_t r0) {
+  const float* q = t.q + r0 * t.D;
+  float* s = t.s + r0 * t.W;
+  const int64_t panels = t.W / kPanel;
+  const bool dense = t.mask == nullptr && t.n == t.W;  // every row sees every key
+  __m512 row_max[R];
+  JAXOPT_LLM_UNROLL
+  for (int r = 0; r < R; ++r) row_max[r] = _mm512_set1_ps(kNegInf);
+  int64_t p = 0;
+  for (; p + 2 <= panels; p += 2) {
+    const float* kp = t.kp + p * t.D * kPanel;
+    if (dense) {
+      ScorePanels512<R, 2, true>(q, t.D, kp, s + p * kPanel, t.W, row_max);
+    } else {
+      ScorePanels512<R, 2, false>(q, t.D, kp, s + p * kPanel, t.W, nullptr);
+    }
+  }
+  if (p < panels) {
+    const float* kp = t.kp + p * t.D * kPanel;
+    if (dense) {
+      ScorePanels512<R, 1, true>(q, t.D, kp, s + p * kPanel, t.W, row_max);
+    } else {
+      ScorePanels512<R, 1, false>(q, t.D, kp, s + p * kPanel, t.W, nullptr);
+    }
+  }
+  if (dense) {
+    float known_max[R];
+    JAXOPT_LLM_UNROLL
+    for (int r = 0; r < R; ++r) known_max[r] = _mm512_reduce_max_ps(row_max[r]);
+    SoftmaxRows(t, r0, R, known_max);
+  } else {
+    SoftmaxRows(t, r0, R, nullptr);
+  }
+  AccumulateRows512<R>(t, r0);
+}
+
+JAXOPT_LLM_AVX512 void BlockAvx512(const Tile& t) {
+  int64_t r = 0;
+  for (; r + kScoreRows <= t.M; r += kScoreRows) BlockRows512<kScoreRows>(t, r);
+  switch (t.M - r) {
+    case 5: return BlockRows512<5>(t, r);
+    case 4: return BlockRows512<4>(t, r);
+    case 3: return BlockRows512<3>(t, r);
+    case 2: return BlockRows512<2>(t, r);
+    case 1: return BlockRows512<1>(t, r);
+    default: return;
+  }
+}
 #else
 void BlockAvx2(const Tile& t) { BlockScalar(t); }
+void BlockAvx512(const Tile& t) { BlockScalar(t); }
 #endif  // JAXOPT_LLM_X86
 
 // ------------------------------------------------------------------------- the driver
@@ -666,11 +804,16 @@ ffi::Error PrefixAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
     }
   }
   Variant variant = static_cast<Variant>(variant_attr);
-  if (variant == Variant::kAuto) variant = HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
+  if (variant == Variant::kAuto) {
+    variant = HaveAvx512() ? Variant::kAvx512 : HaveAvx2() ? Variant::kAvx2 : Variant::kScalar;
+  }
   if (variant == Variant::kAvx2 && !HaveAvx2()) {
     return Invalid("this CPU has no AVX2 + FMA (use variant 'scalar' or 'auto')");
   }
-  if (variant != Variant::kAvx2 && variant != Variant::kScalar) {
+  if (variant == Variant::kAvx512 && !HaveAvx512()) {
+    return Invalid("this CPU has no AVX-512F (use variant 'avx2', 'scalar' or 'auto')");
+  }
+  if (variant != Variant::kAvx512 && variant != Variant::kAvx2 && variant != Variant::kScalar) {
     return Invalid("unknown variant " + std::to_string(variant_attr));
   }
   if (B == 0 || T == 0 || H == 0 || D == 0) return ffi::Error::Success();  // nothing to do
@@ -687,7 +830,9 @@ ffi::Error PrefixAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   p.Hkv = Hkv;
   p.D = D;
   const int64_t threads = tasks_attr > 0 ? tasks_attr : std::max<int64_t>(1, pool.num_threads());
-  Attend(p, variant == Variant::kAvx2 ? &BlockAvx2 : &BlockScalar,
+  Attend(p, variant == Variant::kAvx512 ? &BlockAvx512
+            : variant == Variant::kAvx2  ? &BlockAvx2
+                                         : &BlockScalar,
          [&](int64_t count, void (*fn)(const AttentionProblem&, int64_t),
              const AttentionProblem& problem) {
            const AttentionTask task{fn, &problem};

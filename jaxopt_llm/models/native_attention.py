@@ -36,9 +36,9 @@ import numpy as np
 
 from jaxopt_llm import native_extension
 
-# The kernel a call runs: the best this CPU supports, the portable one, or AVX2 + FMA (an
-# error from the kernel where the CPU lacks it).
-VARIANTS = {"auto": 0, "scalar": 1, "avx2": 2}
+# The kernel a call runs: the best this CPU supports, the portable one, AVX2 + FMA or
+# AVX-512F (an error from the kernel where the CPU lacks it).
+VARIANTS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 
 _TARGET = "jaxopt_llm_prefix_attention"
 
@@ -90,8 +90,7 @@ def prefix_attention_status() -> tuple[bool, str]:
     want = np.einsum("hts,sd->thd", weights, v[0, :, 0])[None]
     if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
         return False, f"self-check failed: {got.ravel().tolist()} != {want.ravel().tolist()}"
-    vectorised = module.best_variant() in ("avx2", "avx512")  # attention has AVX2 code only
-    return True, (f"{'avx2' if vectorised else 'scalar'} prefix attention kernel "
+    return True, (f"{module.best_variant()} prefix attention kernel "
                   "(threads as XLA's CPU pool)")
 
 
@@ -108,7 +107,8 @@ def native_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
         mask: bool (B, T, S), (1, T, S) or (T, S) with S ≥ T: mask[b, t, s] says whether
             query t sees key s; it must be False for s > t (the kernel skips those keys, and
             columns past T are dropped).
-        variant: "auto" (the best kernel for this CPU), "scalar" or "avx2" (`VARIANTS`).
+        variant: "auto" (the best kernel for this CPU), "scalar", "avx2" or "avx512"
+            (`VARIANTS`).
         tasks: threads to spread the query blocks over (0: XLA's CPU pool size).
 
     Returns:
