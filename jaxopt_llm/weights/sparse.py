@@ -1,13 +1,16 @@
 """Sparse kernels: `MaskedWeight` (any pattern) and `NMSparseWeight` (compressed N:M).
 
-MaskedWeight keeps the dense float kernel plus a 1-bit mask (packed 8 per byte); the
-forward multiplies by the mask, so pruned entries stay exactly zero even while the
-weight trains. NMSparseWeight stores only the values kept in every group of M
-consecutive inputs plus their positions in ⌈log2 M⌉ bits — the layout of 2:4 sparse tensor cores
-("Accelerating Sparse Deep Neural Networks", Mishra et al., 2021); on CPU it is
-expanded to dense before the matmul. Its `values` may themselves be a `QuantizedWeight`
-(K·kept/m, N): a sparse quantized weight ("SparseGPT", Frantar & Alistarh, 2023, §3.5:
-pruning and quantization in one sweep), whose bytes are the kept values' codes, their
+MaskedWeight keeps the dense float kernel, zero where pruned, plus a 1-bit mask (packed 8
+per byte); the forward multiplies the stored kernel as it is (the dense product's speed,
+no mask expanded per call) and the derivative is masked, so pruned entries stay exactly
+zero while the weight trains (training also projects them back after each update).
+NMSparseWeight stores only the values kept in every group of M consecutive inputs plus their
+positions in ⌈log2 M⌉ bits — the layout of 2:4 sparse tensor cores ("Accelerating Sparse
+Deep Neural Networks", Mishra et al., 2021); on CPU a native kernel reads them as stored at
+decode sizes (`native_nm`), longer inputs expand them to dense before the matmul. Its
+`values` may themselves be a `QuantizedWeight` (K·kept/m, N): a sparse quantized weight
+("SparseGPT", Frantar & Alistarh, 2023, §3.5: pruning and quantization in one sweep), whose
+bytes are the kept values' codes, their
 scales and the positions.
 """
 
@@ -22,6 +25,7 @@ from flax import struct
 
 from jaxopt_llm.weights import native_nm, packing
 from jaxopt_llm.weights.base import WeightLeaf, dense_matmul
+from jaxopt_llm.weights.dispatch import linear
 from jaxopt_llm.weights.dispatch import materialize as dense_of
 
 
@@ -57,11 +61,29 @@ class MaskedWeight(WeightLeaf):
         return jnp.where(self.dense_mask(), self.w, jnp.zeros((), self.w.dtype))
 
     def linear(self, x: jax.Array) -> jax.Array:
-        return dense_matmul(x, self.materialize())
+        """x (..., K) @ this kernel, with `w` as stored: no mask is expanded per call, so
+        the product is the dense one's (the native GEMV at decode sizes on CPU).
+
+        It relies on `w` being zero where masked: `masked_weight` zeroes it, training
+        projects it back after every update, and the derivative for `w` is masked, so
+        pruned entries receive no gradient. Build instances with `masked_weight`."""
+        return _masked_linear(x, self)
 
     def add_dense(self, delta: jax.Array) -> MaskedWeight:
         """Keeps the sparsity pattern: the delta lands on kept entries only."""
         return masked_weight(self.w + delta, self.dense_mask())
+
+
+@jax.custom_jvp
+def _masked_linear(x: jax.Array, w: MaskedWeight) -> jax.Array:
+    """x @ w.w (zero where masked); its derivative is the masked product's."""
+    return linear(x, w.w)
+
+
+@_masked_linear.defjvp
+def _masked_linear_jvp(primals, tangents):
+    _, tangent = jax.jvp(lambda x, w: dense_matmul(x, w.materialize()), primals, tangents)
+    return _masked_linear(*primals), tangent
 
 
 def masked_weight(w: jax.Array, keep: jax.Array) -> MaskedWeight:

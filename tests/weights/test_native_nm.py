@@ -113,3 +113,27 @@ def test_the_kernel_refuses_inconsistent_operands():
     bad = w.replace(index=w.index[:, :4])
     with pytest.raises(Exception, match=r"positions \(8, 4\) do not match values \(32, 8\)"):
         jax.block_until_ready(native_nm._call(jnp.ones((1, 64)), bad, "auto", 0))
+
+
+def test_masked_weight_multiplies_the_stored_kernel_with_a_masked_derivative(monkeypatch):
+    """MaskedWeight.linear runs the dense product of its stored (zeroed) kernel, the native
+    GEMV at decode sizes, and pruned entries get no gradient."""
+    from jaxopt_llm.weights.sparse import masked_weight
+
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(64, 24)).astype(np.float32)
+    keep = rng.random((64, 24)) < 0.5
+    masked = masked_weight(jnp.asarray(w), jnp.asarray(keep))
+    dense = w * keep
+    for rows in (1, 8, 33):
+        x = rng.normal(size=(rows, 64)).astype(np.float32)
+        assert_product(jax.jit(masked.linear)(jnp.asarray(x)), x, dense)
+    if native.path_in_use()[0]:
+        text = str(jax.make_jaxpr(masked.linear)(jnp.ones((1, 64), jnp.float32)))
+        assert "jaxopt_llm_weight_gemv" in text and "unpack" not in text
+    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(3, 24)), jnp.float32)
+    grad = jax.grad(lambda values: jnp.sum(masked.replace(w=values).linear(x) * c))(masked.w)
+    want = (np.asarray(x).T @ np.asarray(c)) * keep  # d/dw of Σ c·(x @ (w·keep))
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(grad)[~keep].any()
