@@ -86,7 +86,8 @@ from bench_foundation import TORCH_THREADS, HFRunner, load_hf, log  # noqa: E402
 from bench_gguf_llamacpp import llama_cpp_ppl  # noqa: E402
 from bench_startup import START_PROMPT, run_generate  # noqa: E402
 
-DEFAULT_RECIPES = ("fp32,bf16,w8,w8+float-table,w8a8,w4g128,w4g128+float-table,nm-2:4,svd-20,"
+DEFAULT_RECIPES = ("fp32,bf16,w8,w8+float-table,w8a8,w4g128,w4g128+float-table,nm-2:4,magnitude-50,"
+                   "svd-20,"
                    "w4g128-gptq")
 QUICK_RECIPES = "fp32,w8"
 DEFAULT_LLAMA = "f32,bf16,q8_0,q4_1"
