@@ -65,8 +65,9 @@ void PanelScalar(const NmProblem& p, int64_t c0, int64_t c1) {
     const int64_t base = (vr / p.kept) * p.m;
     const float* v = p.values + vr * p.N;
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t k = base + Position(p, vr, c);
-      for (int64_t r = 0; r < p.rows; ++r) acc[r][c - c0] += p.x[r * p.K + k] * v[c];
+      const int slot = Position(p, vr, c);
+      if (slot >= p.m) continue;  // not a position (a damaged index): what materialize drops
+      for (int64_t r = 0; r < p.rows; ++r) acc[r][c - c0] += p.x[r * p.K + base + slot] * v[c];
     }
   }
   for (int64_t r = 0; r < p.rows; ++r) std::memcpy(p.y + r * p.N + c0, acc[r], 4 * width);
@@ -84,7 +85,9 @@ __attribute__((target("avx2,fma"))) void PanelAvx2(const NmProblem& p, int64_t c
   __m256 inputs[kMaxRows];
   int64_t group = -1;
   for (int64_t vr = 0; vr < value_rows; ++vr) {
-    if (vr / p.kept != group) {  // the group's m inputs in lanes 0..m-1 of each row
+    if (vr / p.kept != group) {  // the group's m inputs in lanes 0..m-1 of each row, zeros
+      // above (a position code ≥ m, only in a damaged index, picks a zero as the scalar
+      // code skips it)
       group = vr / p.kept;
       for (int64_t r = 0; r < p.rows; ++r) {
         alignas(32) float lanes[8] = {};
@@ -109,8 +112,9 @@ __attribute__((target("avx2,fma"))) void PanelAvx2(const NmProblem& p, int64_t c
     }
     const int64_t base = group * p.m;
     for (int64_t c = vector_end; c < c1; ++c) {
-      const int64_t k = base + Position(p, vr, c);
-      for (int64_t r = 0; r < p.rows; ++r) acc[r][c - c0] += p.x[r * p.K + k] * v[c];
+      const int slot = Position(p, vr, c);
+      if (slot >= p.m) continue;  // as the permute: lanes m..7 hold zeros
+      for (int64_t r = 0; r < p.rows; ++r) acc[r][c - c0] += p.x[r * p.K + base + slot] * v[c];
     }
   }
   for (int64_t r = 0; r < p.rows; ++r) std::memcpy(p.y + r * p.N + c0, acc[r], 4 * width);

@@ -70,12 +70,12 @@ def test_non_finite_perplexity_is_an_error_and_json_stays_valid(capsys, tmp_path
     from jaxopt_llm import evaluate
 
     monkeypatch.setattr(evaluate, "window_nll",
-                        lambda params, windows, config: jnp.full(windows.shape[:1], jnp.nan))
+                        lambda params, windows, config, **_: jnp.full(windows.shape[:1], jnp.nan))
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         evaluate.perplexity(evaluate.ModelConfig.tiny(), {}, list(range(64)), num_tokens=64,
                             window=32)
     monkeypatch.setattr(evaluate, "window_nll",
-                        lambda params, windows, config: jnp.full(windows.shape[:1], 1e6))
+                        lambda params, windows, config, **_: jnp.full(windows.shape[:1], 1e6))
     with pytest.raises(FloatingPointError, match="perplexity overflows"):
         evaluate.perplexity(evaluate.ModelConfig.tiny(), {}, list(range(64)), num_tokens=64,
                             window=32)

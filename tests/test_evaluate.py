@@ -77,3 +77,20 @@ def test_row_logsumexp_matches_numpy(rows):
     want = np.log(np.exp(x - peak).sum(-1)) + peak[:, 0]
     got = jax.jit(row_logsumexp)(jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    hidden = jnp.full((rows, 5), -jnp.inf).at[0, 1].set(2.0)  # all -inf rows stay -inf
+    got = np.asarray(jax.jit(row_logsumexp)(hidden))
+    assert got[0] == np.float32(2.0) and np.all(got[1:] == -np.inf)
+
+
+def test_window_nll_is_the_same_with_and_without_row_chunks(tmp_path):
+    """The CPU row-chunked logsumexp and the one-shot one give the same window NLLs."""
+    from jaxopt_llm.evaluate import window_nll
+    from jaxopt_llm.models import ModelConfig, init_params
+
+    config = ModelConfig.tiny()
+    params = init_params(config, jax.random.PRNGKey(0))
+    windows = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 17)),
+                          jnp.int32)
+    chunked = window_nll(params, windows, config=config, row_chunks=True)
+    plain = window_nll(params, windows, config=config)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), rtol=1e-6)

@@ -13,7 +13,8 @@
   block's end are never visited, and the program size does not grow with T (a scan over
   query blocks, a while loop over key blocks).
 - a native CPU kernel of the same algorithm (`jaxopt_llm.models.native_attention`, built
-  by `pip install -e .`), where it is built and the inputs are float32 on a CPU.
+  by `pip install -e .`), where it is built and the inputs are float32 (or bfloat16,
+  widened to float32 for it) on a CPU.
 
 `prefix_attention` chooses: the native kernel where it runs, else the pure-JAX flash path
 from `FLASH_MIN_LENGTH` tokens on, else the blocked path. Under differentiation every
@@ -256,8 +257,9 @@ def describe_prefix_attention() -> str:
     """One line for `jaxopt-llm info`: which prefix-attention path runs here, and why.
 
     Returns:
-        e.g. "native avx2 prefix attention kernel (threads as XLA's CPU pool) for float32; other
-        dtypes: pure-JAX flash (blocks of 256) from 1024 tokens, blocked below".
+        e.g. "native avx512 prefix attention kernel (threads as XLA's CPU pool) for float32
+        and bfloat16; other dtypes: pure-JAX flash (blocks of 256) from 1024 tokens, blocked
+        below".
 
     Example:
         >>> isinstance(describe_prefix_attention(), str)

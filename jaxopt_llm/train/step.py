@@ -3,8 +3,9 @@
 The parameter tree may hold typed leaves: `FakeQuantWeight` (quantization-aware
 training with a straight-through gradient, "Quantization and Training of Neural
 Networks for Efficient Integer-Arithmetic-Only Inference", Jacob et al., 2018),
-`MaskedWeight` (pruned entries stay exactly zero: the forward multiplies by the mask,
-so their gradient is zero, and AdamW's decay keeps a zero at zero) or `LowRankWeight`.
+`MaskedWeight` (pruned entries stay exactly zero: their derivative is masked, so their
+gradient is zero, AdamW's decay keeps a zero at zero, and each update is projected back
+onto the mask) or `LowRankWeight`.
 What trains is chosen by path rules on the flattened arrays ("…/kernel/w" is a fake-
 quantized master weight, "…/kernel/u" a low-rank factor); integer arrays (codes,
 masks) never train. The step computes the causal-LM loss, optionally mixed with a

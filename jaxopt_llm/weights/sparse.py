@@ -34,7 +34,9 @@ class MaskedWeight(WeightLeaf):
     """A kernel (K, N) with any sparsity pattern: the dense values plus a 1-bit keep-mask.
 
     Fields: `w` (K, N) float, zero where masked; `mask` (⌈K/8⌉, N) uint8, one bit per
-    entry packed along K. Build it with `masked_weight`.
+    entry packed along K. Build it with `masked_weight`, which zeroes `w` where masked:
+    `linear` multiplies `w` as stored and relies on it (a hand-built instance whose `w` is
+    not zero there computes with those entries; `materialize` drops them).
 
     Example:
         >>> w = jnp.arange(8.0).reshape(4, 2)
