@@ -496,7 +496,11 @@ JAXOPT_LLM_AVX512 void AccumulateRows512(const Tile& t, int64_t r0) {
     AccumulateBlock512<R, 1>(t, r0, c);
     c += 16;
   }
-  if (c < t.D) AccumulateColumnsScalar(t, r0, r0 + R, c);  // the last D % 16 columns
+  if (c + 8 <= t.D) {  // the AVX2 block: the same sums, in the same order, as that kernel
+    AccumulateBlock<R, 1>(t, r0, c);
+    c += 8;
+  }
+  if (c < t.D) AccumulateColumnsScalar(t, r0, r0 + R, c);  // the last D % 8 columns
 }
 
 template <int R>
