@@ -49,9 +49,10 @@ kernel's columns.
 
 `native_matmul` returns None where the kernel does not apply (`supports`): tables (axis 1,
 see `native_attend`), W8A8 (act_bits), other widths (2, 3, 5, 6, 7 bits), odd 4-bit group
-sizes, more than `MAX_ROWS` rows, non-float32 inputs or weights (materialize() would round
-the weight to that dtype; the kernel does not), a default backend other than CPU, or the
-extension missing; `native_attend` likewise for tables.
+sizes, more than `MAX_ROWS` rows, inputs other than float32 / bfloat16 (bfloat16 is widened
+to float32 exactly; the result is float32), weights other than float32 (materialize() would
+round the weight to that dtype; the kernel does not), a default backend other than CPU, or
+the extension missing; `native_attend` likewise for tables.
 Both calls differentiate as the pure-JAX product does (a custom JVP; the kernels
 themselves have no derivative) and know nothing of meshes: arrays sharded
 over several devices are not its use.
@@ -81,6 +82,9 @@ _TARGET_ZERO = "jaxopt_llm_weight_gemv_zero"
 _TABLE_TARGET = "jaxopt_llm_table_gemv"
 _TABLE_TARGET_ZERO = "jaxopt_llm_table_gemv_zero"
 _SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+# Activations the quantized kernels take: bfloat16 (--compute bfloat16) is widened to float32,
+# exactly, on the way in; decode-sized inputs make that a few KB.
+_ACTIVATIONS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 # The extension, loaded and registered once for every native kernel of the package.
@@ -246,7 +250,8 @@ def native_matmul(x2: jax.Array, w: Any, *, variant: str = "auto",
     of the sums differs), without materializing the weight. Works under `jit` and `vmap`.
 
     Args:
-        x2: float32 activations (M, K), M ≤ `MAX_ROWS`.
+        x2: float32 or bfloat16 activations (M, K), M ≤ `MAX_ROWS` (bfloat16 is widened:
+            the kernel multiplies float32, exactly the widened values).
         w: a weight-only `QuantizedWeight` of a kernel (axis 0) with `w.shape2d[0] == K`.
         variant: "auto" (the best kernel for this CPU), "scalar", "avx2" or "avx512"
             (`VARIANTS`; tables run their AVX2 code under "avx512").
@@ -254,7 +259,7 @@ def native_matmul(x2: jax.Array, w: Any, *, variant: str = "auto",
 
     Returns:
         The float32 (M, N) product, or None when `supports(w, M)` is false, x2 is not a
-        float32 (M, K) matrix, or the extension is not available.
+        float32 / bfloat16 (M, K) matrix, or the extension is not available.
 
     Raises:
         ValueError: for an unknown `variant`.
@@ -267,12 +272,14 @@ def native_matmul(x2: jax.Array, w: Any, *, variant: str = "auto",
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    if x2.ndim != 2 or x2.dtype != jnp.float32 or not supports(w, x2.shape[0]) or w.axis != 0:
+    if x2.ndim != 2 or jnp.dtype(x2.dtype) not in _ACTIVATIONS:
+        return None
+    if not supports(w, x2.shape[0]) or w.axis != 0:
         return None
     k, n = w.shape2d
     if x2.shape[1] != k or _load()[0] is None:
         return None
-    return _differentiable_call(x2, w, variant, tasks)
+    return _differentiable_call(x2.astype(jnp.float32), w, variant, tasks)
 
 
 def native_attend(x2: jax.Array, table: Any, *, variant: str = "auto",
@@ -284,7 +291,7 @@ def native_attend(x2: jax.Array, table: Any, *, variant: str = "auto",
     Works under `jit` and `vmap`; its derivative is the pure-JAX product's.
 
     Args:
-        x2: float32 hidden states (M, D), M ≤ `MAX_ROWS`.
+        x2: float32 or bfloat16 hidden states (M, D), M ≤ `MAX_ROWS` (bfloat16 widened).
         table: a weight-only `QuantizedWeight` of a table (axis 1) with `table.shape[1] == D`.
         variant: "auto" (the best kernel for this CPU), "scalar", "avx2" or "avx512"
             (`VARIANTS`; tables run their AVX2 code under "avx512").
@@ -292,8 +299,8 @@ def native_attend(x2: jax.Array, table: Any, *, variant: str = "auto",
 
     Returns:
         The float32 (M, V) logits, or None when `supports(table, M)` is false, the table
-        is a kernel (axis 0), x2 is not a float32 (M, D) matrix, or the extension is not
-        available.
+        is a kernel (axis 0), x2 is not a float32 / bfloat16 (M, D) matrix, or the extension
+        is not available.
 
     Raises:
         ValueError: for an unknown `variant`.
@@ -307,11 +314,13 @@ def native_attend(x2: jax.Array, table: Any, *, variant: str = "auto",
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    if x2.ndim != 2 or x2.dtype != jnp.float32 or not supports(table, x2.shape[0]):
+    if x2.ndim != 2 or jnp.dtype(x2.dtype) not in _ACTIVATIONS:
+        return None
+    if not supports(table, x2.shape[0]):
         return None
     if table.axis != 1 or x2.shape[1] != table.shape[1] or _load()[0] is None:
         return None
-    return _differentiable_call(x2, table, variant, tasks)
+    return _differentiable_call(x2.astype(jnp.float32), table, variant, tasks)
 
 
 _DENSE_BITS = {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): 16}

@@ -808,7 +808,7 @@ def _linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if native.path_in_use()[0]:  # None: not handled (rows, dtype, form)
         y = native.native_matmul(x.reshape(rows, x.shape[-1]), w)
         if y is not None:
-            return y.reshape(out_shape)
+            return y.astype(x.dtype).reshape(out_shape)
     # bfloat16 activations (bf16 params, or --compute bfloat16) take the same product: the
     # exact codes go into the dot and the scale follows it, which is more accurate than a
     # bf16-rounded dequantized weight and lets XLA on GPU read the int8 codes directly

@@ -238,7 +238,11 @@ def test_declines_what_it_does_not_handle():
     assert native.supports(w8, native.MAX_ROWS)
     assert not native.supports(w8, native.MAX_ROWS + 1)
     assert native.native_matmul(jnp.ones((9, 75), jnp.float32), w8) is None
-    assert native.native_matmul(jnp.ones((1, 75), jnp.bfloat16), w8) is None
+    x16 = jnp.asarray(np.random.default_rng(3).normal(size=(2, 75)), jnp.bfloat16)
+    np.testing.assert_array_equal(  # bfloat16 widened exactly: the float32 kernel's result
+        np.asarray(native.native_matmul(x16, w8)),
+        np.asarray(native.native_matmul(x16.astype(jnp.float32), w8)))
+    assert native.native_matmul(jnp.ones((1, 75), jnp.float16), w8) is None
     assert native.native_matmul(jnp.ones((1, 32), jnp.float32), w8) is None  # K mismatch
     assert not native.supports(jnp.ones((64, 8)), 1)
     with pytest.raises(ValueError, match="variant"):
@@ -441,8 +445,8 @@ def test_table_vmap(name):
 
 def test_attend_calls_the_table_kernel_at_decode_sizes_only(monkeypatch):
     """`QuantizedWeight.attend` (the tied head) runs the table kernel for ≤ MAX_ROWS float32
-    rows and falls back to the pure path (still correct) for more rows or bfloat16 inputs;
-    its gradient with respect to x is the pure-JAX product's."""
+    or bfloat16 rows (widened) and falls back to the pure path (still correct) for more rows
+    or float16 inputs; its gradient with respect to x is the pure-JAX product's."""
     require_native()
     t, dense = table("int4 float offset g32 f16", (133, 96))
 
@@ -455,14 +459,15 @@ def test_attend_calls_the_table_kernel_at_decode_sizes_only(monkeypatch):
         assert "jaxopt_llm_table_gemv" not in jaxpr(jnp.asarray(x))
         got = jax.jit(lambda a: t.attend(a))(jnp.asarray(x))
         assert_table_matches(got, np.asarray(pure_attend(jnp.asarray(x), t)), x, dense)
-    x16 = jnp.asarray(inputs(1, 96), jnp.bfloat16)
-    assert "jaxopt_llm_table_gemv" not in jaxpr(x16)
-    assert native.native_attend(x16, t) is None
+    x16 = jnp.asarray(inputs(1, 96), jnp.bfloat16)  # widened exactly for the kernel
+    assert "jaxopt_llm_table_gemv" in jaxpr(x16)
+    np.testing.assert_array_equal(np.asarray(native.native_attend(x16, t)),
+                                  np.asarray(native.native_attend(x16.astype(jnp.float32), t)))
+    assert native.native_attend(jnp.ones((1, 96), jnp.float16), t) is None
     got = jax.jit(lambda a: t.attend(a))(x16)
-    assert got.dtype == jnp.float32  # bfloat16 products, float32 sums and logits
-    want = np.asarray(x16, np.float32) @ np.asarray(
-        t.materialize().astype(jnp.bfloat16), np.float32).T
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert got.dtype == jnp.float32  # float32 logits
+    wide = np.asarray(x16, np.float32)
+    assert_table_matches(got, np.asarray(pure_attend(jnp.asarray(wide), t)), wide, dense)
     assert native.native_attend(jnp.ones((9, 96), jnp.float32), t) is None
     assert native.native_attend(jnp.ones((1, 95), jnp.float32), t) is None  # D mismatch
     w8a8 = quantize(jnp.asarray(dense), QuantSpec(bits=8), axis=1).replace(act_bits=8)
