@@ -21,7 +21,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxopt_llm.models.attention import attend_with_cache
 from jaxopt_llm.models.config import ModelConfig
@@ -34,6 +33,7 @@ from jaxopt_llm.models.layers import (
     rope_cos_sin,
     rope_inverse_frequencies,
 )
+from jaxopt_llm.weights.base import as_logits
 
 
 class Attention(nn.Module):
@@ -116,9 +116,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embedding.attend(x)
         else:
-            logits = Linear(cfg.vocab_size, False, name="lm_head")(x)
-            if jnp.dtype(logits.dtype).itemsize < 4:  # float32 logits, as a tied head's
-                logits = logits.astype(jnp.float32)
+            logits = as_logits(Linear(cfg.vocab_size, False, name="lm_head")(x))
         return logits, (None if cache is None else tuple(new_cache))
 
 

@@ -178,9 +178,24 @@ def dense_logits(x: jax.Array, table: jax.Array) -> jax.Array:
         >>> dense_logits(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((5, 3))).dtype
         dtype('float32')
     """
-    out = jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
-                     preferred_element_type=_accumulation(x.dtype))
-    return out if jnp.dtype(out.dtype).itemsize >= 4 else out.astype(jnp.float32)
+    return as_logits(jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                                preferred_element_type=_accumulation(x.dtype)))
+
+
+def as_logits(y: jax.Array) -> jax.Array:
+    """Logits as every output head gives them: float32 (or wider), narrow ones widened.
+
+    Args:
+        y: logits in any float dtype.
+
+    Returns:
+        y as float32 if it was narrower (bfloat16, float16), else y itself.
+
+    Example:
+        >>> as_logits(jnp.ones(2, jnp.bfloat16)).dtype
+        dtype('float32')
+    """
+    return y if jnp.dtype(y.dtype).itemsize >= 4 else y.astype(jnp.float32)
 
 
 def axis_spec(shape: tuple[int, ...], dims: Mapping[int, str | None], mesh: Mesh) -> PartitionSpec:

@@ -43,7 +43,7 @@ from flax import struct
 
 from jaxopt_llm import hardware
 from jaxopt_llm.weights import native, packing
-from jaxopt_llm.weights.base import WeightLeaf, dense_logits, dense_matmul
+from jaxopt_llm.weights.base import WeightLeaf, as_logits, dense_logits, dense_matmul
 from jaxopt_llm.weights.quant_math import (
     QuantSpec,
     dequantize_codes,
@@ -284,8 +284,7 @@ class QuantizedWeight(WeightLeaf):
         if self.axis != 1:
             raise ValueError("a tied head needs a table quantized along its rows (axis=1)")
         if self.act_group is not None:  # llama.cpp's tied head: activation blocks too
-            y = _blockwise_int8_matmul(x, self)
-            return y if jnp.dtype(y.dtype).itemsize >= 4 else y.astype(jnp.float32)
+            return as_logits(_blockwise_int8_matmul(x, self))
         if native.path_in_use()[0]:  # None: not handled (rows, dtype, form)
             rows = math.prod(x.shape[:-1])
             y = native.native_attend(x.reshape(rows, x.shape[-1]), self)
